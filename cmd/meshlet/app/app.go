@@ -1,0 +1,32 @@
+// Package app assembles the meshlet command tree. Each subcommand lives in its
+// own package with a New(streams) constructor; this file only lists them.
+package app
+
+import (
+	"context"
+
+	"github.com/spf13/cobra"
+
+	"github.com/meshlet/meshlet/cmd/meshlet/app/cli"
+	"github.com/meshlet/meshlet/cmd/meshlet/app/version"
+)
+
+// Run executes the meshlet command line args (without the program name).
+func Run(ctx context.Context, args []string, streams cli.Streams) error {
+	root := &cobra.Command{
+		Use:           "meshlet",
+		Short:         "Transparent sidecar traffic management for Kubernetes",
+		Long:          "meshlet injects a transparent sidecar proxy into Kubernetes pods, speaking Istio's labels and annotations.",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		Version:       version.String(),
+	}
+	root.SetIn(streams.In)
+	root.SetOut(streams.Out)
+	root.SetErr(streams.Err)
+	root.SetArgs(args)
+	root.AddCommand(
+		version.New(streams),
+	)
+	return root.ExecuteContext(ctx)
+}
