@@ -7,9 +7,11 @@ LDFLAGS   := -s -w -X github.com/meshlet/meshlet/cmd/meshlet/app/version.Version
 BIN       := bin/meshlet
 K8S_BINS  := $(shell test/bin/build-k8s.sh --print-dir)
 GOTEST    ?= $(GO) test
+CACHE     ?= $(or $(MESHLET_CACHE),$(HOME)/.cache/meshlet)
+IMAGES    ?= $(CACHE)/images
 TESTFLAGS ?= -race -count=1 -timeout 30m
 
-.PHONY: all build test test-unit test-privileged test-envtest test-e2e bench lint envtest-bins k8s-bins demo clean
+.PHONY: all build test test-unit test-privileged test-envtest test-e2e bench lint envtest-bins k8s-bins images demo clean
 
 all: build
 
@@ -51,6 +53,10 @@ lint:
 	@fmt=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	  if [ -n "$$fmt" ]; then echo "gofmt would change:"; echo "$$fmt"; exit 1; fi
 	$(GO) vet ./...
+
+## images: the meshlet, pause and demo image tarballs (no Docker, no registry) in $(IMAGES).
+images: build
+	$(GO) run ./test/images/build -meshlet $(BIN) -out $(IMAGES) -debs $(CACHE)/debs
 
 clean:
 	rm -rf bin
