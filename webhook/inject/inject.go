@@ -1,0 +1,666 @@
+package inject
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	"sigs.k8s.io/yaml"
+)
+
+// Namespace is what injection needs to know about the pod's namespace.
+type Namespace struct {
+	Name        string
+	Labels      map[string]string
+	Annotations map[string]string
+}
+
+// Options tell Inject how it is called.
+type Options struct {
+	// RequireOptIn is the webhook's rule: inject only pods whose namespace
+	// has istio-injection=enabled (unless the pod opts out), or, in a
+	// namespace without that label, pods that opt in with
+	// sidecar.istio.io/inject=true. When false (`meshlet inject`, like
+	// istioctl kube-inject) every pod is injected unless it opts out.
+	RequireOptIn bool
+	// AutoNativeSidecar is what nativeSidecar: auto resolves to: the webhook
+	// sets it when the API server is at least 1.29, the CLI sets it unless
+	// told otherwise.
+	AutoNativeSidecar bool
+}
+
+// Reason says why a pod was or was not injected.
+type Reason string
+
+// The reasons of a Decision.
+const (
+	ReasonInjected              Reason = "Injected"
+	ReasonAlreadyInjected       Reason = "AlreadyInjected"
+	ReasonHostNetwork           Reason = "HostNetwork"
+	ReasonSystemNamespace       Reason = "SystemNamespace"
+	ReasonOptOut                Reason = "OptOut"
+	ReasonNamespaceDisabled     Reason = "NamespaceDisabled"
+	ReasonNamespaceNotEnabled   Reason = "NamespaceNotEnabled"
+	ReasonInvalidAnnotations    Reason = "InvalidAnnotations"
+	ReasonInvalidInjectionValue Reason = "InvalidInjectionValue"
+)
+
+// Decision is the outcome of Inject: whether the returned pod carries the
+// sidecar, why, and warnings for the user (the webhook returns them as
+// admission warnings, the CLI logs them).
+type Decision struct {
+	Injected bool
+	Reason   Reason
+	Message  string
+	Warnings []string
+}
+
+// AnnotationError is one invalid pod annotation (or label).
+type AnnotationError struct {
+	Key     string
+	Value   string
+	Problem string
+}
+
+func (e *AnnotationError) Error() string {
+	return fmt.Sprintf("annotation %s=%q: %s", e.Key, e.Value, e.Problem)
+}
+
+// Inject returns a copy of pod with the sidecar injected, or an unchanged
+// copy and the reason it was skipped. pod is never modified. The error lists
+// every invalid annotation (errors.Join of *AnnotationError); the pod must
+// then be rejected, and Decision.Reason is ReasonInvalidAnnotations.
+func Inject(pod *corev1.Pod, ns Namespace, cfg *Config, opts Options) (*corev1.Pod, Decision, error) {
+	if pod == nil {
+		return nil, Decision{}, errors.New("inject: nil pod")
+	}
+	if cfg == nil {
+		return nil, Decision{}, errors.New("inject: nil config")
+	}
+	out := pod.DeepCopy()
+	d, err := decide(pod, ns, cfg, opts)
+	if err != nil || !d.Injected {
+		return out, d, err
+	}
+	p, warnings, err := resolve(pod, cfg, opts)
+	d.Warnings = append(d.Warnings, warnings...)
+	if err != nil {
+		d.Injected, d.Reason, d.Message = false, ReasonInvalidAnnotations, "invalid annotations: "+err.Error()
+		return out, d, err
+	}
+	if err := apply(out, cfg, p); err != nil {
+		d.Injected, d.Reason, d.Message = false, ReasonInvalidAnnotations, err.Error()
+		return pod.DeepCopy(), d, err
+	}
+	d.Message = fmt.Sprintf("injected (%s layout, %s capture)", layoutName(p.native), captureName(cfg.CNI.Enabled, p.capture.mode))
+	return out, d, nil
+}
+
+func layoutName(native bool) string {
+	if native {
+		return "native sidecar"
+	}
+	return "classic"
+}
+
+func captureName(cni bool, mode string) string {
+	if cni {
+		return "CNI " + mode
+	}
+	return "istio-init " + mode
+}
+
+// parseBool accepts true/false and, with a correction warning, the other
+// spellings Istio's parser takes.
+func parseBool(s string) (v bool, corrected bool, ok bool) {
+	switch s {
+	case "true":
+		return true, false, true
+	case "false":
+		return false, false, true
+	}
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "true", "yes", "y", "on", "1", "enabled":
+		return true, true, true
+	case "false", "no", "n", "off", "0", "disabled":
+		return false, true, true
+	}
+	return false, false, false
+}
+
+// decide applies the triggers and the never-inject rules.
+func decide(pod *corev1.Pod, ns Namespace, cfg *Config, opts Options) (Decision, error) {
+	var d Decision
+	skip := func(r Reason, msg string) (Decision, error) {
+		d.Reason, d.Message = r, msg
+		return d, nil
+	}
+	if _, ok := pod.Annotations[AnnotationStatus]; ok {
+		return skip(ReasonAlreadyInjected, "already injected ("+AnnotationStatus+" is present)")
+	}
+
+	// The pod's own wish: the label, else the deprecated annotation.
+	var want *bool
+	label, hasLabel := pod.Labels[LabelInject]
+	ann, hasAnn := pod.Annotations[AnnotationInject]
+	switch {
+	case hasLabel:
+		v, corrected, ok := parseBool(label)
+		if !ok {
+			d.Reason = ReasonInvalidInjectionValue
+			d.Message = fmt.Sprintf("label %s=%q is not true or false", LabelInject, label)
+			return d, &AnnotationError{Key: "label " + LabelInject, Value: label, Problem: "must be true or false"}
+		}
+		if corrected {
+			d.Warnings = append(d.Warnings, fmt.Sprintf("label %s=%q read as %q; write %q", LabelInject, label, strconv.FormatBool(v), strconv.FormatBool(v)))
+		}
+		want = &v
+		if hasAnn {
+			d.Warnings = append(d.Warnings, fmt.Sprintf("annotation %s=%q is ignored: the label of the same name (%q) wins", AnnotationInject, ann, label))
+		}
+	case hasAnn:
+		v, _, ok := parseBool(ann)
+		if !ok {
+			d.Reason = ReasonInvalidInjectionValue
+			d.Message = fmt.Sprintf("annotation %s=%q is not true or false", AnnotationInject, ann)
+			return d, &AnnotationError{Key: AnnotationInject, Value: ann, Problem: "must be true or false"}
+		}
+		want = &v
+		d.Warnings = append(d.Warnings, fmt.Sprintf("annotation %s=%q is deprecated: use the pod label %s=%q", AnnotationInject, ann, LabelInject, strconv.FormatBool(v)))
+	}
+	optedIn := want != nil && *want
+	skipOptedIn := func(r Reason, msg string) (Decision, error) {
+		if optedIn {
+			d.Warnings = append(d.Warnings, "the pod asks for injection ("+LabelInject+"=true) but is not injected: "+msg)
+		}
+		return skip(r, msg)
+	}
+
+	if pod.Spec.HostNetwork {
+		return skipOptedIn(ReasonHostNetwork, "pod uses the host network (hostNetwork: true)")
+	}
+	nsName := ns.Name
+	if nsName == "" {
+		nsName = pod.Namespace
+	}
+	switch nsName {
+	case "kube-system", "kube-public", cfg.WebhookNamespace:
+		return skipOptedIn(ReasonSystemNamespace, fmt.Sprintf("namespace %s is never injected", nsName))
+	}
+	if want != nil && !*want {
+		return skip(ReasonOptOut, "pod opts out ("+LabelInject+"=false)")
+	}
+	if opts.RequireOptIn {
+		switch nsLabel, has := ns.Labels[LabelNamespaceInjection]; {
+		case has && nsLabel == "enabled":
+		case has && nsLabel == "disabled":
+			return skipOptedIn(ReasonNamespaceDisabled, fmt.Sprintf("namespace %s has %s=disabled", nsName, LabelNamespaceInjection))
+		case optedIn:
+		default:
+			return skip(ReasonNamespaceNotEnabled, fmt.Sprintf("namespace %s is not labelled %s=enabled and the pod does not opt in", nsName, LabelNamespaceInjection))
+		}
+	}
+	d.Injected, d.Reason = true, ReasonInjected
+	return d, nil
+}
+
+// params are the resolved per-pod settings.
+type params struct {
+	image     string
+	native    bool
+	hold      bool
+	drain     time.Duration
+	resources corev1.ResourceRequirements
+	capture   captureSettings
+}
+
+// knownProxyConfig are the proxy.istio.io/config fields meshlet reads.
+var knownProxyConfig = []string{"holdApplicationUntilProxyStarts", "terminationDrainDuration"}
+
+// resolve merges config and annotations, collecting every invalid
+// annotation.
+func resolve(pod *corev1.Pod, cfg *Config, opts Options) (params, []string, error) {
+	var (
+		p        params
+		errs     []error
+		warnings []string
+	)
+	ann := pod.Annotations
+	bad := func(key, problem string) {
+		errs = append(errs, &AnnotationError{Key: key, Value: ann[key], Problem: problem})
+	}
+	// Config values are validated by Config.Validate; an unvalidated config
+	// still yields errors, not panics.
+	cfgBad := func(field, value string, err error) {
+		errs = append(errs, &FieldError{Field: field, Value: value, Problem: err.Error()})
+	}
+
+	p.image = cfg.Image
+	if v, ok := ann[AnnotationProxyImage]; ok {
+		if msg := checkImage(v); msg != "" {
+			bad(AnnotationProxyImage, msg)
+		} else {
+			p.image = v
+		}
+	}
+
+	switch cfg.NativeSidecar {
+	case NativeSidecarTrue:
+		p.native = true
+	case NativeSidecarFalse:
+		p.native = false
+	default:
+		p.native = opts.AutoNativeSidecar
+	}
+	if v, ok := ann[AnnotationNativeSidecar]; ok {
+		b, corrected, ok := parseBool(v)
+		switch {
+		case !ok:
+			bad(AnnotationNativeSidecar, "must be true or false")
+		default:
+			if corrected {
+				warnings = append(warnings, fmt.Sprintf("annotation %s=%q read as %q", AnnotationNativeSidecar, v, strconv.FormatBool(b)))
+			}
+			p.native = b
+		}
+	}
+
+	p.hold = cfg.HoldApplicationUntilProxyStarts
+	var err error
+	if p.drain, err = parseDrain(cfg.TerminationDrainDuration); err != nil {
+		cfgBad("terminationDrainDuration", cfg.TerminationDrainDuration, err)
+	}
+	if v, ok := ann[AnnotationProxyConfig]; ok {
+		var pc map[string]any
+		if err := yaml.Unmarshal([]byte(v), &pc); err != nil {
+			bad(AnnotationProxyConfig, "not a YAML or JSON object")
+		} else {
+			var ignored []string
+			for k, val := range pc {
+				switch k {
+				case "holdApplicationUntilProxyStarts":
+					b, ok := val.(bool)
+					if !ok {
+						if s, isStr := val.(string); isStr {
+							var corrected bool
+							b, corrected, ok = parseBool(s)
+							if ok && corrected {
+								warnings = append(warnings, fmt.Sprintf("annotation %s: holdApplicationUntilProxyStarts %q read as %v", AnnotationProxyConfig, s, b))
+							}
+						}
+					}
+					if !ok {
+						bad(AnnotationProxyConfig, fmt.Sprintf("holdApplicationUntilProxyStarts %v is not true or false", val))
+					} else {
+						p.hold = b
+					}
+				case "terminationDrainDuration":
+					s, ok := val.(string)
+					var d time.Duration
+					var err error
+					if ok {
+						d, err = parseDrain(s)
+					}
+					if !ok || err != nil {
+						bad(AnnotationProxyConfig, fmt.Sprintf("terminationDrainDuration %v is not a duration (e.g. 5s)", val))
+					} else {
+						p.drain = d
+					}
+				default:
+					ignored = append(ignored, k)
+				}
+			}
+			if len(ignored) > 0 {
+				sort.Strings(ignored)
+				warnings = append(warnings, fmt.Sprintf("annotation %s: fields %s are ignored (meshlet reads %s)", AnnotationProxyConfig, strings.Join(ignored, ", "), strings.Join(knownProxyConfig, ", ")))
+			}
+		}
+	}
+	if p.native && p.hold {
+		// The native layout always holds the app: nothing to do.
+		p.hold = false
+	}
+
+	// Resources: config, then annotations.
+	type res struct {
+		cfgField, cfgValue, ann string
+		name                    corev1.ResourceName
+		limit                   bool
+	}
+	var (
+		requests = corev1.ResourceList{}
+		limits   = corev1.ResourceList{}
+		fromAnn  = map[string]string{} // "requests.cpu" → annotation key
+	)
+	for _, r := range []res{
+		{"resources.requests.cpu", cfg.Resources.Requests.CPU, AnnotationProxyCPU, corev1.ResourceCPU, false},
+		{"resources.requests.memory", cfg.Resources.Requests.Memory, AnnotationProxyMemory, corev1.ResourceMemory, false},
+		{"resources.limits.cpu", cfg.Resources.Limits.CPU, AnnotationProxyCPULimit, corev1.ResourceCPU, true},
+		{"resources.limits.memory", cfg.Resources.Limits.Memory, AnnotationProxyMemoryLimit, corev1.ResourceMemory, true},
+	} {
+		list := requests
+		kind := "requests."
+		if r.limit {
+			list, kind = limits, "limits."
+		}
+		if v, ok := ann[r.ann]; ok {
+			q, err := parseQuantity(v)
+			if err != nil {
+				bad(r.ann, err.Error())
+				continue
+			}
+			list[r.name] = q
+			fromAnn[kind+string(r.name)] = r.ann
+			continue
+		}
+		if r.cfgValue == "" {
+			continue
+		}
+		q, err := parseQuantity(r.cfgValue)
+		if err != nil {
+			cfgBad(r.cfgField, r.cfgValue, err)
+			continue
+		}
+		list[r.name] = q
+	}
+	for _, name := range []corev1.ResourceName{corev1.ResourceCPU, corev1.ResourceMemory} {
+		req, hasReq := requests[name]
+		lim, hasLim := limits[name]
+		if !hasReq || !hasLim || req.Cmp(lim) <= 0 {
+			continue
+		}
+		reqAnn, limAnn := fromAnn["requests."+string(name)], fromAnn["limits."+string(name)]
+		switch {
+		case limAnn != "":
+			bad(limAnn, fmt.Sprintf("limit %s is below the %s request %s", lim.String(), name, req.String()))
+		case reqAnn != "":
+			warnings = append(warnings, fmt.Sprintf("annotation %s=%q exceeds the configured %s limit %s: the limit is raised to %s", reqAnn, ann[reqAnn], name, lim.String(), req.String()))
+			limits[name] = req.DeepCopy()
+		default:
+			cfgBad("resources.requests."+string(name), req.String(), errors.New("exceeds the limit"))
+		}
+	}
+	if len(requests) > 0 {
+		p.resources.Requests = requests
+	}
+	if len(limits) > 0 {
+		p.resources.Limits = limits
+	}
+
+	// Capture.
+	c := &p.capture
+	pick := func(key, cfgField, cfgValue string, parse func(string) (string, error)) string {
+		if v, ok := ann[key]; ok {
+			s, err := parse(v)
+			if err != nil {
+				bad(key, err.Error())
+			}
+			return s
+		}
+		s, err := parse(cfgValue)
+		if err != nil {
+			cfgBad(cfgField, cfgValue, err)
+		}
+		return s
+	}
+	c.mode = cfg.Capture.InterceptionMode
+	if _, err := parseStrictMode(c.mode); err != nil {
+		cfgBad("capture.interceptionMode", c.mode, err)
+	}
+	if v, ok := ann[AnnotationInterceptionMode]; ok {
+		switch up := strings.ToUpper(strings.TrimSpace(v)); up {
+		case ModeRedirect, ModeTProxy:
+			if up != v {
+				warnings = append(warnings, fmt.Sprintf("annotation %s=%q read as %q", AnnotationInterceptionMode, v, up))
+			}
+			c.mode = up
+		default:
+			bad(AnnotationInterceptionMode, "must be REDIRECT or TPROXY")
+		}
+	}
+	cc := cfg.Capture
+	c.includeInboundPorts = pick(AnnotationIncludeInboundPorts, "capture.includeInboundPorts", cc.IncludeInboundPorts, parsePortsOrStar)
+	c.includeOutboundIPRanges = pick(AnnotationIncludeOutboundIPRanges, "capture.includeOutboundIPRanges", cc.IncludeOutboundIPRanges, parseCIDRsOrStar)
+	c.excludeOutboundIPRanges = pick(AnnotationExcludeOutboundIPRanges, "capture.excludeOutboundIPRanges", cc.ExcludeOutboundIPRanges, parseCIDRs)
+	c.includeOutboundPorts = pick(AnnotationIncludeOutboundPorts, "capture.includeOutboundPorts", cc.IncludeOutboundPorts, parsePorts)
+	c.excludeOutboundPorts = pick(AnnotationExcludeOutboundPorts, "capture.excludeOutboundPorts", cc.ExcludeOutboundPorts, parsePorts)
+	c.excludeInterfaces = pick(AnnotationExcludeInterfaces, "capture.excludeInterfaces", cc.ExcludeInterfaces, parseInterfaces)
+	// excludeInboundPorts: the configured list, plus the annotation's, plus
+	// the proxy's own ports.
+	base, err := parsePorts(cc.ExcludeInboundPorts)
+	if err != nil {
+		cfgBad("capture.excludeInboundPorts", cc.ExcludeInboundPorts, err)
+	}
+	var extra string
+	if v, ok := ann[AnnotationExcludeInboundPorts]; ok {
+		if extra, err = parsePorts(v); err != nil {
+			bad(AnnotationExcludeInboundPorts, err.Error())
+		}
+	}
+	c.excludeInboundPorts = mergePorts(splitList(base), splitList(extra), proxyPorts)
+
+	if len(errs) > 0 {
+		sort.SliceStable(errs, func(i, j int) bool { return errKey(errs[i]) < errKey(errs[j]) })
+		return p, warnings, errors.Join(errs...)
+	}
+	sort.Strings(warnings)
+	return p, warnings, nil
+}
+
+func errKey(err error) string {
+	var ae *AnnotationError
+	if errors.As(err, &ae) {
+		return "b" + ae.Key
+	}
+	return "a" + err.Error()
+}
+
+// apply mutates pod (a copy) into its injected form.
+func apply(pod *corev1.Pod, cfg *Config, p params) error {
+	st := Status{
+		Revision:      cfg.Revision,
+		NativeSidecar: p.native,
+		Volumes:       []string{VolumeRuntime},
+		Annotations:   map[string]*string{},
+	}
+	setAnn := func(k, v string) {
+		if _, recorded := st.Annotations[k]; !recorded {
+			if old, ok := pod.Annotations[k]; ok {
+				st.Annotations[k] = &old
+			} else {
+				st.Annotations[k] = nil
+			}
+		}
+		if pod.Annotations == nil {
+			pod.Annotations = map[string]string{}
+		}
+		pod.Annotations[k] = v
+	}
+
+	appNames := make([]string, 0, len(pod.Spec.Containers))
+	for _, c := range pod.Spec.Containers {
+		appNames = append(appNames, c.Name)
+	}
+	for _, name := range []string{ContainerInit, ContainerValidation, ContainerProxy} {
+		if slices.ContainsFunc(pod.Spec.Containers, func(c corev1.Container) bool { return c.Name == name }) ||
+			slices.ContainsFunc(pod.Spec.InitContainers, func(c corev1.Container) bool { return c.Name == name }) {
+			return &AnnotationError{Key: "container " + name, Value: name, Problem: "the pod already has a container of this name but no " + AnnotationStatus + " annotation"}
+		}
+	}
+	if slices.ContainsFunc(pod.Spec.Volumes, func(v corev1.Volume) bool { return v.Name == VolumeRuntime }) {
+		return &AnnotationError{Key: "volume " + VolumeRuntime, Value: VolumeRuntime, Problem: "the pod already has a volume of this name"}
+	}
+
+	initC := initContainer(cfg, p)
+	proxy := proxyContainer(cfg, p, appNames)
+	if p.native {
+		pod.Spec.InitContainers = slices.Insert(pod.Spec.InitContainers, 0, initC, proxy)
+		st.InitContainers = []string{initC.Name, proxy.Name}
+	} else {
+		pod.Spec.InitContainers = append(pod.Spec.InitContainers, initC)
+		st.InitContainers = []string{initC.Name}
+		st.Containers = []string{proxy.Name}
+		if p.hold {
+			pod.Spec.Containers = slices.Insert(pod.Spec.Containers, 0, proxy)
+		} else {
+			pod.Spec.Containers = append(pod.Spec.Containers, proxy)
+		}
+	}
+	pod.Spec.Volumes = append(pod.Spec.Volumes, corev1.Volume{
+		Name:         VolumeRuntime,
+		VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{Medium: corev1.StorageMediumMemory}},
+	})
+
+	if len(appNames) > 0 {
+		if _, ok := pod.Annotations[AnnotationDefaultContainer]; !ok {
+			setAnn(AnnotationDefaultContainer, appNames[0])
+		}
+		if _, ok := pod.Annotations[AnnotationDefaultLogsContainer]; !ok {
+			setAnn(AnnotationDefaultLogsContainer, appNames[0])
+		}
+	}
+	if cfg.CNI.Enabled {
+		// The CNI plugin reads the effective capture settings from here.
+		c := p.capture
+		setAnn(AnnotationInterceptionMode, c.mode)
+		setAnn(AnnotationIncludeInboundPorts, c.includeInboundPorts)
+		setAnn(AnnotationExcludeInboundPorts, c.excludeInboundPorts)
+		setAnn(AnnotationIncludeOutboundIPRanges, c.includeOutboundIPRanges)
+		setAnn(AnnotationExcludeOutboundIPRanges, c.excludeOutboundIPRanges)
+		setAnn(AnnotationIncludeOutboundPorts, c.includeOutboundPorts)
+		setAnn(AnnotationExcludeOutboundPorts, c.excludeOutboundPorts)
+		setAnn(AnnotationExcludeInterfaces, c.excludeInterfaces)
+	}
+	if len(st.Annotations) == 0 {
+		st.Annotations = nil
+	}
+	b, err := json.Marshal(st)
+	if err != nil {
+		return err
+	}
+	if pod.Annotations == nil {
+		pod.Annotations = map[string]string{}
+	}
+	pod.Annotations[AnnotationStatus] = string(b)
+	return nil
+}
+
+func ptr[T any](v T) *T { return &v }
+
+func initContainer(cfg *Config, p params) corev1.Container {
+	flags := p.capture.args(cfg.ProxyUID, cfg.ProxyGID)
+	if cfg.CNI.Enabled {
+		return corev1.Container{
+			Name:            ContainerValidation,
+			Image:           p.image,
+			ImagePullPolicy: cfg.ImagePullPolicy,
+			Command:         []string{Binary},
+			Args:            append([]string{"init", "--validate"}, flags...),
+			Resources:       *p.resources.DeepCopy(),
+			SecurityContext: &corev1.SecurityContext{
+				RunAsUser:                ptr(cfg.ProxyUID),
+				RunAsGroup:               ptr(cfg.ProxyGID),
+				RunAsNonRoot:             ptr(true),
+				Privileged:               ptr(false),
+				AllowPrivilegeEscalation: ptr(false),
+				ReadOnlyRootFilesystem:   ptr(true),
+				Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
+			},
+		}
+	}
+	return corev1.Container{
+		Name:            ContainerInit,
+		Image:           p.image,
+		ImagePullPolicy: cfg.ImagePullPolicy,
+		Command:         []string{Binary},
+		Args:            append([]string{"init"}, flags...),
+		// iptables-legacy takes a lock file; the root file system is read-only.
+		Env:          []corev1.EnvVar{{Name: "XTABLES_LOCKFILE", Value: RuntimeDir + "/xtables.lock"}},
+		Resources:    *p.resources.DeepCopy(),
+		VolumeMounts: []corev1.VolumeMount{{Name: VolumeRuntime, MountPath: RuntimeDir}},
+		SecurityContext: &corev1.SecurityContext{
+			RunAsUser:                ptr(int64(0)),
+			RunAsGroup:               ptr(int64(0)),
+			RunAsNonRoot:             ptr(false),
+			Privileged:               ptr(false),
+			AllowPrivilegeEscalation: ptr(false),
+			ReadOnlyRootFilesystem:   ptr(true),
+			Capabilities: &corev1.Capabilities{
+				Add:  []corev1.Capability{"NET_ADMIN", "NET_RAW"},
+				Drop: []corev1.Capability{"ALL"},
+			},
+		},
+	}
+}
+
+func fieldEnv(name, path string) corev1.EnvVar {
+	return corev1.EnvVar{Name: name, ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{APIVersion: "v1", FieldPath: path}}}
+}
+
+func resourceEnv(name, res string) corev1.EnvVar {
+	return corev1.EnvVar{Name: name, ValueFrom: &corev1.EnvVarSource{ResourceFieldRef: &corev1.ResourceFieldSelector{ContainerName: ContainerProxy, Resource: res, Divisor: resource.MustParse("0")}}}
+}
+
+func proxyContainer(cfg *Config, p params, appNames []string) corev1.Container {
+	ready := &corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{
+		Path: "/healthz/ready", Port: intstrPort(HealthPort), Scheme: corev1.URISchemeHTTP,
+	}}
+	sc := &corev1.SecurityContext{
+		RunAsUser:                ptr(cfg.ProxyUID),
+		RunAsGroup:               ptr(cfg.ProxyGID),
+		RunAsNonRoot:             ptr(true),
+		Privileged:               ptr(false),
+		AllowPrivilegeEscalation: ptr(false),
+		ReadOnlyRootFilesystem:   ptr(true),
+		Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
+	}
+	if p.capture.mode == ModeTProxy {
+		// As in Istio: transparent sockets need CAP_NET_ADMIN, which only
+		// takes effect for root; capture then exempts the proxy by GID.
+		sc.RunAsUser, sc.RunAsNonRoot = ptr(int64(0)), ptr(false)
+		sc.Capabilities = &corev1.Capabilities{Add: []corev1.Capability{"NET_ADMIN"}, Drop: []corev1.Capability{"ALL"}}
+	}
+	c := corev1.Container{
+		Name:            ContainerProxy,
+		Image:           p.image,
+		ImagePullPolicy: cfg.ImagePullPolicy,
+		Command:         []string{Binary},
+		Args:            []string{"agent", "--drain-duration=" + p.drain.String()},
+		Ports: []corev1.ContainerPort{
+			{Name: "http-envoy-prom", ContainerPort: PrometheusPort, Protocol: corev1.ProtocolTCP},
+		},
+		Env: []corev1.EnvVar{
+			fieldEnv("POD_NAME", "metadata.name"),
+			fieldEnv("POD_NAMESPACE", "metadata.namespace"),
+			fieldEnv("INSTANCE_IP", "status.podIP"),
+			fieldEnv("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+			fieldEnv("HOST_IP", "status.hostIP"),
+			{Name: "ISTIO_META_APP_CONTAINERS", Value: strings.Join(appNames, ",")},
+			{Name: "ISTIO_META_INTERCEPTION_MODE", Value: p.capture.mode},
+			resourceEnv("GOMEMLIMIT", "limits.memory"),
+			resourceEnv("GOMAXPROCS", "limits.cpu"),
+		},
+		Resources:      *p.resources.DeepCopy(),
+		VolumeMounts:   []corev1.VolumeMount{{Name: VolumeRuntime, MountPath: RuntimeDir}},
+		ReadinessProbe: &corev1.Probe{ProbeHandler: *ready, InitialDelaySeconds: 1, PeriodSeconds: 2, TimeoutSeconds: 3, FailureThreshold: 30},
+		// The agent drains on SIGTERM within the grace period.
+		TerminationMessagePolicy: corev1.TerminationMessageFallbackToLogsOnError,
+		SecurityContext:          sc,
+	}
+	if p.native {
+		c.RestartPolicy = ptr(corev1.ContainerRestartPolicyAlways)
+		c.StartupProbe = &corev1.Probe{ProbeHandler: *ready.DeepCopy(), PeriodSeconds: 1, TimeoutSeconds: 3, FailureThreshold: 600}
+		c.ReadinessProbe.InitialDelaySeconds, c.ReadinessProbe.PeriodSeconds, c.ReadinessProbe.FailureThreshold = 0, 15, 4
+	}
+	if p.hold {
+		c.Lifecycle = &corev1.Lifecycle{PostStart: &corev1.LifecycleHandler{Exec: &corev1.ExecAction{Command: []string{Binary, "agent", "wait"}}}}
+	}
+	return c
+}

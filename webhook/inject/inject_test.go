@@ -1,0 +1,162 @@
+package inject
+
+import (
+	"errors"
+	"slices"
+	"strings"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	apiequality "k8s.io/apimachinery/pkg/api/equality"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+func testPod() *corev1.Pod {
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "shop", Labels: map[string]string{"app": "web"}},
+		Spec: corev1.PodSpec{
+			InitContainers: []corev1.Container{{Name: "migrate", Image: "migrate:1"}},
+			Containers:     []corev1.Container{{Name: "web", Image: "nginx:1.27", Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 8080}}}},
+		},
+	}
+}
+
+func TestInjectDefaultArgs(t *testing.T) {
+	cfg := DefaultConfig()
+	in := testPod()
+	orig := in.DeepCopy()
+	out, d, err := Inject(in, Namespace{Name: "shop"}, &cfg, Options{AutoNativeSidecar: true})
+	if err != nil || !d.Injected || d.Reason != ReasonInjected {
+		t.Fatalf("Inject: %v %+v", err, d)
+	}
+	if !apiequality.Semantic.DeepEqual(in, orig) {
+		t.Fatal("Inject modified its input")
+	}
+	names := func(cs []corev1.Container) (n []string) {
+		for _, c := range cs {
+			n = append(n, c.Name)
+		}
+		return n
+	}
+	if got := names(out.Spec.InitContainers); !slices.Equal(got, []string{"istio-init", "istio-proxy", "migrate"}) {
+		t.Fatalf("init containers %v", got)
+	}
+	wantArgs := []string{"init", "-p", "15001", "-z", "15006", "-u", "1337", "-g", "1337", "-m", "REDIRECT",
+		"-i", "*", "-x", "", "-b", "*", "-d", "22,15090,15021,15020", "-q", "", "-o", "", "-c", ""}
+	if got := out.Spec.InitContainers[0].Args; !slices.Equal(got, wantArgs) {
+		t.Fatalf("istio-init args\n got %q\nwant %q", got, wantArgs)
+	}
+	if got := out.Spec.InitContainers[1].Args; !slices.Equal(got, []string{"agent", "--drain-duration=5s"}) {
+		t.Fatalf("istio-proxy args %q", got)
+	}
+	again, d2, err := Inject(out, Namespace{Name: "shop"}, &cfg, Options{AutoNativeSidecar: true})
+	if err != nil || d2.Injected || d2.Reason != ReasonAlreadyInjected || !apiequality.Semantic.DeepEqual(again, out) {
+		t.Fatalf("re-inject: %v %+v", err, d2)
+	}
+	back, err := Uninject(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !apiequality.Semantic.DeepEqual(back, orig) {
+		t.Fatalf("uninject is not exact:\n%+v\n%+v", back, orig)
+	}
+}
+
+func TestInjectDecisions(t *testing.T) {
+	cfg := DefaultConfig()
+	web := Options{RequireOptIn: true, AutoNativeSidecar: true}
+	enabled := map[string]string{"istio-injection": "enabled"}
+	tests := []struct {
+		name      string
+		mut       func(*corev1.Pod)
+		ns        Namespace
+		opts      Options
+		want      Reason
+		warnMatch string
+	}{
+		{"cli injects", nil, Namespace{Name: "shop"}, Options{}, ReasonInjected, ""},
+		{"webhook enabled ns", nil, Namespace{Name: "shop", Labels: enabled}, web, ReasonInjected, ""},
+		{"webhook plain ns", nil, Namespace{Name: "shop"}, web, ReasonNamespaceNotEnabled, ""},
+		{"webhook plain ns opt-in label", func(p *corev1.Pod) { p.Labels[LabelInject] = "true" }, Namespace{Name: "shop"}, web, ReasonInjected, ""},
+		{"webhook opt-in deprecated annotation", func(p *corev1.Pod) { p.Annotations = map[string]string{AnnotationInject: "true"} }, Namespace{Name: "shop"}, web, ReasonInjected, "deprecated"},
+		{"webhook disabled ns", func(p *corev1.Pod) { p.Labels[LabelInject] = "true" }, Namespace{Name: "shop", Labels: map[string]string{"istio-injection": "disabled"}}, web, ReasonNamespaceDisabled, "asks for injection"},
+		{"opt-out label", func(p *corev1.Pod) { p.Labels[LabelInject] = "false" }, Namespace{Name: "shop", Labels: enabled}, web, ReasonOptOut, ""},
+		{"label wins over annotation", func(p *corev1.Pod) {
+			p.Labels[LabelInject] = "false"
+			p.Annotations = map[string]string{AnnotationInject: "true"}
+		}, Namespace{Name: "shop"}, Options{}, ReasonOptOut, "label of the same name"},
+		{"corrected label", func(p *corev1.Pod) { p.Labels[LabelInject] = "yes" }, Namespace{Name: "shop"}, web, ReasonInjected, "read as"},
+		{"hostNetwork", func(p *corev1.Pod) { p.Spec.HostNetwork = true }, Namespace{Name: "shop"}, Options{}, ReasonHostNetwork, ""},
+		{"kube-system", nil, Namespace{Name: "kube-system"}, Options{}, ReasonSystemNamespace, ""},
+		{"kube-public", nil, Namespace{Name: "kube-public"}, Options{}, ReasonSystemNamespace, ""},
+		{"webhook namespace", func(p *corev1.Pod) { p.Labels[LabelInject] = "true" }, Namespace{Name: "meshlet-system"}, Options{}, ReasonSystemNamespace, "asks for injection"},
+		{"namespace from pod", func(p *corev1.Pod) { p.Namespace = "kube-system" }, Namespace{}, Options{}, ReasonSystemNamespace, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			p := testPod()
+			if tt.mut != nil {
+				tt.mut(p)
+			}
+			_, d, err := Inject(p, tt.ns, &cfg, tt.opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d.Reason != tt.want || d.Injected != (tt.want == ReasonInjected) || d.Message == "" {
+				t.Fatalf("decision %+v, want %s", d, tt.want)
+			}
+			if tt.warnMatch != "" && !strings.Contains(strings.Join(d.Warnings, "\n"), tt.warnMatch) {
+				t.Fatalf("warnings %q lack %q", d.Warnings, tt.warnMatch)
+			}
+			if tt.warnMatch == "" && len(d.Warnings) > 0 {
+				t.Fatalf("unexpected warnings %q", d.Warnings)
+			}
+		})
+	}
+}
+
+func TestInjectInvalidAnnotationsAllReported(t *testing.T) {
+	cfg := DefaultConfig()
+	p := testPod()
+	p.Annotations = map[string]string{
+		AnnotationIncludeInboundPorts:     "80,70000",
+		AnnotationExcludeInboundPorts:     "x",
+		AnnotationIncludeOutboundIPRanges: "10.0.0.0/40",
+		AnnotationExcludeOutboundIPRanges: "nope",
+		AnnotationIncludeOutboundPorts:    "0",
+		AnnotationExcludeOutboundPorts:    "1,2,a",
+		AnnotationExcludeInterfaces:       "bad/if",
+		AnnotationProxyCPU:                "fast",
+		AnnotationProxyMemory:             "-1Mi",
+		AnnotationProxyCPULimit:           "1x",
+		AnnotationProxyMemoryLimit:        "lots",
+		AnnotationProxyImage:              "a b",
+		AnnotationInterceptionMode:        "NONE",
+		AnnotationNativeSidecar:           "sometimes",
+		AnnotationProxyConfig:             "holdApplicationUntilProxyStarts: perhaps\nterminationDrainDuration: forever\n",
+	}
+	out, d, err := Inject(p, Namespace{Name: "shop"}, &cfg, Options{})
+	if err == nil || d.Injected || d.Reason != ReasonInvalidAnnotations {
+		t.Fatalf("want error, got %v %+v", err, d)
+	}
+	if !apiequality.Semantic.DeepEqual(out, p) {
+		t.Fatal("a rejected pod must come back unchanged")
+	}
+	for k, v := range p.Annotations {
+		want := (&AnnotationError{Key: k, Value: v}).Error()
+		want = want[:strings.LastIndex(want, ":")]
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error does not name %s:\n%v", want, err)
+		}
+	}
+	var ae *AnnotationError
+	if !errors.As(err, &ae) {
+		t.Fatalf("not an *AnnotationError: %T", err)
+	}
+	for _, w := range []string{"perhaps", "forever"} {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("error lacks %q", w)
+		}
+	}
+}
