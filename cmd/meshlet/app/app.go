@@ -8,6 +8,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/meshlet/meshlet/cmd/meshlet/app/cli"
+	"github.com/meshlet/meshlet/cmd/meshlet/app/initcmd"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/version"
 )
 
@@ -26,6 +27,7 @@ func Run(ctx context.Context, args []string, streams cli.Streams) error {
 	root.SetErr(streams.Err)
 	root.SetArgs(args)
 	root.AddCommand(
+		initcmd.New(streams),
 		version.New(streams),
 	)
 	return root.ExecuteContext(ctx)
