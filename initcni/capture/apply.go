@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"os/exec"
 	"slices"
 	"strings"
@@ -240,7 +241,13 @@ func chooseBackend(ctx context.Context, forced Backend) (Backend, string, map[Ba
 		return forced, "forced by --iptables-backend", states
 	}
 	nftOut, nftErr := save(ctx, BackendNFT, IPv4)
-	legOut, legErr := save(ctx, BackendLegacy, IPv4)
+	// A legacy nat table exists in this namespace only if the kernel lists
+	// it; reading that is far cheaper than iptables-legacy-save and does not
+	// create an empty legacy table as a side effect.
+	legOut, legErr := "", error(nil)
+	if legacyTablePresent(IPv4) {
+		legOut, legErr = save(ctx, BackendLegacy, IPv4)
+	}
 	if nftErr == nil {
 		states[BackendNFT] = parseSave(nftOut)
 	}
@@ -264,6 +271,20 @@ func chooseBackend(ctx context.Context, forced Backend) (Backend, string, map[Ba
 	default:
 		return BackendNFT, "no rules in either backend; nft preferred", states
 	}
+}
+
+// legacyTablePresent reports whether the current thread's network namespace
+// has a legacy (x_tables) nat table for family f.
+func legacyTablePresent(f Family) bool {
+	name := "ip_tables_names"
+	if f == IPv6 {
+		name = "ip6_tables_names"
+	}
+	b, err := os.ReadFile("/proc/thread-self/net/" + name)
+	if err != nil {
+		return false
+	}
+	return slices.Contains(strings.Fields(string(b)), Table)
 }
 
 // hasGlobalIPv6 reports whether the current namespace has a global IPv6

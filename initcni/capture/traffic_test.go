@@ -1,0 +1,109 @@
+package capture_test
+
+import (
+	"fmt"
+	"os/exec"
+	"strings"
+	"testing"
+
+	"github.com/meshlet/meshlet/initcni/capture"
+	"github.com/meshlet/meshlet/test/netlab"
+)
+
+// TestPrivilegedTraffic sends real TCP traffic through the rules: a client
+// netns and a "pod" netns joined by veth, capture listeners on 15001/15006
+// reporting SO_ORIGINAL_DST, app listeners, and dialers running as the proxy
+// UID/GID and as an app UID. IPv4 and IPv6.
+func TestPrivilegedTraffic(t *testing.T) {
+	netlab.Require(t)
+	client := netlab.NewNS(t, "mlcap-")
+	pod := netlab.NewNS(t, "mlcap-")
+	netlab.Veth(t, client, "c0", []string{"10.211.1.1/24", "10.211.1.3/24", "fd00:211:1::1/64", "fd00:211:1::3/64"},
+		pod, "eth0", []string{"10.211.1.2/24", "fd00:211:1::2/64"})
+	if err := pod.AddAddr("lo", "::6/128"); err != nil { // the proxy's IPv6 inbound passthrough source
+		t.Fatal(err)
+	}
+	cfg := mustConfig(t, func(o *capture.Options) {
+		o.OutboundIPRangesExclude = "10.211.1.3/32,fd00:211:1::3/128"
+		o.OutboundPortsExclude = "9001"
+		o.IPv6 = "auto" // the pod has a global (ULA) IPv6 address: dual stack
+	})
+	res, err := capture.Apply(t.Context(), cfg, capture.Target{NetnsPath: pod.Path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Families) != 2 {
+		t.Fatalf("auto IPv6 did not apply both families: %v", res.Families)
+	}
+
+	// Pod: capture listeners and app listeners (wildcard, dual stack).
+	listen(t, pod, ":15006", "inbound-capture", true)
+	listen(t, pod, ":15001", "outbound-capture", true)
+	for _, p := range []int{8080, 15008, 22, 15090, 15021, 15020} {
+		listen(t, pod, fmt.Sprintf(":%d", p), fmt.Sprintf("app-%d", p), false)
+	}
+	// Client: an upstream on 9000 and 9001.
+	for _, p := range []int{9000, 9001} {
+		listen(t, client, fmt.Sprintf(":%d", p), fmt.Sprintf("upstream-%d", p), false)
+	}
+
+	const app, proxy = 1000, 1337
+	for _, fam := range []struct {
+		name                   string
+		pod, client, excluded  string
+		passthrough, localhost string
+	}{
+		{"ipv4", "10.211.1.2", "10.211.1.1", "10.211.1.3", "127.0.0.6", "127.0.0.1"},
+		{"ipv6", "[fd00:211:1::2]", "[fd00:211:1::1]", "[fd00:211:1::3]", "::6", "[::1]"},
+	} {
+		t.Run(fam.name, func(t *testing.T) {
+			type step struct {
+				name      string
+				from      *netlab.NS
+				uid, gid  int
+				src, addr string
+				want      string
+			}
+			strip := func(s string) string { return strings.Trim(s, "[]") }
+			steps := []step{
+				{"inbound app port lands on 15006", client, -1, -1, "", fam.pod + ":8080",
+					"inbound-capture orig=" + fam.pod + ":8080"},
+				{"app outbound lands on 15001", pod, app, app, "", fam.client + ":9000",
+					"outbound-capture orig=" + fam.client + ":9000"},
+				{"proxy UID outbound goes straight out", pod, proxy, app, "", fam.client + ":9000", "upstream-9000"},
+				{"proxy GID outbound goes straight out", pod, app, proxy, "", fam.client + ":9000", "upstream-9000"},
+				{"passthrough source is not recaptured", pod, proxy, proxy, strip(fam.passthrough), fam.pod + ":8080", "app-8080"},
+				{"proxy to own pod IP goes inbound", pod, proxy, proxy, "", fam.pod + ":8080",
+					"inbound-capture orig=" + fam.pod + ":8080"},
+				{"app to own pod IP over lo not captured", pod, app, app, "", fam.pod + ":8080", "app-8080"},
+				{"app to localhost not captured", pod, app, app, "", fam.localhost + ":8080", "app-8080"},
+				{"excluded CIDR bypasses", pod, app, app, "", fam.excluded + ":9000", "upstream-9000"},
+				{"excluded outbound port bypasses", pod, app, app, "", fam.client + ":9001", "upstream-9001"},
+			}
+			for _, p := range []int{15008, 22, 15090, 15021, 15020} {
+				steps = append(steps, step{fmt.Sprintf("inbound port %d reaches the port", p), client, -1, -1, "",
+					fmt.Sprintf("%s:%d", fam.pod, p), fmt.Sprintf("app-%d", p)})
+			}
+			for _, s := range steps {
+				got := dialAs(t, s.from, s.uid, s.gid, s.src, s.addr)
+				if got != s.want {
+					t.Errorf("%s: dial %s (uid %d gid %d src %q from %s): got %q, want %q",
+						s.name, s.addr, s.uid, s.gid, s.src, s.from.Name, got, s.want)
+				}
+			}
+		})
+	}
+
+	// Without rules the same app dial reaches the upstream directly: the
+	// test above fails if capture is absent.
+	if err := capture.Cleanup(t.Context(), capture.Target{NetnsPath: pod.Path}); err != nil {
+		t.Fatal(err)
+	}
+	if got := dialAs(t, pod, app, app, "", "10.211.1.1:9000"); got != "upstream-9000" {
+		t.Errorf("after cleanup: got %q", got)
+	}
+	out, _ := pod.Run(exec.Command("iptables-save", "-t", "nat"), -1, -1)
+	if strings.Contains(string(out), "meshlet") {
+		t.Errorf("cleanup left rules: %s", out)
+	}
+}
