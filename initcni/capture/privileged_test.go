@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -42,49 +41,11 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-var (
-	childOnce sync.Once
-	childPath string
-	childErr  error
-)
-
-// childBinary returns a copy of the test binary that any UID may execute
-// (go test's build directory is private to root).
-func childBinary(t *testing.T) string {
-	t.Helper()
-	childOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "mlcap-child-")
-		if err != nil {
-			childErr = err
-			return
-		}
-		_ = os.Chmod(dir, 0o755)
-		src, err := os.Open("/proc/self/exe")
-		if err != nil {
-			childErr = err
-			return
-		}
-		defer src.Close()
-		childPath = filepath.Join(dir, "capture.test")
-		dst, err := os.OpenFile(childPath, os.O_CREATE|os.O_WRONLY, 0o755)
-		if err != nil {
-			childErr = err
-			return
-		}
-		_, childErr = io.Copy(dst, src)
-		dst.Close()
-	})
-	if childErr != nil {
-		t.Fatal(childErr)
-	}
-	return childPath
-}
-
 // dialAs dials addr from inside ns as uid/gid (optionally from src) and
 // returns the server's first line.
 func dialAs(t *testing.T, ns *netlab.NS, uid, gid int, src, addr string) string {
 	t.Helper()
-	cmd := exec.Command(childBinary(t))
+	cmd := exec.Command(netlab.SelfCopy(t))
 	cmd.Env = []string{"MLCAP_DIAL=" + addr, "MLCAP_SRC=" + src}
 	out, err := ns.Run(cmd, uid, gid)
 	if err != nil {

@@ -21,11 +21,13 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"sync"
 	"syscall"
 	"testing"
 
@@ -319,4 +321,52 @@ func (n *NS) Dial(network, addr string) (net.Conn, error) {
 		return err
 	})
 	return c, err
+}
+
+var (
+	selfOnce sync.Once
+	selfPath string
+	selfErr  error
+)
+
+// SelfCopy returns a copy of the running test binary that any UID may
+// execute (go test's build directory is private to root), for tests that
+// re-exec themselves as a child process with another UID. The copy is made
+// once per test binary and left in a mlcap-/netlab- temp dir.
+func SelfCopy(t testing.TB) string {
+	t.Helper()
+	selfOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "netlab-self-")
+		if err != nil {
+			selfErr = err
+			return
+		}
+		if err := os.Chmod(dir, 0o755); err != nil {
+			selfErr = err
+			return
+		}
+		src, err := os.Open("/proc/self/exe")
+		if err != nil {
+			selfErr = err
+			return
+		}
+		defer src.Close()
+		p := filepath.Join(dir, filepath.Base(os.Args[0]))
+		dst, err := os.OpenFile(p, os.O_CREATE|os.O_WRONLY, 0o755)
+		if err != nil {
+			selfErr = err
+			return
+		}
+		if _, err := io.Copy(dst, src); err != nil {
+			dst.Close()
+			selfErr = err
+			return
+		}
+		selfErr = dst.Close()
+		selfPath = p
+	})
+	if selfErr != nil {
+		t.Fatalf("netlab: copying test binary: %v", selfErr)
+	}
+	return selfPath
 }

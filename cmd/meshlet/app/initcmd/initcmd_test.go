@@ -1,0 +1,185 @@
+package initcmd_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+
+	"github.com/spf13/cobra"
+
+	"github.com/meshlet/meshlet/cmd/meshlet/app/cli"
+	"github.com/meshlet/meshlet/cmd/meshlet/app/initcmd"
+	"github.com/meshlet/meshlet/initcni/capture"
+	"github.com/meshlet/meshlet/test/netlab"
+)
+
+// TestMain doubles as `meshlet` for child processes: with MLCAP_MESHLET=1
+// the test binary runs the init command with its arguments and exits with
+// its exit code, so tests can run it in a netns as another UID.
+func TestMain(m *testing.M) {
+	if os.Getenv("MLCAP_MESHLET") == "1" {
+		var stdout, stderr bytes.Buffer
+		err := runInit(context.Background(), os.Args[1:], &stdout, &stderr)
+		os.Stdout.Write(stdout.Bytes())
+		os.Stderr.Write(stderr.Bytes())
+		os.Exit(cli.ExitCode(err, os.Stderr))
+	}
+	os.Exit(m.Run())
+}
+
+func runInit(ctx context.Context, args []string, out, errw *bytes.Buffer) error {
+	root := &cobra.Command{Use: "meshlet", SilenceErrors: true, SilenceUsage: true}
+	root.AddCommand(initcmd.New(cli.Streams{In: strings.NewReader(""), Out: out, Err: errw}))
+	root.SetArgs(append([]string{"init"}, args...))
+	root.SetOut(out)
+	root.SetErr(errw)
+	return root.ExecuteContext(ctx)
+}
+
+func exitCode(err error) int { return cli.ExitCode(err, &bytes.Buffer{}) }
+
+func renderDefault(t *testing.T) string {
+	t.Helper()
+	c, err := capture.BuildConfig(capture.NewOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return "# iptables-restore --noflush\n" + capture.Rules(c, capture.IPv4).Render()
+}
+
+func TestDryRun(t *testing.T) {
+	want := renderDefault(t)
+	for _, tc := range []struct {
+		name string
+		args []string
+		env  map[string]string
+	}{
+		{"bare", nil, nil},
+		{"injector args", strings.Fields(`-p 15001 -z 15006 -u 1337 -g 1337 -m REDIRECT -i * -b * -d 22,15090,15021,15020`), nil},
+		{"injector args with empty -x", append(strings.Fields(`-p 15001 -z 15006 -u 1337 -g 1337 -m REDIRECT -i * -b * -d 22,15090,15021,15020`), "-x", ""), nil},
+		{"long names", []string{"--proxy-port=15001", "--inbound-capture-port=15006", "--inbound-ports=*", "--outbound-ip-ranges-exclude="}, nil},
+		{"env forms", nil, map[string]string{"MESHLET_PROXY_UID": "1337", "MESHLET_INBOUND_PORTS_EXCLUDE": "22,15090,15021,15020"}},
+		{"flag wins over env", []string{"-p", "15001"}, map[string]string{"MESHLET_PROXY_PORT": "1"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for k, v := range tc.env {
+				t.Setenv(k, v)
+			}
+			var out, errb bytes.Buffer
+			if err := runInit(t.Context(), append([]string{"--dry-run"}, tc.args...), &out, &errb); err != nil {
+				t.Fatalf("%v\n%s", err, errb.String())
+			}
+			if out.String() != want {
+				t.Errorf("dry run differs from the default rules:\n%s", out.String())
+			}
+		})
+	}
+}
+
+func TestEnvSetsOptions(t *testing.T) {
+	t.Setenv("MESHLET_INBOUND_PORTS", "")
+	t.Setenv("MESHLET_OUTBOUND_IP_RANGES", "10.0.0.0/8")
+	var out, errb bytes.Buffer
+	if err := runInit(t.Context(), []string{"--dry-run"}, &out, &errb); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(out.String(), "PREROUTING") || !strings.Contains(out.String(), "-d 10.0.0.0/8") {
+		t.Errorf("env forms not applied:\n%s", out.String())
+	}
+}
+
+func TestInvalidOptionsExit2(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"-m", "TPROXY"}, []string{"--interception-mode (-m)", "not yet supported"}},
+		{[]string{"-p", "x", "-i", "300.0.0.0/8", "-b", "80,15008"}, []string{"(-p)", "(-i)", "(-b)"}},
+		{[]string{"--iptables-backend", "iptables"}, []string{"--iptables-backend"}},
+		{[]string{"--dry-run", "--cleanup"}, []string{"exclude each other"}},
+	} {
+		var out, errb bytes.Buffer
+		err := runInit(t.Context(), tc.args, &out, &errb)
+		if code := exitCode(err); code != initcmd.ExitInvalidOptions {
+			t.Errorf("%v: exit %d (%v), want %d", tc.args, code, err, initcmd.ExitInvalidOptions)
+			continue
+		}
+		for _, w := range tc.want {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("%v: error %q does not name %q", tc.args, err, w)
+			}
+		}
+	}
+}
+
+func TestPrivilegedInitApplyCleanup(t *testing.T) {
+	netlab.Require(t)
+	ns := netlab.NewNS(t, "mlcap-")
+	var out, errb bytes.Buffer
+	args := strings.Fields(`-p 15001 -z 15006 -u 1337 -g 1337 -m REDIRECT -i * -b * -d 22,15090,15021,15020 --netns ` + ns.Path)
+	for range 2 { // an init container restart converges
+		if err := runInit(t.Context(), args, &out, &errb); err != nil {
+			t.Fatalf("%v\n%s", err, errb.String())
+		}
+	}
+	if !strings.Contains(errb.String(), "iptables backend chosen") || !strings.Contains(errb.String(), "reason=") {
+		t.Errorf("backend choice not logged:\n%s", errb.String())
+	}
+	c, _ := capture.BuildConfig(capture.NewOptions())
+	if err := capture.Check(t.Context(), c, capture.Target{NetnsPath: ns.Path}); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if err := runInit(t.Context(), []string{"--cleanup", "--netns", ns.Path}, &out, &errb); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := capture.Check(t.Context(), c, capture.Target{NetnsPath: ns.Path}); !errors.Is(err, capture.ErrMismatch) {
+		t.Fatalf("after cleanup Check = %v, want mismatch", err)
+	}
+}
+
+// TestPrivilegedValidate runs `meshlet init --validate` as an unprivileged
+// child process (UID/GID 1337, no capabilities) in a pod netns.
+func TestPrivilegedValidate(t *testing.T) {
+	netlab.Require(t)
+	self := netlab.SelfCopy(t)
+	run := func(ns *netlab.NS, uid, gid int, extra ...string) (int, string) {
+		cmd := exec.Command(self, append([]string{"--validate", "--validate-timeout", "1s"}, extra...)...)
+		cmd.Env = []string{"MLCAP_MESHLET=1"}
+		out, err := ns.Run(cmd, uid, gid)
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return ee.ExitCode(), string(out)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return 0, string(out)
+	}
+	captured := netlab.NewNS(t, "mlcap-")
+	var out, errb bytes.Buffer
+	if err := runInit(t.Context(), []string{"--netns", captured.Path}, &out, &errb); err != nil {
+		t.Fatal(err)
+	}
+	if code, msg := run(captured, 1337, 1337); code != 0 {
+		t.Errorf("validate with rules: exit %d: %s", code, msg)
+	} else if !strings.Contains(msg, "originalDst=127.0.0.6:15002") {
+		t.Errorf("validate did not report the original destination: %s", msg)
+	}
+	// Same flags as the injector gives istio-init.
+	if code, msg := run(captured, 1337, 1337, strings.Fields("-p 15001 -z 15006 -u 1337 -g 1337 -m REDIRECT -i * -b * -d 22,15090,15021,15020")...); code != 0 {
+		t.Errorf("validate with injector flags: exit %d: %s", code, msg)
+	}
+	bare := netlab.NewNS(t, "mlcap-")
+	if code, msg := run(bare, 1337, 1337); code != initcmd.ExitValidationFailed || !strings.Contains(msg, "not working") {
+		t.Errorf("validate without rules: exit %d, want %d: %s", code, initcmd.ExitValidationFailed, msg)
+	}
+	if code, msg := run(captured, 1000, 1000); code != initcmd.ExitInvalidOptions || !strings.Contains(msg, "proxy UID or GID") {
+		t.Errorf("validate as uid 1000: exit %d, want %d: %s", code, initcmd.ExitInvalidOptions, msg)
+	}
+}
