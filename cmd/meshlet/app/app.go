@@ -9,6 +9,7 @@ import (
 
 	"github.com/meshlet/meshlet/cmd/meshlet/app/cli"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/initcmd"
+	"github.com/meshlet/meshlet/cmd/meshlet/app/inject"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/version"
 )
 
@@ -28,6 +29,9 @@ func Run(ctx context.Context, args []string, streams cli.Streams) error {
 	root.SetArgs(args)
 	root.AddCommand(
 		initcmd.New(streams),
+		inject.New(streams),
+		inject.NewUninject(streams),
+		inject.NewExplain(streams),
 		version.New(streams),
 	)
 	return root.ExecuteContext(ctx)

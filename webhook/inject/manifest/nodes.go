@@ -1,0 +1,369 @@
+package manifest
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	kyaml "sigs.k8s.io/kustomize/kyaml/yaml"
+)
+
+// get returns the value of key in mapping m, or nil.
+func get(m *kyaml.Node, key string) *kyaml.Node {
+	if m == nil {
+		return nil
+	}
+	if m.Kind == kyaml.AliasNode {
+		m = m.Alias
+	}
+	if m == nil || m.Kind != kyaml.MappingNode {
+		return nil
+	}
+	for i := 0; i+1 < len(m.Content); i += 2 {
+		if m.Content[i].Value == key {
+			v := m.Content[i+1]
+			if v.Kind == kyaml.AliasNode && v.Alias != nil {
+				return v.Alias
+			}
+			return v
+		}
+	}
+	return nil
+}
+
+func scalar(m *kyaml.Node, key string) string {
+	if v := get(m, key); v != nil && v.Kind == kyaml.ScalarNode {
+		return v.Value
+	}
+	return ""
+}
+
+func strNode(s string) *kyaml.Node {
+	return &kyaml.Node{Kind: kyaml.ScalarNode, Tag: "!!str", Value: s}
+}
+
+// set sets key in mapping m to v, inserting a new key before the key named
+// before (or at the end).
+func set(m *kyaml.Node, key string, v *kyaml.Node, before string) {
+	for i := 0; i+1 < len(m.Content); i += 2 {
+		if m.Content[i].Value == key {
+			m.Content[i+1] = v
+			return
+		}
+	}
+	at := len(m.Content)
+	for i := 0; i+1 < len(m.Content); i += 2 {
+		if m.Content[i].Value == before {
+			at = i
+			break
+		}
+	}
+	if m.Style == kyaml.FlowStyle && len(m.Content) == 0 {
+		m.Style = 0 // an empty {} becomes a block mapping
+	}
+	m.Content = slices.Insert(m.Content, at, strNode(key), v)
+}
+
+func del(m *kyaml.Node, key string) {
+	for i := 0; i+1 < len(m.Content); i += 2 {
+		if m.Content[i].Value == key {
+			m.Content = slices.Delete(m.Content, i, i+2)
+			return
+		}
+	}
+}
+
+// ensureMap returns the mapping at key in m, creating it (before the key
+// named before) if absent.
+func ensureMap(m *kyaml.Node, key, before string) *kyaml.Node {
+	if v := get(m, key); v != nil && v.Kind == kyaml.MappingNode {
+		return v
+	}
+	v := &kyaml.Node{Kind: kyaml.MappingNode, Tag: "!!map"}
+	set(m, key, v, before)
+	return v
+}
+
+// patchTemplate writes the difference between before and after (the typed
+// pod of the template node t) into t: annotations, init containers,
+// containers and volumes. Everything else in t is left alone.
+func patchTemplate(t *kyaml.Node, before, after *corev1.Pod) error {
+	// Annotations.
+	if !maps.Equal(before.Annotations, after.Annotations) {
+		meta := ensureMap(t, "metadata", "spec")
+		ann := ensureMap(meta, "annotations", "")
+		keys := slices.Sorted(maps.Keys(after.Annotations))
+		for _, k := range keys {
+			if old, ok := before.Annotations[k]; !ok || old != after.Annotations[k] {
+				set(ann, k, strNode(after.Annotations[k]), "")
+			}
+		}
+		for k := range before.Annotations {
+			if _, ok := after.Annotations[k]; !ok {
+				del(ann, k)
+			}
+		}
+		if len(ann.Content) == 0 {
+			del(meta, "annotations")
+			if len(meta.Content) == 0 {
+				del(t, "metadata")
+			}
+		}
+	}
+	spec := get(t, "spec")
+	if spec == nil || spec.Kind != kyaml.MappingNode {
+		return fmt.Errorf("spec is not a mapping")
+	}
+	if err := patchList(spec, "initContainers", "containers", containerNames(before.Spec.InitContainers), containerNames(after.Spec.InitContainers), func(i int) any { return after.Spec.InitContainers[i] }); err != nil {
+		return err
+	}
+	if err := patchList(spec, "containers", "", containerNames(before.Spec.Containers), containerNames(after.Spec.Containers), func(i int) any { return after.Spec.Containers[i] }); err != nil {
+		return err
+	}
+	return patchList(spec, "volumes", "", volumeNames(before.Spec.Volumes), volumeNames(after.Spec.Volumes), func(i int) any { return after.Spec.Volumes[i] })
+}
+
+func containerNames(cs []corev1.Container) []string {
+	n := make([]string, len(cs))
+	for i, c := range cs {
+		n[i] = c.Name
+	}
+	return n
+}
+
+func volumeNames(vs []corev1.Volume) []string {
+	n := make([]string, len(vs))
+	for i, v := range vs {
+		n[i] = v.Name
+	}
+	return n
+}
+
+// patchList rebuilds the sequence at key so it lists the items named
+// after: items also named in before keep their original node (comments,
+// order of fields), new items are rendered from the typed value.
+func patchList(spec *kyaml.Node, key, before string, oldNames, newNames []string, value func(int) any) error {
+	if slices.Equal(oldNames, newNames) {
+		return nil
+	}
+	seq := get(spec, key)
+	if seq != nil && seq.Kind != kyaml.SequenceNode {
+		seq = nil
+	}
+	existing := map[string]*kyaml.Node{}
+	if seq != nil {
+		for _, el := range seq.Content {
+			if name := scalar(el, "name"); name != "" && slices.Contains(oldNames, name) {
+				if _, dup := existing[name]; !dup {
+					existing[name] = el
+				}
+			}
+		}
+	}
+	content := make([]*kyaml.Node, 0, len(newNames))
+	for i, name := range newNames {
+		if el, ok := existing[name]; ok {
+			content = append(content, el)
+			delete(existing, name)
+			continue
+		}
+		n, err := toNode(value(i))
+		if err != nil {
+			return err
+		}
+		content = append(content, n)
+	}
+	if len(content) == 0 {
+		del(spec, key)
+		return nil
+	}
+	if seq == nil {
+		seq = &kyaml.Node{Kind: kyaml.SequenceNode, Tag: "!!seq"}
+		set(spec, key, seq, before)
+	}
+	if seq.Style == kyaml.FlowStyle {
+		seq.Style = 0
+	}
+	seq.Content = content
+	return nil
+}
+
+// toNode renders a typed value as a block-style YAML node.
+func toNode(v any) (*kyaml.Node, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return nil, err
+	}
+	n, err := parseYAML(string(b))
+	if err != nil {
+		return nil, err
+	}
+	root := n.Content[0]
+	blockStyle(root)
+	return root, nil
+}
+
+// blockStyle clears flow and JSON quoting styles, so the encoder writes
+// block YAML and quotes only where needed.
+func blockStyle(n *kyaml.Node) {
+	if n.Kind == kyaml.ScalarNode {
+		if n.Style == kyaml.DoubleQuotedStyle || n.Style == kyaml.SingleQuotedStyle {
+			n.Style = 0
+		}
+	} else {
+		n.Style &^= kyaml.FlowStyle
+	}
+	for _, c := range n.Content {
+		blockStyle(c)
+	}
+}
+
+// render writes the output stream.
+func render(docs []doc, format Format) ([]byte, error) {
+	var buf bytes.Buffer
+	if format == FormatJSON {
+		first := true
+		for _, d := range docs {
+			if d.node == nil {
+				continue
+			}
+			if !first {
+				buf.WriteByte('\n')
+			}
+			first = false
+			v, err := toJSONValue(d.node.Content[0])
+			if err != nil {
+				return nil, err
+			}
+			b, err := json.MarshalIndent(v, "", "  ")
+			if err != nil {
+				return nil, err
+			}
+			buf.Write(b)
+			buf.WriteByte('\n')
+		}
+		return buf.Bytes(), nil
+	}
+	for i, d := range docs {
+		sep := d.sep
+		if d.json && i > 0 {
+			sep = "---\n"
+		}
+		if !d.changed {
+			if d.json && i > 0 {
+				buf.WriteString(sep)
+			} else {
+				buf.WriteString(d.sep)
+			}
+			buf.WriteString(d.raw)
+			if d.json && !strings.HasSuffix(d.raw, "\n") {
+				buf.WriteByte('\n')
+			}
+			continue
+		}
+		buf.WriteString(sep)
+		if d.json {
+			blockStyle(d.node)
+		}
+		style := kyaml.DeriveSeqIndentStyle(d.raw)
+		var db bytes.Buffer
+		enc := kyaml.NewEncoderWithOptions(&db, &kyaml.EncoderOptions{SeqIndent: kyaml.SequenceIndentStyle(style)})
+		if err := enc.Encode(d.node); err != nil {
+			return nil, err
+		}
+		if err := enc.Close(); err != nil {
+			return nil, err
+		}
+		if d.json {
+			buf.Write(db.Bytes())
+		} else {
+			buf.WriteString(restoreText(d.raw, db.String()))
+		}
+	}
+	return buf.Bytes(), nil
+}
+
+// orderedMap marshals to a JSON object keeping key order.
+type orderedMap struct {
+	keys []string
+	vals []any
+}
+
+func (m orderedMap) MarshalJSON() ([]byte, error) {
+	var b bytes.Buffer
+	b.WriteByte('{')
+	for i, k := range m.keys {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		kb, _ := json.Marshal(k)
+		b.Write(kb)
+		b.WriteByte(':')
+		vb, err := json.Marshal(m.vals[i])
+		if err != nil {
+			return nil, err
+		}
+		b.Write(vb)
+	}
+	b.WriteByte('}')
+	return b.Bytes(), nil
+}
+
+// toJSONValue converts a YAML node to a value json.Marshal writes in the
+// node's key order.
+func toJSONValue(n *kyaml.Node) (any, error) {
+	switch n.Kind {
+	case kyaml.AliasNode:
+		return toJSONValue(n.Alias)
+	case kyaml.MappingNode:
+		m := orderedMap{}
+		seen := map[string]int{}
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			k := n.Content[i].Value
+			v, err := toJSONValue(n.Content[i+1])
+			if err != nil {
+				return nil, err
+			}
+			if j, dup := seen[k]; dup {
+				m.vals[j] = v
+				continue
+			}
+			seen[k] = len(m.keys)
+			m.keys = append(m.keys, k)
+			m.vals = append(m.vals, v)
+		}
+		return m, nil
+	case kyaml.SequenceNode:
+		out := make([]any, 0, len(n.Content))
+		for _, c := range n.Content {
+			v, err := toJSONValue(c)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, v)
+		}
+		return out, nil
+	case kyaml.ScalarNode:
+		switch n.ShortTag() {
+		case "!!str", "!!timestamp", "!!binary":
+			return n.Value, nil
+		case "!!null":
+			return nil, nil
+		}
+		var v any
+		if err := n.Decode(&v); err != nil {
+			return nil, err
+		}
+		return v, nil
+	case kyaml.DocumentNode:
+		if len(n.Content) == 0 {
+			return nil, nil
+		}
+		return toJSONValue(n.Content[0])
+	}
+	return nil, fmt.Errorf("unsupported YAML node kind %v", n.Kind)
+}
