@@ -8,6 +8,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/meshlet/meshlet/cmd/meshlet/app/cli"
+	"github.com/meshlet/meshlet/cmd/meshlet/app/cni"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/initcmd"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/inject"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/version"
@@ -28,6 +29,8 @@ func Run(ctx context.Context, args []string, streams cli.Streams) error {
 	root.SetErr(streams.Err)
 	root.SetArgs(args)
 	root.AddCommand(
+		cni.New(streams),
+		cni.NewInstall(streams),
 		initcmd.New(streams),
 		inject.New(streams),
 		inject.NewUninject(streams),
