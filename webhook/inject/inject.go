@@ -92,7 +92,7 @@ func Inject(pod *corev1.Pod, ns Namespace, cfg *Config, opts Options) (*corev1.P
 	p, warnings, err := resolve(pod, cfg, opts)
 	d.Warnings = append(d.Warnings, warnings...)
 	if err != nil {
-		d.Injected, d.Reason, d.Message = false, ReasonInvalidAnnotations, "invalid annotations: "+err.Error()
+		d.Injected, d.Reason, d.Message = false, ReasonInvalidAnnotations, "invalid annotations: "+strings.ReplaceAll(err.Error(), "\n", "; ")
 		return out, d, err
 	}
 	if err := apply(out, cfg, p); err != nil {
@@ -471,6 +471,9 @@ func apply(pod *corev1.Pod, cfg *Config, p params) error {
 		Annotations:   map[string]*string{},
 	}
 	setAnn := func(k, v string) {
+		if old, ok := pod.Annotations[k]; ok && old == v {
+			return
+		}
 		if _, recorded := st.Annotations[k]; !recorded {
 			if old, ok := pod.Annotations[k]; ok {
 				st.Annotations[k] = &old

@@ -48,6 +48,10 @@ type Options struct {
 	NamespaceLabels map[string]string
 }
 
+// ReasonInvalidObject is the reason of a Result whose object could not be
+// read as a pod template.
+const ReasonInvalidObject inject.Reason = "InvalidObject"
+
 // Result describes one pod template found in the input.
 type Result struct {
 	// Doc is the 1-based index of the document in the input; Item the
@@ -72,10 +76,16 @@ type DocError struct {
 }
 
 func (e *DocError) Error() string {
+	where := fmt.Sprintf("document %d", e.Doc)
 	if e.Object != "" {
-		return fmt.Sprintf("document %d (%s): %v", e.Doc, e.Object, e.Err)
+		where += " (" + e.Object + ")"
 	}
-	return fmt.Sprintf("document %d: %v", e.Doc, e.Err)
+	msg := e.Err.Error()
+	if strings.Contains(msg, "\n") {
+		// Several problems (errors.Join): one per line.
+		return where + ":\n  " + strings.ReplaceAll(msg, "\n", "\n  ")
+	}
+	return where + ": " + msg
 }
 
 func (e *DocError) Unwrap() error { return e.Err }
@@ -98,13 +108,13 @@ func Transform(data []byte, opts Options) ([]byte, []Result, error) {
 		return nil, nil, errors.New("manifest: no injection config")
 	}
 	docs, err := split(data)
-	if err != nil {
-		return nil, nil, err
-	}
 	var (
 		results []Result
 		errs    []error
 	)
+	if err != nil {
+		errs = append(errs, err)
+	}
 	for i := range docs {
 		d := &docs[i]
 		if d.node == nil {
@@ -277,6 +287,10 @@ func processObject(obj *kyaml.Node, index, item int, opts Options) (*Result, boo
 		object = fmt.Sprintf("item %d, %s", item, object)
 	}
 	fail := func(err error) (*Result, bool, error) {
+		if r.Decision.Reason == "" {
+			r.Decision.Reason = ReasonInvalidObject
+			r.Decision.Message = strings.ReplaceAll(err.Error(), "\n", "; ")
+		}
 		return r, false, &DocError{Doc: index, Object: object, Err: err}
 	}
 
@@ -345,7 +359,7 @@ func processObject(obj *kyaml.Node, index, item int, opts Options) (*Result, boo
 
 func orRoot(path string) string {
 	if path == "" {
-		return "the object"
+		return "pod"
 	}
 	return path
 }

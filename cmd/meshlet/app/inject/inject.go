@@ -265,7 +265,7 @@ func run(streams cli.Streams, f *flagpole, uninject bool) error {
 		logResults(log, in.name, results)
 		if err != nil {
 			failed++
-			log.Error("file not processed: nothing written for it", "file", in.name, "error", err)
+			fmt.Fprintf(streams.Err, "error: %s: nothing written for this input:\n  %s\n", in.name, strings.ReplaceAll(err.Error(), "\n", "\n  "))
 			continue
 		}
 		if f.inPlace {
@@ -274,7 +274,7 @@ func run(streams cli.Streams, f *flagpole, uninject bool) error {
 			}
 			if err := writeAtomic(in.name, res, in.mode); err != nil {
 				failed++
-				log.Error("file not written", "file", in.name, "error", err)
+				fmt.Fprintf(streams.Err, "error: %s: not written: %v\n", in.name, err)
 			}
 			continue
 		}
