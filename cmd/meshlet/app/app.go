@@ -7,10 +7,12 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/meshlet/meshlet/cmd/meshlet/app/agent"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/cli"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/cni"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/initcmd"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/inject"
+	"github.com/meshlet/meshlet/cmd/meshlet/app/proxy"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/version"
 )
 
@@ -36,6 +38,8 @@ func Run(ctx context.Context, args []string, streams cli.Streams) error {
 		inject.NewUninject(streams),
 		inject.NewExplain(streams),
 		version.New(streams),
+		agent.New(streams),
+		proxy.New(streams),
 	)
 	return root.ExecuteContext(ctx)
 }

@@ -1,0 +1,149 @@
+// Package agent is the `meshlet agent` command: the sidecar supervisor, PID 1
+// of the istio-proxy container (see package proxy/agent), and `meshlet agent
+// wait`, the post-start hook that holds the application until the proxy is
+// ready.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"time"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
+
+	"github.com/meshlet/meshlet/cmd/meshlet/app/cli"
+	"github.com/meshlet/meshlet/cmd/meshlet/app/version"
+	proxyagent "github.com/meshlet/meshlet/proxy/agent"
+)
+
+type flagpole struct {
+	opts      proxyagent.Options
+	verbose   bool
+	subreaper bool
+}
+
+// New returns the `meshlet agent` command.
+func New(streams cli.Streams) *cobra.Command {
+	f := &flagpole{}
+	cmd := &cobra.Command{
+		Use:   "agent",
+		Short: "Run the sidecar agent: owns the proxy listeners, supervises and hot-restarts proxy generations",
+		Long: `Run the meshlet sidecar agent (PID 1 of istio-proxy). It binds the proxy
+listeners once (15001, 15006, 15021, 15090, 127.0.0.1:15000), starts
+` + "`meshlet proxy`" + ` generations that inherit them, and serves status on 15020:
+/healthz/ready, /stats/prometheus, /server_info, POST /quitquitquit, POST /drain,
+POST /reload.
+
+Hot restart (no connection lost) on a change of the --config file, SIGHUP or
+POST /reload. SIGTERM drains (inbound first) and exits when no connection is
+left or at --drain-duration. Without --config the embedded default runs
+(pure L4 passthrough).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return run(cmd.Context(), streams, f)
+		},
+	}
+	fl := cmd.Flags()
+	o := &f.opts
+	fl.StringVar(&o.ConfigPath, "config", "", "proxy config file, watched for changes (default: embedded pure-L4 config)")
+	fl.DurationVar(&o.DrainDuration, "drain-duration", 5*time.Second, "drain deadline for SIGTERM and for a replaced generation")
+	fl.DurationVar(&o.StartTimeout, "start-timeout", 10*time.Second, "how long a new generation may take to become ready")
+	fl.StringVar(&o.OutboundAddr, "outbound-addr", ":15001", "outbound capture listener")
+	fl.StringVar(&o.InboundAddr, "inbound-addr", ":15006", "inbound capture listener")
+	fl.StringVar(&o.HealthAddr, "health-addr", ":15021", "proxy health listener")
+	fl.StringVar(&o.PrometheusAddr, "prometheus-addr", ":15090", "proxy Prometheus listener")
+	fl.StringVar(&o.AdminAddr, "admin-addr", "127.0.0.1:15000", "proxy admin listener (keep it on loopback)")
+	fl.StringVar(&o.StatusAddr, "status-addr", ":15020", "agent status listener")
+	fl.StringVar(&o.AppMetricsURL, "app-metrics-url", "", "application metrics URL merged into /stats/prometheus")
+	fl.StringSliceVar(&o.ProxyArgs, "proxy-arg", nil, "extra argument for every `meshlet proxy` generation (repeatable)")
+	fl.BoolVar(&f.subreaper, "subreaper", true, "become a child subreaper so orphaned processes are reaped")
+	fl.BoolVarP(&f.verbose, "verbose", "v", false, "debug logging")
+	cmd.AddCommand(newWait(streams))
+	return cmd
+}
+
+func run(ctx context.Context, streams cli.Streams, f *flagpole) error {
+	if f.opts.DrainDuration <= 0 {
+		return fmt.Errorf("--drain-duration: invalid value %s: must be positive", f.opts.DrainDuration)
+	}
+	if f.opts.StartTimeout <= 0 {
+		return fmt.Errorf("--start-timeout: invalid value %s: must be positive", f.opts.StartTimeout)
+	}
+	log := cli.NewLogger(streams.Err, f.verbose).With("component", "agent")
+	if f.subreaper && os.Getpid() != 1 {
+		if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+			log.Warn("cannot become child subreaper", "err", err)
+		}
+	}
+	f.opts.Log = log
+	f.opts.Version = version.String()
+	a, err := proxyagent.New(f.opts)
+	if err != nil {
+		return err
+	}
+	err = a.Run(ctx)
+	if errors.Is(err, proxyagent.ErrQuit) {
+		return nil
+	}
+	return err
+}
+
+type waitFlags struct {
+	url      string
+	timeout  time.Duration
+	interval time.Duration
+}
+
+func newWait(streams cli.Streams) *cobra.Command {
+	f := &waitFlags{}
+	cmd := &cobra.Command{
+		Use:   "wait",
+		Short: "Wait until the sidecar is ready (post-start hook for holdApplicationUntilProxyStarts)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return wait(cmd.Context(), streams, f)
+		},
+	}
+	cmd.Flags().StringVar(&f.url, "url", "http://127.0.0.1:15020/healthz/ready", "readiness URL")
+	cmd.Flags().DurationVar(&f.timeout, "timeout", 60*time.Second, "give up after this long")
+	cmd.Flags().DurationVar(&f.interval, "interval", 100*time.Millisecond, "poll interval")
+	return cmd
+}
+
+func wait(ctx context.Context, streams cli.Streams, f *waitFlags) error {
+	if f.timeout <= 0 || f.interval <= 0 {
+		return fmt.Errorf("--timeout and --interval must be positive (got %s, %s)", f.timeout, f.interval)
+	}
+	ctx, cancel := context.WithTimeout(ctx, f.timeout)
+	defer cancel()
+	client := &http.Client{Timeout: time.Second}
+	var last string
+	for {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, f.url, nil)
+		if err != nil {
+			return fmt.Errorf("--url: invalid value %q: %w", f.url, err)
+		}
+		resp, err := client.Do(req)
+		if err == nil {
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				fmt.Fprintln(streams.Out, "sidecar ready")
+				return nil
+			}
+			last = resp.Status
+		} else {
+			last = err.Error()
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("sidecar not ready after %s (%s): %s", f.timeout, f.url, last)
+		case <-time.After(f.interval):
+		}
+	}
+}

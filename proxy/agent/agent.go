@@ -1,0 +1,368 @@
+// Package agent is the sidecar supervisor (`meshlet agent`), PID 1 of the
+// istio-proxy container. It binds every proxy listener once and keeps it for
+// the life of the pod, runs proxy generations (`meshlet proxy`, re-executed
+// from its own binary) that inherit those sockets, and replaces them without
+// losing a connection (DESIGN.md section 5):
+//
+//   - hot restart (config file change, SIGHUP, POST /reload): generation N+1
+//     starts on the same descriptors, loads and validates its config and
+//     reports ready over a pipe; only then is N told to drain (SIGTERM). At
+//     most two generations are alive; further reloads wait and coalesce. If
+//     N+1 fails, N keeps serving and the failure is logged, counted
+//     (meshlet_agent_reloads_total{result="failure"}) and shown in
+//     /server_info.
+//   - a generation that dies is restarted with backoff; the listening
+//     sockets stay open meanwhile, so clients wait in the backlog.
+//   - SIGTERM: the generation stops accepting inbound, fails readiness and
+//     keeps outbound working; the agent exits when the generation has no
+//     connection left or at the drain deadline. /quitquitquit exits at once.
+//
+// Counters live in a shared memory region (package stats) that every
+// generation maps, so they carry across generations.
+//
+// The status server (15020) serves /healthz/ready (asking the generation's
+// 15021 through the data path), a merged /stats/prometheus (agent, proxy and
+// optionally the application), /server_info, POST /quitquitquit, POST /drain
+// and POST /reload.
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/stats"
+)
+
+// Options configure the agent. Zero values mean the documented default.
+type Options struct {
+	// ConfigPath is the proxy config file, watched for changes; empty: the
+	// embedded default (pure L4 passthrough).
+	ConfigPath string
+	// DrainDuration is the drain deadline of a generation being replaced and
+	// of the whole sidecar on SIGTERM; 0: 5s.
+	DrainDuration time.Duration
+	// Listener addresses. Defaults: ":15001", ":15006", ":15021", ":15090",
+	// "127.0.0.1:15000", ":15020". A capture address with an empty host is
+	// bound on 0.0.0.0 and, when the host has IPv6, on [::] as well.
+	OutboundAddr, InboundAddr, HealthAddr, PrometheusAddr, AdminAddr, StatusAddr string
+	// Executable is the meshlet binary started as `meshlet proxy`;
+	// empty: os.Executable().
+	Executable string
+	// ProxyArgs are extra arguments for every generation.
+	ProxyArgs []string
+	// StartTimeout bounds a generation's start until it reports ready; 0: 10s.
+	StartTimeout time.Duration
+	// AppMetricsURL, if set, is scraped and merged into /stats/prometheus.
+	AppMetricsURL string
+	// Stdout and Stderr are given to generations; nil: os.Stdout/os.Stderr.
+	Stdout, Stderr *os.File
+	// Version is reported in /server_info.
+	Version string
+	// Log receives the agent's logs; nil: discard.
+	Log *slog.Logger
+}
+
+func (o *Options) setDefaults() error {
+	def := func(s *string, v string) {
+		if *s == "" {
+			*s = v
+		}
+	}
+	def(&o.OutboundAddr, ":15001")
+	def(&o.InboundAddr, ":15006")
+	def(&o.HealthAddr, ":15021")
+	def(&o.PrometheusAddr, ":15090")
+	def(&o.AdminAddr, "127.0.0.1:15000")
+	def(&o.StatusAddr, ":15020")
+	if o.DrainDuration == 0 {
+		o.DrainDuration = 5 * time.Second
+	}
+	if o.StartTimeout == 0 {
+		o.StartTimeout = 10 * time.Second
+	}
+	if o.Executable == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return fmt.Errorf("finding the meshlet executable: %w", err)
+		}
+		o.Executable = exe
+	}
+	if o.Stdout == nil {
+		o.Stdout = os.Stdout
+	}
+	if o.Stderr == nil {
+		o.Stderr = os.Stderr
+	}
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	return nil
+}
+
+// sock is one listening socket the agent owns.
+type sock struct {
+	name string
+	file *os.File
+	addr *net.TCPAddr
+}
+
+// Agent supervises proxy generations.
+type Agent struct {
+	o       Options
+	log     *slog.Logger
+	socks   []sock
+	status  net.Listener
+	region  *stats.Region
+	statsFD *os.File
+	started time.Time
+
+	events chan event
+	done   chan struct{}
+
+	// counters in the shared region
+	reloadOK, reloadFail, crashes, gensStarted *stats.Counter
+
+	mu   sync.Mutex // guards info
+	info Info
+}
+
+// Info is the agent's /server_info document.
+type Info struct {
+	Version           string    `json:"version"`
+	State             string    `json:"state"`
+	ActiveGeneration  int       `json:"activeGeneration"`
+	Generations       []GenInfo `json:"generations"`
+	ConfigPath        string    `json:"configPath,omitempty"`
+	ConfigHash        string    `json:"configHash"`
+	LastReloadError   string    `json:"lastReloadError,omitempty"`
+	LastReloadSeconds float64   `json:"lastReloadSeconds,omitempty"`
+	Restarts          uint64    `json:"restarts"`
+	UptimeSeconds     float64   `json:"uptimeSeconds"`
+	Ready             bool      `json:"ready"`
+}
+
+// GenInfo describes one live generation.
+type GenInfo struct {
+	Generation int    `json:"generation"`
+	PID        int    `json:"pid"`
+	State      string `json:"state"`
+	ConfigHash string `json:"configHash"`
+}
+
+// New binds every listener and creates the counter region. Nothing runs
+// until Run.
+func New(o Options) (*Agent, error) {
+	if err := o.setDefaults(); err != nil {
+		return nil, err
+	}
+	a := &Agent{o: o, log: o.Log, started: time.Now(), events: make(chan event, 64), done: make(chan struct{})}
+	var err error
+	a.region, a.statsFD, err = stats.Create()
+	if err != nil {
+		return nil, err
+	}
+	bind := []struct {
+		name, addr string
+		dual       bool
+	}{
+		{fdOutbound, o.OutboundAddr, true},
+		{fdInbound, o.InboundAddr, true},
+		{fdHealth, o.HealthAddr, false},
+		{fdPrometheus, o.PrometheusAddr, false},
+		{fdAdmin, o.AdminAddr, false},
+	}
+	for _, b := range bind {
+		if err := a.bind(b.name, b.addr, b.dual); err != nil {
+			a.closeSocks()
+			return nil, err
+		}
+	}
+	a.status, err = net.Listen("tcp", o.StatusAddr)
+	if err != nil {
+		a.closeSocks()
+		return nil, fmt.Errorf("binding status listener %s: %w", o.StatusAddr, err)
+	}
+	a.reloadOK = a.region.Counter(`meshlet_agent_reloads_total{result="success"}`)
+	a.reloadFail = a.region.Counter(`meshlet_agent_reloads_total{result="failure"}`)
+	a.crashes = a.region.Counter(`meshlet_agent_generation_crashes_total`)
+	a.gensStarted = a.region.Counter(`meshlet_agent_generations_launched_total`)
+	a.info = Info{Version: o.Version, State: "STARTING", ConfigPath: o.ConfigPath}
+	return a, nil
+}
+
+// bind listens on addr and keeps only the socket's descriptor: the agent
+// never accepts, it only keeps the socket (and its backlog) alive.
+func (a *Agent) bind(name, addr string, dual bool) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("listener %s: invalid address %q: %w", name, addr, err)
+	}
+	type try struct {
+		network, addr string
+		required      bool
+	}
+	tries := []try{{"tcp", addr, true}}
+	if dual && host == "" && port != "0" {
+		tries = []try{{"tcp4", net.JoinHostPort("0.0.0.0", port), true}, {"tcp6", net.JoinHostPort("::", port), false}}
+	}
+	for _, t := range tries {
+		ln, err := net.Listen(t.network, t.addr)
+		if err != nil {
+			if !t.required {
+				a.log.Info("IPv6 listener not bound", "listener", name, "addr", t.addr, "err", err)
+				continue
+			}
+			return fmt.Errorf("binding %s listener %s: %w", name, t.addr, err)
+		}
+		tl := ln.(*net.TCPListener)
+		f, err := tl.File()
+		tl.Close() // the dup in f keeps the socket and its backlog
+		if err != nil {
+			return fmt.Errorf("%s listener descriptor: %w", name, err)
+		}
+		a.socks = append(a.socks, sock{name: name, file: f, addr: ln.Addr().(*net.TCPAddr)})
+	}
+	return nil
+}
+
+func (a *Agent) closeSocks() {
+	for _, s := range a.socks {
+		s.file.Close()
+	}
+	a.socks = nil
+}
+
+// Addrs returns the bound address of each listener by name (outbound,
+// inbound, health, prometheus, admin, status).
+func (a *Agent) Addrs() map[string][]*net.TCPAddr {
+	m := map[string][]*net.TCPAddr{}
+	for _, s := range a.socks {
+		m[s.name] = append(m[s.name], s.addr)
+	}
+	m["status"] = []*net.TCPAddr{a.status.Addr().(*net.TCPAddr)}
+	return m
+}
+
+// Stats returns the shared counter region.
+func (a *Agent) Stats() *stats.Region { return a.region }
+
+// loadConfig reads the configured document (or the embedded default) and
+// validates it.
+func (a *Agent) loadConfig() (*config.Loaded, error) {
+	if a.o.ConfigPath == "" {
+		return config.Default(), nil
+	}
+	return config.LoadFile(a.o.ConfigPath)
+}
+
+// generation is one `meshlet proxy` process.
+type generation struct {
+	n       int
+	pid     int
+	proc    *os.Process
+	cfg     *config.Loaded
+	state   string // STARTING, ACTIVE, DRAINING, FAILED
+	started time.Time
+	readyAt time.Time
+}
+
+// spawn starts generation n with cfg and returns once the process exists;
+// its readiness is reported later as an event.
+func (a *Agent) spawn(n int, cfg *config.Loaded) (*generation, error) {
+	cfgFD, err := unix.MemfdCreate("meshlet-config", 0)
+	if err != nil {
+		return nil, fmt.Errorf("memfd for config: %w", err)
+	}
+	cfgFile := os.NewFile(uintptr(cfgFD), "meshlet-config")
+	defer cfgFile.Close()
+	if _, err := cfgFile.Write(cfg.Raw); err != nil {
+		return nil, fmt.Errorf("writing config memfd: %w", err)
+	}
+	rd, wr, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("readiness pipe: %w", err)
+	}
+	defer wr.Close()
+
+	devnull, err := os.Open(os.DevNull)
+	if err != nil {
+		rd.Close()
+		return nil, err
+	}
+	defer devnull.Close()
+	files := []*os.File{devnull, a.o.Stdout, a.o.Stderr}
+	var spec []string
+	add := func(name string, f *os.File) {
+		spec = append(spec, name+"="+strconv.Itoa(len(files)))
+		files = append(files, f)
+	}
+	for _, s := range a.socks {
+		add(s.name, s.file)
+	}
+	add(fdStats, a.statsFD)
+	add(fdConfig, cfgFile)
+	add(fdReady, wr)
+
+	args := append([]string{a.o.Executable, "proxy",
+		"--generation", strconv.Itoa(n),
+		"--drain-duration", a.o.DrainDuration.String(),
+	}, a.o.ProxyArgs...)
+	env := append(os.Environ(), EnvInheritedFDs+"="+strings.Join(spec, ","))
+	proc, err := os.StartProcess(a.o.Executable, args, &os.ProcAttr{
+		Env:   env,
+		Files: files,
+		// If the agent dies, so do its generations: nothing would
+		// supervise them.
+		Sys: &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL},
+	})
+	if err != nil {
+		rd.Close()
+		return nil, fmt.Errorf("starting generation %d (%s): %w", n, a.o.Executable, err)
+	}
+	a.gensStarted.Inc()
+	g := &generation{n: n, pid: proc.Pid, proc: proc, cfg: cfg, state: "STARTING", started: time.Now()}
+	a.log.Info("generation starting", "generation", n, "pid", g.pid, "configHash", cfg.Hash)
+	go a.awaitReady(g, rd)
+	return g, nil
+}
+
+// awaitReady reads the readiness pipe and posts the outcome.
+func (a *Agent) awaitReady(g *generation, rd *os.File) {
+	defer rd.Close()
+	_ = rd.SetReadDeadline(time.Now().Add(a.o.StartTimeout))
+	buf := make([]byte, 4096)
+	var got []byte
+	for {
+		n, err := rd.Read(buf)
+		got = append(got, buf[:n]...)
+		if strings.Contains(string(got), "\n") || err != nil {
+			line, _, _ := strings.Cut(string(got), "\n")
+			switch {
+			case line == "READY":
+				a.post(event{kind: evReady, gen: g})
+			case strings.HasPrefix(line, "ERROR "):
+				a.post(event{kind: evFailed, gen: g, err: errors.New(strings.TrimPrefix(line, "ERROR "))})
+			case errors.Is(err, os.ErrDeadlineExceeded):
+				a.post(event{kind: evFailed, gen: g, err: fmt.Errorf("not ready within %s", a.o.StartTimeout)})
+			default:
+				a.post(event{kind: evFailed, gen: g, err: errors.New("exited before reporting ready")})
+			}
+			return
+		}
+	}
+}
+
+// configDir returns the directory to watch for the config file.
+func (a *Agent) configDir() string { return filepath.Dir(a.o.ConfigPath) }

@@ -1,0 +1,122 @@
+package agent
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/meshlet/meshlet/proxy/server"
+	"github.com/meshlet/meshlet/proxy/stats"
+)
+
+// EnvInheritedFDs names the environment variable through which the agent
+// tells a generation which inherited file descriptor is which:
+// "outbound=3,outbound=4,inbound=5,health=7,...,stats=10,config=11,ready=12".
+const EnvInheritedFDs = "MESHLET_INHERITED_FDS"
+
+// Names of inherited descriptors.
+const (
+	fdOutbound   = "outbound"
+	fdInbound    = "inbound"
+	fdHealth     = "health"
+	fdPrometheus = "prometheus"
+	fdAdmin      = "admin"
+	fdStats      = "stats"
+	fdConfig     = "config"
+	fdReady      = "ready"
+)
+
+// Inherited is what a generation received from the agent.
+type Inherited struct {
+	Listeners server.Listeners
+	Stats     *stats.Region
+	// Config is the configuration document to load.
+	Config []byte
+	// Ready is the write end of the readiness pipe.
+	Ready *os.File
+}
+
+// Inherit reads the descriptors described by spec (the value of
+// EnvInheritedFDs). It returns nil, nil when spec is empty.
+func Inherit(spec string) (*Inherited, error) {
+	if spec == "" {
+		return nil, nil
+	}
+	in := &Inherited{}
+	for _, item := range strings.Split(spec, ",") {
+		name, num, ok := strings.Cut(item, "=")
+		fd, err := strconv.Atoi(num)
+		if !ok || err != nil || fd < 3 {
+			return nil, fmt.Errorf("%s: invalid entry %q", EnvInheritedFDs, item)
+		}
+		f := os.NewFile(uintptr(fd), name)
+		if f == nil {
+			return nil, fmt.Errorf("%s: fd %d (%s) is not open", EnvInheritedFDs, fd, name)
+		}
+		switch name {
+		case fdOutbound, fdInbound, fdHealth, fdPrometheus, fdAdmin:
+			ln, err := net.FileListener(f)
+			f.Close() // FileListener made its own copy
+			if err != nil {
+				return nil, fmt.Errorf("inherited listener %s (fd %d): %w", name, fd, err)
+			}
+			tl, ok := ln.(*net.TCPListener)
+			if !ok {
+				return nil, fmt.Errorf("inherited listener %s (fd %d) is not TCP", name, fd)
+			}
+			switch name {
+			case fdOutbound:
+				in.Listeners.Outbound = append(in.Listeners.Outbound, tl)
+			case fdInbound:
+				in.Listeners.Inbound = append(in.Listeners.Inbound, tl)
+			case fdHealth:
+				in.Listeners.Health = tl
+			case fdPrometheus:
+				in.Listeners.Prometheus = tl
+			case fdAdmin:
+				in.Listeners.Admin = tl
+			}
+		case fdStats:
+			r, err := stats.Open(f)
+			f.Close()
+			if err != nil {
+				return nil, err
+			}
+			in.Stats = r
+		case fdConfig:
+			b, err := io.ReadAll(io.NewSectionReader(f, 0, 1<<24))
+			f.Close()
+			if err != nil {
+				return nil, fmt.Errorf("reading inherited config (fd %d): %w", fd, err)
+			}
+			in.Config = b
+		case fdReady:
+			in.Ready = f
+		default:
+			f.Close()
+			return nil, fmt.Errorf("%s: unknown descriptor name %q", EnvInheritedFDs, name)
+		}
+	}
+	return in, nil
+}
+
+// ReportReady tells the agent the generation serves. No-op when w is nil.
+func ReportReady(w *os.File) {
+	if w == nil {
+		return
+	}
+	_, _ = io.WriteString(w, "READY\n")
+	_ = w.Close()
+}
+
+// ReportFailure tells the agent the generation cannot start, and why.
+func ReportFailure(w *os.File, err error) {
+	if w == nil {
+		return
+	}
+	_, _ = io.WriteString(w, "ERROR "+strings.ReplaceAll(err.Error(), "\n", "; ")+"\n")
+	_ = w.Close()
+}

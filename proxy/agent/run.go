@@ -1,0 +1,490 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/fsnotify/fsnotify"
+	"golang.org/x/sys/unix"
+
+	"github.com/meshlet/meshlet/proxy/config"
+)
+
+type eventKind int
+
+const (
+	evReload eventKind = iota
+	evReady
+	evFailed
+	evExit
+	evRestart
+	evDrain
+	evQuit
+	evShutdownDeadline
+)
+
+type event struct {
+	kind   eventKind
+	gen    *generation
+	pid    int
+	status unix.WaitStatus
+	err    error
+	reason string
+	reply  chan ReloadResult
+}
+
+// ReloadResult is the outcome of a reload request.
+type ReloadResult struct {
+	Generation int    `json:"generation"`
+	Error      string `json:"error,omitempty"`
+	// Skipped is set when the configuration did not change.
+	Skipped bool `json:"skipped,omitempty"`
+}
+
+// Reload asks for a hot restart and, when reply is not nil, reports the
+// outcome on it.
+func (a *Agent) Reload(reason string, reply chan ReloadResult) {
+	a.post(event{kind: evReload, reason: reason, reply: reply})
+}
+
+// ErrQuit is returned by Run after /quitquitquit.
+var ErrQuit = errors.New("quit requested")
+
+// loop state
+type runState struct {
+	gens      map[int]*generation // by pid: every live process
+	active    *generation
+	starting  *generation
+	next      int
+	pending   bool
+	waiters   []chan ReloadResult // for the starting generation
+	pwaiters  []chan ReloadResult // for the pending reload
+	backoff   time.Duration
+	restartAt *time.Timer
+	shutdown  bool
+	drained   bool // /drain: do not restart
+	cfg       *config.Loaded
+}
+
+// Run starts generation 1 and supervises until ctx is cancelled (SIGTERM:
+// drain and exit) or /quitquitquit. It handles SIGHUP (reload) and SIGCHLD
+// (reaps every child, including orphans when the agent is a subreaper).
+func (a *Agent) Run(ctx context.Context) error {
+	defer a.closeSocks()
+	defer a.status.Close()
+
+	sigs := make(chan os.Signal, 16)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGCHLD)
+	defer signal.Stop(sigs)
+	defer close(a.done)
+	go a.signals(sigs)
+
+	hs := &http.Server{Handler: a.statusMux(), ReadHeaderTimeout: 5 * time.Second}
+	go func() { _ = hs.Serve(a.status) }()
+	defer hs.Close()
+
+	if a.o.ConfigPath != "" {
+		stop, err := a.watch()
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
+
+	st := &runState{gens: map[int]*generation{}, next: 1}
+	cfg, err := a.loadConfig()
+	if err != nil {
+		return fmt.Errorf("initial configuration: %w", err)
+	}
+	st.cfg = cfg
+	a.startGen(st, cfg)
+
+	var shutdownDeadline <-chan time.Time
+	for {
+		var ev event
+		select {
+		case ev = <-a.events:
+		case <-ctx.Done():
+			if !st.shutdown {
+				a.beginShutdown(st)
+				t := time.NewTimer(a.o.DrainDuration + time.Second)
+				defer t.Stop()
+				shutdownDeadline = t.C
+			}
+			ctx = context.Background() // fire once
+			continue
+		case <-shutdownDeadline:
+			a.log.Warn("drain deadline passed; killing generations", "generations", len(st.gens))
+			a.killAll(st)
+			return nil
+		}
+		switch ev.kind {
+		case evReload:
+			a.reload(st, ev)
+		case evReady:
+			a.onReady(st, ev.gen)
+		case evFailed:
+			a.onFailed(st, ev.gen, ev.err)
+		case evExit:
+			a.onExit(st, ev.pid, ev.status)
+		case evRestart:
+			if st.active == nil && st.starting == nil && !st.shutdown && !st.drained {
+				a.startGen(st, st.cfg)
+			}
+		case evDrain:
+			if st.active != nil && !st.drained {
+				st.drained = true
+				a.setState("DRAINING")
+				_ = st.active.proc.Signal(syscall.SIGUSR1)
+			}
+		case evQuit:
+			a.log.Info("quitquitquit: exiting now")
+			a.killAll(st)
+			return ErrQuit
+		}
+		if st.shutdown && len(st.gens) == 0 {
+			a.log.Info("all generations exited; agent done")
+			return nil
+		}
+		a.publish(st)
+	}
+}
+
+func (a *Agent) signals(sigs chan os.Signal) {
+	for {
+		select {
+		case <-a.done:
+			return
+		case s := <-sigs:
+			if s == syscall.SIGHUP {
+				a.log.Info("SIGHUP: reloading")
+				a.post(event{kind: evReload, reason: "SIGHUP"})
+				continue
+			}
+			a.reap()
+		}
+	}
+}
+
+// post delivers an event to Run, or drops it once Run has returned.
+func (a *Agent) post(ev event) {
+	select {
+	case a.events <- ev:
+	case <-a.done:
+	}
+}
+
+// reap collects every exited child (ours and, as subreaper, orphans).
+func (a *Agent) reap() {
+	for {
+		var ws unix.WaitStatus
+		pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+		if err == unix.EINTR {
+			continue
+		}
+		if pid <= 0 || err != nil {
+			return
+		}
+		a.post(event{kind: evExit, pid: pid, status: ws})
+	}
+}
+
+func (a *Agent) startGen(st *runState, cfg *config.Loaded) {
+	n := st.next
+	st.next++
+	g, err := a.spawn(n, cfg)
+	if err != nil {
+		a.log.Error("starting generation failed", "generation", n, "err", err)
+		a.failReload(st, fmt.Errorf("generation %d: %w", n, err))
+		a.scheduleRestart(st)
+		return
+	}
+	st.gens[g.pid] = g
+	st.starting = g
+}
+
+func (a *Agent) reload(st *runState, ev event) {
+	if st.shutdown || st.drained {
+		reply(ev.reply, ReloadResult{Error: "agent is draining"})
+		return
+	}
+	if st.starting != nil || len(st.gens) >= 2 {
+		// At most two generations: coalesce into one pending reload.
+		st.pending = true
+		if ev.reply != nil {
+			st.pwaiters = append(st.pwaiters, ev.reply)
+		}
+		return
+	}
+	cfg, err := a.loadConfig()
+	if err != nil {
+		a.log.Error("reload rejected: invalid configuration; the current generation keeps serving", "reason", ev.reason, "err", err)
+		a.failReload(st, err)
+		reply(ev.reply, ReloadResult{Error: err.Error()})
+		return
+	}
+	if ev.reason == "watch" && st.active != nil && cfg.Hash == st.active.cfg.Hash {
+		reply(ev.reply, ReloadResult{Generation: st.active.n, Skipped: true})
+		return
+	}
+	a.log.Info("hot restart", "reason", ev.reason, "configHash", cfg.Hash)
+	a.startGen(st, cfg)
+	if ev.reply != nil {
+		st.waiters = append(st.waiters, ev.reply)
+	}
+}
+
+func reply(ch chan ReloadResult, r ReloadResult) {
+	if ch != nil {
+		ch <- r
+	}
+}
+
+func (a *Agent) failReload(st *runState, err error) {
+	a.reloadFail.Inc()
+	a.region.SetNote(err.Error())
+	a.mu.Lock()
+	a.info.LastReloadError = err.Error()
+	a.mu.Unlock()
+	for _, w := range st.waiters {
+		reply(w, ReloadResult{Error: err.Error()})
+	}
+	st.waiters = nil
+}
+
+func (a *Agent) onReady(st *runState, g *generation) {
+	if g != st.starting {
+		return
+	}
+	st.starting = nil
+	if st.shutdown || st.drained {
+		_ = g.proc.Signal(syscall.SIGUSR1)
+		return
+	}
+	g.state = "ACTIVE"
+	g.readyAt = time.Now()
+	old := st.active
+	st.active = g
+	st.cfg = g.cfg
+	took := g.readyAt.Sub(g.started)
+	if old != nil {
+		old.state = "DRAINING"
+		_ = old.proc.Signal(syscall.SIGTERM)
+		a.reloadOK.Inc()
+	}
+	a.region.SetNote("")
+	a.mu.Lock()
+	a.info.LastReloadError = ""
+	a.info.LastReloadSeconds = took.Seconds()
+	a.mu.Unlock()
+	a.log.Info("generation ready", "generation", g.n, "pid", g.pid, "startup", took, "previous", genNum(old))
+	for _, w := range st.waiters {
+		reply(w, ReloadResult{Generation: g.n})
+	}
+	st.waiters = nil
+	a.maybePending(st)
+}
+
+func genNum(g *generation) int {
+	if g == nil {
+		return 0
+	}
+	return g.n
+}
+
+func (a *Agent) onFailed(st *runState, g *generation, err error) {
+	if g != st.starting {
+		return
+	}
+	st.starting = nil
+	g.state = "FAILED"
+	_ = g.proc.Signal(syscall.SIGKILL)
+	err = fmt.Errorf("generation %d failed to start: %w", g.n, err)
+	if st.active != nil {
+		a.log.Error("hot restart failed; the current generation keeps serving", "generation", g.n, "active", st.active.n, "err", err)
+	} else {
+		a.log.Error("generation failed to start", "generation", g.n, "err", err)
+	}
+	a.failReload(st, err)
+	if st.active == nil {
+		a.scheduleRestart(st)
+	}
+	// pending reloads are retried when the failed process has been reaped
+}
+
+func (a *Agent) onExit(st *runState, pid int, ws unix.WaitStatus) {
+	g, ok := st.gens[pid]
+	if !ok {
+		a.log.Debug("reaped orphan", "pid", pid, "status", ws)
+		return
+	}
+	delete(st.gens, pid)
+	_ = g.proc.Release()
+	how := exitString(ws)
+	switch {
+	case g == st.active:
+		st.active = nil
+		if st.shutdown || st.drained {
+			a.log.Info("generation exited", "generation", g.n, "status", how)
+			break
+		}
+		a.crashes.Inc()
+		a.log.Error("generation died; restarting", "generation", g.n, "status", how, "after", time.Since(g.started))
+		if time.Since(g.readyAt) > 10*time.Second {
+			st.backoff = 0
+		}
+		a.scheduleRestart(st)
+	case g == st.starting:
+		a.onFailed(st, g, fmt.Errorf("exited (%s)", how))
+	default:
+		a.log.Info("generation exited", "generation", g.n, "state", g.state, "status", how)
+	}
+	a.maybePending(st)
+}
+
+func exitString(ws unix.WaitStatus) string {
+	if ws.Signaled() {
+		return "killed by " + ws.Signal().String()
+	}
+	return fmt.Sprintf("exit code %d", ws.ExitStatus())
+}
+
+func (a *Agent) maybePending(st *runState) {
+	if !st.pending || st.starting != nil || len(st.gens) >= 2 || st.active == nil {
+		return
+	}
+	st.pending = false
+	ws := st.pwaiters
+	st.pwaiters = nil
+	a.reload(st, event{kind: evReload, reason: "pending"})
+	st.waiters = append(st.waiters, ws...)
+	if st.starting == nil { // reload failed or skipped synchronously
+		for _, w := range ws {
+			reply(w, ReloadResult{Error: a.lastError()})
+		}
+		st.waiters = nil
+	}
+}
+
+func (a *Agent) lastError() string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.info.LastReloadError
+}
+
+// scheduleRestart starts a new generation after the backoff: at once the
+// first time, then doubling from 200ms to 10s.
+func (a *Agent) scheduleRestart(st *runState) {
+	if st.shutdown || st.drained {
+		return
+	}
+	d := st.backoff
+	st.backoff = min(max(2*st.backoff, 200*time.Millisecond), 10*time.Second)
+	a.log.Info("restarting generation", "in", d)
+	time.AfterFunc(d, func() { a.post(event{kind: evRestart}) })
+}
+
+func (a *Agent) beginShutdown(st *runState) {
+	st.shutdown = true
+	a.setState("DRAINING")
+	a.log.Info("SIGTERM: draining", "deadline", a.o.DrainDuration)
+	// New inbound connections are refused from now on instead of waiting
+	// in a backlog nobody will serve.
+	var keep []sock
+	for _, s := range a.socks {
+		if s.name == fdInbound {
+			s.file.Close()
+			continue
+		}
+		keep = append(keep, s)
+	}
+	a.socks = keep
+	for _, g := range st.gens {
+		if g == st.active {
+			_ = g.proc.Signal(syscall.SIGUSR1)
+		} else if g.state == "STARTING" {
+			_ = g.proc.Signal(syscall.SIGKILL)
+		}
+	}
+}
+
+func (a *Agent) killAll(st *runState) {
+	for _, g := range st.gens {
+		_ = g.proc.Signal(syscall.SIGKILL)
+	}
+}
+
+func (a *Agent) setState(s string) {
+	a.mu.Lock()
+	a.info.State = s
+	a.mu.Unlock()
+}
+
+// publish copies the loop's view into the /server_info document.
+func (a *Agent) publish(st *runState) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.info.Generations = a.info.Generations[:0]
+	for _, g := range st.gens {
+		a.info.Generations = append(a.info.Generations, GenInfo{Generation: g.n, PID: g.pid, State: g.state, ConfigHash: g.cfg.Hash})
+	}
+	a.info.ActiveGeneration = genNum(st.active)
+	a.info.Ready = st.active != nil && !st.shutdown && !st.drained
+	if st.active != nil {
+		a.info.ConfigHash = st.active.cfg.Hash
+	}
+	if a.info.Ready {
+		a.info.State = "LIVE"
+	} else if st.shutdown || st.drained {
+		a.info.State = "DRAINING"
+	} else {
+		a.info.State = "STARTING"
+	}
+	a.info.Restarts = a.crashes.Value()
+}
+
+// watch posts a reload when the config file changes. The directory is
+// watched, so ConfigMap volume updates (a symlink swap) are seen.
+func (a *Agent) watch() (func(), error) {
+	w, err := fsnotify.NewWatcher()
+	if err != nil {
+		return nil, fmt.Errorf("watching %s: %w", a.o.ConfigPath, err)
+	}
+	if err := w.Add(a.configDir()); err != nil {
+		w.Close()
+		return nil, fmt.Errorf("watching %s: %w", a.configDir(), err)
+	}
+	go func() {
+		var debounce *time.Timer
+		for {
+			select {
+			case ev, ok := <-w.Events:
+				if !ok {
+					return
+				}
+				if ev.Op == fsnotify.Chmod {
+					continue
+				}
+				// Debounce: editors and kubelet write in several steps.
+				if debounce != nil {
+					debounce.Stop()
+				}
+				debounce = time.AfterFunc(100*time.Millisecond, func() {
+					a.post(event{kind: evReload, reason: "watch"})
+				})
+			case err, ok := <-w.Errors:
+				if !ok {
+					return
+				}
+				a.log.Warn("config watch error", "err", err)
+			}
+		}
+	}()
+	return func() { w.Close() }, nil
+}

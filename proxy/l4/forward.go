@@ -1,0 +1,262 @@
+package l4
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/meshlet/meshlet/proxy/stats"
+)
+
+// DirectionOptions are the L4 settings of one direction.
+type DirectionOptions struct {
+	// ConnectTimeout bounds the dial to the original destination; 0: 10s.
+	ConnectTimeout time.Duration
+	// IdleTimeout closes a connection quiet in both directions this long;
+	// 0 disables it.
+	IdleTimeout time.Duration
+	// SourceIPv4 and SourceIPv6, when valid, are bound as the source of the
+	// upstream connection (inbound: 127.0.0.6 and ::6).
+	SourceIPv4, SourceIPv6 netip.Addr
+}
+
+// Metrics are the counters of one direction.
+type Metrics struct {
+	Connections   *stats.Counter
+	BytesReceived *stats.Counter // from the downstream client
+	BytesSent     *stats.Counter // to the downstream client
+	ConnectErrors *stats.Counter
+	IdleTimeouts  *stats.Counter
+	DrainCloses   *stats.Counter
+	Resets        *stats.Counter
+	Active        atomic.Int64 // this generation only
+}
+
+// NewMetrics registers the counters of direction d in r.
+func NewMetrics(r *stats.Region, d Direction) *Metrics {
+	l := fmt.Sprintf("{direction=%q}", d)
+	return &Metrics{
+		Connections:   r.Counter("meshlet_proxy_connections_total" + l),
+		BytesReceived: r.Counter("meshlet_proxy_received_bytes_total" + l),
+		BytesSent:     r.Counter("meshlet_proxy_sent_bytes_total" + l),
+		ConnectErrors: r.Counter(fmt.Sprintf("meshlet_proxy_errors_total{direction=%q,kind=\"connect\"}", d)),
+		IdleTimeouts:  r.Counter(fmt.Sprintf("meshlet_proxy_errors_total{direction=%q,kind=\"idle_timeout\"}", d)),
+		Resets:        r.Counter(fmt.Sprintf("meshlet_proxy_errors_total{direction=%q,kind=\"reset\"}", d)),
+		DrainCloses:   r.Counter("meshlet_proxy_drain_closed_connections_total" + l),
+	}
+}
+
+// Forwarder is the L4 passthrough handler: it connects to the original
+// destination and copies bytes both ways with half-close.
+type Forwarder struct {
+	Options [2]DirectionOptions // indexed by Direction
+	Metrics [2]*Metrics
+	Log     *slog.Logger
+	// QuietPeriod is how long both directions must be silent before a
+	// draining connection is closed; 0: 20ms.
+	QuietPeriod time.Duration
+}
+
+var _ Handler = (*Forwarder)(nil)
+
+// ServeConn forwards c to its original destination.
+func (f *Forwarder) ServeConn(ctx context.Context, c *Conn) {
+	_ = f.Forward(ctx, c, nil)
+}
+
+// Forward connects to c.OrigDst, writes prefix (bytes a sniffing handler
+// already read from the client) and then relays until both directions are
+// done, the connection idles out, the generation drains and the connection
+// goes quiet, or ctx is cancelled. The client is closed on return.
+func (f *Forwarder) Forward(ctx context.Context, c *Conn, prefix []byte) error {
+	opts := f.Options[c.Direction]
+	m := f.Metrics[c.Direction]
+	defer c.Client.Close()
+	up, err := f.dial(ctx, opts, c.OrigDst)
+	if err != nil {
+		m.ConnectErrors.Inc()
+		f.Log.Debug("connect to original destination failed", "direction", c.Direction, "dst", c.OrigDst, "err", err)
+		// Reset the client, as the destination refusing would have.
+		_ = c.Client.SetLinger(0)
+		return err
+	}
+	defer up.Close()
+	if len(prefix) > 0 {
+		if _, err := up.Write(prefix); err != nil {
+			return fmt.Errorf("writing sniffed prefix to %s: %w", c.OrigDst, err)
+		}
+		m.BytesReceived.Add(uint64(len(prefix)))
+	}
+	return f.relay(ctx, c, up, opts, m)
+}
+
+func (f *Forwarder) dial(ctx context.Context, opts DirectionOptions, dst netip.AddrPort) (*net.TCPConn, error) {
+	d := net.Dialer{Timeout: opts.ConnectTimeout}
+	if d.Timeout == 0 {
+		d.Timeout = 10 * time.Second
+	}
+	src := opts.SourceIPv4
+	if dst.Addr().Is6() && !dst.Addr().Is4In6() {
+		src = opts.SourceIPv6
+	}
+	if src.IsValid() {
+		d.LocalAddr = &net.TCPAddr{IP: src.AsSlice()}
+	}
+	nc, err := d.DialContext(ctx, "tcp", dst.String())
+	if err != nil {
+		return nil, err
+	}
+	return nc.(*net.TCPConn), nil
+}
+
+// relay copies both ways. Each direction is an io.Copy between two
+// *net.TCPConn, which the runtime turns into splice(2); at EOF the write
+// side of the other connection is shut down (half-close), so protocols that
+// half-close work end to end.
+func (f *Forwarder) relay(ctx context.Context, c *Conn, up *net.TCPConn, opts DirectionOptions, m *Metrics) error {
+	client := c.Client
+	done := make(chan error, 2)
+	go func() {
+		n, err := io.Copy(up, client)
+		m.BytesReceived.Add(uint64(n))
+		if err == nil {
+			_ = up.CloseWrite()
+		}
+		done <- err
+	}()
+	go func() {
+		n, err := io.Copy(client, up)
+		m.BytesSent.Add(uint64(n))
+		if err == nil {
+			_ = client.CloseWrite()
+		}
+		done <- err
+	}()
+
+	closeBoth := func(reset bool) {
+		if reset {
+			_ = client.SetLinger(0)
+			_ = up.SetLinger(0)
+		}
+		_ = client.Close()
+		_ = up.Close()
+	}
+
+	var idleTick <-chan time.Time
+	if opts.IdleTimeout > 0 {
+		t := time.NewTicker(max(opts.IdleTimeout/4, 50*time.Millisecond))
+		defer t.Stop()
+		idleTick = t.C
+	}
+	draining := c.draining
+	var drainTick <-chan time.Time
+	quiet := f.QuietPeriod
+	if quiet == 0 {
+		quiet = 20 * time.Millisecond
+	}
+	var firstErr error
+	for pending := 2; pending > 0; {
+		select {
+		case err := <-done:
+			pending--
+			if err != nil && !errors.Is(err, net.ErrClosed) {
+				if firstErr == nil {
+					firstErr = err
+				}
+				// One side failed (reset): pass the reset on and stop.
+				if errors.Is(err, syscall.ECONNRESET) {
+					m.Resets.Inc()
+					closeBoth(true)
+				} else {
+					closeBoth(false)
+				}
+			}
+		case <-ctx.Done():
+			closeBoth(false)
+			ctx = context.Background()
+		case <-idleTick:
+			if idleFor(client, up) >= opts.IdleTimeout {
+				m.IdleTimeouts.Inc()
+				closeBoth(false)
+				idleTick = nil
+			}
+		case <-draining:
+			draining = nil
+			t := time.NewTicker(quiet / 2)
+			defer t.Stop()
+			drainTick = t.C
+		case <-drainTick:
+			if quiescent(client, up, quiet) {
+				m.DrainCloses.Inc()
+				closeBoth(false)
+				drainTick = nil
+			}
+		}
+	}
+	return firstErr
+}
+
+// tcpInfo reads TCP_INFO and the receive queue length of c.
+func tcpInfo(c *net.TCPConn) (*unix.TCPInfo, int, bool) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return nil, 0, false
+	}
+	var info *unix.TCPInfo
+	var inq int
+	var ierr error
+	if err := rc.Control(func(fd uintptr) {
+		info, ierr = unix.GetsockoptTCPInfo(int(fd), unix.SOL_TCP, unix.TCP_INFO)
+		if ierr == nil {
+			inq, ierr = unix.IoctlGetInt(int(fd), unix.SIOCINQ)
+		}
+	}); err != nil || ierr != nil {
+		return nil, 0, false
+	}
+	return info, inq, true
+}
+
+// idleFor returns how long both connections have carried no data either way.
+func idleFor(a, b *net.TCPConn) time.Duration {
+	ia, _, ok1 := tcpInfo(a)
+	ib, _, ok2 := tcpInfo(b)
+	if !ok1 || !ok2 {
+		return 0
+	}
+	ms := min(ia.Last_data_recv, ia.Last_data_sent, ib.Last_data_recv, ib.Last_data_sent)
+	return time.Duration(ms) * time.Millisecond
+}
+
+// quiescent reports whether a connection can be closed during a drain
+// without cutting an exchange: nothing queued in either socket, the server
+// (upstream) spoke after the client did — for request/response protocols
+// such as HTTP/1.1 keep-alive, no request is outstanding — and both sides
+// have been silent for at least quiet.
+func quiescent(client, up *net.TCPConn, quiet time.Duration) bool {
+	ic, inqC, ok1 := tcpInfo(client)
+	iu, inqU, ok2 := tcpInfo(up)
+	if !ok1 || !ok2 {
+		return true // already closed
+	}
+	if inqC != 0 || inqU != 0 || ic.Notsent_bytes != 0 || iu.Notsent_bytes != 0 || ic.Unacked != 0 || iu.Unacked != 0 {
+		return false
+	}
+	q := uint32(quiet / time.Millisecond)
+	if ic.Last_data_recv < q || iu.Last_data_recv < q {
+		return false
+	}
+	// Smaller "last received" = more recent. The upstream must have spoken
+	// after the client's last bytes (TCP_INFO has millisecond resolution, so
+	// a tie counts as after: a response on loopback often comes in the same
+	// millisecond as its request).
+	return iu.Last_data_recv <= ic.Last_data_recv
+}

@@ -1,0 +1,484 @@
+// Package server is one proxy generation: it serves the capture listeners
+// (15001 outbound, 15006 inbound), the health endpoint (15021), Prometheus
+// (15090) and the admin endpoint (15000, 127.0.0.1 only) on listening sockets
+// it is given — inherited from the agent, which owns them for the life of
+// the pod — and drains on request.
+//
+// Each accepted capture connection gets its original destination (package
+// origdst) and is handed to the Handler the Options.Chooser picks (package
+// l4 documents the seam; the default is the L4 passthrough). Draining closes
+// only this process's copies of the listening sockets (close(2), never
+// shutdown(2), so connections queued in the shared backlog wait for the next
+// generation), tells every connection through l4.Conn.Draining, and returns
+// when no connection is left or at the drain deadline.
+package server
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/l4"
+	"github.com/meshlet/meshlet/proxy/origdst"
+	"github.com/meshlet/meshlet/proxy/stats"
+)
+
+// Listeners are the sockets a generation serves. Any may be nil/empty.
+type Listeners struct {
+	Outbound   []*net.TCPListener
+	Inbound    []*net.TCPListener
+	Health     *net.TCPListener
+	Prometheus *net.TCPListener
+	Admin      *net.TCPListener
+}
+
+// DrainMode selects how a generation drains.
+type DrainMode int
+
+const (
+	// HotRestart: a newer generation serves every listener; stop accepting
+	// on all of them and finish in-flight work.
+	HotRestart DrainMode = iota
+	// Shutdown: the pod is terminating; fail readiness, stop accepting
+	// inbound, drain inbound connections, keep outbound working until the
+	// deadline or until no connection is left.
+	Shutdown
+)
+
+func (m DrainMode) String() string {
+	if m == Shutdown {
+		return "shutdown"
+	}
+	return "hot-restart"
+}
+
+// Options configure a generation. Zero values mean the documented default.
+type Options struct {
+	// Config is the loaded, validated configuration. Required.
+	Config *config.Loaded
+	// Listeners to serve.
+	Listeners Listeners
+	// Stats is the counter region (shared with other generations); nil:
+	// a private one.
+	Stats *stats.Region
+	// Generation is this generation's number (1 for the first).
+	Generation int
+	// DrainDuration is the drain deadline; 0: 5s.
+	DrainDuration time.Duration
+	// Chooser picks a connection's handler; nil or a nil result: L4.
+	Chooser l4.Chooser
+	// OrigDst finds a connection's original destination; nil: origdst.Get.
+	OrigDst func(*net.TCPConn) (netip.AddrPort, error)
+	// Version is reported in /server_info.
+	Version string
+	// Log receives the generation's logs; nil: discard.
+	Log *slog.Logger
+}
+
+// Server is a running generation.
+type Server struct {
+	o       Options
+	log     *slog.Logger
+	fwd     *l4.Forwarder
+	metrics [2]*l4.Metrics
+	limits  [2]int
+	started time.Time
+
+	errOrigDst  *stats.Counter
+	errOverflow [2]*stats.Counter
+	errAccept   *stats.Counter
+
+	ctx      context.Context // cancelled at the drain deadline
+	cancel   context.CancelFunc
+	drainIn  chan struct{}
+	drainOut chan struct{}
+	draining atomic.Int32 // 0: serving, 1+DrainMode: draining
+	drainMu  sync.Mutex
+	closed   chan struct{} // closed when Wait may return
+
+	conns    sync.WaitGroup
+	inflight atomic.Int64 // accepted and not yet finished, both directions
+	accepts  sync.WaitGroup
+	https    []*http.Server
+}
+
+// New prepares a generation; nothing is served until Start.
+func New(o Options) (*Server, error) {
+	if o.Config == nil {
+		return nil, errors.New("server: Options.Config is required")
+	}
+	if o.Stats == nil {
+		o.Stats = stats.NewPrivate()
+	}
+	if o.DrainDuration == 0 {
+		o.DrainDuration = 5 * time.Second
+	}
+	if o.OrigDst == nil {
+		o.OrigDst = origdst.Get
+	}
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	s := &Server{o: o, log: o.Log, started: time.Now(), drainIn: make(chan struct{}), drainOut: make(chan struct{}), closed: make(chan struct{})}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	r := o.Stats
+	c := o.Config.Config
+	s.metrics = [2]*l4.Metrics{l4.NewMetrics(r, l4.Inbound), l4.NewMetrics(r, l4.Outbound)}
+	s.limits = [2]int{c.Inbound.MaxConnections, c.Outbound.MaxConnections}
+	s.errOrigDst = r.Counter(`meshlet_proxy_errors_total{direction="any",kind="original_destination"}`)
+	s.errAccept = r.Counter(`meshlet_proxy_errors_total{direction="any",kind="accept"}`)
+	for _, d := range []l4.Direction{l4.Inbound, l4.Outbound} {
+		s.errOverflow[d] = r.Counter(fmt.Sprintf("meshlet_proxy_errors_total{direction=%q,kind=\"overflow\"}", d))
+	}
+	r.Counter(`meshlet_proxy_generations_started_total`).Inc()
+	s.fwd = &l4.Forwarder{
+		Options: [2]l4.DirectionOptions{
+			l4.Inbound: {
+				ConnectTimeout: c.Inbound.ConnectTimeout.Duration,
+				IdleTimeout:    c.Inbound.IdleTimeout.Duration,
+				SourceIPv4:     c.SourceIPv4(),
+				SourceIPv6:     c.SourceIPv6(),
+			},
+			l4.Outbound: {
+				ConnectTimeout: c.Outbound.ConnectTimeout.Duration,
+				IdleTimeout:    c.Outbound.IdleTimeout.Duration,
+			},
+		},
+		Metrics: s.metrics,
+		Log:     o.Log,
+	}
+	return s, nil
+}
+
+// Forwarder returns the generation's L4 passthrough handler, for Choosers
+// that fall back to it.
+func (s *Server) Forwarder() *l4.Forwarder { return s.fwd }
+
+// Start begins serving every listener.
+func (s *Server) Start() {
+	for _, ln := range s.o.Listeners.Inbound {
+		s.acceptLoop(ln, l4.Inbound)
+	}
+	for _, ln := range s.o.Listeners.Outbound {
+		s.acceptLoop(ln, l4.Outbound)
+	}
+	s.serveHTTP(s.o.Listeners.Health, s.healthMux())
+	s.serveHTTP(s.o.Listeners.Prometheus, s.promMux())
+	s.serveHTTP(s.o.Listeners.Admin, s.adminMux())
+	s.log.Info("generation serving", "configHash", s.o.Config.Hash)
+}
+
+func (s *Server) serveHTTP(ln *net.TCPListener, h http.Handler) {
+	if ln == nil {
+		return
+	}
+	hs := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 30 * time.Second, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
+	s.https = append(s.https, hs)
+	go func() { _ = hs.Serve(ln) }()
+}
+
+func (s *Server) acceptLoop(ln *net.TCPListener, dir l4.Direction) {
+	s.accepts.Add(1)
+	go func() {
+		defer s.accepts.Done()
+		backoff := time.Duration(0)
+		for {
+			c, err := ln.AcceptTCP()
+			if err != nil {
+				if errors.Is(err, net.ErrClosed) {
+					return
+				}
+				// Out of file descriptors or memory: wait and retry
+				// rather than spin; queued connections stay in the
+				// backlog.
+				s.errAccept.Inc()
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				s.log.Warn("accept failed", "direction", dir, "err", err, "retryIn", backoff)
+				time.Sleep(backoff)
+				continue
+			}
+			backoff = 0
+			s.conns.Add(1)
+			s.inflight.Add(1)
+			go s.handle(c, dir)
+		}
+	}()
+}
+
+func (s *Server) handle(c *net.TCPConn, dir l4.Direction) {
+	defer s.conns.Done()
+	defer s.inflight.Add(-1)
+	m := s.metrics[dir]
+	m.Connections.Inc()
+	active := m.Active.Add(1)
+	defer m.Active.Add(-1)
+	if lim := s.limits[dir]; lim > 0 && active > int64(lim) {
+		s.errOverflow[dir].Inc()
+		_ = c.SetLinger(0)
+		_ = c.Close()
+		return
+	}
+	defer c.Close()
+	dst, err := s.o.OrigDst(c)
+	if err == nil && isSelf(c, dst) {
+		err = fmt.Errorf("original destination %s is the proxy listener itself", dst)
+	}
+	if err != nil {
+		s.errOrigDst.Inc()
+		s.log.Debug("no usable original destination", "direction", dir, "remote", c.RemoteAddr(), "err", err)
+		_ = c.SetLinger(0)
+		return
+	}
+	drain := s.drainIn
+	if dir == l4.Outbound {
+		drain = s.drainOut
+	}
+	conn := l4.NewConn(c, dir, dst, drain)
+	var h l4.Handler
+	if s.o.Chooser != nil {
+		h = s.o.Chooser(conn)
+	}
+	if h == nil {
+		h = s.fwd
+	}
+	h.ServeConn(s.ctx, conn)
+}
+
+func isSelf(c *net.TCPConn, dst netip.AddrPort) bool {
+	la, ok := c.LocalAddr().(*net.TCPAddr)
+	if !ok {
+		return false
+	}
+	return la.AddrPort().Port() == dst.Port() && la.AddrPort().Addr().Unmap() == dst.Addr().Unmap()
+}
+
+// Draining reports whether Drain was called.
+func (s *Server) Draining() bool { return s.draining.Load() != 0 }
+
+// Active returns the number of open connections by direction.
+func (s *Server) Active() (inbound, outbound int64) {
+	return s.metrics[l4.Inbound].Active.Load(), s.metrics[l4.Outbound].Active.Load()
+}
+
+// Drain starts draining in mode m; a second call may only widen a Shutdown
+// drain into a HotRestart one. Wait returns when the drain is complete.
+func (s *Server) Drain(m DrainMode) {
+	s.drainMu.Lock()
+	defer s.drainMu.Unlock()
+	prev := s.draining.Load()
+	if prev == int32(1+HotRestart) || prev == int32(1+m) {
+		return
+	}
+	s.draining.Store(int32(1 + m))
+	s.log.Info("generation draining", "mode", m, "deadline", s.o.DrainDuration)
+	closeAll := func(lns []*net.TCPListener) {
+		for _, ln := range lns {
+			_ = ln.Close() // our copy only: close(2), never shutdown(2)
+		}
+	}
+	if prev == 0 {
+		closeAll(s.o.Listeners.Inbound)
+		close(s.drainIn)
+	}
+	if m == HotRestart {
+		closeAll(s.o.Listeners.Outbound)
+		close(s.drainOut)
+		for _, hs := range s.https {
+			hs.SetKeepAlivesEnabled(false)
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			go func() { defer cancel(); _ = hs.Shutdown(ctx) }()
+		}
+	}
+	if prev == 0 {
+		go s.finish()
+	}
+}
+
+// finish waits for the connections to end or the deadline, then releases
+// Wait. In a hot-restart drain nothing new arrives, so zero connections is
+// final; in a shutdown drain outbound still accepts, so zero must hold for a
+// quiet second (or half the deadline, if shorter) before the generation
+// goes.
+func (s *Server) finish() {
+	deadline := time.NewTimer(s.o.DrainDuration)
+	defer deadline.Stop()
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	quiet := min(time.Second, s.o.DrainDuration/2)
+	var zeroSince time.Time
+	for {
+		if s.inflight.Load() == 0 {
+			if zeroSince.IsZero() {
+				zeroSince = time.Now()
+			}
+			if s.draining.Load() == int32(1+HotRestart) || time.Since(zeroSince) >= quiet {
+				break
+			}
+		} else {
+			zeroSince = time.Time{}
+		}
+		in, out := s.Active()
+		select {
+		case <-deadline.C:
+			s.log.Info("drain deadline reached; closing connections", "inbound", in, "outbound", out)
+			s.cancel()
+			waitTimeout(&s.conns, time.Second)
+			close(s.closed)
+			return
+		case <-tick.C:
+		}
+	}
+	s.cancel()
+	close(s.closed)
+}
+
+func waitTimeout(wg *sync.WaitGroup, d time.Duration) {
+	ch := make(chan struct{})
+	go func() { wg.Wait(); close(ch) }()
+	select {
+	case <-ch:
+	case <-time.After(d):
+	}
+}
+
+// Wait blocks until a drain has completed.
+func (s *Server) Wait() { <-s.closed }
+
+// Close stops everything at once.
+func (s *Server) Close() {
+	s.Drain(HotRestart)
+	s.cancel()
+}
+
+func (s *Server) state() string {
+	switch s.draining.Load() {
+	case 0:
+		return "LIVE"
+	default:
+		return "DRAINING"
+	}
+}
+
+func (s *Server) healthMux() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz/ready", func(w http.ResponseWriter, _ *http.Request) {
+		if s.Draining() {
+			http.Error(w, "draining", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
+	return mux
+}
+
+func (s *Server) promMux() http.Handler {
+	mux := http.NewServeMux()
+	h := func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+		_ = s.WritePrometheus(w)
+	}
+	mux.HandleFunc("/stats/prometheus", h)
+	mux.HandleFunc("/metrics", h)
+	return mux
+}
+
+// WritePrometheus writes the shared counters and this generation's gauges.
+func (s *Server) WritePrometheus(w interface{ Write([]byte) (int, error) }) error {
+	if err := s.o.Stats.WritePrometheus(w); err != nil {
+		return err
+	}
+	in, out := s.Active()
+	draining := 0
+	if s.Draining() {
+		draining = 1
+	}
+	_, err := fmt.Fprintf(w, `# TYPE meshlet_proxy_active_connections gauge
+meshlet_proxy_active_connections{direction="inbound"} %d
+meshlet_proxy_active_connections{direction="outbound"} %d
+# TYPE meshlet_proxy_generation gauge
+meshlet_proxy_generation %d
+# TYPE meshlet_proxy_draining gauge
+meshlet_proxy_draining %d
+# TYPE meshlet_proxy_uptime_seconds gauge
+meshlet_proxy_uptime_seconds %.3f
+`, in, out, s.o.Generation, draining, time.Since(s.started).Seconds())
+	return err
+}
+
+// ServerInfo is the /server_info document.
+type ServerInfo struct {
+	Version       string  `json:"version"`
+	State         string  `json:"state"`
+	Generation    int     `json:"generation"`
+	PID           int     `json:"pid"`
+	StartTime     string  `json:"startTime"`
+	UptimeSeconds float64 `json:"uptimeSeconds"`
+	ConfigHash    string  `json:"configHash"`
+	// LastReloadError is the agent's report of the last failed reload
+	// (empty when the last reload succeeded).
+	LastReloadError   string `json:"lastReloadError,omitempty"`
+	ActiveConnections struct {
+		Inbound  int64 `json:"inbound"`
+		Outbound int64 `json:"outbound"`
+	} `json:"activeConnections"`
+}
+
+// Info returns the current /server_info document.
+func (s *Server) Info() ServerInfo {
+	si := ServerInfo{
+		Version:         s.o.Version,
+		State:           s.state(),
+		Generation:      s.o.Generation,
+		PID:             os.Getpid(),
+		StartTime:       s.started.UTC().Format(time.RFC3339Nano),
+		UptimeSeconds:   time.Since(s.started).Seconds(),
+		ConfigHash:      s.o.Config.Hash,
+		LastReloadError: s.o.Stats.Note(),
+	}
+	si.ActiveConnections.Inbound, si.ActiveConnections.Outbound = s.Active()
+	return si
+}
+
+func (s *Server) adminMux() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/server_info", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		_ = enc.Encode(s.Info())
+	})
+	mux.HandleFunc("/ready", func(w http.ResponseWriter, _ *http.Request) {
+		if s.Draining() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+		fmt.Fprintln(w, s.state())
+	})
+	mux.HandleFunc("/stats", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		s.o.Stats.Each(func(name string, v uint64) { fmt.Fprintf(w, "%s: %d\n", name, v) })
+		in, out := s.Active()
+		fmt.Fprintf(w, "meshlet_proxy_active_connections{direction=\"inbound\"}: %d\nmeshlet_proxy_active_connections{direction=\"outbound\"}: %d\n", in, out)
+	})
+	mux.HandleFunc("/config_dump", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		_ = enc.Encode(struct {
+			Generation int           `json:"generation"`
+			ConfigHash string        `json:"configHash"`
+			Effective  config.Config `json:"effective"`
+			Raw        string        `json:"raw"`
+		}{s.o.Generation, s.o.Config.Hash, s.o.Config.Config, string(s.o.Config.Raw)})
+	})
+	return mux
+}

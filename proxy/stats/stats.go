@@ -1,0 +1,254 @@
+// Package stats holds the proxy's counters in a shared memory region that
+// the agent creates once (a memfd) and hands to every proxy generation. All
+// generations add into the same counters, so totals survive hot restarts
+// and crashes and a Prometheus rate() never sees a reset — the job Envoy's
+// hot-restart channel does for its stats.
+//
+// The region is a small header (a note the agent writes for /server_info,
+// e.g. the last reload failure) followed by fixed-size slots; a slot holds a
+// counter's full Prometheus name (with labels) and its value. Slots are
+// claimed with compare-and-swap, so generations running at the same time may
+// register the same name concurrently.
+package stats
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+const (
+	headerSize = 4096
+	slotSize   = 128
+	nameMax    = slotSize - 16
+	// Slots is the number of counters a region holds.
+	Slots = 1024
+	// Size is the byte size of a region.
+	Size    = headerSize + Slots*slotSize
+	noteMax = 2048
+	magic   = 0x6d6573686c657431 // "meshlet1"
+
+	offMagic   = 0
+	offNoteSeq = 8
+	offNoteLen = 16
+	offNote    = 64
+
+	slotFree     = 0
+	slotClaiming = 1
+	slotReady    = 2
+)
+
+// Region is a mapped counter region.
+type Region struct {
+	mem []byte
+	mu  sync.Mutex
+	// cache maps names to counters already looked up by this process.
+	cache map[string]*Counter
+}
+
+// Counter is a monotonically increasing value in a Region.
+type Counter struct{ v *uint64 }
+
+// Add adds n.
+func (c *Counter) Add(n uint64) { atomic.AddUint64(c.v, n) }
+
+// Inc adds one.
+func (c *Counter) Inc() { atomic.AddUint64(c.v, 1) }
+
+// Value returns the current value.
+func (c *Counter) Value() uint64 { return atomic.LoadUint64(c.v) }
+
+// Create makes a new region backed by a memfd, returning the region and the
+// file to pass to child processes.
+func Create() (*Region, *os.File, error) {
+	fd, err := unix.MemfdCreate("meshlet-stats", 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("memfd_create: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), "meshlet-stats")
+	if err := f.Truncate(Size); err != nil {
+		f.Close()
+		return nil, nil, fmt.Errorf("sizing stats region: %w", err)
+	}
+	r, err := Open(f)
+	if err != nil {
+		f.Close()
+		return nil, nil, err
+	}
+	atomic.StoreUint64(r.u64(offMagic), magic)
+	return r, f, nil
+}
+
+// Open maps the region in f (created by Create, possibly in another process).
+func Open(f *os.File) (*Region, error) {
+	mem, err := unix.Mmap(int(f.Fd()), 0, Size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("mapping stats region: %w", err)
+	}
+	r := &Region{mem: mem, cache: map[string]*Counter{}}
+	if m := atomic.LoadUint64(r.u64(offMagic)); m != 0 && m != magic {
+		_ = unix.Munmap(mem)
+		return nil, errors.New("stats region: bad magic")
+	}
+	atomic.StoreUint64(r.u64(offMagic), magic)
+	return r, nil
+}
+
+// NewPrivate returns a region in private memory, for a proxy run alone.
+func NewPrivate() *Region {
+	mem, err := unix.Mmap(-1, 0, Size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+	if err != nil {
+		panic(fmt.Sprintf("mmap anonymous stats region: %v", err))
+	}
+	r := &Region{mem: mem, cache: map[string]*Counter{}}
+	atomic.StoreUint64(r.u64(offMagic), magic)
+	return r
+}
+
+func (r *Region) u64(off int) *uint64 { return (*uint64)(unsafe.Pointer(&r.mem[off])) }
+
+func (r *Region) slot(i int) int { return headerSize + i*slotSize }
+
+func (r *Region) name(off int) string {
+	b := r.mem[off+16 : off+slotSize]
+	if i := indexZero(b); i >= 0 {
+		b = b[:i]
+	}
+	return string(b)
+}
+
+func indexZero(b []byte) int {
+	for i, c := range b {
+		if c == 0 {
+			return i
+		}
+	}
+	return -1
+}
+
+// Counter returns the counter named name (a full Prometheus series name such
+// as `meshlet_proxy_connections_total{direction="inbound"}`), creating it if
+// needed. When the region is full it returns a counter in private memory,
+// so callers never fail.
+func (r *Region) Counter(name string) *Counter {
+	if len(name) > nameMax {
+		name = name[:nameMax]
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if c, ok := r.cache[name]; ok {
+		return c
+	}
+	c := r.find(name)
+	r.cache[name] = c
+	return c
+}
+
+func (r *Region) find(name string) *Counter {
+	for i := 0; i < Slots; i++ {
+		off := r.slot(i)
+		state := r.u64(off)
+		for {
+			s := atomic.LoadUint64(state)
+			if s == slotReady {
+				if r.name(off) == name {
+					return &Counter{v: r.u64(off + 8)}
+				}
+				break
+			}
+			if s == slotClaiming {
+				runtime.Gosched()
+				continue
+			}
+			if atomic.CompareAndSwapUint64(state, slotFree, slotClaiming) {
+				copy(r.mem[off+16:off+slotSize], name)
+				atomic.StoreUint64(state, slotReady)
+				return &Counter{v: r.u64(off + 8)}
+			}
+		}
+	}
+	return &Counter{v: new(uint64)}
+}
+
+// Each calls fn for every counter, sorted by name.
+func (r *Region) Each(fn func(name string, value uint64)) {
+	type kv struct {
+		k string
+		v uint64
+	}
+	var all []kv
+	for i := 0; i < Slots; i++ {
+		off := r.slot(i)
+		if atomic.LoadUint64(r.u64(off)) != slotReady {
+			continue
+		}
+		all = append(all, kv{r.name(off), atomic.LoadUint64(r.u64(off + 8))})
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i].k < all[j].k })
+	for _, e := range all {
+		fn(e.k, e.v)
+	}
+}
+
+// WritePrometheus writes every counter in the Prometheus text format.
+func (r *Region) WritePrometheus(w io.Writer) error {
+	var last string
+	var err error
+	r.Each(func(name string, v uint64) {
+		if err != nil {
+			return
+		}
+		base, _, _ := strings.Cut(name, "{")
+		if base != last {
+			_, err = fmt.Fprintf(w, "# TYPE %s counter\n", base)
+			last = base
+		}
+		if err == nil {
+			_, err = fmt.Fprintf(w, "%s %d\n", name, v)
+		}
+	})
+	return err
+}
+
+// SetNote stores a short message (at most 2 KiB) readable by every process
+// mapping the region; the agent uses it for the last reload failure.
+func (r *Region) SetNote(msg string) {
+	if len(msg) > noteMax {
+		msg = msg[:noteMax]
+	}
+	seq := r.u64(offNoteSeq)
+	atomic.AddUint64(seq, 1) // odd: writing
+	copy(r.mem[offNote:offNote+noteMax], msg)
+	atomic.StoreUint64(r.u64(offNoteLen), uint64(len(msg)))
+	atomic.AddUint64(seq, 1)
+}
+
+// Note returns the message stored by SetNote.
+func (r *Region) Note() string {
+	seq := r.u64(offNoteSeq)
+	for i := 0; i < 100; i++ {
+		s1 := atomic.LoadUint64(seq)
+		if s1%2 == 1 {
+			runtime.Gosched()
+			continue
+		}
+		n := atomic.LoadUint64(r.u64(offNoteLen))
+		if n > noteMax {
+			n = noteMax
+		}
+		msg := string(r.mem[offNote : offNote+int(n)])
+		if atomic.LoadUint64(seq) == s1 {
+			return msg
+		}
+	}
+	return ""
+}
