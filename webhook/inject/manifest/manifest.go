@@ -16,6 +16,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"regexp"
+	"strconv"
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
@@ -98,7 +100,11 @@ type doc struct {
 	node    *kyaml.Node // DocumentNode, nil for an empty document
 	json    bool
 	changed bool
+	line    int // first line of raw in the input
 }
+
+// yamlLine finds the line numbers in YAML parser errors.
+var yamlLine = regexp.MustCompile(`line (\d+)`)
 
 // Transform injects (or uninjects) every pod template in data. On error
 // (a malformed document, invalid annotations) it returns no output at all,
@@ -147,31 +153,38 @@ func split(data []byte) ([]doc, error) {
 		cur  strings.Builder
 		sep  string
 	)
+	lineNo, start := 0, 1
 	flush := func() {
-		docs = append(docs, doc{sep: sep, raw: cur.String()})
+		docs = append(docs, doc{sep: sep, raw: cur.String(), line: start})
 		cur.Reset()
 	}
 	s := string(data)
 	for len(s) > 0 {
-		line := s
+		text := s
 		if i := strings.IndexByte(s, '\n'); i >= 0 {
-			line = s[:i+1]
+			text = s[:i+1]
 		}
-		s = s[len(line):]
-		t := strings.TrimRight(line, "\r\n")
+		s = s[len(text):]
+		t := strings.TrimRight(text, "\r\n")
+		lineNo++
 		if t == "---" || strings.HasPrefix(t, "--- ") || strings.HasPrefix(t, "---\t") {
 			flush()
-			sep = line
+			sep = text
+			start = lineNo + 1
 			continue
 		}
-		cur.WriteString(line)
+		cur.WriteString(text)
 	}
 	flush()
 	var errs []error
 	for i := range docs {
 		n, err := parseYAML(docs[i].raw)
 		if err != nil {
-			errs = append(errs, &DocError{Doc: i + 1, Err: fmt.Errorf("malformed YAML: %w", err)})
+			msg := yamlLine.ReplaceAllStringFunc(err.Error(), func(m string) string {
+				n, _ := strconv.Atoi(yamlLine.FindStringSubmatch(m)[1])
+				return fmt.Sprintf("line %d", n+docs[i].line-1)
+			})
+			errs = append(errs, &DocError{Doc: i + 1, Err: fmt.Errorf("malformed YAML (line numbers of the whole input): %s", msg)})
 			continue
 		}
 		docs[i].node = n

@@ -204,7 +204,38 @@ func toNode(v any) (*kyaml.Node, error) {
 	}
 	root := n.Content[0]
 	blockStyle(root)
+	if _, ok := v.(corev1.Container); ok {
+		orderKeys(root, containerKeyOrder)
+	}
 	return root, nil
+}
+
+// containerKeyOrder is the order a person writes a container in (the
+// struct order of corev1.Container puts imagePullPolicy and securityContext
+// last).
+var containerKeyOrder = []string{"name", "image", "imagePullPolicy", "command", "args", "ports", "env",
+	"resources", "volumeMounts", "restartPolicy", "startupProbe", "readinessProbe", "livenessProbe", "lifecycle"}
+
+// orderKeys moves the keys listed in order to the front of mapping m, in
+// that order; other keys follow in their original order.
+func orderKeys(m *kyaml.Node, order []string) {
+	rank := func(k string) int {
+		for i, o := range order {
+			if o == k {
+				return i
+			}
+		}
+		return len(order)
+	}
+	type pair struct{ k, v *kyaml.Node }
+	pairs := make([]pair, 0, len(m.Content)/2)
+	for i := 0; i+1 < len(m.Content); i += 2 {
+		pairs = append(pairs, pair{m.Content[i], m.Content[i+1]})
+	}
+	slices.SortStableFunc(pairs, func(a, b pair) int { return rank(a.k.Value) - rank(b.k.Value) })
+	for i, p := range pairs {
+		m.Content[2*i], m.Content[2*i+1] = p.k, p.v
+	}
 }
 
 // blockStyle clears flow and JSON quoting styles, so the encoder writes
