@@ -150,7 +150,14 @@ func DefaultConfig() Config {
 func LoadConfig(data []byte) (Config, error) {
 	c := DefaultConfig()
 	if err := yaml.UnmarshalStrict(data, &c); err != nil {
-		return Config{}, fmt.Errorf("parsing injection config: %w", err)
+		// Report the field values' problems too, not only the first
+		// unknown field or type error.
+		errs := []error{fmt.Errorf("parsing injection config: %w", err)}
+		lax := DefaultConfig()
+		if yaml.Unmarshal(data, &lax) == nil {
+			errs = append(errs, lax.Validate())
+		}
+		return Config{}, errors.Join(errs...)
 	}
 	if err := c.Validate(); err != nil {
 		return Config{}, err
