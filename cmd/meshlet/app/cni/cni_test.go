@@ -259,4 +259,3 @@ func mustConfig(t *testing.T, excludeInbound string) capture.Config {
 	}
 	return c
 }
-
