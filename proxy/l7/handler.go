@@ -1,0 +1,436 @@
+package l7
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// reqState travels with a request through ReverseProxy to the router.
+type reqState struct {
+	route    *route
+	dest     *destination
+	retry    *retryPolicy
+	dst      netip.AddrPort
+	upstream string
+	attempts int
+	flags    string // Envoy-style response flags for the access log
+	err      error
+	deadline time.Time
+	grpc     bool
+}
+
+type stateKey struct{}
+
+// ServeHTTP routes one downstream request.
+func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	tc, _ := r.Context().Value(connKey{}).(*trackedConn)
+	var dst netip.AddrPort
+	dir := Outbound
+	if tc != nil {
+		dst, dir = tc.dst, tc.dir
+		defer func() {
+			if tc.hijacked.Load() {
+				// An upgraded connection (WebSocket) ended with its handler.
+				p.hijacked.Delete(tc)
+				tc.finish()
+			}
+		}()
+	}
+	st := &reqState{dst: dst, grpc: isGRPC(r)}
+	rw := responseWriter{ResponseWriter: w}
+
+	host := hostOnly(r.Host)
+	var rt *route
+	if dir == Inbound {
+		rt = p.inboundRoute
+	} else if svc := findService(p.services, host, dst); svc != nil {
+		for _, cand := range svc.routes {
+			if _, ok := cand.matches(r, host); ok {
+				rt = cand
+				break
+			}
+		}
+		if rt == nil {
+			st.flags = "NR"
+			p.localReply(&rw, r, http.StatusNotFound, 12, "no route matched") // UNIMPLEMENTED
+			p.finish(&rw, r, st, dir, start)
+			return
+		}
+	} else {
+		rt = p.passRoute
+	}
+	st.route = rt
+	cfg := rt.cfg
+
+	if f := cfg.Fault; f != nil {
+		if d := f.Delay; d != nil && hit(d.Percent) {
+			st.flags = addFlag(st.flags, "DI")
+			rt.faultMetric(p.m, "delay")
+			t := time.NewTimer(d.Fixed.D)
+			select {
+			case <-t.C:
+			case <-r.Context().Done():
+				t.Stop()
+			}
+		}
+		if a := f.Abort; a != nil && hit(a.Percent) {
+			st.flags = addFlag(st.flags, "FI")
+			rt.faultMetric(p.m, "abort")
+			status, code := a.HTTPStatus, 14
+			if a.GRPCStatus != nil {
+				code = *a.GRPCStatus
+			}
+			if status == 0 {
+				status = http.StatusServiceUnavailable
+			}
+			p.localReply(&rw, r, status, code, "fault filter abort")
+			p.finish(&rw, r, st, dir, start)
+			return
+		}
+	}
+
+	// Deadline: the route timeout, shortened by a client's grpc-timeout.
+	ctx := r.Context()
+	timeout := cfg.Timeout.D
+	if st.grpc {
+		if gt, ok := parseGRPCTimeout(r.Header.Get("Grpc-Timeout")); ok && (timeout == 0 || gt < timeout) {
+			timeout = gt
+		}
+	}
+	if timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeoutCause(ctx, timeout, errRouteTimeout)
+		defer cancel()
+		st.deadline = time.Now().Add(timeout)
+	}
+
+	st.dest = rt.pickDest()
+	if cfg.Retries != nil {
+		st.retry = compileRetryCached(cfg)
+	}
+	if rw2 := cfg.Rewrite; rw2 != nil {
+		r = r.Clone(ctx)
+		applyRewrite(r, rt, rw2, host)
+	}
+	if h := cfg.Headers; h != nil {
+		applyHeaderOps(r.Header, &h.Request)
+	}
+	if rt.mirror != nil && hit(orPct(cfg.Mirror.Percent)) {
+		r = p.mirror(r, rt)
+	}
+	rt.budgetDeposit()
+	ctx = context.WithValue(ctx, stateKey{}, st)
+	if tc != nil && isUpgrade(r) {
+		p.hijacked.Store(tc, struct{}{})
+	}
+	p.rp.ServeHTTP(&rw, r.WithContext(ctx))
+	p.finish(&rw, r, st, dir, start)
+}
+
+func orPct(v float64) float64 {
+	if v == 0 {
+		return 100
+	}
+	return v
+}
+
+func hit(percent float64) bool {
+	return percent >= 100 || percent > 0 && rand.Float64()*100 < percent
+}
+
+func addFlag(flags, f string) string {
+	if flags == "" {
+		return f
+	}
+	return flags + "," + f
+}
+
+func isGRPC(r *http.Request) bool {
+	return strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc")
+}
+
+func isUpgrade(r *http.Request) bool {
+	return r.Header.Get("Upgrade") != "" && r.ProtoMajor == 1
+}
+
+// parseGRPCTimeout parses the grpc-timeout header ("100m", "5S", …).
+func parseGRPCTimeout(v string) (time.Duration, bool) {
+	if len(v) < 2 || len(v) > 9 {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(v[:len(v)-1], 10, 64)
+	if err != nil || n < 0 {
+		return 0, false
+	}
+	var unit time.Duration
+	switch v[len(v)-1] {
+	case 'H':
+		unit = time.Hour
+	case 'M':
+		unit = time.Minute
+	case 'S':
+		unit = time.Second
+	case 'm':
+		unit = time.Millisecond
+	case 'u':
+		unit = time.Microsecond
+	case 'n':
+		unit = time.Nanosecond
+	default:
+		return 0, false
+	}
+	return time.Duration(n) * unit, true
+}
+
+func formatGRPCTimeout(d time.Duration) string {
+	if d <= 0 {
+		return "1n"
+	}
+	if d/time.Microsecond < 1e8 {
+		return strconv.FormatInt(int64(d/time.Microsecond)+1, 10) + "u"
+	}
+	return strconv.FormatInt(int64(d/time.Millisecond)+1, 10) + "m"
+}
+
+var retryCache sync.Map // *Route → *retryPolicy
+
+func compileRetryCached(r *Route) *retryPolicy {
+	if v, ok := retryCache.Load(r); ok {
+		return v.(*retryPolicy)
+	}
+	rp := compileRetry(r.Retries)
+	retryCache.Store(r, rp)
+	return rp
+}
+
+func applyRewrite(r *http.Request, rt *route, rw *Rewrite, host string) {
+	if rw.URI != "" {
+		path := r.URL.Path
+		replaced := false
+		if m, _ := rt.matches(r, host); m != nil && m.uri != nil && m.uri.prefix != "" {
+			path = rw.URI + strings.TrimPrefix(path, m.uri.prefix)
+			if strings.HasPrefix(path, "//") {
+				path = path[1:]
+			}
+			replaced = true
+		}
+		if !replaced {
+			path = rw.URI
+		}
+		r.URL.Path = path
+		r.URL.RawPath = ""
+	}
+	if rw.Authority != "" {
+		r.Host = rw.Authority
+	}
+}
+
+func applyHeaderOps(h http.Header, ops *HeaderOps) {
+	for _, k := range ops.Remove {
+		h.Del(k)
+	}
+	for k, v := range ops.Set {
+		h.Set(k, v)
+	}
+	for k, v := range ops.Add {
+		h.Add(k, v)
+	}
+}
+
+// mirror sends a copy of r to the route's mirror cluster, fire and forget.
+// Bodies are mirrored only when small enough to buffer.
+func (p *Proxy) mirror(r *http.Request, rt *route) *http.Request {
+	var body []byte
+	if r.Body != nil && r.Body != http.NoBody {
+		if r.ContentLength < 0 || r.ContentLength > defaultMaxReplayBody {
+			return r // streaming or large: not mirrored
+		}
+		b, err := io.ReadAll(io.LimitReader(r.Body, r.ContentLength))
+		if err != nil {
+			return r
+		}
+		body = b
+		r = r.Clone(r.Context())
+		r.Body = io.NopCloser(bytes.NewReader(b))
+	}
+	m := rt.cfg.Mirror
+	shadow := r.Clone(context.Background())
+	shadow.Host = hostOnly(r.Host) + "-shadow"
+	if _, port, ok := strings.Cut(r.Host, ":"); ok {
+		shadow.Host += ":" + port
+	}
+	shadow.RequestURI = ""
+	shadow.URL.Scheme = "http"
+	if body != nil {
+		shadow.Body = io.NopCloser(bytes.NewReader(body))
+	} else {
+		shadow.Body = http.NoBody
+	}
+	removeHopHeaders(shadow.Header)
+	cl := rt.mirror
+	p.m.cluster(cl.name).mirrored.Inc()
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		st := &reqState{dest: &destination{cluster: cl, subset: m.Subset}}
+		resp, err := (&router{p: p}).RoundTrip(shadow.WithContext(context.WithValue(ctx, stateKey{}, st)))
+		if err == nil {
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+	}()
+	return r
+}
+
+func removeHopHeaders(h http.Header) {
+	for _, k := range []string{"Connection", "Proxy-Connection", "Keep-Alive", "Te", "Trailer", "Transfer-Encoding", "Upgrade"} {
+		h.Del(k)
+	}
+}
+
+// localReply answers without an upstream: HTTP status for HTTP, a
+// trailers-only gRPC status for gRPC (HTTP 200, like Envoy).
+func (p *Proxy) localReply(w *responseWriter, r *http.Request, status, grpcCode int, msg string) {
+	if isGRPC(r) {
+		h := w.Header()
+		h.Set("Content-Type", "application/grpc")
+		h.Set("Grpc-Status", strconv.Itoa(grpcCode))
+		h.Set("Grpc-Message", msg)
+		w.WriteHeader(http.StatusOK)
+		return
+	}
+	h := w.Header()
+	h.Set("Content-Type", "text/plain; charset=utf-8")
+	h.Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(status)
+	_, _ = io.WriteString(w, msg+"\n")
+}
+
+// errorHandler maps a failed forward to a local reply (before any response
+// byte was sent) and a response flag.
+func (p *Proxy) errorHandler(w http.ResponseWriter, r *http.Request, err error) {
+	st, _ := r.Context().Value(stateKey{}).(*reqState)
+	rw, _ := w.(*responseWriter)
+	status, code, flag, msg := http.StatusBadGateway, 14, "UC", "upstream connection reset"
+	var ce *connectError
+	switch {
+	case errors.Is(err, errOverflow), errors.Is(err, errPendingFull):
+		status, code, flag, msg = http.StatusServiceUnavailable, 14, "UO", err.Error()
+		w.Header().Set("X-Meshlet-Overflow", "true")
+	case errors.Is(err, errNoEndpoint):
+		status, code, flag, msg = http.StatusServiceUnavailable, 14, "UH", err.Error()
+	case errors.Is(context.Cause(r.Context()), errRouteTimeout), errors.Is(err, errRouteTimeout), errors.Is(err, errPerTryTimeout):
+		status, code, flag, msg = http.StatusGatewayTimeout, 4, "UT", "upstream request timeout"
+	case errors.As(err, &ce):
+		status, code, flag, msg = http.StatusServiceUnavailable, 14, "UF", "upstream connect error"
+	case r.Context().Err() != nil:
+		status, code, flag, msg = 499, 1, "DC", "downstream disconnected"
+	}
+	if st != nil {
+		st.flags = addFlag(st.flags, flag)
+		st.err = err
+	}
+	if rw == nil {
+		rw = &responseWriter{ResponseWriter: w}
+	}
+	if rw.wroteHeader {
+		return
+	}
+	if status == 499 {
+		rw.status = 499
+		return
+	}
+	p.localReply(rw, r, status, code, msg)
+}
+
+func modifyResponse(resp *http.Response) error {
+	st, _ := resp.Request.Context().Value(stateKey{}).(*reqState)
+	if st == nil || st.route == nil {
+		return nil
+	}
+	if h := st.route.cfg.Headers; h != nil {
+		applyHeaderOps(resp.Header, &h.Response)
+	}
+	return nil
+}
+
+// responseWriter records what was sent for logs and metrics. Unwrap keeps
+// http.ResponseController (flush, hijack, full duplex) working.
+type responseWriter struct {
+	http.ResponseWriter
+	status      int
+	bytes       int64
+	wroteHeader bool
+}
+
+func (w *responseWriter) WriteHeader(code int) {
+	if !w.wroteHeader && code >= 200 {
+		w.status = code
+		w.wroteHeader = true
+	} else if code == http.StatusSwitchingProtocols {
+		w.status = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *responseWriter) Write(b []byte) (int, error) {
+	if !w.wroteHeader {
+		w.status, w.wroteHeader = http.StatusOK, true
+	}
+	n, err := w.ResponseWriter.Write(b)
+	w.bytes += int64(n)
+	return n, err
+}
+
+func (w *responseWriter) Flush() { _ = http.NewResponseController(w.ResponseWriter).Flush() }
+
+func (w *responseWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// grpcStatus reads the gRPC status the response carried (trailers or
+// trailers-only headers).
+func grpcStatus(h http.Header) string {
+	if v := h.Get("Grpc-Status"); v != "" {
+		return v
+	}
+	if v := h.Get(http.TrailerPrefix + "Grpc-Status"); v != "" {
+		return v
+	}
+	return ""
+}
+
+func (p *Proxy) finish(w *responseWriter, r *http.Request, st *reqState, dir Direction, start time.Time) {
+	d := time.Since(start)
+	status := w.status
+	if status == 0 {
+		status = 499
+		if w.wroteHeader {
+			status = http.StatusOK
+		}
+	}
+	var cl *cluster
+	if st.dest != nil {
+		cl = st.dest.cluster
+	}
+	var gs string
+	if st.grpc {
+		gs = grpcStatus(w.Header())
+	}
+	if st.route != nil {
+		if rm := st.route.metricsFor(p.m, dir, cl); rm != nil {
+			rm.observe(status, d)
+		}
+	} else {
+		p.m.noRoute.Inc()
+	}
+	p.alog.log(r, st, dir, status, gs, w.bytes, d, start)
+}

@@ -1,0 +1,135 @@
+package l7
+
+import (
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// metrics are the engine's Prometheus collectors. Per-request observers are
+// resolved once per (route, cluster) so the request path does no label
+// lookups.
+type metrics struct {
+	requests    *prometheus.CounterVec
+	duration    *prometheus.HistogramVec
+	retries     *prometheus.CounterVec
+	budgetOut   *prometheus.CounterVec
+	overflow    *prometheus.CounterVec
+	ejections   *prometheus.CounterVec
+	connFail    *prometheus.CounterVec
+	hcFail      *prometheus.CounterVec
+	dnsFail     *prometheus.CounterVec
+	mirrored    *prometheus.CounterVec
+	endpoints   *prometheus.GaugeVec
+	faults      *prometheus.CounterVec
+	noRoute     prometheus.Counter
+	mu          sync.Mutex
+	clusters    map[string]*clusterMetrics
+	routeFaults sync.Map // route key + kind → prometheus.Counter
+}
+
+type clusterMetrics struct {
+	retries, retryBudgetExhausted, ejections, connectFailures, hcFailures, dnsFailures, mirrored prometheus.Counter
+	overflow                                                                                     *prometheus.CounterVec
+	endpoints                                                                                    prometheus.Gauge
+}
+
+type routeMetrics struct {
+	byClass  [6]prometheus.Counter // 1xx..5xx, and [0] for others (499 etc.)
+	duration prometheus.Observer
+}
+
+func newMetrics() *metrics {
+	m := &metrics{clusters: map[string]*clusterMetrics{}}
+	m.requests = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshlet_l7_requests_total",
+		Help: "HTTP/gRPC requests by direction, route, cluster and status class."}, []string{"direction", "route", "cluster", "code_class"})
+	m.duration = prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "meshlet_l7_request_duration_seconds",
+		Help:    "Request latency from first byte in to the end of the response.",
+		Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}},
+		[]string{"direction", "route", "cluster"})
+	cv := func(name, help string, labels ...string) *prometheus.CounterVec {
+		return prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: help}, labels)
+	}
+	m.retries = cv("meshlet_l7_upstream_retries_total", "Retried upstream attempts by cluster.", "cluster")
+	m.budgetOut = cv("meshlet_l7_upstream_retry_budget_exhausted_total", "Retries refused by the retry budget.", "cluster")
+	m.overflow = cv("meshlet_l7_upstream_overflow_total", "Requests refused by the circuit breaker, by limit.", "cluster", "limit")
+	m.ejections = cv("meshlet_l7_outlier_ejections_total", "Endpoints ejected by outlier detection.", "cluster")
+	m.connFail = cv("meshlet_l7_upstream_connect_failures_total", "Failed upstream connection attempts.", "cluster")
+	m.hcFail = cv("meshlet_l7_health_check_failures_total", "Endpoints marked unhealthy by active health checks.", "cluster")
+	m.dnsFail = cv("meshlet_l7_dns_failures_total", "Failed DNS resolutions of DNS clusters.", "cluster")
+	m.mirrored = cv("meshlet_l7_mirrored_requests_total", "Requests mirrored to a cluster.", "cluster")
+	m.faults = cv("meshlet_l7_faults_injected_total", "Injected faults by route and kind (delay, abort).", "route", "kind")
+	m.endpoints = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "meshlet_l7_cluster_endpoints",
+		Help: "Endpoints known per cluster."}, []string{"cluster"})
+	m.noRoute = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshlet_l7_no_route_total",
+		Help: "Requests that matched a service but none of its routes (404)."})
+	return m
+}
+
+func (m *metrics) collectors() []prometheus.Collector {
+	return []prometheus.Collector{m.requests, m.duration, m.retries, m.budgetOut, m.overflow, m.ejections,
+		m.connFail, m.hcFail, m.dnsFail, m.mirrored, m.faults, m.endpoints, m.noRoute}
+}
+
+func (m *metrics) cluster(name string) *clusterMetrics {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if c := m.clusters[name]; c != nil {
+		return c
+	}
+	c := &clusterMetrics{
+		retries:              m.retries.WithLabelValues(name),
+		retryBudgetExhausted: m.budgetOut.WithLabelValues(name),
+		ejections:            m.ejections.WithLabelValues(name),
+		connectFailures:      m.connFail.WithLabelValues(name),
+		hcFailures:           m.hcFail.WithLabelValues(name),
+		dnsFailures:          m.dnsFail.WithLabelValues(name),
+		mirrored:             m.mirrored.WithLabelValues(name),
+		overflow:             m.overflow.MustCurryWith(prometheus.Labels{"cluster": name}),
+		endpoints:            m.endpoints.WithLabelValues(name),
+	}
+	m.clusters[name] = c
+	return c
+}
+
+func (m *metrics) route(dir, route, cluster string) *routeMetrics {
+	rm := &routeMetrics{duration: m.duration.WithLabelValues(dir, route, cluster)}
+	for i, class := range []string{"other", "1xx", "2xx", "3xx", "4xx", "5xx"} {
+		rm.byClass[i] = m.requests.WithLabelValues(dir, route, cluster, class)
+	}
+	return rm
+}
+
+func (rm *routeMetrics) observe(status int, d time.Duration) {
+	i := status / 100
+	if i < 1 || i > 5 {
+		i = 0
+	}
+	rm.byClass[i].Inc()
+	rm.duration.Observe(d.Seconds())
+}
+
+func (r *route) metricsFor(m *metrics, dir Direction, cl *cluster) *routeMetrics {
+	if cl == nil {
+		return nil
+	}
+	return r.metrics[cl]
+}
+
+func (r *route) faultMetric(m *metrics, kind string) {
+	key := r.key + "\x00" + kind
+	if c, ok := m.routeFaults.Load(key); ok {
+		c.(prometheus.Counter).Inc()
+		return
+	}
+	c := m.faults.WithLabelValues(r.key, kind)
+	m.routeFaults.Store(key, c)
+	c.Inc()
+}
+
+func (r *route) budgetDeposit() {
+	if r.budget != nil {
+		r.budget.deposit()
+	}
+}

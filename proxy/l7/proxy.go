@@ -1,0 +1,503 @@
+// Package l7 is meshlet's HTTP-aware traffic management: a connection handler
+// for the proxy's capture listeners that serves HTTP/1.1 (keep-alive,
+// chunked, upgrades), h2c / HTTP/2 with prior knowledge and gRPC, routes
+// requests by host, path, method and headers to weighted clusters of
+// endpoints, and applies timeouts, retries, circuit breaking, outlier
+// detection, active health checks, fault injection and mirroring. Protocol
+// parsing is net/http's; this package decides where requests go and what
+// happens when upstreams misbehave.
+package l7
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/meshlet/meshlet/proxy/sniff"
+)
+
+// Direction says which capture listener accepted a connection.
+type Direction int
+
+const (
+	// Outbound traffic was captured on 15001: the app calls a service.
+	Outbound Direction = iota
+	// Inbound traffic was captured on 15006: a client calls the local app.
+	Inbound
+)
+
+func (d Direction) String() string {
+	if d == Inbound {
+		return "inbound"
+	}
+	return "outbound"
+}
+
+// Options are the proxy's dependencies. Zero values mean defaults.
+type Options struct {
+	// Dial connects to upstreams (default: net.Dialer). The proxy passes one
+	// that binds inbound connections to 127.0.0.6.
+	Dial DialFunc
+	// Resolver resolves DNS clusters (default net.DefaultResolver, the
+	// system resolver).
+	Resolver Resolver
+	// AccessLog receives one JSON line per logged request (default os.Stdout).
+	AccessLog io.Writer
+	// Logger for errors (default slog.Default()).
+	Logger *slog.Logger
+	// TCP handles connections detected as opaque TCP or on tcp ports; the
+	// proxy passes its L4 relay. Default: a plain bidirectional copy to dst.
+	TCP func(ctx context.Context, c net.Conn, dst netip.AddrPort, dir Direction)
+}
+
+// Proxy is the L7 engine. It is safe for concurrent use.
+type Proxy struct {
+	cfg      Config
+	opts     Options
+	log      *slog.Logger
+	srv      *http.Server
+	ln       *connListener
+	rp       *httputil.ReverseProxy
+	detector *sniff.Detector
+	m        *metrics
+	alog     *accessLogger
+
+	services     []*service
+	clusters     map[string]*cluster
+	portProto    map[uint16]string
+	inbound      *cluster
+	passthrough  *cluster
+	inboundRoute *route
+	passRoute    *route
+
+	bgCancel context.CancelFunc
+	bgWG     sync.WaitGroup
+	conns    sync.WaitGroup
+	draining atomic.Bool
+	hijacked sync.Map // *trackedConn → struct{} (upgraded connections)
+}
+
+var _ http.RoundTripper = (*router)(nil)
+
+// New validates cfg and builds the engine. Background work (DNS refresh,
+// health checks) starts here and stops in Close / at the end of Drain.
+func New(cfg Config, opts Options) (*Proxy, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if opts.Dial == nil {
+		d := &net.Dialer{KeepAlive: 30 * time.Second}
+		opts.Dial = func(ctx context.Context, _ Direction, network, addr string) (net.Conn, error) {
+			return d.DialContext(ctx, network, addr)
+		}
+	}
+	if opts.Resolver == nil {
+		opts.Resolver = net.DefaultResolver
+	}
+	if opts.AccessLog == nil {
+		opts.AccessLog = os.Stdout
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	p := &Proxy{cfg: cfg, opts: opts, log: opts.Logger, m: newMetrics(), clusters: map[string]*cluster{}, portProto: map[uint16]string{}}
+	p.detector = sniff.NewDetector(sniff.Options{Timeout: cfg.Detection.Timeout.D})
+	p.alog = newAccessLogger(cfg.AccessLog, opts.AccessLog)
+
+	for _, pc := range cfg.Ports {
+		proto, _ := PortProtocol(pc)
+		p.portProto[pc.Port] = proto
+	}
+	for i := range cfg.Clusters {
+		c := cfg.Clusters[i]
+		p.clusters[c.Name] = newCluster(c, Outbound, opts.Dial, p.m.cluster(c.Name))
+	}
+	p.inbound = newCluster(Cluster{Name: "inbound", Pool: cfg.Inbound.Pool}, Inbound, opts.Dial, p.m.cluster("inbound"))
+	p.passthrough = newCluster(Cluster{Name: "passthrough", Pool: cfg.Passthrough.Pool}, Outbound, opts.Dial, p.m.cluster("passthrough"))
+	p.inboundRoute = &route{cfg: &Route{Name: "inbound", Timeout: cfg.Inbound.Timeout}, key: "inbound",
+		dests: []destination{{cluster: p.inbound}}, metrics: map[*cluster]*routeMetrics{}}
+	p.inboundRoute.metrics[p.inbound] = p.m.route("inbound", "inbound", "inbound")
+	p.passRoute = &route{cfg: &Route{Name: "passthrough", Timeout: cfg.Passthrough.Timeout}, key: "passthrough",
+		dests: []destination{{cluster: p.passthrough}}, metrics: map[*cluster]*routeMetrics{}}
+	p.passRoute.metrics[p.passthrough] = p.m.route("outbound", "passthrough", "passthrough")
+
+	for i := range cfg.Services {
+		s := &cfg.Services[i]
+		cs := &service{cfg: s, exact: map[string]bool{}, ports: map[uint16]bool{}}
+		for _, h := range s.Hosts {
+			h = strings.ToLower(h)
+			switch {
+			case h == "*":
+				cs.any = true
+			case strings.HasPrefix(h, "*."):
+				cs.suffixes = append(cs.suffixes, h[1:])
+			default:
+				cs.exact[h] = true
+			}
+		}
+		for _, a := range s.Addresses {
+			if ip, err := netip.ParseAddr(a); err == nil {
+				cs.addrs = append(cs.addrs, netip.PrefixFrom(ip.Unmap(), ip.Unmap().BitLen()))
+			} else {
+				cs.addrs = append(cs.addrs, netip.MustParsePrefix(a).Masked())
+			}
+		}
+		for _, pc := range s.Ports {
+			cs.ports[pc.Port] = true
+			if _, declared := p.portProto[pc.Port]; !declared {
+				proto, _ := PortProtocol(pc)
+				if proto != ProtoAuto {
+					p.portProto[pc.Port] = proto
+				}
+			}
+		}
+		for j := range s.Routes {
+			r := &s.Routes[j]
+			cr := &route{cfg: r, key: s.Name + "/" + r.Name, metrics: map[*cluster]*routeMetrics{}}
+			for _, m := range r.Match {
+				var cm matcher
+				cm.method = m.Method
+				if m.URI != nil {
+					sm := compileStr(*m.URI)
+					cm.uri = &sm
+				}
+				if m.Authority != nil {
+					sm := compileStr(*m.Authority)
+					cm.authority = &sm
+				}
+				for name, hm := range m.Headers {
+					cm.headers = append(cm.headers, headerMatcher{name: http.CanonicalHeaderKey(name), m: compileStr(hm)})
+				}
+				cr.matchers = append(cr.matchers, cm)
+			}
+			for _, d := range r.Destinations {
+				cl := p.clusters[d.Cluster]
+				w := uint64(d.Weight)
+				if len(r.Destinations) == 1 && w == 0 {
+					w = 1
+				}
+				cr.dests = append(cr.dests, destination{cluster: cl, subset: d.Subset, weight: w})
+				cr.total += w
+				if cr.metrics[cl] == nil {
+					cr.metrics[cl] = p.m.route("outbound", cr.key, cl.name)
+				}
+			}
+			if r.Retries != nil {
+				cr.budget = newRetryBudget(r.Retries.Budget)
+			}
+			if r.Mirror != nil {
+				cr.mirror = p.clusters[r.Mirror.Cluster]
+			}
+			cs.routes = append(cs.routes, cr)
+		}
+		p.services = append(p.services, cs)
+	}
+
+	p.rp = &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.Out.URL.Scheme = "http"
+			pr.Out.URL.Host = pr.In.Host
+		},
+		Transport:      &router{p: p},
+		ErrorHandler:   p.errorHandler,
+		ModifyResponse: modifyResponse,
+		ErrorLog:       slog.NewLogLogger(p.log.Handler(), slog.LevelDebug),
+		BufferPool:     bufPool{},
+	}
+	p.ln = newConnListener()
+	var protos http.Protocols
+	protos.SetHTTP1(true)
+	protos.SetUnencryptedHTTP2(true)
+	lim := cfg.Limits
+	p.srv = &http.Server{
+		Handler:           p,
+		Protocols:         &protos,
+		MaxHeaderBytes:    orInt(lim.MaxHeaderBytes, 64<<10),
+		ReadHeaderTimeout: orDur(lim.ReadHeaderTimeout.D, 10*time.Second),
+		IdleTimeout:       orDur(lim.IdleTimeout.D, 5*time.Minute),
+		ErrorLog:          slog.NewLogLogger(p.log.Handler(), slog.LevelDebug),
+		HTTP2: &http.HTTP2Config{
+			MaxConcurrentStreams: int(orU32(lim.MaxConcurrentStreams, 250)),
+			MaxReadFrameSize:     1 << 20,
+		},
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			if tc, ok := c.(*trackedConn); ok {
+				return context.WithValue(ctx, connKey{}, tc)
+			}
+			return ctx
+		},
+		ConnState: func(c net.Conn, st http.ConnState) {
+			tc, ok := c.(*trackedConn)
+			if !ok {
+				return
+			}
+			switch st {
+			case http.StateClosed:
+				tc.finish()
+			case http.StateHijacked:
+				tc.hijacked.Store(true)
+			}
+		},
+	}
+	go func() { _ = p.srv.Serve(p.ln) }()
+
+	bg, cancel := context.WithCancel(context.Background())
+	p.bgCancel = cancel
+	var ready []chan error
+	for _, name := range sortedKeys(p.clusters) {
+		c := p.clusters[name]
+		if c.cfg.DNS != nil {
+			ch := make(chan error, 1)
+			ready = append(ready, ch)
+			p.bgWG.Add(1)
+			go func() {
+				defer p.bgWG.Done()
+				c.resolve(bg, p.opts.Resolver, func(err error) { ch <- err })
+			}()
+		}
+		if c.cfg.HealthCheck != nil {
+			p.bgWG.Add(1)
+			go func() {
+				defer p.bgWG.Done()
+				c.healthCheck(bg, p.opts.Dial)
+			}()
+		}
+	}
+	// Wait for the first resolution so the first requests have endpoints;
+	// a failure is logged, not fatal (the name may appear later).
+	for _, ch := range ready {
+		if err := <-ch; err != nil {
+			p.log.Warn("dns cluster not resolved yet", "err", err)
+		}
+	}
+	return p, nil
+}
+
+// Close stops background work and closes every connection at once. Use
+// Drain for a graceful stop.
+func (p *Proxy) Close() error {
+	p.draining.Store(true)
+	p.bgCancel()
+	err := p.srv.Close()
+	p.hijacked.Range(func(k, _ any) bool { k.(*trackedConn).Conn.Close(); return true })
+	p.bgWG.Wait()
+	for _, c := range p.allClusters() {
+		c.h1.CloseIdleConnections()
+		c.h2.CloseIdleConnections()
+	}
+	return err
+}
+
+func (p *Proxy) allClusters() []*cluster {
+	out := []*cluster{p.inbound, p.passthrough}
+	for _, k := range sortedKeys(p.clusters) {
+		out = append(out, p.clusters[k])
+	}
+	return out
+}
+
+// Drain stops taking new requests gracefully and waits for in-flight ones:
+// HTTP/1 connections close at their next response boundary (the response
+// carries Connection: close, idle connections are closed), HTTP/2
+// connections get GOAWAY, upgraded connections run until they end. When ctx
+// ends first, the remaining connections are closed and ctx's error returned.
+func (p *Proxy) Drain(ctx context.Context) error {
+	p.draining.Store(true)
+	errc := make(chan error, 1)
+	go func() { errc <- p.srv.Shutdown(ctx) }()
+	done := make(chan struct{})
+	go func() { p.conns.Wait(); close(done) }()
+	var err error
+	select {
+	case <-done:
+	case <-ctx.Done():
+		err = ctx.Err()
+	}
+	_ = p.Close()
+	if serr := <-errc; err == nil && serr != nil && !errors.Is(serr, http.ErrServerClosed) {
+		err = serr
+	}
+	return err
+}
+
+// Protocol returns the protocol configured for a destination port (http,
+// http2, grpc, tcp, or auto when it must be detected). The proxy uses it to
+// decide which ports go to ServeConn.
+func (p *Proxy) Protocol(port uint16) string {
+	if v, ok := p.portProto[port]; ok {
+		return v
+	}
+	return ProtoAuto
+}
+
+// Collectors returns the engine's Prometheus collectors (requests, latency,
+// retries, breaker overflows, ejections, faults, protocol detection).
+func (p *Proxy) Collectors() []prometheus.Collector {
+	return append(p.m.collectors(), p.detector.Collectors()...)
+}
+
+// ServeConn serves one accepted connection whose original destination is dst
+// and returns when it is closed. Ports declared tcp go to Options.TCP; ports
+// declared HTTP are served as HTTP/1.1 or HTTP/2 (by preface); other ports
+// are detected from their first bytes.
+func (p *Proxy) ServeConn(ctx context.Context, c net.Conn, dst netip.AddrPort, dir Direction) {
+	proto := p.Protocol(dst.Port())
+	if proto == ProtoTCP {
+		p.serveTCP(ctx, c, dst, dir)
+		return
+	}
+	if proto == ProtoAuto {
+		res, sc := p.detector.Detect(c)
+		if res.Protocol == sniff.TCP {
+			p.serveTCP(ctx, sc, dst, dir)
+			return
+		}
+		c = sc
+	}
+	if p.draining.Load() {
+		c.Close()
+		return
+	}
+	tc := &trackedConn{Conn: c, dst: dst, dir: dir, done: make(chan struct{})}
+	p.conns.Add(1)
+	defer p.conns.Done()
+	if !p.ln.push(tc) {
+		c.Close()
+		return
+	}
+	select {
+	case <-tc.done:
+	case <-ctx.Done():
+		c.Close()
+		<-tc.done
+	}
+}
+
+func (p *Proxy) serveTCP(ctx context.Context, c net.Conn, dst netip.AddrPort, dir Direction) {
+	if p.opts.TCP != nil {
+		p.opts.TCP(ctx, c, dst, dir)
+		return
+	}
+	defer c.Close()
+	up, err := p.opts.Dial(ctx, dir, "tcp", dst.String())
+	if err != nil {
+		return
+	}
+	defer up.Close()
+	errc := make(chan error, 2)
+	cp := func(dst, src net.Conn) {
+		_, err := io.Copy(dst, src)
+		if cw, ok := dst.(interface{ CloseWrite() error }); ok {
+			_ = cw.CloseWrite()
+		}
+		errc <- err
+	}
+	go cp(up, c)
+	go cp(c, up)
+	<-errc
+	<-errc
+}
+
+// trackedConn is a downstream connection handed to the HTTP server.
+type trackedConn struct {
+	net.Conn
+	dst      netip.AddrPort
+	dir      Direction
+	done     chan struct{}
+	once     sync.Once
+	hijacked atomic.Bool
+}
+
+func (c *trackedConn) finish() { c.once.Do(func() { close(c.done) }) }
+
+type connKey struct{}
+
+// connListener feeds ServeConn's connections to http.Server.Serve.
+type connListener struct {
+	ch     chan net.Conn
+	closed chan struct{}
+	once   sync.Once
+}
+
+func newConnListener() *connListener {
+	return &connListener{ch: make(chan net.Conn), closed: make(chan struct{})}
+}
+
+func (l *connListener) push(c net.Conn) bool {
+	select {
+	case l.ch <- c:
+		return true
+	case <-l.closed:
+		return false
+	}
+}
+
+func (l *connListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.ch:
+		return c, nil
+	case <-l.closed:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *connListener) Close() error {
+	l.once.Do(func() { close(l.closed) })
+	return nil
+}
+
+func (l *connListener) Addr() net.Addr { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)} }
+
+func orInt(v, d int) int {
+	if v == 0 {
+		return d
+	}
+	return v
+}
+
+func orU32(v, d uint32) uint32 {
+	if v == 0 {
+		return d
+	}
+	return v
+}
+
+func orDur(v, d time.Duration) time.Duration {
+	if v == 0 {
+		return d
+	}
+	return v
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	for i := 1; i < len(out); i++ {
+		for j := i; j > 0 && out[j] < out[j-1]; j-- {
+			out[j], out[j-1] = out[j-1], out[j]
+		}
+	}
+	return out
+}
+
+// bufPool gives ReverseProxy pooled copy buffers.
+type bufPool struct{}
+
+var copyBufs = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
+func (bufPool) Get() []byte  { return *(copyBufs.Get().(*[]byte)) }
+func (bufPool) Put(b []byte) { copyBufs.Put(&b) }

@@ -1,0 +1,115 @@
+package l7
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+)
+
+func TestPassthroughHTTP1AndH2C(t *testing.T) {
+	t.Parallel()
+	be := startBackend(t, "app", nil)
+	for _, dir := range []Direction{Outbound, Inbound} {
+		tp := startProxy(t, Config{AccessLog: AccessLog{Enabled: true}}, be.addr, dir)
+		for name, c := range map[string]*http.Client{"h1": h1Client(), "h2c": h2cClient()} {
+			for i := 0; i < 3; i++ { // keep-alive / multiplexed reuse
+				code, h, body := get(t, c, tp.addr, "anything.example:80", "/p")
+				if code != 200 || body != "app GET anything.example:80 /p" {
+					t.Fatalf("%s %s: %d %q", dir, name, code, body)
+				}
+				want := "HTTP/1.1"
+				if name == "h2c" {
+					want = "HTTP/2.0"
+				}
+				if h.Get("X-Proto") != want {
+					t.Errorf("%s %s: upstream proto %s, want %s (downstream protocol kept)", dir, name, h.Get("X-Proto"), want)
+				}
+			}
+		}
+		if l := tp.log.String(); !strings.Contains(l, `"direction":"`+dir.String()+`"`) || !strings.Contains(l, `"status":200`) {
+			t.Errorf("access log missing entries:\n%s", l)
+		}
+	}
+}
+
+func TestChunkedAndKeepAliveRaw(t *testing.T) {
+	t.Parallel()
+	be := startBackend(t, "app", func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		w.Header().Set("Trailer", "X-Sum")
+		fmt.Fprintf(w, "got %d bytes te=%v", len(b), r.TransferEncoding)
+		w.(http.Flusher).Flush()
+		w.Header().Set("X-Sum", fmt.Sprint(len(b)))
+	})
+	tp := startProxy(t, Config{}, be.addr, Outbound)
+	c, err := net.Dial("tcp", tp.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	br := bufio.NewReader(c)
+	for i := 0; i < 2; i++ {
+		fmt.Fprintf(c, "POST /up HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if string(b) != "got 11 bytes te=[chunked]" || resp.Trailer.Get("X-Sum") != "11" {
+			t.Fatalf("request %d: %q trailer=%v", i, b, resp.Trailer)
+		}
+		if resp.Close {
+			t.Fatalf("request %d: connection not kept alive", i)
+		}
+	}
+}
+
+func TestProtocolDetectionFallsBackToTCP(t *testing.T) {
+	t.Parallel()
+	// An echo server speaking a non-HTTP protocol.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(c, c); c.Close() }()
+		}
+	}()
+	tp := startProxy(t, mustLoad(t, "detection: {timeout: 100ms}\n"), ln.Addr().String(), Outbound)
+	for _, msg := range []string{"\x00\x01binary-protocol\n", ""} {
+		c, err := net.Dial("tcp", tp.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if msg == "" {
+			// Server-first style: the client waits; detection times out, then data flows.
+			buf := make([]byte, 0)
+			_ = buf
+			msg = "late hello\n"
+			// Nothing written until after the detection timeout.
+			defer c.Close()
+			if _, err := c.Write(nil); err != nil {
+				t.Fatal(err)
+			}
+			// sleep longer than detection timeout
+			waitFor(150)
+		}
+		fmt.Fprint(c, msg)
+		got := make([]byte, len(msg))
+		if _, err := io.ReadFull(c, got); err != nil || string(got) != msg {
+			t.Fatalf("echo through TCP fallback: %q %v", got, err)
+		}
+		c.Close()
+	}
+}
