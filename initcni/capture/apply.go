@@ -108,7 +108,9 @@ func save(ctx context.Context, b Backend, f Family) (string, error) {
 }
 
 func restore(ctx context.Context, b Backend, f Family, input string) error {
-	_, err := run(ctx, input, tool(b, f, "restore"), "--noflush")
+	// --wait: the legacy backend serialises on one host-wide xtables lock,
+	// so parallel applies in different namespaces must queue, not fail.
+	_, err := run(ctx, input, tool(b, f, "restore"), "--noflush", "--wait", "10")
 	if err != nil {
 		return fmt.Errorf("%w\ninput:\n%s", err, input)
 	}

@@ -274,6 +274,12 @@ func TestPrivilegedIdempotent(t *testing.T) {
 
 func TestPrivilegedParallelApplies(t *testing.T) {
 	netlab.Require(t)
+	for _, b := range []capture.Backend{capture.BackendNFT, capture.BackendLegacy} {
+		t.Run(string(b), func(t *testing.T) { parallelApplies(t, b) })
+	}
+}
+
+func parallelApplies(t *testing.T, b capture.Backend) {
 	c := mustConfig(t, nil)
 	var nss []*netlab.NS
 	for range 6 {
@@ -285,7 +291,7 @@ func TestPrivilegedParallelApplies(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			_, err := capture.Apply(context.Background(), c, capture.Target{NetnsPath: ns.Path})
+			_, err := capture.Apply(context.Background(), c, capture.Target{NetnsPath: ns.Path, Backend: b})
 			errs <- err
 		}()
 	}
@@ -297,7 +303,7 @@ func TestPrivilegedParallelApplies(t *testing.T) {
 		}
 	}
 	for _, ns := range nss {
-		if err := capture.Check(t.Context(), c, capture.Target{NetnsPath: ns.Path}); err != nil {
+		if err := capture.Check(t.Context(), c, capture.Target{NetnsPath: ns.Path, Backend: b}); err != nil {
 			t.Error(err)
 		}
 	}
