@@ -10,7 +10,6 @@ package l7
 
 import (
 	"context"
-	"errors"
 	"io"
 	"log/slog"
 	"net"
@@ -67,8 +66,7 @@ type Proxy struct {
 	cfg      Config
 	opts     Options
 	log      *slog.Logger
-	srv      *http.Server
-	ln       *connListener
+	dirs     [2]*dirServer // indexed by Direction
 	rp       *httputil.ReverseProxy
 	detector *sniff.Detector
 	m        *metrics
@@ -84,9 +82,18 @@ type Proxy struct {
 
 	bgCancel context.CancelFunc
 	bgWG     sync.WaitGroup
+	hijacked sync.Map // *trackedConn → struct{} (upgraded connections)
+}
+
+// dirServer is the HTTP server of one direction, so that a shutdown drain
+// can stop inbound while outbound keeps serving.
+type dirServer struct {
+	srv      *http.Server
+	ln       *connListener
 	conns    sync.WaitGroup
 	draining atomic.Bool
-	hijacked sync.Map // *trackedConn → struct{} (upgraded connections)
+	once     sync.Once
+	drained  chan struct{} // closed when Shutdown returned
 }
 
 var _ http.RoundTripper = (*router)(nil)
@@ -216,42 +223,47 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 		ErrorLog:       slog.NewLogLogger(p.log.Handler(), slog.LevelDebug),
 		BufferPool:     bufPool{},
 	}
-	p.ln = newConnListener()
 	var protos http.Protocols
 	protos.SetHTTP1(true)
 	protos.SetUnencryptedHTTP2(true)
 	lim := cfg.Limits
-	p.srv = &http.Server{
-		Handler:           p,
-		Protocols:         &protos,
-		MaxHeaderBytes:    orInt(lim.MaxHeaderBytes, 64<<10),
-		ReadHeaderTimeout: orDur(lim.ReadHeaderTimeout.D, 10*time.Second),
-		IdleTimeout:       orDur(lim.IdleTimeout.D, 5*time.Minute),
-		ErrorLog:          slog.NewLogLogger(p.log.Handler(), slog.LevelDebug),
-		HTTP2: &http.HTTP2Config{
-			MaxConcurrentStreams: int(orU32(lim.MaxConcurrentStreams, 250)),
-			MaxReadFrameSize:     1 << 20,
-		},
-		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
-			if tc, ok := c.(*trackedConn); ok {
-				return context.WithValue(ctx, connKey{}, tc)
-			}
-			return ctx
-		},
-		ConnState: func(c net.Conn, st http.ConnState) {
-			tc, ok := c.(*trackedConn)
-			if !ok {
-				return
-			}
-			switch st {
-			case http.StateClosed:
-				tc.finish()
-			case http.StateHijacked:
-				tc.hijacked.Store(true)
-			}
-		},
+	newSrv := func() *http.Server {
+		return &http.Server{
+			Handler:           p,
+			Protocols:         &protos,
+			MaxHeaderBytes:    orInt(lim.MaxHeaderBytes, 64<<10),
+			ReadHeaderTimeout: orDur(lim.ReadHeaderTimeout.D, 10*time.Second),
+			IdleTimeout:       orDur(lim.IdleTimeout.D, 5*time.Minute),
+			ErrorLog:          slog.NewLogLogger(p.log.Handler(), slog.LevelDebug),
+			HTTP2: &http.HTTP2Config{
+				MaxConcurrentStreams: int(orU32(lim.MaxConcurrentStreams, 250)),
+				MaxReadFrameSize:     1 << 20,
+			},
+			ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+				if tc, ok := c.(*trackedConn); ok {
+					return context.WithValue(ctx, connKey{}, tc)
+				}
+				return ctx
+			},
+			ConnState: func(c net.Conn, st http.ConnState) {
+				tc, ok := c.(*trackedConn)
+				if !ok {
+					return
+				}
+				switch st {
+				case http.StateClosed:
+					tc.finish()
+				case http.StateHijacked:
+					tc.hijacked.Store(true)
+				}
+			},
+		}
 	}
-	go func() { _ = p.srv.Serve(p.ln) }()
+	for i := range p.dirs {
+		d := &dirServer{srv: newSrv(), ln: newConnListener(), drained: make(chan struct{})}
+		p.dirs[i] = d
+		go func() { _ = d.srv.Serve(d.ln) }()
+	}
 
 	bg, cancel := context.WithCancel(context.Background())
 	p.bgCancel = cancel
@@ -288,9 +300,14 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 // Close stops background work and closes every connection at once. Use
 // Drain for a graceful stop.
 func (p *Proxy) Close() error {
-	p.draining.Store(true)
 	p.bgCancel()
-	err := p.srv.Close()
+	var err error
+	for _, d := range p.dirs {
+		d.draining.Store(true)
+		if cerr := d.srv.Close(); err == nil {
+			err = cerr
+		}
+	}
 	p.hijacked.Range(func(k, _ any) bool { k.(*trackedConn).Conn.Close(); return true })
 	p.bgWG.Wait()
 	for _, c := range p.allClusters() {
@@ -314,22 +331,46 @@ func (p *Proxy) allClusters() []*cluster {
 // connections get GOAWAY, upgraded connections run until they end. When ctx
 // ends first, the remaining connections are closed and ctx's error returned.
 func (p *Proxy) Drain(ctx context.Context) error {
-	p.draining.Store(true)
-	errc := make(chan error, 1)
-	go func() { errc <- p.srv.Shutdown(ctx) }()
-	done := make(chan struct{})
-	go func() { p.conns.Wait(); close(done) }()
+	p.StartDrain(Inbound)
+	p.StartDrain(Outbound)
 	var err error
-	select {
-	case <-done:
-	case <-ctx.Done():
-		err = ctx.Err()
+	for _, d := range p.dirs {
+		if werr := d.wait(ctx); err == nil {
+			err = werr
+		}
 	}
 	_ = p.Close()
-	if serr := <-errc; err == nil && serr != nil && !errors.Is(serr, http.ErrServerClosed) {
-		err = serr
-	}
 	return err
+}
+
+// StartDrain begins draining one direction (idempotent) and returns at once:
+// new connections of that direction are refused, HTTP/1 connections close
+// at their next response boundary, HTTP/2 connections get GOAWAY. The
+// generation server's shutdown drain stops inbound first and outbound later.
+func (p *Proxy) StartDrain(dir Direction) {
+	d := p.dirs[dir]
+	d.once.Do(func() {
+		d.draining.Store(true)
+		go func() {
+			// Shutdown's own wait has no deadline here: connections still open
+			// when the caller's deadline passes are closed by Close (or by the
+			// cancellation of ServeConn's ctx).
+			_ = d.srv.Shutdown(context.Background())
+			close(d.drained)
+		}()
+	})
+}
+
+// wait blocks until the direction's connections are gone or ctx ends.
+func (d *dirServer) wait(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() { d.conns.Wait(); <-d.drained; close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // Protocol returns the protocol configured for a destination port (http,
@@ -366,14 +407,21 @@ func (p *Proxy) ServeConn(ctx context.Context, c net.Conn, dst netip.AddrPort, d
 		}
 		c = sc
 	}
-	if p.draining.Load() {
+	p.serveHTTP(ctx, c, dst, dir)
+}
+
+// serveHTTP serves an HTTP/1.1 or HTTP/2 (prior knowledge) connection until
+// it closes or ctx ends.
+func (p *Proxy) serveHTTP(ctx context.Context, c net.Conn, dst netip.AddrPort, dir Direction) {
+	d := p.dirs[dir]
+	if d.draining.Load() {
 		c.Close()
 		return
 	}
 	tc := &trackedConn{Conn: c, dst: dst, dir: dir, done: make(chan struct{})}
-	p.conns.Add(1)
-	defer p.conns.Done()
-	if !p.ln.push(tc) {
+	d.conns.Add(1)
+	defer d.conns.Done()
+	if !d.ln.push(tc) {
 		c.Close()
 		return
 	}

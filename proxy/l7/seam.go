@@ -1,0 +1,97 @@
+package l7
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"time"
+
+	"github.com/meshlet/meshlet/proxy/l4"
+	"github.com/meshlet/meshlet/proxy/sniff"
+)
+
+// Chooser returns the generation server's handler chooser (package l4's
+// seam): connections to ports declared tcp go straight to the L4 forwarder
+// (nil), every other port to the engine, which sniffs undeclared ports and
+// hands opaque TCP back to fwd with the bytes it already read.
+func (p *Proxy) Chooser(fwd *l4.Forwarder) l4.Chooser {
+	h := &seamHandler{p: p, fwd: fwd}
+	return func(c *l4.Conn) l4.Handler {
+		if p.Protocol(c.OrigDst.Port()) == ProtoTCP {
+			return nil
+		}
+		return h
+	}
+}
+
+// ForwarderDial dials upstreams the way fwd does: inbound connections to the
+// application from its passthrough source address (127.0.0.6 / ::6, so the
+// capture rules let them through), with its connect timeouts.
+func ForwarderDial(fwd *l4.Forwarder) DialFunc {
+	return func(ctx context.Context, dir Direction, network, addr string) (net.Conn, error) {
+		o := fwd.Options[toL4(dir)]
+		d := net.Dialer{Timeout: o.ConnectTimeout, KeepAlive: 30 * time.Second}
+		if d.Timeout == 0 {
+			d.Timeout = 10 * time.Second
+		}
+		if dir == Inbound {
+			if ap, err := netip.ParseAddrPort(addr); err == nil {
+				src := o.SourceIPv4
+				if ap.Addr().Is6() && !ap.Addr().Is4In6() {
+					src = o.SourceIPv6
+				}
+				if src.IsValid() {
+					d.LocalAddr = &net.TCPAddr{IP: src.AsSlice()}
+				}
+			}
+		}
+		return d.DialContext(ctx, network, addr)
+	}
+}
+
+type seamHandler struct {
+	p   *Proxy
+	fwd *l4.Forwarder
+}
+
+func toL4(d Direction) l4.Direction {
+	if d == Inbound {
+		return l4.Inbound
+	}
+	return l4.Outbound
+}
+
+func fromL4(d l4.Direction) Direction {
+	if d == l4.Inbound {
+		return Inbound
+	}
+	return Outbound
+}
+
+// ServeConn implements l4.Handler.
+func (h *seamHandler) ServeConn(ctx context.Context, c *l4.Conn) {
+	dir := fromL4(c.Direction)
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		select {
+		case <-c.Draining():
+			h.p.StartDrain(dir)
+		case <-stop:
+		}
+	}()
+	var conn net.Conn = c.Client
+	if h.p.Protocol(c.OrigDst.Port()) == ProtoAuto {
+		res, sc := h.p.detector.Detect(c.Client)
+		if res.Protocol == sniff.TCP {
+			if h.fwd != nil {
+				_ = h.fwd.Forward(ctx, c, sc.Buffered())
+				return
+			}
+			h.p.serveTCP(ctx, sc, c.OrigDst, dir)
+			return
+		}
+		conn = sc
+	}
+	h.p.serveHTTP(ctx, conn, c.OrigDst, dir)
+}
