@@ -14,6 +14,7 @@ import (
 	"github.com/meshlet/meshlet/cmd/meshlet/app/inject"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/proxy"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/version"
+	"github.com/meshlet/meshlet/cmd/meshlet/app/webhook"
 )
 
 // Run executes the meshlet command line args (without the program name).
@@ -40,6 +41,7 @@ func Run(ctx context.Context, args []string, streams cli.Streams) error {
 		version.New(streams),
 		agent.New(streams),
 		proxy.New(streams),
+		webhook.New(streams),
 	)
 	return root.ExecuteContext(ctx)
 }
