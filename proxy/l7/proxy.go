@@ -80,6 +80,9 @@ type Proxy struct {
 	inboundRoute *route
 	passRoute    *route
 
+	dial        atomic.Pointer[DialFunc]
+	dialFromOpt bool
+
 	bgCancel context.CancelFunc
 	bgWG     sync.WaitGroup
 	hijacked sync.Map // *trackedConn → struct{} (upgraded connections)
@@ -104,6 +107,7 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	dialFromOpt := opts.Dial != nil
 	if opts.Dial == nil {
 		d := &net.Dialer{KeepAlive: 30 * time.Second}
 		opts.Dial = func(ctx context.Context, _ Direction, network, addr string) (net.Conn, error) {
@@ -120,6 +124,8 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 		opts.Logger = slog.Default()
 	}
 	p := &Proxy{cfg: cfg, opts: opts, log: opts.Logger, m: newMetrics(), clusters: map[string]*cluster{}, portProto: map[uint16]string{}}
+	p.dialFromOpt = dialFromOpt
+	p.dial.Store(&opts.Dial)
 	p.detector = sniff.NewDetector(sniff.Options{Timeout: cfg.Detection.Timeout.D})
 	p.alog = newAccessLogger(cfg.AccessLog, opts.AccessLog)
 
@@ -129,10 +135,10 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 	}
 	for i := range cfg.Clusters {
 		c := cfg.Clusters[i]
-		p.clusters[c.Name] = newCluster(c, Outbound, opts.Dial, p.m.cluster(c.Name))
+		p.clusters[c.Name] = newCluster(c, Outbound, p.dialUpstream, p.m.cluster(c.Name))
 	}
-	p.inbound = newCluster(Cluster{Name: "inbound", Pool: cfg.Inbound.Pool}, Inbound, opts.Dial, p.m.cluster("inbound"))
-	p.passthrough = newCluster(Cluster{Name: "passthrough", Pool: cfg.Passthrough.Pool}, Outbound, opts.Dial, p.m.cluster("passthrough"))
+	p.inbound = newCluster(Cluster{Name: "inbound", Pool: cfg.Inbound.Pool}, Inbound, p.dialUpstream, p.m.cluster("inbound"))
+	p.passthrough = newCluster(Cluster{Name: "passthrough", Pool: cfg.Passthrough.Pool}, Outbound, p.dialUpstream, p.m.cluster("passthrough"))
 	p.inboundRoute = &route{cfg: &Route{Name: "inbound", Timeout: cfg.Inbound.Timeout}, key: "inbound",
 		dests: []destination{{cluster: p.inbound}}, metrics: map[*cluster]*routeMetrics{}}
 	p.inboundRoute.metrics[p.inbound] = p.m.route("inbound", "inbound", "inbound")
@@ -283,7 +289,7 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 			p.bgWG.Add(1)
 			go func() {
 				defer p.bgWG.Done()
-				c.healthCheck(bg, p.opts.Dial)
+				c.healthCheck(bg, p.dialUpstream)
 			}()
 		}
 	}
@@ -439,7 +445,7 @@ func (p *Proxy) serveTCP(ctx context.Context, c net.Conn, dst netip.AddrPort, di
 		return
 	}
 	defer c.Close()
-	up, err := p.opts.Dial(ctx, dir, "tcp", dst.String())
+	up, err := p.dialUpstream(ctx, dir, "tcp", dst.String())
 	if err != nil {
 		return
 	}
@@ -456,6 +462,10 @@ func (p *Proxy) serveTCP(ctx context.Context, c net.Conn, dst netip.AddrPort, di
 	go cp(c, up)
 	<-errc
 	<-errc
+}
+
+func (p *Proxy) dialUpstream(ctx context.Context, dir Direction, network, addr string) (net.Conn, error) {
+	return (*p.dial.Load())(ctx, dir, network, addr)
 }
 
 // trackedConn is a downstream connection handed to the HTTP server.

@@ -14,7 +14,14 @@ import (
 // seam): connections to ports declared tcp go straight to the L4 forwarder
 // (nil), every other port to the engine, which sniffs undeclared ports and
 // hands opaque TCP back to fwd with the bytes it already read.
+//
+// Unless Options.Dial was given, upstream connections are then dialled like
+// fwd dials (ForwarderDial). Call Chooser before serving.
 func (p *Proxy) Chooser(fwd *l4.Forwarder) l4.Chooser {
+	if fwd != nil && !p.dialFromOpt {
+		d := ForwarderDial(fwd)
+		p.dial.Store(&d)
+	}
 	h := &seamHandler{p: p, fwd: fwd}
 	return func(c *l4.Conn) l4.Handler {
 		if p.Protocol(c.OrigDst.Port()) == ProtoTCP {

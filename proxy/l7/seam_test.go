@@ -1,4 +1,4 @@
-package l7
+package l7_test
 
 import (
 	"fmt"
@@ -13,6 +13,7 @@ import (
 
 	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/l4"
+	"github.com/meshlet/meshlet/proxy/l7"
 	"github.com/meshlet/meshlet/proxy/server"
 )
 
@@ -22,13 +23,21 @@ import (
 func TestThroughGenerationServer(t *testing.T) {
 	t.Parallel()
 	slowStarted := make(chan struct{}, 1)
-	be := startBackend(t, "app", func(w http.ResponseWriter, r *http.Request) {
+	beLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	beSrv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/slow" {
 			slowStarted <- struct{}{}
 			time.Sleep(300 * time.Millisecond)
 		}
+		w.Header().Set("X-Backend", "app")
 		fmt.Fprint(w, "ok "+r.URL.Path)
-	})
+	})}
+	go beSrv.Serve(beLn)
+	defer beSrv.Close()
+	be := struct{ addr string }{beLn.Addr().String()}
 	echo, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -51,7 +60,11 @@ func TestThroughGenerationServer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p, err := New(mustLoad(t, "detection: {timeout: 200ms}"), Options{AccessLog: io.Discard})
+	cfg, err := l7.Load([]byte("detection: {timeout: 200ms}"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := l7.New(cfg, l7.Options{AccessLog: io.Discard})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -70,9 +83,15 @@ func TestThroughGenerationServer(t *testing.T) {
 	srv.Start()
 	defer srv.Close()
 
-	c := h1Client()
-	if code, h, body := get(t, c, ln.Addr().String(), "svc", "/a"); code != 200 || body != "ok /a" || h.Get("X-Backend") != "app" {
-		t.Fatalf("HTTP through seam: %d %q", code, body)
+	c := &http.Client{Timeout: 10 * time.Second}
+	resp, err := c.Get("http://" + ln.Addr().String() + "/a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || string(b) != "ok /a" || resp.Header.Get("X-Backend") != "app" {
+		t.Fatalf("HTTP through seam: %d %q", resp.StatusCode, b)
 	}
 	// Opaque TCP detected and handed back to the L4 forwarder with the peeked bytes.
 	setDst(echo.Addr().String())
