@@ -22,6 +22,8 @@ import (
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
+
+	"github.com/meshlet/meshlet/proxy/l7"
 )
 
 // APIVersion and Kind identify the document.
@@ -45,6 +47,10 @@ type Config struct {
 	Inbound Direction `json:"inbound"`
 	// Outbound governs connections captured to the outbound listener (15001).
 	Outbound Direction `json:"outbound"`
+	// L7 turns on HTTP/gRPC traffic management (package l7): when present,
+	// ports not declared tcp are served (or first detected) as HTTP. Absent:
+	// pure L4 passthrough.
+	L7 *l7.Config `json:"l7,omitempty"`
 }
 
 // Direction holds the L4 settings of one traffic direction.
@@ -170,6 +176,19 @@ func (c *Config) Validate() error {
 	}
 	if a, err := netip.ParseAddr(c.Inbound.PassthroughSourceIPv6); err != nil || !a.Is6() || a.Is4In6() {
 		bad("inbound.passthroughSourceIPv6", fmt.Sprintf("%q", c.Inbound.PassthroughSourceIPv6), "must be an IPv6 address")
+	}
+	if c.L7 != nil {
+		if err := c.L7.Validate(); err != nil {
+			var list []error
+			if j, ok := err.(interface{ Unwrap() []error }); ok {
+				list = j.Unwrap()
+			} else {
+				list = []error{err}
+			}
+			for _, e := range list {
+				errs = append(errs, fmt.Errorf("l7.%w", e))
+			}
+		}
 	}
 	return errors.Join(errs...)
 }

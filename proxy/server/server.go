@@ -27,6 +27,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/common/expfmt"
+
 	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/l4"
 	"github.com/meshlet/meshlet/proxy/origdst"
@@ -77,6 +80,8 @@ type Options struct {
 	DrainDuration time.Duration
 	// Chooser picks a connection's handler; nil or a nil result: L4.
 	Chooser l4.Chooser
+	// Gatherer adds metrics (e.g. the L7 engine's) to /stats/prometheus.
+	Gatherer prometheus.Gatherer
 	// OrigDst finds a connection's original destination; nil: origdst.Get.
 	OrigDst func(*net.TCPConn) (netip.AddrPort, error)
 	// Version is reported in /server_info.
@@ -396,6 +401,17 @@ func (s *Server) promMux() http.Handler {
 func (s *Server) WritePrometheus(w interface{ Write([]byte) (int, error) }) error {
 	if err := s.o.Stats.WritePrometheus(w); err != nil {
 		return err
+	}
+	if s.o.Gatherer != nil {
+		mfs, err := s.o.Gatherer.Gather()
+		if err != nil {
+			s.log.Debug("gathering metrics", "err", err)
+		}
+		for _, mf := range mfs {
+			if _, err := expfmt.MetricFamilyToText(w, mf); err != nil {
+				return err
+			}
+		}
 	}
 	in, out := s.Active()
 	draining := 0

@@ -14,12 +14,15 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 
 	"github.com/meshlet/meshlet/cmd/meshlet/app/cli"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/version"
 	"github.com/meshlet/meshlet/proxy/agent"
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/l4"
+	"github.com/meshlet/meshlet/proxy/l7"
 	"github.com/meshlet/meshlet/proxy/server"
 )
 
@@ -109,10 +112,29 @@ func run(ctx context.Context, streams cli.Streams, f *flagpole) error {
 		return &cli.ExitError{Code: 2, Err: err}
 	}
 	o.Config = cfg
+	var engine *l7.Proxy
+	var choose l4.Chooser
+	if cfg.L7 != nil {
+		engine, err = l7.New(*cfg.L7, l7.Options{Logger: log})
+		if err != nil {
+			agent.ReportFailure(ready, err)
+			return &cli.ExitError{Code: 2, Err: fmt.Errorf("proxy config: %w", err)}
+		}
+		defer engine.Close()
+		reg := prometheus.NewRegistry()
+		for _, c := range engine.Collectors() {
+			reg.MustRegister(c)
+		}
+		o.Gatherer = reg
+		o.Chooser = func(c *l4.Conn) l4.Handler { return choose(c) }
+	}
 	srv, err := server.New(o)
 	if err != nil {
 		agent.ReportFailure(ready, err)
 		return err
+	}
+	if engine != nil {
+		choose = engine.Chooser(srv.Forwarder())
 	}
 	usr1 := make(chan os.Signal, 1)
 	signal.Notify(usr1, syscall.SIGUSR1)
