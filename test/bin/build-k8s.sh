@@ -32,7 +32,7 @@ for c in "${@:-${all[@]}}"; do
 done
 
 missing=()
-for c in "${want[@]}"; do [[ -x "$OUT/$c" ]] || missing+=("$c"); done
+for c in "${want[@]}"; do [[ -f "$OUT/$c" && -x "$OUT/$c" ]] || missing+=("$c"); done
 if [[ ${#missing[@]} -eq 0 ]]; then exit 0; fi
 mkdir -p "$OUT"
 # Build in a private folder, then move into place: a half-built binary never
@@ -92,7 +92,9 @@ build_k8s() {
 }
 
 build_etcd() {
-  local dir="$work/etcd"; mkdir -p "$dir"
+  # The module lives in etcd-src: building to "$work/etcd" when that is the
+  # module folder would put the binary inside it and cache a folder.
+  local dir="$work/etcd-src"; mkdir -p "$dir"
   cat > "$dir/main.go" <<'GO'
 package main
 
@@ -107,6 +109,7 @@ GO
   printf 'module meshlet.test/etcd\ngo 1.22\nrequire go.etcd.io/etcd/server/v3 %s\n' "$ETCD_VERSION" > "$dir/go.mod"
   echo "build-k8s.sh: building etcd $ETCD_VERSION" >&2
   (cd "$dir" && go mod tidy >/dev/null && go build -trimpath -ldflags "-s -w" -o "$work/etcd" .)
+  rm -rf "$OUT/etcd"  # a folder left there by an older version of this script
   mv "$work/etcd" "$OUT/etcd"
 }
 
