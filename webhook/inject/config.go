@@ -262,8 +262,8 @@ func parseDrain(s string) (time.Duration, error) {
 	if err != nil {
 		return 0, fmt.Errorf("not a duration (e.g. 5s, 1m30s)")
 	}
-	if d < 0 {
-		return 0, fmt.Errorf("must not be negative")
+	if d <= 0 {
+		return 0, fmt.Errorf("must be positive (the agent's --drain-duration)")
 	}
 	return d, nil
 }

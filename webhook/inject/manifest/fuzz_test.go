@@ -9,7 +9,7 @@ import (
 
 // FuzzTransform feeds arbitrary bytes (YAML, JSON, garbage) to Transform:
 // never a panic; on success, re-injection is byte-identical and uninjection
-// gives back the uninjected input.
+// gives back the uninjected input (as data, in order).
 func FuzzTransform(f *testing.F) {
 	f.Add([]byte("apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  containers:\n  - name: a\n    image: a\n"))
 	f.Add([]byte("kind: Deployment\nspec:\n  template:\n    spec:\n      containers: [{name: x}]\n---\nkind: Service\n"))
@@ -31,10 +31,10 @@ func FuzzTransform(f *testing.F) {
 		if !bytes.Equal(again, out) {
 			t.Fatalf("re-inject changed the output:\n%s\n---- vs\n%s", out, again)
 		}
-		un := Options{Uninject: true}
-		if t := bytes.TrimSpace(data); len(t) > 0 && (t[0] == '{' || t[0] == '[') {
-			un.Format = FormatJSON // JSON in, YAML out: compare as JSON
-		}
+		// Compared as key-ordered JSON: formatting the encoder cannot
+		// reproduce (1-space indentation, JSON in and YAML out) is allowed to
+		// differ here; the golden tests hold realistic files to the byte.
+		un := Options{Uninject: true, Format: FormatJSON}
 		back, _, err := Transform(out, un)
 		if err != nil {
 			t.Fatalf("uninject of our own output failed: %v", err)

@@ -303,6 +303,9 @@ func render(docs []doc, format Format) ([]byte, error) {
 		style := kyaml.DeriveSeqIndentStyle(d.raw)
 		var db bytes.Buffer
 		enc := kyaml.NewEncoderWithOptions(&db, &kyaml.EncoderOptions{SeqIndent: kyaml.SequenceIndentStyle(style)})
+		if !d.json {
+			enc.SetIndent(detectIndent(d.raw))
+		}
 		if err := enc.Encode(d.node); err != nil {
 			return nil, err
 		}
@@ -311,9 +314,15 @@ func render(docs []doc, format Format) ([]byte, error) {
 		}
 		if d.json {
 			buf.Write(db.Bytes())
-		} else {
-			buf.WriteString(restoreText(d.raw, db.String()))
+			continue
 		}
+		restored := restoreText(d.raw, db.String())
+		if !sameYAML(restored, db.String()) {
+			// The restoration must never change the meaning; if it
+			// would, the encoder's text is used as it is.
+			restored = db.String()
+		}
+		buf.WriteString(restored)
 	}
 	return buf.Bytes(), nil
 }
@@ -397,4 +406,59 @@ func toJSONValue(n *kyaml.Node) (any, error) {
 		return toJSONValue(n.Content[0])
 	}
 	return nil, fmt.Errorf("unsupported YAML node kind %v", n.Kind)
+}
+
+// detectIndent returns the mapping indentation of a YAML text: the step from
+// a "key:" line to the first nested key line (2 when unknown or outside the
+// encoder's range 2-9).
+func detectIndent(text string) int {
+	prevIndent, prevOpens := -1, false
+	for _, l := range strings.Split(text, "\n") {
+		t := strings.TrimSpace(l)
+		if t == "" || strings.HasPrefix(t, "#") {
+			continue
+		}
+		ind := len(l) - len(strings.TrimLeft(l, " "))
+		if prevOpens && ind > prevIndent && !strings.HasPrefix(t, "- ") && t != "-" {
+			if step := ind - prevIndent; step >= 2 && step <= 9 {
+				return step
+			}
+			return 2
+		}
+		body := t
+		if i := strings.Index(body, " #"); i >= 0 {
+			body = strings.TrimSpace(body[:i])
+		}
+		prevIndent, prevOpens = ind, strings.HasSuffix(body, ":") && !strings.HasPrefix(body, "- ")
+	}
+	return 2
+}
+
+// sameYAML reports whether two YAML texts hold the same data, in the same
+// key order, with the same comments.
+func sameYAML(a, b string) bool {
+	na, errA := parseYAML(a)
+	nb, errB := parseYAML(b)
+	if errA != nil || errB != nil || na == nil || nb == nil {
+		return false
+	}
+	return sameNode(na, nb)
+}
+
+func sameNode(a, b *kyaml.Node) bool {
+	if a.Kind != b.Kind || a.Value != b.Value || a.ShortTag() != b.ShortTag() || len(a.Content) != len(b.Content) ||
+		strings.TrimSpace(a.HeadComment) != strings.TrimSpace(b.HeadComment) ||
+		strings.TrimSpace(a.LineComment) != strings.TrimSpace(b.LineComment) ||
+		strings.TrimSpace(a.FootComment) != strings.TrimSpace(b.FootComment) {
+		return false
+	}
+	if a.Kind == kyaml.AliasNode {
+		return a.Value == b.Value
+	}
+	for i := range a.Content {
+		if !sameNode(a.Content[i], b.Content[i]) {
+			return false
+		}
+	}
+	return true
 }

@@ -279,6 +279,9 @@ func run(streams cli.Streams, f *flagpole, uninject bool) error {
 			continue
 		}
 		if !first && len(res) > 0 && opts.Format == manifest.FormatYAML {
+			if !bytes.HasSuffix(out.Bytes(), []byte("\n")) {
+				out.WriteByte('\n')
+			}
 			out.WriteString("---\n")
 		}
 		if len(res) > 0 {
