@@ -35,13 +35,13 @@ func FuzzTransform(f *testing.F) {
 		// reproduce (1-space indentation, JSON in and YAML out) is allowed to
 		// differ here; the golden tests hold realistic files to the byte.
 		un := Options{Uninject: true, Format: FormatJSON}
+		orig, _, err := Transform(data, un)
+		if err != nil {
+			return // no JSON form (e.g. a recursive alias)
+		}
 		back, _, err := Transform(out, un)
 		if err != nil {
 			t.Fatalf("uninject of our own output failed: %v", err)
-		}
-		orig, _, err := Transform(data, un)
-		if err != nil {
-			t.Fatalf("uninject of the input failed after inject succeeded: %v", err)
 		}
 		if !bytes.Equal(back, orig) && !bytes.Contains(data, []byte("[]")) && !bytes.Contains(data, []byte("{}")) {
 			// (An explicitly empty list or map that injection fills cannot

@@ -266,7 +266,7 @@ func render(docs []doc, format Format) ([]byte, error) {
 				buf.WriteByte('\n')
 			}
 			first = false
-			v, err := toJSONValue(d.node.Content[0])
+			v, err := toJSONValue(d.node.Content[0], &expansion{active: map[*kyaml.Node]bool{}})
 			if err != nil {
 				return nil, err
 			}
@@ -353,18 +353,35 @@ func (m orderedMap) MarshalJSON() ([]byte, error) {
 	return b.Bytes(), nil
 }
 
+// expansion guards alias expansion against cycles and "billion laughs".
+type expansion struct {
+	active map[*kyaml.Node]bool
+	nodes  int
+}
+
+// maxJSONNodes bounds the size of a document's JSON form.
+const maxJSONNodes = 1 << 20
+
 // toJSONValue converts a YAML node to a value json.Marshal writes in the
 // node's key order.
-func toJSONValue(n *kyaml.Node) (any, error) {
+func toJSONValue(n *kyaml.Node, x *expansion) (any, error) {
+	if x.nodes++; x.nodes > maxJSONNodes {
+		return nil, fmt.Errorf("document expands to more than %d values (aliases)", maxJSONNodes)
+	}
 	switch n.Kind {
 	case kyaml.AliasNode:
-		return toJSONValue(n.Alias)
+		if n.Alias == nil || x.active[n.Alias] {
+			return nil, fmt.Errorf("recursive alias *%s", n.Value)
+		}
+		x.active[n.Alias] = true
+		defer delete(x.active, n.Alias)
+		return toJSONValue(n.Alias, x)
 	case kyaml.MappingNode:
 		m := orderedMap{}
 		seen := map[string]int{}
 		for i := 0; i+1 < len(n.Content); i += 2 {
 			k := n.Content[i].Value
-			v, err := toJSONValue(n.Content[i+1])
+			v, err := toJSONValue(n.Content[i+1], x)
 			if err != nil {
 				return nil, err
 			}
@@ -380,7 +397,7 @@ func toJSONValue(n *kyaml.Node) (any, error) {
 	case kyaml.SequenceNode:
 		out := make([]any, 0, len(n.Content))
 		for _, c := range n.Content {
-			v, err := toJSONValue(c)
+			v, err := toJSONValue(c, x)
 			if err != nil {
 				return nil, err
 			}
@@ -403,7 +420,7 @@ func toJSONValue(n *kyaml.Node) (any, error) {
 		if len(n.Content) == 0 {
 			return nil, nil
 		}
-		return toJSONValue(n.Content[0])
+		return toJSONValue(n.Content[0], x)
 	}
 	return nil, fmt.Errorf("unsupported YAML node kind %v", n.Kind)
 }
