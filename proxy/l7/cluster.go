@@ -435,7 +435,7 @@ func (c *cluster) healthCheck(ctx context.Context, dial DialFunc) {
 	}
 	timeout := hc.Timeout.D
 	if timeout == 0 {
-		timeout = min(interval, time.Second)
+		timeout = time.Second
 	}
 	unhealthyAfter := max(hc.UnhealthyThreshold, 1)
 	if hc.UnhealthyThreshold == 0 {

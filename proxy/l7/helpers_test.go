@@ -182,3 +182,34 @@ func unusedAddr(t testing.TB) string {
 }
 
 func waitFor(ms int) { time.Sleep(time.Duration(ms) * time.Millisecond) }
+
+// fakeResolver answers from memory: tests never resolve names for real.
+type fakeResolver struct {
+	mu    sync.Mutex
+	ips   []netip.Addr
+	err   bool
+	asked string
+}
+
+func (r *fakeResolver) set(ips ...string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.ips = nil
+	for _, s := range ips {
+		r.ips = append(r.ips, netip.MustParseAddr(s))
+	}
+}
+
+func (r *fakeResolver) fail(b bool) { r.mu.Lock(); r.err = b; r.mu.Unlock() }
+
+func (r *fakeResolver) lastHost() string { r.mu.Lock(); defer r.mu.Unlock(); return r.asked }
+
+func (r *fakeResolver) LookupNetIP(_ context.Context, _, host string) ([]netip.Addr, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.asked = host
+	if r.err {
+		return nil, errors.New("fake resolver: lookup failed")
+	}
+	return append([]netip.Addr(nil), r.ips...), nil
+}
