@@ -160,3 +160,66 @@ func TestInjectInvalidAnnotationsAllReported(t *testing.T) {
 		}
 	}
 }
+
+func TestInjectConflictsAndBadConfig(t *testing.T) {
+	cfg := DefaultConfig()
+	p := testPod()
+	p.Spec.Containers = append(p.Spec.Containers, corev1.Container{Name: ContainerProxy, Image: "x"})
+	out, d, err := Inject(p, Namespace{Name: "shop"}, &cfg, Options{})
+	if err == nil || d.Injected || !strings.Contains(err.Error(), ContainerProxy) || !apiequality.Semantic.DeepEqual(out, p) {
+		t.Fatalf("a pod with its own istio-proxy container: %v %+v", err, d)
+	}
+
+	bad := DefaultConfig()
+	bad.Capture.ExcludeInboundPorts = "ssh"
+	bad.Resources.Limits.CPU = "lots"
+	bad.TerminationDrainDuration = "0s"
+	_, d, err = Inject(testPod(), Namespace{Name: "shop"}, &bad, Options{})
+	if err == nil || d.Injected {
+		t.Fatalf("an unvalidated bad config must fail, got %+v", d)
+	}
+	for _, w := range []string{`capture.excludeInboundPorts="ssh"`, `resources.limits.cpu="lots"`, `terminationDrainDuration="0s"`} {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("error lacks %q: %v", w, err)
+		}
+	}
+	if _, _, err := Inject(nil, Namespace{}, &cfg, Options{}); err == nil {
+		t.Error("nil pod accepted")
+	}
+	if _, _, err := Inject(testPod(), Namespace{}, nil, Options{}); err == nil {
+		t.Error("nil config accepted")
+	}
+	if _, err := Uninject(&corev1.Pod{ObjectMeta: metav1.ObjectMeta{Annotations: map[string]string{AnnotationStatus: "{"}}}); err == nil || !strings.Contains(err.Error(), AnnotationStatus) {
+		t.Errorf("bad status annotation: %v", err)
+	}
+}
+
+func TestCaptureArgsFromAnnotations(t *testing.T) {
+	cfg := DefaultConfig()
+	p := testPod()
+	p.Annotations = map[string]string{
+		AnnotationIncludeInboundPorts:     "8080, 9090",
+		AnnotationExcludeInboundPorts:     "8081,22,15020",
+		AnnotationIncludeOutboundIPRanges: "10.0.0.0/8,fd00::/8",
+		AnnotationExcludeOutboundIPRanges: "10.96.0.1/32",
+		AnnotationIncludeOutboundPorts:    "443",
+		AnnotationExcludeOutboundPorts:    "3306,5432",
+		AnnotationExcludeInterfaces:       "eth1,net1",
+		AnnotationInterceptionMode:        "TPROXY",
+		AnnotationNativeSidecar:           "false",
+	}
+	out, _, err := Inject(p, Namespace{Name: "shop"}, &cfg, Options{AutoNativeSidecar: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"init", "-p", "15001", "-z", "15006", "-u", "1337", "-g", "1337", "-m", "TPROXY",
+		"-i", "10.0.0.0/8,fd00::/8", "-x", "10.96.0.1/32", "-b", "8080,9090", "-d", "22,8081,15020,15090,15021",
+		"-q", "443", "-o", "3306,5432", "-c", "eth1,net1"}
+	initC := out.Spec.InitContainers[len(out.Spec.InitContainers)-1]
+	if initC.Name != ContainerInit || !slices.Equal(initC.Args, want) {
+		t.Fatalf("istio-init %s args\n got %q\nwant %q", initC.Name, initC.Args, want)
+	}
+	if proxy := out.Spec.Containers[len(out.Spec.Containers)-1]; proxy.Name != ContainerProxy || *proxy.SecurityContext.RunAsUser != 0 || *proxy.SecurityContext.RunAsGroup != 1337 {
+		t.Fatalf("TPROXY proxy must run as root with GID 1337: %+v", proxy.SecurityContext)
+	}
+}
