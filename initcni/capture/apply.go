@@ -11,6 +11,9 @@ import (
 	"os/exec"
 	"slices"
 	"strings"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // Backend is the iptables userspace flavour.
@@ -356,6 +359,11 @@ func Apply(ctx context.Context, c Config, t Target) (Result, error) {
 			if err := check(ctx, res.Backend, rs); err != nil {
 				return err
 			}
+			if f == IPv6 {
+				if err := ensurePassthroughAddr(); err != nil {
+					return err
+				}
+			}
 			log.Info("capture rules applied", "family", f.String(), "rules", len(rs.Rules))
 		}
 		return nil
@@ -437,6 +445,7 @@ func Cleanup(ctx context.Context, t Target) error {
 				t.log().Info("capture rules removed", "backend", b, "family", f.String())
 			}
 		}
+		removePassthroughAddr()
 		return errors.Join(errs...)
 	})
 	if err != nil {
@@ -469,6 +478,27 @@ func cleanupInput(st natState) string {
 	}
 	b.WriteString("COMMIT\n")
 	return b.String()
+}
+
+// passthroughV6 is assigned to lo so the proxy can use ::6 as the source of
+// inbound passthrough connections (127.0.0.6 is loopback already; ::6 is not).
+var passthroughV6 = &net.IPNet{IP: net.ParseIP("::6"), Mask: net.CIDRMask(128, 128)}
+
+func ensurePassthroughAddr() error {
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		return fmt.Errorf("finding lo: %w", err)
+	}
+	if err := netlink.AddrReplace(lo, &netlink.Addr{IPNet: passthroughV6, Flags: unix.IFA_F_NODAD}); err != nil {
+		return fmt.Errorf("adding ::6/128 to lo: %w", err)
+	}
+	return nil
+}
+
+func removePassthroughAddr() {
+	if lo, err := netlink.LinkByName("lo"); err == nil {
+		_ = netlink.AddrDel(lo, &netlink.Addr{IPNet: passthroughV6})
+	}
 }
 
 func nsName(p string) string {

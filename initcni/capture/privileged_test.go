@@ -19,39 +19,73 @@ import (
 	"github.com/meshlet/meshlet/test/netlab"
 )
 
-// TestMain doubles as the dialer child: with MLCAP_DIAL set the test binary
-// dials that address (from MLCAP_SRC if set), prints the first line the
-// server sends and exits. Tests start it inside a pod netns as a given
-// UID/GID, because capture depends on the socket owner.
+// TestMain doubles as the dialer child: with MLCAP_DIALS set
+// ("src|addr;src|addr;…") the test binary dials each address in turn (from
+// src if not empty), prints the first line each server sends (or
+// "error: …") one per line, and exits. Tests start it inside a pod netns as
+// a given UID/GID, because capture depends on the socket owner; one child
+// per identity keeps process start-ups few.
 func TestMain(m *testing.M) {
-	if addr := os.Getenv("MLCAP_DIAL"); addr != "" {
-		d := net.Dialer{Timeout: 3 * time.Second}
-		if src := os.Getenv("MLCAP_SRC"); src != "" {
-			d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(src)}
+	if dials, ok := os.LookupEnv("MLCAP_DIALS"); ok {
+		for _, d := range strings.Split(dials, ";") {
+			src, addr, _ := strings.Cut(d, "|")
+			fmt.Println(dialOnce(src, addr))
 		}
-		c, err := d.Dial("tcp", addr)
-		if err != nil {
-			fmt.Printf("error: %v\n", err)
-			os.Exit(3)
-		}
-		line, _ := bufio.NewReader(c).ReadString('\n')
-		fmt.Print(line)
 		os.Exit(0)
 	}
-	os.Exit(m.Run())
+	code := m.Run()
+	netlab.RemoveSelfCopy()
+	os.Exit(code)
 }
 
-// dialAs dials addr from inside ns as uid/gid (optionally from src) and
-// returns the server's first line.
-func dialAs(t *testing.T, ns *netlab.NS, uid, gid int, src, addr string) string {
-	t.Helper()
-	cmd := exec.Command(netlab.SelfCopy(t))
-	cmd.Env = []string{"MLCAP_DIAL=" + addr, "MLCAP_SRC=" + src}
-	out, err := ns.Run(cmd, uid, gid)
+func dialOnce(src, addr string) string {
+	d := net.Dialer{Timeout: 3 * time.Second}
+	if src != "" {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(src)}
+	}
+	c, err := d.Dial("tcp", addr)
 	if err != nil {
 		return "error: " + err.Error()
 	}
-	return strings.TrimSpace(string(out))
+	defer c.Close()
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return "error: reading: " + err.Error()
+	}
+	return strings.TrimSpace(line)
+}
+
+// dial is one connection attempt of a batch.
+type dial struct{ src, addr string }
+
+// dialAs makes the dials from inside ns as uid/gid (in one child process;
+// uid -1 dials in-process as root) and returns each server's first line.
+func dialAs(t *testing.T, ns *netlab.NS, uid, gid int, dials []dial) []string {
+	t.Helper()
+	if uid < 0 && gid < 0 {
+		var out []string
+		for _, d := range dials {
+			var got string
+			_ = ns.Do(func() error { got = dialOnce(d.src, d.addr); return nil })
+			out = append(out, got)
+		}
+		return out
+	}
+	var spec []string
+	for _, d := range dials {
+		spec = append(spec, d.src+"|"+d.addr)
+	}
+	cmd := exec.Command(netlab.SelfCopy(t))
+	cmd.Env = []string{"MLCAP_DIALS=" + strings.Join(spec, ";")}
+	out, err := ns.Run(cmd, uid, gid)
+	if err != nil {
+		t.Fatalf("dialer as %d/%d: %v", uid, gid, err)
+	}
+	lines := strings.Split(strings.TrimRight(string(out), "\n"), "\n")
+	if len(lines) != len(dials) {
+		t.Fatalf("dialer printed %d lines for %d dials: %s", len(lines), len(dials), out)
+	}
+	return lines
 }
 
 // serve accepts on l and answers every connection with one line: name, and

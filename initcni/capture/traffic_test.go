@@ -20,9 +20,6 @@ func TestPrivilegedTraffic(t *testing.T) {
 	pod := netlab.NewNS(t, "mlcap-")
 	netlab.Veth(t, client, "c0", []string{"10.211.1.1/24", "10.211.1.3/24", "fd00:211:1::1/64", "fd00:211:1::3/64"},
 		pod, "eth0", []string{"10.211.1.2/24", "fd00:211:1::2/64"})
-	if err := pod.AddAddr("lo", "::6/128"); err != nil { // the proxy's IPv6 inbound passthrough source
-		t.Fatal(err)
-	}
 	cfg := mustConfig(t, func(o *capture.Options) {
 		o.OutboundIPRangesExclude = "10.211.1.3/32,fd00:211:1::3/128"
 		o.OutboundPortsExclude = "9001"
@@ -84,11 +81,32 @@ func TestPrivilegedTraffic(t *testing.T) {
 				steps = append(steps, step{fmt.Sprintf("inbound port %d reaches the port", p), client, -1, -1, "",
 					fmt.Sprintf("%s:%d", fam.pod, p), fmt.Sprintf("app-%d", p)})
 			}
-			for _, s := range steps {
-				got := dialAs(t, s.from, s.uid, s.gid, s.src, s.addr)
-				if got != s.want {
-					t.Errorf("%s: dial %s (uid %d gid %d src %q from %s): got %q, want %q",
-						s.name, s.addr, s.uid, s.gid, s.src, s.from.Name, got, s.want)
+			// Batch the steps per (netns, uid, gid): one dialer process each.
+			type who struct {
+				ns       *netlab.NS
+				uid, gid int
+			}
+			groups := map[who][]int{}
+			var order []who
+			for i, s := range steps {
+				k := who{s.from, s.uid, s.gid}
+				if _, ok := groups[k]; !ok {
+					order = append(order, k)
+				}
+				groups[k] = append(groups[k], i)
+			}
+			for _, k := range order {
+				var dials []dial
+				for _, i := range groups[k] {
+					dials = append(dials, dial{steps[i].src, steps[i].addr})
+				}
+				got := dialAs(t, k.ns, k.uid, k.gid, dials)
+				for j, i := range groups[k] {
+					s := steps[i]
+					if got[j] != s.want {
+						t.Errorf("%s: dial %s (uid %d gid %d src %q from %s): got %q, want %q",
+							s.name, s.addr, s.uid, s.gid, s.src, s.from.Name, got[j], s.want)
+					}
 				}
 			}
 		})
@@ -99,7 +117,7 @@ func TestPrivilegedTraffic(t *testing.T) {
 	if err := capture.Cleanup(t.Context(), capture.Target{NetnsPath: pod.Path}); err != nil {
 		t.Fatal(err)
 	}
-	if got := dialAs(t, pod, app, app, "", "10.211.1.1:9000"); got != "upstream-9000" {
+	if got := dialAs(t, pod, app, app, []dial{{"", "10.211.1.1:9000"}})[0]; got != "upstream-9000" {
 		t.Errorf("after cleanup: got %q", got)
 	}
 	out, _ := pod.Run(exec.Command("iptables-save", "-t", "nat"), -1, -1)

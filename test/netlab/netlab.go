@@ -329,10 +329,18 @@ var (
 	selfErr  error
 )
 
+// RemoveSelfCopy deletes the copy SelfCopy made, if any; call it from
+// TestMain after m.Run.
+func RemoveSelfCopy() {
+	if selfPath != "" {
+		_ = os.RemoveAll(filepath.Dir(selfPath))
+	}
+}
+
 // SelfCopy returns a copy of the running test binary that any UID may
 // execute (go test's build directory is private to root), for tests that
 // re-exec themselves as a child process with another UID. The copy is made
-// once per test binary and left in a mlcap-/netlab- temp dir.
+// once per test binary in a netlab-self-* temp dir; RemoveSelfCopy deletes it.
 func SelfCopy(t testing.TB) string {
 	t.Helper()
 	selfOnce.Do(func() {

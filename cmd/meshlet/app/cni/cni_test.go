@@ -31,7 +31,9 @@ func TestMain(m *testing.M) {
 		cmd.SetArgs([]string{})
 		os.Exit(cli.ExitCode(cmd.Execute(), os.Stderr))
 	}
-	os.Exit(m.Run())
+	code := m.Run()
+	netlab.RemoveSelfCopy()
+	os.Exit(code)
 }
 
 // pluginDir returns a CNI bin dir holding meshlet-cni. With MESHLET_BIN set

@@ -28,7 +28,9 @@ func TestMain(m *testing.M) {
 		os.Stderr.Write(stderr.Bytes())
 		os.Exit(cli.ExitCode(err, os.Stderr))
 	}
-	os.Exit(m.Run())
+	code := m.Run()
+	netlab.RemoveSelfCopy()
+	os.Exit(code)
 }
 
 func runInit(ctx context.Context, args []string, out, errw *bytes.Buffer) error {
