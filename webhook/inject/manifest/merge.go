@@ -72,8 +72,39 @@ func restoreText(orig, out string) string {
 // of b[b], b<0 a deletion of a[a].
 type edit struct{ a, b int }
 
-// diffLines is Myers' O(ND) diff.
+// diffLines is Myers' O(ND) diff, after matching the common prefix and
+// suffix directly.
 func diffLines(a, b []string) []edit {
+	pre := 0
+	for pre < len(a) && pre < len(b) && a[pre] == b[pre] {
+		pre++
+	}
+	suf := 0
+	for suf < len(a)-pre && suf < len(b)-pre && a[len(a)-1-suf] == b[len(b)-1-suf] {
+		suf++
+	}
+	out := make([]edit, 0, len(b)+len(a)/4)
+	for i := 0; i < pre; i++ {
+		out = append(out, edit{i, i})
+	}
+	for _, e := range myers(a[pre:len(a)-suf], b[pre:len(b)-suf]) {
+		if e.a >= 0 {
+			e.a += pre
+		}
+		if e.b >= 0 {
+			e.b += pre
+		}
+		out = append(out, e)
+	}
+	for i := suf; i > 0; i-- {
+		out = append(out, edit{len(a) - i, len(b) - i})
+	}
+	return out
+}
+
+// myers is Myers' O(ND) diff; the trace keeps only the diagonals each step
+// can reach.
+func myers(a, b []string) []edit {
 	n, m := len(a), len(b)
 	max := n + m
 	off := max + 1
@@ -82,7 +113,9 @@ func diffLines(a, b []string) []edit {
 	var dEnd int
 outer:
 	for d := 0; d <= max; d++ {
-		trace = append(trace, append([]int(nil), v...))
+		// v before step d is only read on diagonals -d..d.
+		lo, hi := off-d, off+d+1
+		trace = append(trace, append([]int(nil), v[lo:hi]...))
 		for k := -d; k <= d; k += 2 {
 			var x int
 			if k == -d || (k != d && v[off+k-1] < v[off+k+1]) {
@@ -106,15 +139,16 @@ outer:
 	var rev []edit
 	x, y := n, m
 	for d := dEnd; d > 0; d-- {
-		vp := trace[d]
+		snap := trace[d]
+		vp := func(k int) int { return snap[k+d] }
 		k := x - y
 		var pk int
-		if k == -d || (k != d && vp[off+k-1] < vp[off+k+1]) {
+		if k == -d || (k != d && vp(k-1) < vp(k+1)) {
 			pk = k + 1
 		} else {
 			pk = k - 1
 		}
-		px := vp[off+pk]
+		px := vp(pk)
 		py := px - pk
 		for x > px && y > py {
 			x--
