@@ -130,7 +130,7 @@ clusters:
 `, addr))
 	for _, port := range []string{"7070", "7071"} { // declared grpc, and detected
 		t.Run("port"+port, func(t *testing.T) {
-			tp := startProxy(t, cfg, "10.0.0.9:"+port, Outbound)
+			tp := startProxy(t, cfg, "127.0.0.1:"+port, Outbound)
 			cc := grpcConn(t, tp.addr, "echo")
 			ctx := t.Context()
 

@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -26,6 +27,22 @@ type reqState struct {
 	err      error
 	deadline time.Time
 	grpc     bool
+	bodyErr  atomic.Bool // a downstream request body read failed (not EOF)
+}
+
+// downstreamBody records request body read errors (malformed chunking,
+// client reset) to tell downstream faults from upstream ones.
+type downstreamBody struct {
+	io.ReadCloser
+	st *reqState
+}
+
+func (b *downstreamBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err != nil && err != io.EOF {
+		b.st.bodyErr.Store(true)
+	}
+	return n, err
 }
 
 type stateKey struct{}
@@ -129,6 +146,10 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		r = p.mirror(r, rt)
 	}
 	rt.budgetDeposit()
+	if r.Body != nil && r.Body != http.NoBody {
+		// Remember a downstream body error so it is answered 400, not 502.
+		r.Body = &downstreamBody{ReadCloser: r.Body, st: st}
+	}
 	ctx = context.WithValue(ctx, stateKey{}, st)
 	if tc != nil && isUpgrade(r) {
 		p.hijacked.Store(tc, struct{}{})
@@ -324,6 +345,8 @@ func (p *Proxy) errorHandler(w http.ResponseWriter, r *http.Request, err error) 
 	status, code, flag, msg := http.StatusBadGateway, 14, "UC", "upstream connection reset"
 	var ce *connectError
 	switch {
+	case st != nil && st.bodyErr.Load():
+		status, code, flag, msg = http.StatusBadRequest, 13, "DPE", "malformed request body"
 	case errors.Is(err, errOverflow), errors.Is(err, errPendingFull):
 		status, code, flag, msg = http.StatusServiceUnavailable, 14, "UO", err.Error()
 		w.Header().Set("X-Meshlet-Overflow", "true")

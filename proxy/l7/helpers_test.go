@@ -48,7 +48,7 @@ func (s *syncBuffer) String() string {
 func startProxy(t testing.TB, cfg Config, dst string, dir Direction, opts ...func(*Options)) *testProxy {
 	t.Helper()
 	tp := &testProxy{log: &syncBuffer{}, dir: dir}
-	o := Options{AccessLog: tp.log}
+	o := Options{AccessLog: tp.log, Dial: loopbackOnly(t)}
 	for _, f := range opts {
 		f(&o)
 	}
@@ -212,4 +212,18 @@ func (r *fakeResolver) LookupNetIP(_ context.Context, _, host string) ([]netip.A
 		return nil, errors.New("fake resolver: lookup failed")
 	}
 	return append([]netip.Addr(nil), r.ips...), nil
+}
+
+// loopbackOnly is the tests' upstream dialer: anything but loopback fails the
+// test (tests never send traffic off the machine).
+func loopbackOnly(t testing.TB) DialFunc {
+	d := &net.Dialer{}
+	return func(ctx context.Context, _ Direction, network, addr string) (net.Conn, error) {
+		ap, err := netip.ParseAddrPort(addr)
+		if err != nil || !ap.Addr().IsLoopback() {
+			t.Errorf("test tried to dial non-loopback %q", addr)
+			return nil, fmt.Errorf("refusing non-loopback %q in tests", addr)
+		}
+		return d.DialContext(ctx, network, addr)
+	}
 }

@@ -142,7 +142,7 @@ clusters:
   - {name: stable, labels: {track: stable}}
   - {name: canary, labels: {track: canary}}
 `, v1.addr, v2.addr))
-	tp := startProxy(t, cfg, "10.0.0.1:80", Outbound)
+	tp := startProxy(t, cfg, "127.0.0.1:80", Outbound)
 	c := h1Client()
 	const n = 2000
 	canary := 0
