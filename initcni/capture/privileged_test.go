@@ -401,3 +401,32 @@ func BenchmarkPrivilegedApplyDefault(b *testing.B) {
 		b.StartTimer()
 	}
 }
+
+// BenchmarkPrivilegedRestoreOnlyBaseline is the floor for
+// BenchmarkPrivilegedApplyDefault: the same default rules fed to one
+// `iptables-nft-restore --noflush` run inside a fresh namespace,
+// with no probe and no read-back.
+func BenchmarkPrivilegedRestoreOnlyBaseline(b *testing.B) {
+	netlab.Require(b)
+	input := capture.Rules(mustConfig(b, nil), capture.IPv4).Render()
+	b.ReportAllocs()
+	for b.Loop() {
+		b.StopTimer()
+		ns, err := netlab.Create("mlcap-")
+		if err != nil {
+			b.Fatal(err)
+		}
+		cmd := exec.Command("iptables-nft-restore", "--noflush")
+		cmd.Stdin = strings.NewReader(input)
+		b.StartTimer()
+		err = ns.Do(cmd.Run)
+		b.StopTimer()
+		if derr := ns.Delete(); derr != nil {
+			b.Fatal(derr)
+		}
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+	}
+}
