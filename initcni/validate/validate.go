@@ -12,6 +12,10 @@
 // inbound capture port with original destination 127.0.0.6:15002. Without
 // capture the dial is refused. Run as any other UID the loopback rules leave
 // the connection alone by design, so the probe refuses to run then.
+//
+// IPv6: ::6 is the passthrough source and exempt, so when the namespace has a
+// global IPv6 address (and IPv6 is not off) the probe also dials that
+// address on port 15002 over lo and expects the same redirect.
 package validate
 
 import (
@@ -39,10 +43,14 @@ var ErrWrongIdentity = errors.New("validation must run as the proxy UID or GID")
 
 // Options tune the probe. Zero values mean defaults.
 type Options struct {
-	// ProbeAddr is the address dialled (default 127.0.0.6:15002).
+	// ProbeAddr is the IPv4 address dialled (default 127.0.0.6:15002).
 	ProbeAddr netip.AddrPort
-	// Timeout bounds the whole probe (default 10s); the dial is retried
-	// until then so rules installed a moment later still count.
+	// ProbeAddr6 is the IPv6 address dialled when the config has IPv6 rules
+	// (default: the namespace's first global IPv6 address, port 15002; none
+	// means IPv6 is not probed).
+	ProbeAddr6 netip.AddrPort
+	// Timeout bounds each probe (default 10s); the dial is retried until
+	// then so rules installed a moment later still count.
 	Timeout time.Duration
 	// UID and GID are the identity to check against the config (default
 	// the process's own).
@@ -51,15 +59,27 @@ type Options struct {
 
 // Result is what the probe saw.
 type Result struct {
-	ListenPort   uint16         // port the redirected connection arrived on
+	ListenPort   uint16         // port the redirected IPv4 probe arrived on
 	OriginalDest netip.AddrPort // its SO_ORIGINAL_DST
-	Attempts     int
+	// OriginalDest6 is the IPv6 probe's original destination, when probed.
+	OriginalDest6 netip.AddrPort
+	Attempts      int
+}
+
+type accepted struct {
+	port uint16
+	conn *net.TCPConn
 }
 
 // Run validates capture for c in the current network namespace.
 func Run(ctx context.Context, c capture.Config, o Options) (Result, error) {
 	if !o.ProbeAddr.IsValid() {
 		o.ProbeAddr = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.6"), capture.ValidationPort)
+	}
+	if !o.ProbeAddr6.IsValid() && c.IPv6 != capture.IPv6Off {
+		if a, ok := globalIPv6(); ok {
+			o.ProbeAddr6 = netip.AddrPortFrom(a, capture.ValidationPort)
+		}
 	}
 	if o.Timeout == 0 {
 		o.Timeout = 10 * time.Second
@@ -70,13 +90,7 @@ func Run(ctx context.Context, c capture.Config, o Options) (Result, error) {
 	if !slices.Contains(c.ProxyUIDs, uint32(o.UID)) && !slices.Contains(c.ProxyGIDs, uint32(o.GID)) {
 		return Result{}, fmt.Errorf("%w: running as uid %d gid %d, proxy UIDs %v GIDs %v", ErrWrongIdentity, o.UID, o.GID, c.ProxyUIDs, c.ProxyGIDs)
 	}
-	ctx, cancel := context.WithTimeout(ctx, o.Timeout)
-	defer cancel()
 
-	type accepted struct {
-		port uint16
-		conn *net.TCPConn
-	}
 	got := make(chan accepted, 4)
 	var lns []net.Listener
 	defer func() {
@@ -85,7 +99,8 @@ func Run(ctx context.Context, c capture.Config, o Options) (Result, error) {
 		}
 	}()
 	for _, p := range []uint16{c.InboundCapturePort, c.ProxyPort} {
-		l, err := net.Listen("tcp4", net.JoinHostPort("0.0.0.0", strconv.Itoa(int(p))))
+		// "tcp" on the wildcard is dual stack where IPv6 exists.
+		l, err := net.Listen("tcp", net.JoinHostPort("", strconv.Itoa(int(p))))
 		if err != nil {
 			return Result{}, fmt.Errorf("listening on capture port %d: %w", p, err)
 		}
@@ -102,11 +117,27 @@ func Run(ctx context.Context, c capture.Config, o Options) (Result, error) {
 	}
 
 	var res Result
+	var err error
+	res.ListenPort, res.OriginalDest, err = probe(ctx, c, o.ProbeAddr, o.Timeout, got, &res.Attempts)
+	if err != nil {
+		return res, err
+	}
+	if o.ProbeAddr6.IsValid() {
+		_, res.OriginalDest6, err = probe(ctx, c, o.ProbeAddr6, o.Timeout, got, &res.Attempts)
+	}
+	return res, err
+}
+
+// probe dials addr until it is redirected to the inbound capture port with
+// addr as original destination, or the timeout passes.
+func probe(ctx context.Context, c capture.Config, addr netip.AddrPort, timeout time.Duration, got <-chan accepted, attempts *int) (uint16, netip.AddrPort, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
 	var lastErr error
 	d := net.Dialer{Timeout: time.Second}
 	for ctx.Err() == nil {
-		res.Attempts++
-		conn, err := d.DialContext(ctx, "tcp4", o.ProbeAddr.String())
+		*attempts++
+		conn, err := d.DialContext(ctx, "tcp", addr.String())
 		if err != nil {
 			lastErr = err
 			select {
@@ -121,26 +152,49 @@ func Run(ctx context.Context, c capture.Config, o Options) (Result, error) {
 		case a = <-got:
 		case <-ctx.Done():
 			conn.Close()
-			return res, fmt.Errorf("%w: dial %s succeeded but no capture port accepted it (something listens on the probe port?)", ErrCaptureNotWorking, o.ProbeAddr)
+			return 0, netip.AddrPort{}, fmt.Errorf("%w: dial %s succeeded but no capture port accepted it (something listens on the probe port?)", ErrCaptureNotWorking, addr)
 		}
 		conn.Close()
 		if a.conn.RemoteAddr().String() != local {
 			a.conn.Close()
 			continue // a stray connection; try again
 		}
-		res.ListenPort = a.port
-		res.OriginalDest, err = origdst.Get(a.conn)
+		od, err := origdst.Get(a.conn)
 		a.conn.Close()
 		if err != nil {
-			return res, fmt.Errorf("%w: connection arrived on port %d but has no original destination: %v", ErrCaptureNotWorking, a.port, err)
+			return a.port, od, fmt.Errorf("%w: probe to %s arrived on port %d but has no original destination: %v", ErrCaptureNotWorking, addr, a.port, err)
 		}
-		if res.ListenPort != c.InboundCapturePort {
-			return res, fmt.Errorf("%w: probe to %s arrived on port %d, want inbound capture port %d", ErrCaptureNotWorking, o.ProbeAddr, a.port, c.InboundCapturePort)
+		od = netip.AddrPortFrom(od.Addr().Unmap(), od.Port())
+		if a.port != c.InboundCapturePort {
+			return a.port, od, fmt.Errorf("%w: probe to %s arrived on port %d, want inbound capture port %d", ErrCaptureNotWorking, addr, a.port, c.InboundCapturePort)
 		}
-		if res.OriginalDest != o.ProbeAddr {
-			return res, fmt.Errorf("%w: original destination %s, want %s", ErrCaptureNotWorking, res.OriginalDest, o.ProbeAddr)
+		if od != addr {
+			return a.port, od, fmt.Errorf("%w: probe to %s has original destination %s", ErrCaptureNotWorking, addr, od)
 		}
-		return res, nil
+		return a.port, od, nil
 	}
-	return res, fmt.Errorf("%w: probe to %s was not redirected to port %d within %s after %d attempts: %v", ErrCaptureNotWorking, o.ProbeAddr, c.InboundCapturePort, o.Timeout, res.Attempts, lastErr)
+	return 0, netip.AddrPort{}, fmt.Errorf("%w: probe to %s was not redirected to port %d within %s (%d attempts so far): %v", ErrCaptureNotWorking, addr, c.InboundCapturePort, timeout, *attempts, lastErr)
+}
+
+// globalIPv6 returns the first global IPv6 address on a non-loopback
+// interface of the current namespace.
+func globalIPv6() (netip.Addr, bool) {
+	ifs, err := net.Interfaces()
+	if err != nil {
+		return netip.Addr{}, false
+	}
+	for _, ifc := range ifs {
+		if ifc.Flags&net.FlagLoopback != 0 {
+			continue
+		}
+		addrs, _ := ifc.Addrs()
+		for _, a := range addrs {
+			if ipn, ok := a.(*net.IPNet); ok && ipn.IP.To4() == nil && ipn.IP.IsGlobalUnicast() {
+				if ad, ok := netip.AddrFromSlice(ipn.IP); ok {
+					return ad, true
+				}
+			}
+		}
+	}
+	return netip.Addr{}, false
 }

@@ -176,7 +176,7 @@ func run(cmd *cobra.Command, streams cli.Streams, fp *flagpole) error {
 		if err != nil {
 			return err
 		}
-		log.Info("capture validated", "port", res.ListenPort, "originalDst", res.OriginalDest.String(), "attempts", res.Attempts)
+		log.Info("capture validated", "port", res.ListenPort, "originalDst", res.OriginalDest.String(), "originalDst6", res.OriginalDest6.String(), "attempts", res.Attempts)
 		return nil
 	}
 	if _, err := capture.Apply(ctx, cfg, target); err != nil {

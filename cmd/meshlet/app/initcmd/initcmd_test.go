@@ -177,6 +177,29 @@ func TestPrivilegedValidate(t *testing.T) {
 	if code, msg := run(captured, 1337, 1337, strings.Fields("-p 15001 -z 15006 -u 1337 -g 1337 -m REDIRECT -i * -b * -d 22,15090,15021,15020")...); code != 0 {
 		t.Errorf("validate with injector flags: exit %d: %s", code, msg)
 	}
+	// Dual stack: the pod has a global IPv6 address, so both families are
+	// probed; rules for IPv4 only must fail validation.
+	peer := netlab.NewNS(t, "mlcap-")
+	dual := netlab.NewNS(t, "mlcap-")
+	netlab.Veth(t, peer, "p0", []string{"10.211.80.1/24", "fd00:211:80::1/64"}, dual, "eth0", []string{"10.211.80.2/24", "fd00:211:80::2/64"})
+	if err := runInit(t.Context(), []string{"--netns", dual.Path}, &out, &errb); err != nil {
+		t.Fatal(err)
+	}
+	if code, msg := run(dual, 1337, 1337); code != 0 || !strings.Contains(msg, "originalDst6=[fd00:211:80::2]:15002") {
+		t.Errorf("dual-stack validate: exit %d: %s", code, msg)
+	}
+	v4only := netlab.NewNS(t, "mlcap-")
+	netlab.Veth(t, peer, "p1", []string{"10.211.81.1/24", "fd00:211:81::1/64"}, v4only, "eth0", []string{"10.211.81.2/24", "fd00:211:81::2/64"})
+	if err := runInit(t.Context(), []string{"--netns", v4only.Path, "--ipv6", "off"}, &out, &errb); err != nil {
+		t.Fatal(err)
+	}
+	if code, msg := run(v4only, 1337, 1337); code != initcmd.ExitValidationFailed || !strings.Contains(msg, "fd00:211:81::2") {
+		t.Errorf("validate with IPv4-only rules in a dual-stack pod: exit %d, want %d: %s", code, initcmd.ExitValidationFailed, msg)
+	}
+	if code, msg := run(v4only, 1337, 1337, "--ipv6", "off"); code != 0 {
+		t.Errorf("validate --ipv6 off with IPv4-only rules: exit %d: %s", code, msg)
+	}
+
 	bare := netlab.NewNS(t, "mlcap-")
 	if code, msg := run(bare, 1337, 1337); code != initcmd.ExitValidationFailed || !strings.Contains(msg, "not working") {
 		t.Errorf("validate without rules: exit %d, want %d: %s", code, initcmd.ExitValidationFailed, msg)
