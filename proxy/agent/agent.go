@@ -134,6 +134,8 @@ type Agent struct {
 	// counters in the shared region
 	reloadOK, reloadFail, crashes, gensStarted *stats.Counter
 
+	healthURL, promURL string // set in New, read-only after
+
 	mu   sync.Mutex // guards info
 	info Info
 }
@@ -194,6 +196,8 @@ func New(o Options) (*Agent, error) {
 		a.closeSocks()
 		return nil, fmt.Errorf("binding status listener %s: %w", o.StatusAddr, err)
 	}
+	a.healthURL = a.localURL(fdHealth, "/healthz/ready")
+	a.promURL = a.localURL(fdPrometheus, "/stats/prometheus")
 	a.reloadOK = a.region.Counter(`meshlet_agent_reloads_total{result="success"}`)
 	a.reloadFail = a.region.Counter(`meshlet_agent_reloads_total{result="failure"}`)
 	a.crashes = a.region.Counter(`meshlet_agent_generation_crashes_total`)

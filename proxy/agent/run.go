@@ -350,7 +350,7 @@ func (a *Agent) onExit(st *runState, pid int, ws unix.WaitStatus) {
 
 func exitString(ws unix.WaitStatus) string {
 	if ws.Signaled() {
-		return "killed by " + ws.Signal().String()
+		return "signal: " + ws.Signal().String()
 	}
 	return fmt.Sprintf("exit code %d", ws.ExitStatus())
 }
@@ -414,9 +414,22 @@ func (a *Agent) beginShutdown(st *runState) {
 	}
 }
 
+// killAll kills every generation and waits (briefly) until they are gone,
+// so none outlives the agent.
 func (a *Agent) killAll(st *runState) {
 	for _, g := range st.gens {
 		_ = g.proc.Signal(syscall.SIGKILL)
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for _, g := range st.gens {
+		for time.Now().Before(deadline) {
+			var ws unix.WaitStatus
+			pid, err := unix.Wait4(g.pid, &ws, unix.WNOHANG, nil)
+			if pid == g.pid || err == unix.ECHILD {
+				break
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
 	}
 }
 

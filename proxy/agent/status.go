@@ -38,7 +38,7 @@ func (a *Agent) Ready() bool {
 	if !ready {
 		return false
 	}
-	u := a.localURL(fdHealth, "/healthz/ready")
+	u := a.healthURL
 	if u == "" {
 		return true
 	}
@@ -107,7 +107,7 @@ func (a *Agent) statusMux() http.Handler {
 // counters), the agent's gauges and, if configured, the application's.
 func (a *Agent) writeMetrics(w io.Writer) {
 	proxied := false
-	if u := a.localURL(fdPrometheus, "/stats/prometheus"); u != "" {
+	if u := a.promURL; u != "" {
 		if resp, err := statusClient.Get(u); err == nil {
 			if resp.StatusCode == http.StatusOK {
 				_, _ = io.Copy(w, resp.Body)

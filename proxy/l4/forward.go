@@ -62,7 +62,9 @@ type Forwarder struct {
 	Metrics [2]*Metrics
 	Log     *slog.Logger
 	// QuietPeriod is how long both directions must be silent before a
-	// draining connection is closed; 0: 20ms.
+	// draining connection is closed; 0: 1ms (TCP_INFO's resolution). Longer
+	// periods never close connections that are busy but idle between
+	// requests (keep-alive at a few ms per request).
 	QuietPeriod time.Duration
 }
 
@@ -96,7 +98,7 @@ func (f *Forwarder) Forward(ctx context.Context, c *Conn, prefix []byte) error {
 		}
 		m.BytesReceived.Add(uint64(len(prefix)))
 	}
-	return f.relay(ctx, c, up, opts, m)
+	return f.relay(ctx, c, up, prefix, opts, m)
 }
 
 func (f *Forwarder) dial(ctx context.Context, opts DirectionOptions, dst netip.AddrPort) (*net.TCPConn, error) {
@@ -122,10 +124,22 @@ func (f *Forwarder) dial(ctx context.Context, opts DirectionOptions, dst netip.A
 // *net.TCPConn, which the runtime turns into splice(2); at EOF the write
 // side of the other connection is shut down (half-close), so protocols that
 // half-close work end to end.
-func (f *Forwarder) relay(ctx context.Context, c *Conn, up *net.TCPConn, opts DirectionOptions, m *Metrics) error {
+//
+// While draining, a connection that carries HTTP/1 (judged from the
+// client's first bytes) is closed as soon as it is quiescent between a
+// response and the next request, which HTTP/1.1 allows and clients retry;
+// any other stream runs until it ends or the drain deadline cancels ctx.
+func (f *Forwarder) relay(ctx context.Context, c *Conn, up *net.TCPConn, prefix []byte, opts DirectionOptions, m *Metrics) error {
 	client := c.Client
 	done := make(chan error, 2)
+	var http1 atomic.Bool
+	if prefix != nil {
+		http1.Store(isHTTP1(prefix))
+	}
 	go func() {
+		if prefix == nil {
+			http1.Store(peekHTTP1(client))
+		}
 		n, err := io.Copy(up, client)
 		m.BytesReceived.Add(uint64(n))
 		if err == nil {
@@ -161,7 +175,7 @@ func (f *Forwarder) relay(ctx context.Context, c *Conn, up *net.TCPConn, opts Di
 	var drainTick <-chan time.Time
 	quiet := f.QuietPeriod
 	if quiet == 0 {
-		quiet = 20 * time.Millisecond
+		quiet = time.Millisecond
 	}
 	var firstErr error
 	for pending := 2; pending > 0; {
@@ -191,11 +205,11 @@ func (f *Forwarder) relay(ctx context.Context, c *Conn, up *net.TCPConn, opts Di
 			}
 		case <-draining:
 			draining = nil
-			t := time.NewTicker(quiet / 2)
+			t := time.NewTicker(max(quiet/2, 2*time.Millisecond))
 			defer t.Stop()
 			drainTick = t.C
 		case <-drainTick:
-			if quiescent(client, up, quiet) {
+			if http1.Load() && quiescent(client, up, quiet) {
 				m.DrainCloses.Inc()
 				closeBoth(false)
 				drainTick = nil
@@ -203,6 +217,35 @@ func (f *Forwarder) relay(ctx context.Context, c *Conn, up *net.TCPConn, opts Di
 		}
 	}
 	return firstErr
+}
+
+// httpMethods are the request-line starts that mark an HTTP/1 connection.
+var httpMethods = []string{"GET ", "HEAD ", "POST ", "PUT ", "DELETE ", "OPTIONS ", "PATCH ", "TRACE ", "CONNECT "}
+
+func isHTTP1(b []byte) bool {
+	for _, m := range httpMethods {
+		if len(b) >= len(m) && string(b[:len(m)]) == m || len(b) < len(m) && len(b) >= 3 && m[:len(b)] == string(b) {
+			return true
+		}
+	}
+	return false
+}
+
+// peekHTTP1 waits for the client's first bytes and looks at them with
+// MSG_PEEK, so nothing is consumed and the copy keeps its splice path.
+func peekHTTP1(c *net.TCPConn) bool {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var buf [8]byte
+	var n int
+	_ = rc.Read(func(fd uintptr) bool {
+		var rerr error
+		n, _, rerr = unix.Recvfrom(int(fd), buf[:], unix.MSG_PEEK)
+		return rerr != unix.EAGAIN
+	})
+	return n > 0 && isHTTP1(buf[:n])
 }
 
 // tcpInfo reads TCP_INFO and the receive queue length of c.
@@ -237,17 +280,19 @@ func idleFor(a, b *net.TCPConn) time.Duration {
 }
 
 // quiescent reports whether a connection can be closed during a drain
-// without cutting an exchange: nothing queued in either socket, the server
-// (upstream) spoke after the client did — for request/response protocols
-// such as HTTP/1.1 keep-alive, no request is outstanding — and both sides
-// have been silent for at least quiet.
+// without cutting an exchange: nothing unread in either socket (closing then
+// would send a reset), the server (upstream) spoke after the client did —
+// for request/response protocols such as HTTP/1.1 keep-alive, no request is
+// outstanding — and both sides have been silent for at least quiet. Bytes
+// still in a send queue are delivered before the FIN, so unacknowledged
+// data (the client delays its ACK until its next request) does not matter.
 func quiescent(client, up *net.TCPConn, quiet time.Duration) bool {
 	ic, inqC, ok1 := tcpInfo(client)
 	iu, inqU, ok2 := tcpInfo(up)
 	if !ok1 || !ok2 {
 		return true // already closed
 	}
-	if inqC != 0 || inqU != 0 || ic.Notsent_bytes != 0 || iu.Notsent_bytes != 0 || ic.Unacked != 0 || iu.Unacked != 0 {
+	if inqC != 0 || inqU != 0 {
 		return false
 	}
 	q := uint32(quiet / time.Millisecond)
@@ -258,5 +303,5 @@ func quiescent(client, up *net.TCPConn, quiet time.Duration) bool {
 	// after the client's last bytes (TCP_INFO has millisecond resolution, so
 	// a tie counts as after: a response on loopback often comes in the same
 	// millisecond as its request).
-	return iu.Last_data_recv <= ic.Last_data_recv
+	return iu.Last_data_recv <= ic.Last_data_recv && iu.Data_segs_in > 0
 }

@@ -61,6 +61,7 @@ left or at --drain-duration. Without --config the embedded default runs
 	fl.StringVar(&o.StatusAddr, "status-addr", ":15020", "agent status listener")
 	fl.StringVar(&o.AppMetricsURL, "app-metrics-url", "", "application metrics URL merged into /stats/prometheus")
 	fl.StringSliceVar(&o.ProxyArgs, "proxy-arg", nil, "extra argument for every `meshlet proxy` generation (repeatable)")
+	fl.StringVar(&o.Executable, "proxy-executable", "", "binary started as `meshlet proxy` for each generation (default: this binary)")
 	fl.BoolVar(&f.subreaper, "subreaper", true, "become a child subreaper so orphaned processes are reaped")
 	fl.BoolVarP(&f.verbose, "verbose", "v", false, "debug logging")
 	cmd.AddCommand(newWait(streams))

@@ -1,0 +1,224 @@
+package agent_test
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/meshlet/meshlet/proxy/agent"
+)
+
+// freePort returns a loopback port that was free a moment ago.
+func freePort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+type proc struct {
+	cmd                                        *exec.Cmd
+	out                                        *syncBuf
+	outbound, inbound, health, prom, admin, st string
+	configPath                                 string
+	exited                                     chan error
+}
+
+type syncBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+const goodConfig = "apiVersion: meshlet.io/v1alpha1\nkind: ProxyConfig\noutbound:\n  connectTimeout: %ds\n"
+
+// startAgent runs `meshlet agent` (this test binary) on loopback ports,
+// forwarding every connection to dest (there is no iptables here).
+func startAgent(t *testing.T, dest string, extra ...string) *proc {
+	t.Helper()
+	return startAgentExe(t, dest, os.Args[0], extra...)
+}
+
+// startAgentExe is startAgent with the binary the agent re-executes for its
+// generations.
+func startAgentExe(t *testing.T, dest, exe string, extra ...string) *proc {
+	t.Helper()
+	p := &proc{out: &syncBuf{}, exited: make(chan error, 1)}
+	p.outbound, p.inbound, p.health, p.prom, p.admin, p.st = freePort(t), freePort(t), freePort(t), freePort(t), freePort(t), freePort(t)
+	p.configPath = filepath.Join(t.TempDir(), "proxy.yaml")
+	if err := os.WriteFile(p.configPath, fmt.Appendf(nil, goodConfig, 10), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	args := append([]string{"agent", "--config", p.configPath,
+		"--outbound-addr", p.outbound, "--inbound-addr", p.inbound, "--health-addr", p.health,
+		"--prometheus-addr", p.prom, "--admin-addr", p.admin, "--status-addr", p.st,
+		"--proxy-arg=--static-destination=" + dest}, extra...)
+	args = append(args, "--proxy-executable", exe)
+	p.cmd = exec.Command(os.Args[0], args...)
+	p.cmd.Env = append(os.Environ(), envExec+"=1")
+	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { p.exited <- p.cmd.Wait() }()
+	t.Cleanup(func() {
+		_ = p.cmd.Process.Signal(syscall.SIGKILL)
+		<-p.exited
+		if t.Failed() {
+			t.Logf("agent output:\n%s", p.out.String())
+		}
+	})
+	p.waitReady(t)
+	return p
+}
+
+func (p *proc) waitReady(t *testing.T) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		if code, _ := httpGet("http://" + p.st + "/healthz/ready"); code == 200 {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("agent not ready; output:\n%s", p.out.String())
+}
+
+func httpGet(url string) (int, string) {
+	c := &http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+func (p *proc) reload(t *testing.T) agent.ReloadResult {
+	t.Helper()
+	resp, err := http.Post("http://"+p.st+"/reload", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var r agent.ReloadResult
+	if err := json.NewDecoder(resp.Body).Decode(&r); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func (p *proc) info(t *testing.T) agent.Info {
+	t.Helper()
+	_, body := httpGet("http://" + p.st + "/server_info")
+	var i agent.Info
+	if err := json.Unmarshal([]byte(body), &i); err != nil {
+		t.Fatalf("server_info %q: %v", body, err)
+	}
+	return i
+}
+
+func (p *proc) metric(t *testing.T, name string) float64 {
+	t.Helper()
+	_, body := httpGet("http://" + p.st + "/stats/prometheus")
+	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` (\S+)$`).FindStringSubmatch(body)
+	if m == nil {
+		t.Fatalf("metric %s not found in:\n%s", name, body)
+	}
+	v, _ := strconv.ParseFloat(m[1], 64)
+	return v
+}
+
+// httpBackend serves, on one loopback port (the static destination),
+// HTTP/1.1 (1 KiB responses) and raw TCP echo streams, which start with 'S'.
+func httpBackend(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	payload := bytes.Repeat([]byte("x"), 1024)
+	hl := &chanListener{ch: make(chan net.Conn, 128), addr: ln.Addr(), done: make(chan struct{})}
+	hs := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		_, _ = w.Write(payload)
+	})}
+	go func() { _ = hs.Serve(hl) }()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				br := bufio.NewReader(c)
+				first, err := br.Peek(1)
+				if err != nil {
+					c.Close()
+					return
+				}
+				if first[0] != 'S' {
+					hl.ch <- &peekedConn{Conn: c, r: br}
+					return
+				}
+				defer c.Close()
+				_, _ = io.Copy(c, br)
+				_ = c.(*net.TCPConn).CloseWrite()
+			}()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); close(hl.done); hs.Close() })
+	return ln.Addr().String()
+}
+
+type peekedConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func (c *peekedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+type chanListener struct {
+	ch   chan net.Conn
+	addr net.Addr
+	done chan struct{}
+}
+
+func (l *chanListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.ch:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+func (l *chanListener) Close() error   { return nil }
+func (l *chanListener) Addr() net.Addr { return l.addr }
