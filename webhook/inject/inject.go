@@ -327,6 +327,19 @@ func resolve(pod *corev1.Pod, cfg *Config, opts Options) (params, []string, erro
 		// The native layout always holds the app: nothing to do.
 		p.hold = false
 	}
+	if !p.native && (pod.Spec.RestartPolicy == corev1.RestartPolicyNever || pod.Spec.RestartPolicy == corev1.RestartPolicyOnFailure) {
+		warnings = append(warnings, fmt.Sprintf("classic sidecar layout with restartPolicy %s: istio-proxy keeps running after the app exits, so the pod never completes unless the app calls POST http://localhost:%d/quitquitquit (the native layout has no such problem)", pod.Spec.RestartPolicy, StatusPort))
+	}
+	for _, cs := range [][]corev1.Container{pod.Spec.InitContainers, pod.Spec.Containers} {
+		for _, c := range cs {
+			for _, port := range c.Ports {
+				switch port.ContainerPort {
+				case OutboundCapturePort, InboundCapturePort, 15000, StatusPort, HealthPort, PrometheusPort, 15008:
+					warnings = append(warnings, fmt.Sprintf("container %s declares port %d, which the sidecar uses: the app cannot listen on it", c.Name, port.ContainerPort))
+				}
+			}
+		}
+	}
 
 	// Resources: config, then annotations.
 	type res struct {

@@ -256,13 +256,19 @@ func run(streams cli.Streams, f *flagpole, uninject bool) error {
 		}
 	}
 	var (
-		failed int
-		out    bytes.Buffer
-		first  = true
+		failed, found, changed int
+		out                    bytes.Buffer
+		first                  = true
 	)
 	for _, in := range inputs {
 		res, results, err := manifest.Transform(in.data, opts)
 		logResults(log, in.name, results)
+		found += len(results)
+		for _, r := range results {
+			if r.Changed && err == nil {
+				changed++
+			}
+		}
 		if err != nil {
 			failed++
 			fmt.Fprintf(streams.Err, "error: %s: nothing written for this input:\n  %s\n", in.name, strings.ReplaceAll(err.Error(), "\n", "\n  "))
@@ -292,6 +298,11 @@ func run(streams cli.Streams, f *flagpole, uninject bool) error {
 	if _, err := streams.Out.Write(out.Bytes()); err != nil {
 		return err
 	}
+	verb := "injected"
+	if uninject {
+		verb = "uninjected"
+	}
+	log.Info("done", verb, changed, "podTemplates", found, "inputs", len(inputs), "failed", failed)
 	if failed > 0 {
 		return fmt.Errorf("%d of %d inputs had errors (see above)", failed, len(inputs))
 	}
