@@ -341,6 +341,17 @@ func Apply(ctx context.Context, c Config, t Target) (Result, error) {
 		log.Info("iptables backend chosen", "backend", res.Backend, "reason", res.Reason, "netns", nsName(t.NetnsPath), "families", fmt.Sprint(fams), "familiesReason", why)
 		res.Families = fams
 		res.Rules = map[Family]RuleSet{}
+		// Rules of ours in the other backend would capture a second time:
+		// remove them first (a forced backend switch, or a half-migrated node).
+		other := BackendLegacy
+		if res.Backend == BackendLegacy {
+			other = BackendNFT
+		}
+		if st, probed := states[other]; !probed || len(st.ownRules()) > 0 {
+			if err := cleanBackend(ctx, other, log); err != nil {
+				return err
+			}
+		}
 		for _, f := range fams {
 			rs := Rules(c, f)
 			res.Rules[f] = rs
@@ -428,22 +439,7 @@ func Cleanup(ctx context.Context, t Target) error {
 		}
 		var errs []error
 		for _, b := range backends {
-			for _, f := range []Family{IPv4, IPv6} {
-				out, err := save(ctx, b, f)
-				if err != nil {
-					continue // backend or family not usable here: nothing of ours in it
-				}
-				st := parseSave(out)
-				input := cleanupInput(st)
-				if input == "" {
-					continue
-				}
-				if err := restore(ctx, b, f, input); err != nil {
-					errs = append(errs, fmt.Errorf("removing %s rules (%s): %w", f, b, err))
-					continue
-				}
-				t.log().Info("capture rules removed", "backend", b, "family", f.String())
-			}
+			errs = append(errs, cleanBackend(ctx, b, t.log()))
 		}
 		removePassthroughAddr()
 		return errors.Join(errs...)
@@ -452,6 +448,31 @@ func Cleanup(ctx context.Context, t Target) error {
 		return fmt.Errorf("cleaning up capture rules in %s: %w", nsName(t.NetnsPath), err)
 	}
 	return nil
+}
+
+// cleanBackend removes meshlet's rules and chains from both families of
+// backend b in the current namespace.
+func cleanBackend(ctx context.Context, b Backend, log *slog.Logger) error {
+	var errs []error
+	for _, f := range []Family{IPv4, IPv6} {
+		if b == BackendLegacy && !legacyTablePresent(f) {
+			continue // no legacy nat table: nothing of ours (and do not create one)
+		}
+		out, err := save(ctx, b, f)
+		if err != nil {
+			continue // backend or family not usable here: nothing of ours in it
+		}
+		input := cleanupInput(parseSave(out))
+		if input == "" {
+			continue
+		}
+		if err := restore(ctx, b, f, input); err != nil {
+			errs = append(errs, fmt.Errorf("removing %s rules (%s): %w", f, b, err))
+			continue
+		}
+		log.Info("capture rules removed", "backend", b, "family", f.String())
+	}
+	return errors.Join(errs...)
 }
 
 func cleanupInput(st natState) string {

@@ -369,6 +369,22 @@ func TestPrivilegedBackendProbe(t *testing.T) {
 	if res.Backend != capture.BackendLegacy {
 		t.Errorf("netns with legacy rules: backend %s (%s), want legacy", res.Backend, res.Reason)
 	}
+	// Forcing nft moves meshlet's rules out of legacy: never both.
+	if _, err := capture.Apply(t.Context(), c, capture.Target{NetnsPath: legacy.Path, Backend: capture.BackendNFT}); err != nil {
+		t.Fatal(err)
+	}
+	if lines, _ := capture.ReadBack(t.Context(), capture.Target{NetnsPath: legacy.Path}, capture.BackendLegacy, capture.IPv4); len(lines) != 0 {
+		t.Errorf("forced nft apply left legacy rules: %v", lines)
+	}
+	if save := natSave(t, legacy, capture.BackendLegacy, capture.IPv4); !strings.Contains(save, "MASQUERADE") {
+		t.Errorf("foreign legacy rule removed: %s", save)
+	}
+	if _, err := capture.Apply(t.Context(), c, capture.Target{NetnsPath: legacy.Path, Backend: capture.BackendLegacy}); err != nil {
+		t.Fatal(err)
+	}
+	if lines, _ := capture.ReadBack(t.Context(), capture.Target{NetnsPath: legacy.Path}, capture.BackendNFT, capture.IPv4); len(lines) != 0 {
+		t.Errorf("forced legacy apply left nft rules: %v", lines)
+	}
 	// Re-applying finds meshlet's own rules in legacy and stays there.
 	res, err = capture.Apply(t.Context(), c, capture.Target{NetnsPath: legacy.Path})
 	if err != nil || res.Backend != capture.BackendLegacy || !strings.Contains(res.Reason, "meshlet") {
