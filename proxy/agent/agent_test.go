@@ -165,6 +165,12 @@ func httpBackend(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return serveBackend(t, ln)
+}
+
+// serveBackend serves httpBackend's protocol on ln.
+func serveBackend(t *testing.T, ln net.Listener) string {
+	t.Helper()
 	payload := bytes.Repeat([]byte("x"), 1024)
 	hl := &chanListener{ch: make(chan net.Conn, 128), addr: ln.Addr(), done: make(chan struct{})}
 	hs := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -191,7 +197,9 @@ func httpBackend(t *testing.T) string {
 				}
 				defer c.Close()
 				_, _ = io.Copy(c, br)
-				_ = c.(*net.TCPConn).CloseWrite()
+				if tc, ok := c.(*net.TCPConn); ok {
+					_ = tc.CloseWrite()
+				}
 			}()
 		}
 	}()

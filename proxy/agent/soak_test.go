@@ -3,6 +3,7 @@ package agent_test
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -20,6 +21,7 @@ import (
 // raw TCP streams. Every failure is recorded.
 type load struct {
 	addr              string
+	dial              func(ctx context.Context, network, addr string) (net.Conn, error)
 	stop              chan struct{}
 	wg                sync.WaitGroup
 	ok, streams, fail atomic.Int64
@@ -28,7 +30,13 @@ type load struct {
 }
 
 func startLoad(addr string, keepAlive, newConn, streams int) *load {
-	l := &load{addr: addr, stop: make(chan struct{})}
+	return startLoadVia((&net.Dialer{}).DialContext, addr, keepAlive, newConn, streams)
+}
+
+// startLoadVia is startLoad with a dialer (for example one inside a
+// network namespace).
+func startLoadVia(dial func(ctx context.Context, network, addr string) (net.Conn, error), addr string, keepAlive, newConn, streams int) *load {
+	l := &load{addr: addr, dial: dial, stop: make(chan struct{})}
 	for i := 0; i < keepAlive; i++ {
 		l.run(func() error { return l.http(true) })
 	}
@@ -67,7 +75,7 @@ var clients sync.Map
 
 func (l *load) http(keepAlive bool) error {
 	key := fmt.Sprintf("%p-%v", l, keepAlive)
-	v, _ := clients.LoadOrStore(key, &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: !keepAlive, MaxIdleConnsPerHost: 4}})
+	v, _ := clients.LoadOrStore(key, &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: l.dial, DisableKeepAlives: !keepAlive, MaxIdleConnsPerHost: 4}})
 	c := v.(*http.Client)
 	for i := 0; i < 20; i++ {
 		resp, err := c.Get("http://" + l.addr + "/")
@@ -87,7 +95,9 @@ func (l *load) http(keepAlive bool) error {
 
 // stream holds one TCP connection for about a second, echoing chunks.
 func (l *load) stream() error {
-	c, err := net.DialTimeout("tcp", l.addr, 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := l.dial(ctx, "tcp", l.addr)
 	if err != nil {
 		return fmt.Errorf("stream dial: %w", err)
 	}

@@ -1,0 +1,223 @@
+package agent_test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/meshlet/meshlet/initcni/capture"
+	"github.com/meshlet/meshlet/test/netlab"
+)
+
+// podLab is a client netns joined by veth to a "pod" netns with meshlet's
+// real capture rules, an app server on :8080 in the pod, an upstream
+// server on :9000 in the client, and `meshlet agent` running in the pod as
+// UID/GID 1337 on its default ports.
+type podLab struct {
+	client, pod         *netlab.NS
+	podIP, podIP6       string
+	clientIP, clientIP6 string
+	agent               *exec.Cmd
+	agentOut            *syncBuf
+	agentExited         chan error
+	configPath          string
+}
+
+func newPodLab(t *testing.T, subnet int) *podLab {
+	t.Helper()
+	netlab.Require(t)
+	l := &podLab{
+		client: netlab.NewNS(t, "mlpx-"), pod: netlab.NewNS(t, "mlpx-"),
+		clientIP: fmt.Sprintf("10.212.%d.1", subnet), podIP: fmt.Sprintf("10.212.%d.2", subnet),
+		clientIP6: fmt.Sprintf("fd00:212:%d::1", subnet), podIP6: fmt.Sprintf("fd00:212:%d::2", subnet),
+	}
+	netlab.Veth(t, l.client, "c0", []string{l.clientIP + "/24", l.clientIP6 + "/64"}, l.pod, "eth0", []string{l.podIP + "/24", l.podIP6 + "/64"})
+	o := capture.NewOptions()
+	o.IPv6 = "on"
+	cfg, err := capture.BuildConfig(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := capture.Apply(t.Context(), cfg, capture.Target{NetnsPath: l.pod.Path}); err != nil {
+		t.Fatal(err)
+	}
+	// The app in the pod and the upstream in the client network.
+	for _, s := range []struct {
+		ns   *netlab.NS
+		addr string
+	}{{l.pod, ":8080"}, {l.client, ":9000"}} {
+		ln, err := s.ns.Listen("tcp", s.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		serveBackend(t, ln)
+	}
+	dir, err := os.MkdirTemp("", "mlpx-agent-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	_ = os.Chmod(dir, 0o755)
+	l.configPath = filepath.Join(dir, "proxy.yaml")
+	if err := os.WriteFile(l.configPath, fmt.Appendf(nil, goodConfig, 10), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	bin := netlab.SelfCopy(t)
+	l.agentOut = &syncBuf{}
+	l.agent = exec.Command(bin, "agent", "--config", l.configPath, "--drain-duration", "5s")
+	l.agent.Env = append(os.Environ(), envExec+"=1")
+	l.agent.Stdout, l.agent.Stderr = l.agentOut, l.agentOut
+	if err := l.pod.Start(l.agent, 1337, 1337); err != nil {
+		t.Fatal(err)
+	}
+	l.agentExited = make(chan error, 1)
+	go func() { l.agentExited <- l.agent.Wait() }()
+	t.Cleanup(func() {
+		_ = l.agent.Process.Kill()
+		<-l.agentExited
+		if t.Failed() {
+			t.Logf("agent output:\n%s", l.agentOut.String())
+		}
+	})
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if code, _ := l.get(t, "http://"+l.podIP+":15021/healthz/ready"); code == 200 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("sidecar not ready:\n%s", l.agentOut.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return l
+}
+
+func (l *podLab) clientDial(_ context.Context, network, addr string) (net.Conn, error) {
+	return l.client.Dial(network, addr)
+}
+
+func (l *podLab) podDial(_ context.Context, network, addr string) (net.Conn, error) {
+	return l.pod.Dial(network, addr)
+}
+
+// get fetches url from the client namespace.
+func (l *podLab) get(t *testing.T, url string) (int, string) {
+	t.Helper()
+	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: l.clientDial, DisableKeepAlives: true}}
+	resp, err := c.Get(url)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	var b strings.Builder
+	_, _ = fmt.Fprint(&b, resp.Status)
+	buf := make([]byte, 64<<10)
+	n, _ := resp.Body.Read(buf)
+	return resp.StatusCode, string(buf[:n])
+}
+
+func (l *podLab) reload(t *testing.T) string {
+	t.Helper()
+	c := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DialContext: l.clientDial}}
+	resp, err := c.Post("http://"+l.podIP+":15020/reload", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	buf := make([]byte, 4096)
+	n, _ := resp.Body.Read(buf)
+	return string(buf[:n])
+}
+
+// TestPrivilegedCaptureSoak: real capture rules, the agent as UID 1337,
+// real SO_ORIGINAL_DST (IPv4 and IPv6). Inbound load from the client to the
+// pod's app (keep-alive, new connections, long streams; IPv4 and IPv6) and
+// outbound load from the pod to the client's upstream run while the config
+// changes; a bad config in the middle; zero failures. Then kill -9 of the
+// generation: new connections wait in the backlog and are served.
+func TestPrivilegedCaptureSoak(t *testing.T) {
+	l := newPodLab(t, 1)
+
+	// Inbound passthrough arrives from 127.0.0.6 / ::6 (the app sees it).
+	loads := []*load{
+		startLoadVia(l.clientDial, l.podIP+":8080", 3, 2, 2),
+		startLoadVia(l.clientDial, "["+l.podIP6+"]:8080", 1, 1, 1),
+		startLoadVia(l.podDial, l.clientIP+":9000", 2, 1, 1),
+		startLoadVia(l.podDial, "["+l.clientIP6+"]:9000", 1, 0, 1),
+	}
+	time.Sleep(300 * time.Millisecond)
+	for i := 0; i < 6; i++ {
+		if i == 3 {
+			if err := os.WriteFile(l.configPath, []byte("apiVersion: meshlet.io/v1alpha1\nkind: ProxyConfig\noutbound:\n  maxConnections: lots\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if r := l.reload(t); !strings.Contains(r, "error") {
+				t.Errorf("bad config accepted: %s", r)
+			}
+		}
+		if err := os.WriteFile(l.configPath, fmt.Appendf(nil, goodConfig, 20+i), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if r := l.reload(t); strings.Contains(r, "error") {
+			t.Fatalf("reload %d: %s", i, r)
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond)
+	for _, ld := range loads {
+		ld.finish(t)
+	}
+	_, body := l.get(t, "http://"+l.podIP+":15090/stats/prometheus")
+	for _, want := range []string{`meshlet_proxy_connections_total{direction="inbound"}`, `meshlet_proxy_connections_total{direction="outbound"}`} {
+		if !strings.Contains(body, want) || strings.Contains(body, want+" 0\n") {
+			t.Errorf("metrics lack traffic for %s", want)
+		}
+	}
+	if strings.Contains(body, `kind="original_destination"} 0`) == false {
+		t.Errorf("original destination errors under real capture:\n%s", body)
+	}
+
+	// kill -9 of the serving generation.
+	_, info := l.get(t, "http://"+l.podIP+":15020/server_info")
+	var pid int
+	for _, line := range strings.Split(info, "\n") {
+		if strings.Contains(line, `"pid"`) {
+			fmt.Sscanf(strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(line), `"pid":`)), "%d", &pid)
+		}
+	}
+	if pid == 0 {
+		t.Fatalf("no generation pid in %s", info)
+	}
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 40)
+	for i := 0; i < 40; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: l.clientDial, DisableKeepAlives: true}}
+			resp, err := c.Get("http://" + l.podIP + ":8080/")
+			if err != nil {
+				errs <- err
+				return
+			}
+			resp.Body.Close()
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Errorf("after kill -9: %v", err)
+	}
+}
