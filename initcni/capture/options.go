@@ -342,6 +342,10 @@ func parseCIDRs(s, field string, bad badFunc) []netip.Prefix {
 			continue
 		}
 		if p.Addr().Is4In6() {
+			if p.Bits() < 96 {
+				bad(field, s, "%q mixes an IPv4-mapped address with a prefix shorter than /96", f)
+				continue
+			}
 			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
 		}
 		p = p.Masked()

@@ -32,6 +32,7 @@ func TestBuildConfigRejects(t *testing.T) {
 		{"bad outbound port exclude", func(o *Options) { o.OutboundPortsExclude = "-1" }, []string{"--outbound-ports-exclude (-o)"}},
 		{"bad interface", func(o *Options) { o.ExcludeInterfaces = "eth 0" }, []string{"--exclude-interfaces (-c)", "not a valid interface"}},
 		{"exclude lo", func(o *Options) { o.ExcludeInterfaces = "lo" }, []string{"excluding lo"}},
+		{"mapped short prefix", func(o *Options) { o.OutboundIPRanges = "::ffff:10.0.0.0/64" }, []string{"IPv4-mapped"}},
 		{"bad ipv6", func(o *Options) { o.IPv6 = "maybe" }, []string{"--ipv6", "maybe"}},
 	}
 	for _, tc := range cases {
