@@ -208,3 +208,29 @@ func TestPrivilegedValidate(t *testing.T) {
 		t.Errorf("validate as uid 1000: exit %d, want %d: %s", code, initcmd.ExitInvalidOptions, msg)
 	}
 }
+
+// TestPrivilegedReadBackMismatchExit3 wraps the real iptables-nft-save so
+// the read-back silently loses one rule (as a broken backend or a racing
+// writer would): init must fail with exit 3 and name the missing rule.
+func TestPrivilegedReadBackMismatchExit3(t *testing.T) {
+	netlab.Require(t)
+	real, err := exec.LookPath("iptables-nft-save")
+	if err != nil {
+		t.Skip("needs iptables-nft-save")
+	}
+	dir := t.TempDir()
+	script := "#!/bin/sh\n" + real + " \"$@\" | grep -v -- '--dport 22 '\n"
+	if err := os.WriteFile(dir+"/iptables-nft-save", []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", dir+":"+os.Getenv("PATH"))
+	ns := netlab.NewNS(t, "mlcap-")
+	var out, errb bytes.Buffer
+	err = runInit(t.Context(), []string{"--netns", ns.Path, "--iptables-backend", "nft", "--ipv6", "off"}, &out, &errb)
+	if code := exitCode(err); code != initcmd.ExitMismatch {
+		t.Fatalf("exit %d (%v), want %d", code, err, initcmd.ExitMismatch)
+	}
+	if !strings.Contains(err.Error(), "missing:") || !strings.Contains(err.Error(), "--dport 22 ") {
+		t.Errorf("difference not shown: %v", err)
+	}
+}
