@@ -16,16 +16,28 @@ import (
 // UID/GID and as an app UID. IPv4 and IPv6.
 func TestPrivilegedTraffic(t *testing.T) {
 	netlab.Require(t)
+	for i, b := range []capture.Backend{capture.BackendNFT, capture.BackendLegacy} {
+		t.Run(string(b), func(t *testing.T) {
+			t.Parallel()
+			traffic(t, b, i+1)
+		})
+	}
+}
+
+// traffic runs the traffic checks with backend b in subnet 10.211.N.0/24
+// (and fd00:211:N::/64).
+func traffic(t *testing.T, b capture.Backend, n int) {
+	r := strings.NewReplacer("10.211.1.", fmt.Sprintf("10.211.%d.", n), "fd00:211:1::", fmt.Sprintf("fd00:211:%d::", n))
 	client := netlab.NewNS(t, "mlcap-")
 	pod := netlab.NewNS(t, "mlcap-")
-	netlab.Veth(t, client, "c0", []string{"10.211.1.1/24", "10.211.1.3/24", "fd00:211:1::1/64", "fd00:211:1::3/64"},
-		pod, "eth0", []string{"10.211.1.2/24", "fd00:211:1::2/64"})
+	netlab.Veth(t, client, "c0", []string{r.Replace("10.211.1.1/24"), r.Replace("10.211.1.3/24"), r.Replace("fd00:211:1::1/64"), r.Replace("fd00:211:1::3/64")},
+		pod, "eth0", []string{r.Replace("10.211.1.2/24"), r.Replace("fd00:211:1::2/64")})
 	cfg := mustConfig(t, func(o *capture.Options) {
-		o.OutboundIPRangesExclude = "10.211.1.3/32,fd00:211:1::3/128"
+		o.OutboundIPRangesExclude = r.Replace("10.211.1.3/32,fd00:211:1::3/128")
 		o.OutboundPortsExclude = "9001"
 		o.IPv6 = "auto" // the pod has a global (ULA) IPv6 address: dual stack
 	})
-	res, err := capture.Apply(t.Context(), cfg, capture.Target{NetnsPath: pod.Path})
+	res, err := capture.Apply(t.Context(), cfg, capture.Target{NetnsPath: pod.Path, Backend: b})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -50,8 +62,8 @@ func TestPrivilegedTraffic(t *testing.T) {
 		pod, client, excluded  string
 		passthrough, localhost string
 	}{
-		{"ipv4", "10.211.1.2", "10.211.1.1", "10.211.1.3", "127.0.0.6", "127.0.0.1"},
-		{"ipv6", "[fd00:211:1::2]", "[fd00:211:1::1]", "[fd00:211:1::3]", "::6", "[::1]"},
+		{"ipv4", r.Replace("10.211.1.2"), r.Replace("10.211.1.1"), r.Replace("10.211.1.3"), "127.0.0.6", "127.0.0.1"},
+		{"ipv6", r.Replace("[fd00:211:1::2]"), r.Replace("[fd00:211:1::1]"), r.Replace("[fd00:211:1::3]"), "::6", "[::1]"},
 	} {
 		t.Run(fam.name, func(t *testing.T) {
 			type step struct {
@@ -114,13 +126,13 @@ func TestPrivilegedTraffic(t *testing.T) {
 
 	// Without rules the same app dial reaches the upstream directly: the
 	// test above fails if capture is absent.
-	if err := capture.Cleanup(t.Context(), capture.Target{NetnsPath: pod.Path}); err != nil {
+	if err := capture.Cleanup(t.Context(), capture.Target{NetnsPath: pod.Path, Backend: b}); err != nil {
 		t.Fatal(err)
 	}
-	if got := dialAs(t, pod, app, app, []dial{{"", "10.211.1.1:9000"}})[0]; got != "upstream-9000" {
+	if got := dialAs(t, pod, app, app, []dial{{"", r.Replace("10.211.1.1:9000")}})[0]; got != "upstream-9000" {
 		t.Errorf("after cleanup: got %q", got)
 	}
-	out, _ := pod.Run(exec.Command("iptables-save", "-t", "nat"), -1, -1)
+	out, _ := pod.Run(exec.Command("iptables-"+string(b)+"-save", "-t", "nat"), -1, -1)
 	if strings.Contains(string(out), "meshlet") {
 		t.Errorf("cleanup left rules: %s", out)
 	}
