@@ -48,6 +48,14 @@ func podJSON(ns, meta string) []byte {
 
 func reviewBody(t testing.TB, raw []byte, ns string, dryRun bool) []byte {
 	t.Helper()
+	b, err := reviewBodyErr(raw, ns, dryRun)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func reviewBodyErr(raw []byte, ns string, dryRun bool) ([]byte, error) {
 	ar := admissionv1.AdmissionReview{
 		TypeMeta: metav1.TypeMeta{APIVersion: "admission.k8s.io/v1", Kind: "AdmissionReview"},
 		Request: &admissionv1.AdmissionRequest{
@@ -60,11 +68,7 @@ func reviewBody(t testing.TB, raw []byte, ns string, dryRun bool) []byte {
 			DryRun:    &dryRun,
 		},
 	}
-	b, err := json.Marshal(ar)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
+	return json.Marshal(ar)
 }
 
 func post(t testing.TB, h http.Handler, body []byte) *admissionv1.AdmissionResponse {

@@ -63,7 +63,8 @@ type flagpole struct {
 
 // New returns the `meshlet webhook` command.
 func New(streams cli.Streams) *cobra.Command {
-	return newCommand(streams, defaultEnv())
+	cmd, _ := newCommand(streams, defaultEnv())
+	return cmd
 }
 
 // env is what the command reads from its surroundings (tests replace it).
@@ -84,7 +85,7 @@ func defaultEnv() env {
 	}
 }
 
-func newCommand(streams cli.Streams, e env) *cobra.Command {
+func newCommand(streams cli.Streams, e env) (*cobra.Command, *flagpole) {
 	f := &flagpole{}
 	cmd := &cobra.Command{
 		Use:   "webhook",
@@ -129,7 +130,7 @@ MutatingWebhookConfiguration(s) and rotates them before they expire; with
 	fl.DurationVar(&f.certInterval, "cert-check-interval", 10*time.Second, "self mode: how often the Secret and caBundle are reconciled")
 	fl.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig file (default: in-cluster, then $KUBECONFIG, then ~/.kube/config)")
 	fl.BoolVarP(&f.verbose, "verbose", "v", false, "log every admission decision")
-	return cmd
+	return cmd, f
 }
 
 // config checks the flags, naming each bad one, and builds server.Config.

@@ -1,0 +1,127 @@
+package server
+
+import (
+	"fmt"
+	"math"
+	"os"
+	"slices"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// TestEnvtestLoad creates pods at a fixed rate against the envtest API
+// server, first in a namespace the webhook never sees (baseline), then in a
+// labelled one, and logs p50/p99 of pod creation as the client sees it and
+// of the webhook's own handling (from its latency histogram). It measures;
+// it asserts only that no creation failed. Opt-in, because it loads the
+// machine for ~25 s:
+//
+//	MESHLET_WEBHOOK_LOAD=200 KUBEBUILDER_ASSETS=$(test/bin/build-k8s.sh --print-dir) \
+//	  go test ./webhook/server -run TestEnvtestLoad -v
+func TestEnvtestLoad(t *testing.T) {
+	rate, _ := strconv.Atoi(os.Getenv("MESHLET_WEBHOOK_LOAD"))
+	if rate <= 0 {
+		t.Skip("load run: set MESHLET_WEBHOOK_LOAD=<pods per second> to run it")
+	}
+	c := startCluster(t, clusterOptions{})
+	const dur = 10 * time.Second
+
+	run := func(ns, prefix string) []time.Duration {
+		var (
+			mu    sync.Mutex
+			lat   []time.Duration
+			fails int
+			wg    sync.WaitGroup
+			sem   = make(chan struct{}, 64)
+		)
+		tick := time.NewTicker(time.Second / time.Duration(rate))
+		defer tick.Stop()
+		end := time.Now().Add(dur)
+		for i := 0; time.Now().Before(end); i++ {
+			<-tick.C
+			sem <- struct{}{}
+			wg.Add(1)
+			go func(i int) {
+				defer func() { <-sem; wg.Done() }()
+				start := time.Now()
+				_, err := c.kube.CoreV1().Pods(ns).Create(t.Context(), testPod(fmt.Sprintf("%s-%d", prefix, i), nil, nil), metav1.CreateOptions{})
+				d := time.Since(start)
+				mu.Lock()
+				defer mu.Unlock()
+				if err != nil {
+					fails++
+					return
+				}
+				lat = append(lat, d)
+			}(i)
+		}
+		wg.Wait()
+		if fails > 0 {
+			t.Errorf("%s: %d pod creations failed", ns, fails)
+		}
+		slices.Sort(lat)
+		return lat
+	}
+	base := run("plain", "base")
+	m := c.srv.Metrics
+	before := histogram(t, m)
+	with := run("apps", "load")
+	after := histogram(t, m)
+
+	q := func(l []time.Duration, p float64) time.Duration {
+		if len(l) == 0 {
+			return 0
+		}
+		return l[int(math.Ceil(p*float64(len(l))))-1]
+	}
+	achieved := func(l []time.Duration) float64 { return float64(len(l)) / dur.Seconds() }
+	t.Logf("target %d pods/s for %v each", rate, dur)
+	t.Logf("baseline (no webhook call): %d pods (%.0f/s)  create p50 %v  p99 %v", len(base), achieved(base), q(base, .5), q(base, .99))
+	t.Logf("with injection:             %d pods (%.0f/s)  create p50 %v  p99 %v  (ratio p50 %.2fx, p99 %.2fx)",
+		len(with), achieved(with), q(with, .5), q(with, .99),
+		float64(q(with, .5))/float64(q(base, .5)), float64(q(with, .99))/float64(q(base, .99)))
+	t.Logf("webhook handling (histogram, %d requests): p50 ≤ %s  p99 ≤ %s",
+		after.count-before.count, after.quantile(before, .5), after.quantile(before, .99))
+}
+
+type histSnap struct {
+	count   uint64
+	buckets []uint64
+	bounds  []float64
+}
+
+func histogram(t *testing.T, m *Metrics) histSnap {
+	t.Helper()
+	var pb dto.Metric
+	if err := m.Duration.Write(&pb); err != nil {
+		t.Fatal(err)
+	}
+	h := pb.GetHistogram()
+	s := histSnap{count: h.GetSampleCount()}
+	for _, b := range h.GetBucket() {
+		s.buckets = append(s.buckets, b.GetCumulativeCount())
+		s.bounds = append(s.bounds, b.GetUpperBound())
+	}
+	return s
+}
+
+// quantile returns the upper bound of the bucket holding the p-quantile of
+// the observations made between base and s.
+func (s histSnap) quantile(base histSnap, p float64) string {
+	total := s.count - base.count
+	if total == 0 {
+		return "n/a"
+	}
+	want := uint64(math.Ceil(p * float64(total)))
+	for i := range s.buckets {
+		if s.buckets[i]-base.buckets[i] >= want {
+			return (time.Duration(s.bounds[i] * float64(time.Second))).String()
+		}
+	}
+	return fmt.Sprintf("> %v", time.Duration(s.bounds[len(s.bounds)-1]*float64(time.Second)))
+}
