@@ -117,7 +117,7 @@ clusters:
 			Listeners: server.Listeners{Outbound: []*net.TCPListener{fl.(*net.TCPListener)}},
 			// Every connection's original destination is a declared HTTP port;
 			// routing is by authority (web, echo).
-			OrigDst: func(*net.TCPConn) (netip.AddrPort, error) { return netip.MustParseAddrPort("127.0.0.1:80"), nil },
+			OrigDst:       func(*net.TCPConn) (netip.AddrPort, error) { return netip.MustParseAddrPort("127.0.0.1:80"), nil },
 			Chooser:       func(c *l4.Conn) l4.Handler { return choose(c) },
 			DrainDuration: 10 * time.Second,
 		})
@@ -217,4 +217,3 @@ clusters:
 		t.Fatalf("ok=%d failed=%d v1=%v v2=%v; want no failures and both configs served", ok.Load(), failed.Load(), sawV1, sawV2)
 	}
 }
-
