@@ -154,6 +154,16 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if tc != nil && isUpgrade(r) {
 		p.hijacked.Store(tc, struct{}{})
 	}
+	defer func() {
+		// ReverseProxy aborts a response that fails mid-body with
+		// http.ErrAbortHandler; still log and count it, then re-panic so the
+		// server resets the stream/connection.
+		if v := recover(); v != nil {
+			st.flags = addFlag(st.flags, "UPE")
+			p.finish(&rw, r, st, dir, start)
+			panic(v)
+		}
+	}()
 	p.rp.ServeHTTP(&rw, r.WithContext(ctx))
 	p.finish(&rw, r, st, dir, start)
 }
@@ -443,6 +453,8 @@ func (p *Proxy) finish(w *responseWriter, r *http.Request, st *reqState, dir Dir
 	var cl *cluster
 	if st.dest != nil {
 		cl = st.dest.cluster
+	} else if st.route != nil && len(st.route.dests) > 0 {
+		cl = st.route.dests[0].cluster // answered locally (fault abort) before a pick
 	}
 	var gs string
 	if st.grpc {

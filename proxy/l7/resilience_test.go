@@ -329,6 +329,9 @@ func TestFaultPercentages(t *testing.T) {
 	if d := int(testutil.ToFloat64(tp.m.faults.WithLabelValues("s/r", "delay"))); !binomialOK(d, n, 0.10) || delayed < d {
 		t.Errorf("delayed %d (slow responses %d) of %d; want ≈10%%", d, delayed, n)
 	}
+	if v := int(testutil.ToFloat64(tp.m.requests.WithLabelValues("outbound", "s/r", "c", "4xx"))); v != aborted {
+		t.Errorf("requests_total 4xx = %d; want the %d aborted requests", v, aborted)
+	}
 	t.Logf("aborted %.3f delayed %.3f", float64(aborted)/n, testutil.ToFloat64(tp.m.faults.WithLabelValues("s/r", "delay"))/n)
 }
 
