@@ -30,6 +30,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -329,6 +330,17 @@ var (
 	selfErr  error
 )
 
+// sweepStaleSelfCopies removes copies left by test binaries that were
+// killed before RemoveSelfCopy ran (older than any test timeout).
+func sweepStaleSelfCopies() {
+	old, _ := filepath.Glob(filepath.Join(os.TempDir(), "netlab-self-*"))
+	for _, d := range old {
+		if st, err := os.Stat(d); err == nil && time.Since(st.ModTime()) > 2*time.Hour {
+			_ = os.RemoveAll(d)
+		}
+	}
+}
+
 // RemoveSelfCopy deletes the copy SelfCopy made, if any; call it from
 // TestMain after m.Run.
 func RemoveSelfCopy() {
@@ -344,6 +356,7 @@ func RemoveSelfCopy() {
 func SelfCopy(t testing.TB) string {
 	t.Helper()
 	selfOnce.Do(func() {
+		sweepStaleSelfCopies()
 		dir, err := os.MkdirTemp("", "netlab-self-")
 		if err != nil {
 			selfErr = err
