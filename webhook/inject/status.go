@@ -25,6 +25,11 @@ type Status struct {
 	// Annotations maps each annotation injection set to its previous value
 	// (null: it was absent).
 	Annotations map[string]*string `json:"annotations,omitempty"`
+	// EmptyFields is set by `meshlet inject` (package manifest), never by
+	// Inject: pod template fields the manifest held as an explicit empty
+	// list or map ("spec.volumes") or as null ("metadata=null"), so
+	// uninject can write them back as they were.
+	EmptyFields []string `json:"emptyFields,omitempty"`
 }
 
 // ParseStatus reads the status annotation of pod; ok is false when the pod

@@ -341,11 +341,13 @@ func processObject(obj *kyaml.Node, index, item int, opts Options) (*Result, boo
 		out *corev1.Pod
 		err error
 	)
+	var keepEmpty []string
 	if opts.Uninject {
-		_, injected, perr := inject.ParseStatus(&pod)
+		st, injected, perr := inject.ParseStatus(&pod)
 		if perr != nil {
 			return fail(perr)
 		}
+		keepEmpty = st.EmptyFields
 		out, err = inject.Uninject(&pod)
 		r.Changed = injected
 		r.Decision.Message = "not injected"
@@ -364,10 +366,53 @@ func processObject(obj *kyaml.Node, index, item int, opts Options) (*Result, boo
 	if !r.Changed {
 		return r, false, nil
 	}
-	if err := patchTemplate(tmpl, &pod, out); err != nil {
+	if !opts.Uninject {
+		if err := recordEmptyFields(tmpl, out); err != nil {
+			return fail(err)
+		}
+	}
+	if err := patchTemplate(tmpl, &pod, out, keepEmpty); err != nil {
 		return fail(err)
 	}
 	return r, true, nil
+}
+
+// emptyFieldPaths are the template fields injection may fill.
+var emptyFieldPaths = []struct{ parent, key string }{
+	{"", "metadata"}, {"metadata", "annotations"}, {"spec", "initContainers"}, {"spec", "containers"}, {"spec", "volumes"},
+}
+
+// recordEmptyFields notes in the status annotation of pod which of the
+// template's fields were written as an explicit empty list or map.
+func recordEmptyFields(tmpl *kyaml.Node, pod *corev1.Pod) error {
+	var empty []string
+	for _, f := range emptyFieldPaths {
+		parent, path := tmpl, f.key
+		if f.parent != "" {
+			parent, path = get(tmpl, f.parent), f.parent+"."+f.key
+		}
+		switch v := get(parent, f.key); {
+		case v == nil:
+		case (v.Kind == kyaml.SequenceNode || v.Kind == kyaml.MappingNode) && len(v.Content) == 0:
+			empty = append(empty, path)
+		case v.Kind == kyaml.ScalarNode && v.ShortTag() == "!!null":
+			empty = append(empty, path+"=null")
+		}
+	}
+	if len(empty) == 0 {
+		return nil
+	}
+	st, ok, err := inject.ParseStatus(pod)
+	if err != nil || !ok {
+		return err
+	}
+	st.EmptyFields = empty
+	b, err := json.Marshal(st)
+	if err != nil {
+		return err
+	}
+	pod.Annotations[inject.AnnotationStatus] = string(b)
+	return nil
 }
 
 func orRoot(path string) string {

@@ -35,6 +35,50 @@ func get(m *kyaml.Node, key string) *kyaml.Node {
 	return nil
 }
 
+// toBlock turns the empty flow collection n ([] or {}) at key of m into a
+// block collection. A block collection has no line of its own, so its line
+// comment moves to the key ("volumes: # comment").
+func toBlock(m *kyaml.Node, key string, n *kyaml.Node) {
+	n.Style &^= kyaml.FlowStyle
+	if k := keyNode(m, key); k != nil && n.LineComment != "" && k.LineComment == "" {
+		k.LineComment, n.LineComment = n.LineComment, ""
+	}
+}
+
+// toEmptyFlow is the inverse of toBlock for a collection emptied again.
+func toEmptyFlow(m *kyaml.Node, key string, n *kyaml.Node) {
+	n.Style |= kyaml.FlowStyle
+	if k := keyNode(m, key); k != nil && k.LineComment != "" && n.LineComment == "" {
+		n.LineComment, k.LineComment = k.LineComment, ""
+	}
+}
+
+// emptyMode tells how the field at path was empty in the original
+// manifest: "empty" ([] or {}), "null", or "" (absent).
+func emptyMode(keep []string, path string) string {
+	for _, k := range keep {
+		if k == path {
+			return "empty"
+		}
+		if k == path+"=null" {
+			return "null"
+		}
+	}
+	return ""
+}
+
+func nullNode() *kyaml.Node { return &kyaml.Node{Kind: kyaml.ScalarNode, Tag: "!!null"} }
+
+// keyNode returns the key node of key in mapping m, or nil.
+func keyNode(m *kyaml.Node, key string) *kyaml.Node {
+	for i := 0; i+1 < len(m.Content); i += 2 {
+		if m.Content[i].Value == key {
+			return m.Content[i]
+		}
+	}
+	return nil
+}
+
 func scalar(m *kyaml.Node, key string) string {
 	if v := get(m, key); v != nil && v.Kind == kyaml.ScalarNode {
 		return v.Value
@@ -91,11 +135,21 @@ func ensureMap(m *kyaml.Node, key, before string) *kyaml.Node {
 // patchTemplate writes the difference between before and after (the typed
 // pod of the template node t) into t: annotations, init containers,
 // containers and volumes. Everything else in t is left alone.
-func patchTemplate(t *kyaml.Node, before, after *corev1.Pod) error {
+//
+// keepEmpty lists fields to keep rather than remove when they become empty:
+// "spec.volumes" as an empty flow collection ([] or {}), "spec.volumes=null"
+// as a null.
+func patchTemplate(t *kyaml.Node, before, after *corev1.Pod, keepEmpty []string) error {
 	// Annotations.
 	if !maps.Equal(before.Annotations, after.Annotations) {
 		meta := ensureMap(t, "metadata", "spec")
+		if meta.Style == kyaml.FlowStyle && len(meta.Content) == 0 {
+			toBlock(t, "metadata", meta)
+		}
 		ann := ensureMap(meta, "annotations", "")
+		if ann.Style == kyaml.FlowStyle && len(ann.Content) == 0 {
+			toBlock(meta, "annotations", ann)
+		}
 		keys := slices.Sorted(maps.Keys(after.Annotations))
 		for _, k := range keys {
 			if old, ok := before.Annotations[k]; !ok || old != after.Annotations[k] {
@@ -108,8 +162,22 @@ func patchTemplate(t *kyaml.Node, before, after *corev1.Pod) error {
 			}
 		}
 		if len(ann.Content) == 0 {
-			del(meta, "annotations")
-			if len(meta.Content) == 0 {
+			switch emptyMode(keepEmpty, "metadata.annotations") {
+			case "empty":
+				toEmptyFlow(meta, "annotations", ann)
+			case "null":
+				set(meta, "annotations", nullNode(), "")
+			default:
+				del(meta, "annotations")
+			}
+		}
+		if len(meta.Content) == 0 {
+			switch emptyMode(keepEmpty, "metadata") {
+			case "empty":
+				toEmptyFlow(t, "metadata", meta)
+			case "null":
+				set(t, "metadata", nullNode(), "")
+			default:
 				del(t, "metadata")
 			}
 		}
@@ -118,13 +186,13 @@ func patchTemplate(t *kyaml.Node, before, after *corev1.Pod) error {
 	if spec == nil || spec.Kind != kyaml.MappingNode {
 		return fmt.Errorf("spec is not a mapping")
 	}
-	if err := patchList(spec, "initContainers", "containers", containerNames(before.Spec.InitContainers), containerNames(after.Spec.InitContainers), func(i int) any { return after.Spec.InitContainers[i] }); err != nil {
+	if err := patchList(spec, "initContainers", "containers", emptyMode(keepEmpty, "spec.initContainers"), containerNames(before.Spec.InitContainers), containerNames(after.Spec.InitContainers), func(i int) any { return after.Spec.InitContainers[i] }); err != nil {
 		return err
 	}
-	if err := patchList(spec, "containers", "", containerNames(before.Spec.Containers), containerNames(after.Spec.Containers), func(i int) any { return after.Spec.Containers[i] }); err != nil {
+	if err := patchList(spec, "containers", "", emptyMode(keepEmpty, "spec.containers"), containerNames(before.Spec.Containers), containerNames(after.Spec.Containers), func(i int) any { return after.Spec.Containers[i] }); err != nil {
 		return err
 	}
-	return patchList(spec, "volumes", "", volumeNames(before.Spec.Volumes), volumeNames(after.Spec.Volumes), func(i int) any { return after.Spec.Volumes[i] })
+	return patchList(spec, "volumes", "", emptyMode(keepEmpty, "spec.volumes"), volumeNames(before.Spec.Volumes), volumeNames(after.Spec.Volumes), func(i int) any { return after.Spec.Volumes[i] })
 }
 
 func containerNames(cs []corev1.Container) []string {
@@ -146,7 +214,7 @@ func volumeNames(vs []corev1.Volume) []string {
 // patchList rebuilds the sequence at key so it lists the items named
 // after: items also named in before keep their original node (comments,
 // order of fields), new items are rendered from the typed value.
-func patchList(spec *kyaml.Node, key, before string, oldNames, newNames []string, value func(int) any) error {
+func patchList(spec *kyaml.Node, key, before string, keepEmpty string, oldNames, newNames []string, value func(int) any) error {
 	if slices.Equal(oldNames, newNames) {
 		return nil
 	}
@@ -178,7 +246,15 @@ func patchList(spec *kyaml.Node, key, before string, oldNames, newNames []string
 		content = append(content, n)
 	}
 	if len(content) == 0 {
-		del(spec, key)
+		switch {
+		case keepEmpty == "empty" && seq != nil:
+			seq.Content = nil
+			toEmptyFlow(spec, key, seq)
+		case keepEmpty == "null":
+			set(spec, key, nullNode(), "")
+		default:
+			del(spec, key)
+		}
 		return nil
 	}
 	if seq == nil {
@@ -186,7 +262,7 @@ func patchList(spec *kyaml.Node, key, before string, oldNames, newNames []string
 		set(spec, key, seq, before)
 	}
 	if seq.Style == kyaml.FlowStyle {
-		seq.Style = 0
+		toBlock(spec, key, seq)
 	}
 	seq.Content = content
 	return nil
@@ -301,6 +377,7 @@ func render(docs []doc, format Format) ([]byte, error) {
 			blockStyle(d.node)
 		}
 		style := kyaml.DeriveSeqIndentStyle(d.raw)
+		fixFlowNulls(d.node, false)
 		var db bytes.Buffer
 		enc := kyaml.NewEncoderWithOptions(&db, &kyaml.EncoderOptions{SeqIndent: kyaml.SequenceIndentStyle(style)})
 		if !d.json {
@@ -478,4 +555,19 @@ func sameNode(a, b *kyaml.Node) bool {
 		}
 	}
 	return true
+}
+
+// fixFlowNulls spells implicit nulls inside flow collections ({a}, [a, ])
+// as null: the encoder would write them as '' and turn them into strings.
+func fixFlowNulls(n *kyaml.Node, inFlow bool) {
+	if n.Kind == kyaml.ScalarNode && inFlow && n.Value == "" && n.ShortTag() == "!!null" {
+		n.Value = "null"
+	}
+	flow := inFlow || n.Style&kyaml.FlowStyle != 0
+	for i, c := range n.Content {
+		if n.Kind == kyaml.MappingNode && i%2 == 0 {
+			continue // keys stay as written
+		}
+		fixFlowNulls(c, flow)
+	}
 }
