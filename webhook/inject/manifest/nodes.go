@@ -558,7 +558,7 @@ func sameNode(a, b *kyaml.Node) bool {
 }
 
 // fixFlowNulls spells implicit nulls inside flow collections ({a}, [a, ])
-// as null: the encoder would write them as ” and turn them into strings.
+// as null: the encoder would write them as an empty quoted string.
 func fixFlowNulls(n *kyaml.Node, inFlow bool) {
 	if n.Kind == kyaml.ScalarNode && inFlow && n.Value == "" && n.ShortTag() == "!!null" {
 		n.Value = "null"
