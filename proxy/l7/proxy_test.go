@@ -2,6 +2,7 @@ package l7
 
 import (
 	"bufio"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -111,5 +112,38 @@ func TestProtocolDetectionFallsBackToTCP(t *testing.T) {
 			t.Fatalf("echo through TCP fallback: %q %v", got, err)
 		}
 		c.Close()
+	}
+}
+
+func TestAccessLogSampling(t *testing.T) {
+	t.Parallel()
+	be := startBackend(t, "app", nil)
+	for _, tc := range []struct {
+		rate string
+		p    float64
+	}{{"1", 1}, {"0.25", 0.25}, {"0", 0}} {
+		tp := startProxy(t, mustLoad(t, "accessLog: {enabled: true, sampleRate: "+tc.rate+"}"), be.addr, Outbound)
+		c := h1Client()
+		const n = 400
+		for i := 0; i < n; i++ {
+			get(t, c, tp.addr, "svc", "/s")
+		}
+		lines := strings.Count(tp.log.String(), "\n")
+		if tc.p == 1 && lines != n || tc.p == 0 && lines != 0 || !binomialOK(lines, n, tc.p) {
+			t.Errorf("sampleRate %s: %d of %d requests logged", tc.rate, lines, n)
+		}
+		if tc.p == 1 {
+			for _, l := range strings.Split(strings.TrimSpace(tp.log.String()), "\n") {
+				if !json.Valid([]byte(l)) {
+					t.Fatalf("access log line is not JSON: %s", l)
+				}
+			}
+			first := strings.SplitN(tp.log.String(), "\n", 2)[0]
+			for _, k := range []string{`"method":"GET"`, `"authority":"svc"`, `"path":"/s"`, `"status":200`, `"cluster":"passthrough"`, `"upstream":"` + be.addr + `"`} {
+				if !strings.Contains(first, k) {
+					t.Errorf("access log line lacks %s: %s", k, first)
+				}
+			}
+		}
 	}
 }
