@@ -16,7 +16,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/go-logr/logr"
 	"github.com/go-logr/logr/testr"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
@@ -27,7 +26,6 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
-	ctrllog "sigs.k8s.io/controller-runtime/pkg/log"
 	"sigs.k8s.io/controller-runtime/pkg/webhook/admission"
 
 	"github.com/meshlet/meshlet/webhook/certs"
@@ -87,7 +85,6 @@ type clusterOptions struct {
 func startCluster(t *testing.T, o clusterOptions) *cluster {
 	t.Helper()
 	envtestSkip(t)
-	ctrllog.SetLogger(logr.Discard())
 	env := &envtest.Environment{}
 	restCfg, err := env.Start()
 	if err != nil {
