@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"net"
 	"net/http"
@@ -518,6 +519,93 @@ func TestEnvtestWebhook(t *testing.T) {
 			t.Error("the replicas serve different certificates")
 		}
 	})
+}
+
+// TestEnvtestCertManagerMode checks the read-only source: it serves the
+// mounted certificate, reloads it when the files change, and is ready only
+// while the webhook configuration's caBundle (cert-manager's cainjector's
+// job) trusts it. It never writes to the API server.
+func TestEnvtestCertManagerMode(t *testing.T) {
+	envtestSkip(t)
+	env := &envtest.Environment{}
+	restCfg, err := env.Start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = env.Stop() })
+	kube := kubernetes.NewForConfigOrDie(restCfg)
+	ctx := t.Context()
+	dns := Config{Namespace: etNamespace, ServiceName: etService}.DNSNames()
+
+	issue := func() (caPEM, crt, key []byte) {
+		now := time.Now()
+		ca, caPEM, _, err := certs.NewAuthority(now, time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		crt, key, err = ca.Issue(now, time.Hour, dns, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return caPEM, crt, key
+	}
+	dir := t.TempDir()
+	ca1, crt1, key1 := issue()
+	writeFile(t, filepath.Join(dir, certs.KeyCert), string(crt1))
+	writeFile(t, filepath.Join(dir, certs.KeyKey), string(key1))
+	whc := registration.Build(registration.Options{Namespace: etNamespace, ServiceName: etService, CABundle: ca1})
+	created, err := kube.AdmissionregistrationV1().MutatingWebhookConfigurations().Create(ctx, whc, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, err := certs.NewFiles(certs.FilesOptions{Dir: dir, Client: kube, WebhookConfigNames: []string{whc.Name}, DNSName: dns[0]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() { _ = src.Start(runCtx) }()
+	if err := src.Ready(nil); err != nil {
+		t.Fatalf("mounted certificate trusted by caBundle: want ready, got %v", err)
+	}
+	// cert-manager renews into a new CA; until cainjector catches up the
+	// webhook is not ready, and it serves the new certificate at once.
+	ca2, crt2, key2 := issue()
+	writeFile(t, filepath.Join(dir, certs.KeyCert), string(crt2))
+	writeFile(t, filepath.Join(dir, certs.KeyKey), string(key2))
+	eventually(t, "new certificate served", 15*time.Second, func() error {
+		c, err := src.GetCertificate(nil)
+		if err != nil {
+			return err
+		}
+		if !bytes.Contains(crt2, pemOf(c.Certificate[0])) {
+			return fmt.Errorf("still serving the old certificate")
+		}
+		return nil
+	})
+	if err := src.Ready(nil); err == nil {
+		t.Error("caBundle does not trust the new certificate: want not ready")
+	}
+	cfg, err := kube.AdmissionregistrationV1().MutatingWebhookConfigurations().Get(ctx, whc.Name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.ResourceVersion != created.ResourceVersion {
+		t.Error("cert-manager mode wrote the webhook configuration")
+	}
+	for i := range cfg.Webhooks {
+		cfg.Webhooks[i].ClientConfig.CABundle = ca2
+	}
+	if _, err := kube.AdmissionregistrationV1().MutatingWebhookConfigurations().Update(ctx, cfg, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.Ready(nil); err != nil {
+		t.Errorf("after cainjector's update: want ready, got %v", err)
+	}
+}
+
+func pemOf(der []byte) []byte {
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
 }
 
 // TestEnvtestRotation forces short-lived certificates (serving: 3 s, CA: 9 s)
