@@ -1,0 +1,48 @@
+{{/* Base name of every object: the release name, or release-chart when the release name lacks "meshlet". */}}
+{{- define "meshlet.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "meshlet.webhook" -}}{{ include "meshlet.fullname" . }}-webhook{{- end -}}
+{{- define "meshlet.secret" -}}{{ include "meshlet.fullname" . }}-webhook-certs{{- end -}}
+{{- define "meshlet.configmap" -}}{{ include "meshlet.fullname" . }}-injection{{- end -}}
+{{- define "meshlet.mwc" -}}{{ include "meshlet.fullname" . }}-sidecar-injector{{- end -}}
+{{- define "meshlet.cni" -}}{{ include "meshlet.fullname" . }}-cni{{- end -}}
+
+{{- define "meshlet.image" -}}{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}{{- end -}}
+
+{{/* Labels of every object. */}}
+{{- define "meshlet.labels" -}}
+app.kubernetes.io/name: meshlet
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "meshlet.webhookSelector" -}}
+app.kubernetes.io/name: meshlet
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: webhook
+{{- end -}}
+
+{{- define "meshlet.cniSelector" -}}
+app.kubernetes.io/name: meshlet
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: cni
+{{- end -}}
+
+{{/* The restricted container security context (Pod Security "restricted"). */}}
+{{- define "meshlet.restricted" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
