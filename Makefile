@@ -11,7 +11,7 @@ CACHE     ?= $(or $(MESHLET_CACHE),$(HOME)/.cache/meshlet)
 IMAGES    ?= $(CACHE)/images
 TESTFLAGS ?= -race -count=1 -timeout 30m
 
-.PHONY: all build test test-unit test-privileged test-envtest test-e2e bench lint envtest-bins k8s-bins images demo clean
+.PHONY: all build test test-unit test-privileged test-envtest test-e2e bench lint envtest-bins k8s-bins images manifests demo cluster-down clean
 
 all: build
 
@@ -20,9 +20,28 @@ build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/meshlet
 
 ## test: every tier — unit, privileged (root: netns + iptables), envtest (real
-## kube-apiserver + etcd), and the real-cluster e2e tier.
+## kube-apiserver + etcd; the chart tests there include the manifests/ drift
+## check), and the real-cluster e2e tier (test-e2e).
 test: lint envtest-bins
 	KUBEBUILDER_ASSETS=$(K8S_BINS) $(GOTEST) $(TESTFLAGS) ./...
+	$(MAKE) test-e2e
+
+## test-e2e: the real single-node cluster tier (test/e2e): builds the images and
+## the cluster binaries (cached), brings the cluster up, runs the suite, tears it down.
+test-e2e: images k8s-bins
+	MESHLET_E2E=1 MESHLET_IMAGES=$(IMAGES) $(GOTEST) -count=1 -timeout 40m -v ./test/e2e/
+
+## manifests: regenerate manifests/ from charts/meshlet (make test checks for drift).
+manifests:
+	$(GO) run ./test/chart/render -chart charts/meshlet -out manifests
+
+## demo: bring the test cluster up and run the README quickstart, printing what a user sees.
+demo: images k8s-bins
+	MESHLET_IMAGES=$(IMAGES) $(GO) run ./test/e2e/demo
+
+## cluster-down: stop the test cluster and restore the host.
+cluster-down:
+	$(GO) run ./test/cluster/mlkctl down
 
 ## test-unit: the fast tier: no root, no API server (privileged and envtest tests skip under -short).
 test-unit:

@@ -118,7 +118,8 @@ build_tool() { # name module version package
   printf 'module meshlet.test/%s\ngo 1.22\nrequire %s %s\n' "$name" "$mod" "$ver" > "$dir/go.mod"
   printf '//go:build tools\n\npackage tools\n\nimport _ "%s"\n' "$pkg" > "$dir/tools.go"
   echo "build-k8s.sh: building $name $ver" >&2
-  (cd "$dir" && go mod tidy -e >/dev/null 2>&1; go build -tags tools -trimpath -ldflags "-s -w" -o "$work/$name" "$pkg")
+  # No -tags tools here: the tag would reach dependencies' own tools.go files.
+  (cd "$dir" && go mod tidy -e >/dev/null 2>&1; go build -trimpath -ldflags "-s -w" -o "$work/$name" "$pkg")
   mv "$work/$name" "$OUT/$name"
 }
 

@@ -317,6 +317,7 @@ func (c *Cluster) ctr(ctx context.Context, out io.Writer, args ...string) error 
 // Kubectl runs the cluster's kubectl with the admin kubeconfig.
 func (c *Cluster) Kubectl(ctx context.Context, stdin []byte, args ...string) ([]byte, error) {
 	cmd := exec.CommandContext(ctx, filepath.Join(c.BinDir, "kubectl"), append([]string{"--kubeconfig", c.Kubeconfig}, args...)...)
+	cmd.Dir = c.RepoRoot
 	if stdin != nil {
 		cmd.Stdin = bytes.NewReader(stdin)
 	}
@@ -332,6 +333,7 @@ func (c *Cluster) Kubectl(ctx context.Context, stdin []byte, args ...string) ([]
 // Helm runs the cluster's helm with the admin kubeconfig.
 func (c *Cluster) Helm(ctx context.Context, args ...string) ([]byte, error) {
 	cmd := exec.CommandContext(ctx, filepath.Join(c.BinDir, "helm"), append([]string{"--kubeconfig", c.Kubeconfig}, args...)...)
+	cmd.Dir = c.RepoRoot
 	cmd.Env = append(os.Environ(), "HELM_CACHE_HOME="+c.path("helm/cache"), "HELM_CONFIG_HOME="+c.path("helm/config"), "HELM_DATA_HOME="+c.path("helm/data"))
 	out, err := cmd.CombinedOutput()
 	if err != nil {

@@ -71,6 +71,7 @@ imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 evictionHard: {memory.available: 100Mi, nodefs.available: 1%%, nodefs.inodesFree: 1%%, imagefs.available: 1%%}
 serializeImagePulls: false
+syncFrequency: 10s
 protectKernelDefaults: false
 makeIPTablesUtilChains: false
 localStorageCapacityIsolation: false
