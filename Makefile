@@ -11,7 +11,7 @@ CACHE     ?= $(or $(MESHLET_CACHE),$(HOME)/.cache/meshlet)
 IMAGES    ?= $(CACHE)/images
 TESTFLAGS ?= -race -count=1 -timeout 30m
 
-.PHONY: all build test test-unit test-privileged test-envtest test-e2e bench lint envtest-bins k8s-bins images manifests demo cluster-down clean
+.PHONY: all build test test-unit test-privileged test-envtest test-e2e bench bench-fortio lint envtest-bins k8s-bins images manifests demo cluster-down clean
 
 all: build
 
@@ -64,8 +64,13 @@ k8s-bins:
 	test/bin/build-k8s.sh all
 
 ## bench: Go benchmarks of the hot paths (compare runs with benchstat).
-bench:
+bench: bench-fortio
 	$(GOTEST) -run '^$$' -bench . -benchmem -count=1 ./...
+
+## bench-fortio: fortio load through client and server sidecars in netns vs direct,
+## haproxy and nginx, plus 100 hot restarts under load (root) → docs/benchmarks.md.
+bench-fortio:
+	test/bench/fortio.sh
 
 ## lint: gofmt and go vet.
 lint:

@@ -298,3 +298,37 @@ func TestFDExhaustion(t *testing.T) {
 		t.Logf("note: accept never failed (output: %s)", out.String())
 	}
 }
+
+// TestDrainEndpoint: POST /drain fails readiness and stops inbound while
+// outbound keeps working; the agent stays up and does not restart the
+// drained generation.
+func TestDrainEndpoint(t *testing.T) {
+	p := startAgent(t, httpBackend(t), "--drain-duration=3s")
+	resp, err := http.Post("http://"+p.st+"/drain", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if code, _ := httpGet("http://" + p.st + "/healthz/ready"); code == http.StatusServiceUnavailable {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("still ready after /drain")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err := get(p.outbound); err != nil {
+		t.Errorf("outbound broken after /drain: %v", err)
+	}
+	if r := p.reload(t); r.Error == "" {
+		t.Errorf("reload accepted while drained: %+v", r)
+	}
+	select {
+	case err := <-p.exited:
+		p.exited <- err
+		t.Fatalf("agent exited after /drain: %v", err)
+	case <-time.After(500 * time.Millisecond):
+	}
+}
