@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 	"time"
 
@@ -63,6 +64,9 @@ type runState struct {
 	starting  *generation
 	next      int
 	pending   bool
+	// pendingForce: a coalesced request was explicit (not a file event),
+	// so it restarts even when the config is unchanged.
+	pendingForce bool
 	waiters   []chan ReloadResult // for the starting generation
 	pwaiters  []chan ReloadResult // for the pending reload
 	backoff   time.Duration
@@ -217,6 +221,7 @@ func (a *Agent) reload(st *runState, ev event) {
 	if st.starting != nil || len(st.gens) >= 2 {
 		// At most two generations: coalesce into one pending reload.
 		st.pending = true
+		st.pendingForce = st.pendingForce || ev.reason != "watch"
 		if ev.reply != nil {
 			st.pwaiters = append(st.pwaiters, ev.reply)
 		}
@@ -229,7 +234,7 @@ func (a *Agent) reload(st *runState, ev event) {
 		reply(ev.reply, ReloadResult{Error: err.Error()})
 		return
 	}
-	if ev.reason == "watch" && st.active != nil && cfg.Hash == st.active.cfg.Hash {
+	if (ev.reason == "watch" || ev.reason == "pending-watch") && st.active != nil && cfg.Hash == st.active.cfg.Hash {
 		reply(ev.reply, ReloadResult{Generation: st.active.n, Skipped: true})
 		return
 	}
@@ -359,10 +364,14 @@ func (a *Agent) maybePending(st *runState) {
 	if !st.pending || st.starting != nil || len(st.gens) >= 2 || st.active == nil {
 		return
 	}
-	st.pending = false
+	reason := "pending-watch"
+	if st.pendingForce {
+		reason = "pending"
+	}
+	st.pending, st.pendingForce = false, false
 	ws := st.pwaiters
 	st.pwaiters = nil
-	a.reload(st, event{kind: evReload, reason: "pending"})
+	a.reload(st, event{kind: evReload, reason: reason})
 	st.waiters = append(st.waiters, ws...)
 	if st.starting == nil { // reload failed or skipped synchronously
 		for _, w := range ws {
@@ -462,6 +471,11 @@ func (a *Agent) publish(st *runState) {
 	a.info.Restarts = a.crashes.Value()
 }
 
+func (a *Agent) isConfigEvent(name string) bool {
+	base := filepath.Base(name)
+	return base == filepath.Base(a.o.ConfigPath) || base == "..data"
+}
+
 // watch posts a reload when the config file changes. The directory is
 // watched, so ConfigMap volume updates (a symlink swap) are seen.
 func (a *Agent) watch() (func(), error) {
@@ -481,7 +495,9 @@ func (a *Agent) watch() (func(), error) {
 				if !ok {
 					return
 				}
-				if ev.Op == fsnotify.Chmod {
+				// Only the config file itself, or a ConfigMap volume's
+				// atomic "..data" symlink swap, counts.
+				if ev.Op == fsnotify.Chmod || !a.isConfigEvent(ev.Name) {
 					continue
 				}
 				// Debounce: editors and kubelet write in several steps.

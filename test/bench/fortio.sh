@@ -110,13 +110,14 @@ ip netns exec "$S" nginx -c "$WORK/nginx.conf" -g 'daemon off;' >"$WORK/nginx.lo
 PIDS+=($!)
 
 # Sidecars: `meshlet agent` as UID/GID 1337 in both namespaces.
-cat >"$WORK/proxy.yaml" <<CFG
+mkdir -m 755 "$WORK/config" # the agent watches this directory
+cat >"$WORK/config/proxy.yaml" <<CFG
 apiVersion: meshlet.io/v1alpha1
 kind: ProxyConfig
 CFG
-chmod 644 "$WORK/proxy.yaml"
+chmod 644 "$WORK/config/proxy.yaml"
 for ns in "$C" "$S"; do
-  ip netns exec "$ns" setpriv --reuid 1337 --regid 1337 --clear-groups "$M" agent --config "$WORK/proxy.yaml" \
+  ip netns exec "$ns" setpriv --reuid 1337 --regid 1337 --clear-groups "$M" agent --config "$WORK/config/proxy.yaml" \
     >"$WORK/agent-$ns.log" 2>&1 &
   PIDS+=($!)
 done
@@ -195,7 +196,7 @@ wait $fpid || echo "fortio exited with $? (see $WORK/hotrestart.log)" >&2
 HR_TOTAL=$(jq '.DurationHistogram.Count' "$WORK/hotrestart.json")
 HR_OK=$(jq '.RetCodes["200"] // 0' "$WORK/hotrestart.json")
 HR_FAIL=$((HR_TOTAL - HR_OK))
-read -r HR_MED HR_P90 HR_MAX < <(sort -n "$WORK/reload-times" | awk '{a[NR]=$1} END {printf "%.1f %.1f %.1f", a[int((NR+1)/2)]*1000, a[int(NR*0.9)]*1000, a[NR]*1000}')
+read -r HR_MED HR_P90 HR_MAX < <(sort -n "$WORK/reload-times" | awk '{a[NR]=$1} END {printf "%.1f %.1f %.1f\n", a[int((NR+1)/2)]*1000, a[int(NR*0.9)]*1000, a[NR]*1000}')
 GENS=$(ip netns exec "$S" curl -s http://127.0.0.1:15020/server_info | jq .activeGeneration)
 GENC=$(ip netns exec "$C" curl -s http://127.0.0.1:15020/server_info | jq .activeGeneration)
 
