@@ -59,21 +59,21 @@ var ErrQuit = errors.New("quit requested")
 
 // loop state
 type runState struct {
-	gens      map[int]*generation // by pid: every live process
-	active    *generation
-	starting  *generation
-	next      int
-	pending   bool
+	gens     map[int]*generation // by pid: every live process
+	active   *generation
+	starting *generation
+	next     int
+	pending  bool
 	// pendingForce: a coalesced request was explicit (not a file event),
 	// so it restarts even when the config is unchanged.
 	pendingForce bool
-	waiters   []chan ReloadResult // for the starting generation
-	pwaiters  []chan ReloadResult // for the pending reload
-	backoff   time.Duration
-	restartAt *time.Timer
-	shutdown  bool
-	drained   bool // /drain: do not restart
-	cfg       *config.Loaded
+	waiters      []chan ReloadResult // for the starting generation
+	pwaiters     []chan ReloadResult // for the pending reload
+	backoff      time.Duration
+	restartAt    *time.Timer
+	shutdown     bool
+	drained      bool // /drain: do not restart
+	cfg          *config.Loaded
 }
 
 // Run starts generation 1 and supervises until ctx is cancelled (SIGTERM:
