@@ -60,6 +60,10 @@ type Source interface {
 	Start(ctx context.Context) error
 }
 
+// ErrNotInstalled means a named MutatingWebhookConfiguration does not exist
+// (yet): certificates are kept in the Secret, but the source is not ready.
+var ErrNotInstalled = errors.New("webhook configuration not installed")
+
 // SelfIssuedOptions configure a SelfIssued source. Zero values mean the
 // documented defaults.
 type SelfIssuedOptions struct {
@@ -170,7 +174,11 @@ func (s *SelfIssued) Start(ctx context.Context) error {
 	t := time.NewTicker(s.opts.Interval)
 	defer t.Stop()
 	for {
-		if err := s.Reconcile(ctx); err != nil && ctx.Err() == nil {
+		switch err := s.Reconcile(ctx); {
+		case err == nil || ctx.Err() != nil:
+		case errors.Is(err, ErrNotInstalled):
+			s.opts.Log.Info("Waiting for the webhook configuration", "reason", err.Error())
+		default:
 			s.failures.Inc()
 			s.opts.Log.Error(err, "Reconciling webhook certificates")
 		}
@@ -279,6 +287,10 @@ func (s *SelfIssued) publishedCheck(ctx context.Context) (func(*x509.Certificate
 	var bundles [][]*x509.Certificate
 	for _, name := range s.opts.WebhookConfigNames {
 		cfg, err := s.opts.Client.AdmissionregistrationV1().MutatingWebhookConfigurations().Get(ctx, name, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			bundles = append(bundles, nil) // not installed yet: trusts nothing
+			continue
+		}
 		if err != nil {
 			return nil, fmt.Errorf("reading mutatingwebhookconfiguration %s: %w", name, err)
 		}
@@ -323,6 +335,11 @@ func (s *SelfIssued) publish(ctx context.Context, bundle []byte) (map[string][]b
 			}
 			return nil
 		})
+		if apierrors.IsNotFound(err) {
+			// Installed after the webhook (Helm creates webhook
+			// configurations late): not ready until it exists.
+			return nil, fmt.Errorf("mutatingwebhookconfiguration %s does not exist yet: %w", name, ErrNotInstalled)
+		}
 		if err != nil {
 			return nil, fmt.Errorf("publishing caBundle to mutatingwebhookconfiguration %s: %w", name, err)
 		}

@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -487,6 +488,42 @@ func TestEnvtestWebhook(t *testing.T) {
 		}
 		if proxyCount(pod) != 1 {
 			t.Fatal("pod not injected after the caBundle came back")
+		}
+	})
+
+	t.Run("webhook configuration installed after the webhook", func(t *testing.T) {
+		const name, secret = "meshlet-late", "meshlet-late-certs"
+		src, err := certs.NewSelfIssued(certs.SelfIssuedOptions{
+			Client: c.kube, Namespace: etNamespace, SecretName: secret, WebhookConfigNames: []string{name},
+			Policy: certs.Policy{DNSNames: Config{Namespace: etNamespace, ServiceName: etService}.DNSNames()},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := src.Reconcile(t.Context()); !errors.Is(err, certs.ErrNotInstalled) {
+			t.Fatalf("Reconcile without the configuration = %v, want ErrNotInstalled", err)
+		}
+		if src.Ready(nil) == nil {
+			t.Error("ready although the configuration does not exist")
+		}
+		if _, err := c.kube.CoreV1().Secrets(etNamespace).Get(t.Context(), secret, metav1.GetOptions{}); err != nil {
+			t.Errorf("certificates not stored while waiting: %v", err)
+		}
+		whc := registration.Build(registration.Options{Name: name, Namespace: etNamespace, ServiceName: etService})
+		for i := range whc.Webhooks { // never called: no such Service here
+			whc.Webhooks[i].NamespaceSelector = &metav1.LabelSelector{MatchLabels: map[string]string{"meshlet-test": "never"}}
+		}
+		if _, err := c.kube.AdmissionregistrationV1().MutatingWebhookConfigurations().Create(t.Context(), whc, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			_ = c.kube.AdmissionregistrationV1().MutatingWebhookConfigurations().Delete(context.Background(), name, metav1.DeleteOptions{})
+		})
+		if err := src.Reconcile(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		if err := src.Ready(nil); err != nil {
+			t.Errorf("not ready after publishing: %v", err)
 		}
 	})
 
