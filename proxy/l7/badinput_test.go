@@ -84,10 +84,10 @@ func TestSlowloris(t *testing.T) {
 	start := time.Now()
 	closed := 0
 	for _, c := range conns {
-		c.SetReadDeadline(time.Now().Add(3 * time.Second))
+		c.SetReadDeadline(time.Now().Add(6 * time.Second))
 	}
 	go func() {
-		for i := 0; i < 20; i++ {
+		for i := 0; i < 50; i++ { // 5s of trickling
 			for _, c := range conns {
 				c.Write([]byte("x"))
 			}
@@ -99,7 +99,7 @@ func TestSlowloris(t *testing.T) {
 			closed++
 		}
 	}
-	if closed != len(conns) || time.Since(start) > 2500*time.Millisecond {
+	if closed != len(conns) || time.Since(start) > 4*time.Second {
 		t.Fatalf("%d of %d slow connections closed in %v; want all within ~300ms", closed, len(conns), time.Since(start))
 	}
 	if code, _, _ := get(t, h1Client(), tp.addr, "a", "/"); code != 200 {
