@@ -119,8 +119,11 @@ build_tool() { # name module version package
   printf '//go:build tools\n\npackage tools\n\nimport _ "%s"\n' "$pkg" > "$dir/tools.go"
   echo "build-k8s.sh: building $name $ver" >&2
   # No -tags tools here: the tag would reach dependencies' own tools.go files.
-  (cd "$dir" && go mod tidy -e >/dev/null 2>&1; go build -trimpath -ldflags "-s -w" -o "$work/$name" "$pkg")
-  mv "$work/$name" "$OUT/$name"
+  # The module folder is $work/$name: build to another path, or -o would put
+  # the binary inside that folder and the folder would land in the cache.
+  (cd "$dir" && go mod tidy -e >/dev/null 2>&1; go build -trimpath -ldflags "-s -w" -o "$work/$name.bin" "$pkg")
+  rm -rf "$OUT/$name"  # a folder left there by an older version of this script
+  mv "$work/$name.bin" "$OUT/$name"
 }
 
 for c in "${missing[@]}"; do

@@ -64,7 +64,9 @@ func TestMain(m *testing.M) {
 			return m.Run()
 		}
 		meshletBin = filepath.Join(tmp, "meshlet-cli")
-		if out, err := exec.Command("go", "build", "-o", meshletBin, "./cmd/meshlet").CombinedOutput(); err != nil {
+		build := exec.Command("go", "build", "-o", meshletBin, "./cmd/meshlet")
+		build.Dir = root
+		if out, err := build.CombinedOutput(); err != nil {
 			setupErr = fmt.Errorf("go build ./cmd/meshlet: %v\n%s", err, out)
 			return m.Run()
 		}

@@ -22,11 +22,12 @@ func main() {
 	interval := flag.Duration("interval", time.Second, "pause between calls")
 	count := flag.Int("count", 0, "exit 0 after this many successful calls (0: run forever)")
 	timeout := flag.Duration("timeout", 5*time.Second, "timeout of one call")
+	keepAlive := flag.Bool("keepalive", false, "reuse connections (default: a new TCP connection per call, so every call shows in the proxies' connection counters)")
 	flag.Parse()
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
-	client := &http.Client{Timeout: *timeout}
+	client := &http.Client{Timeout: *timeout, Transport: &http.Transport{DisableKeepAlives: !*keepAlive}}
 	ok := 0
 	for attempt := 1; ; attempt++ {
 		host, err := call(ctx, client, *url)
