@@ -253,10 +253,24 @@ func extractDebs(ctx context.Context, dir string, pkgs []string, log io.Writer) 
 	}
 	if len(missing) > 0 {
 		fmt.Fprintf(log, "images: apt-get download %s\n", strings.Join(missing, " "))
-		cmd := exec.CommandContext(ctx, "apt-get", append([]string{"download", "-q"}, missing...)...)
-		cmd.Dir = dir
-		if b, err := cmd.CombinedOutput(); err != nil {
-			return "", fmt.Errorf("%s: %w\n%s", strings.Join(cmd.Args, " "), err, b)
+		download := func() ([]byte, error) {
+			cmd := exec.CommandContext(ctx, "apt-get", append([]string{"download", "-q"}, missing...)...)
+			cmd.Dir = dir
+			b, err := cmd.CombinedOutput()
+			if err != nil {
+				return b, fmt.Errorf("%s: %w\n%s", strings.Join(cmd.Args, " "), err, b)
+			}
+			return b, nil
+		}
+		if _, err := download(); err != nil {
+			// A fresh machine may have no package lists yet.
+			fmt.Fprintf(log, "images: apt-get update (download failed: %v)\n", err)
+			if b, uerr := exec.CommandContext(ctx, "apt-get", "update", "-qq").CombinedOutput(); uerr != nil {
+				return "", fmt.Errorf("apt-get update: %w\n%s", uerr, b)
+			}
+			if _, err := download(); err != nil {
+				return "", err
+			}
 		}
 		return extractDebs(ctx, dir, pkgs, log)
 	}
