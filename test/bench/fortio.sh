@@ -133,7 +133,10 @@ sleep 0.5
 procs() { for p in $(ip netns pids "$1"); do [ "$(cat /proc/$p/comm 2>/dev/null)" = "$2" ] && echo "$p"; done; true; }
 # cpu_ticks PIDS...: user+system clock ticks.
 cpu_ticks() { local t=0; for p in "$@"; do set -- $(awk '{print $14, $15}' /proc/$p/stat 2>/dev/null || echo 0 0); t=$((t + $1 + $2)); done; echo $t; }
-rss_kb() { local t=0; for p in "$@"; do t=$((t + $(awk '/^VmRSS/{print $2}' /proc/$p/status 2>/dev/null || echo 0))); done; echo $t; }
+# rss_kb FIELD PIDS...: sum of a /proc/PID/status field (VmRSS, RssAnon) in KiB.
+rss_kb() { local f=$1 t=0; shift; for p in "$@"; do t=$((t + $(awk -v f="$f:" '$1 == f {print $2}' /proc/$p/status 2>/dev/null || echo 0))); done; echo $t; }
+# is_generation PID: a `meshlet proxy` process (not the agent).
+is_generation() { [ "$(tr '\0' '\n' </proc/$1/cmdline 2>/dev/null | sed -n 2p)" = proxy ]; }
 HZ=$(getconf CLK_TCK)
 
 declare -A URL=(
@@ -159,7 +162,7 @@ load() { # NAME QPS DURATION
 }
 pct() { jq -r --argjson p "$2" '[.DurationHistogram.Percentiles[] | select(.Percentile == $p) | .Value][0] * 1000' "$1"; }
 
-declare -A P50 P90 P99 CPU RSS MAXQ ERR
+declare -A P50 P90 P99 CPU RSS ANON MAXQ ERR
 for name in "${PATHS[@]}"; do
   echo "run $name @ $QPS qps" >&2
   load "$name" 3000 2s || true # warm-up
@@ -172,7 +175,10 @@ for name in "${PATHS[@]}"; do
   n=$(jq '.DurationHistogram.Count' "$f")
   ERR[$name]=$(jq '[.RetCodes | to_entries[] | select(.key != "200") | .value] | add // 0' "$f")
   CPU[$name]=$(awk -v d=$((t1 - t0)) -v hz="$HZ" -v n="$n" 'BEGIN { printf "%.3f", (d / hz) / (n / 1000) }')
-  RSS[$name]=$(rss_kb $(for p in $pids; do grep -q proxy /proc/$p/cmdline 2>/dev/null && echo $p; [ "$name" = haproxy-l4 ] || [ "$name" = nginx-l7 ] && echo $p; done | sort -u))
+  # Proxy memory: meshlet proxy generations (not agents); haproxy/nginx all processes.
+  mem=$(for p in $pids; do case $name in meshlet*) if is_generation "$p"; then echo "$p"; fi ;; *) echo "$p" ;; esac; done)
+  RSS[$name]=$(rss_kb VmRSS $mem)
+  ANON[$name]=$(rss_kb RssAnon $mem)
   echo "run $name max qps" >&2
   load "$name" 0 "$MAXDUR"
   MAXQ[$name]=$(jq '.ActualQPS | floor' "$WORK/$name-0.json")
@@ -200,6 +206,7 @@ read -r HR_MED HR_P90 HR_MAX < <(sort -n "$WORK/reload-times" | awk '{a[NR]=$1} 
 GENS=$(ip netns exec "$S" curl -s http://127.0.0.1:15020/server_info | jq .activeGeneration)
 GENC=$(ip netns exec "$C" curl -s http://127.0.0.1:15020/server_info | jq .activeGeneration)
 
+mkdir -p "$(dirname "$OUT")"
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "-"; else printf "%.2f", a / b }'; }
 added() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.3f", a - b }'; }
 {
@@ -213,10 +220,10 @@ added() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.3f", a - b }'; }
   echo "nginx $(nginx -v 2>&1 | sed 's|.*/||') (L7, 1 worker, upstream keep-alive) run in the server namespace, one hop."
   echo "One run, same machine, same moment: compare the ratios, not the absolute numbers."
   echo
-  echo "| path | p50 ms | p90 ms | p99 ms | added p90 ms vs direct | CPU s / 1000 req | proxy RSS MiB | max qps | max qps / direct | non-200 |"
+  echo "| path | p50 ms | p90 ms | p99 ms | added p90 ms vs direct | CPU s / 1000 req | proxy RSS MiB (anon) | max qps | max qps / direct | non-200 |"
   echo "|---|---|---|---|---|---|---|---|---|---|"
   for name in "${PATHS[@]}"; do
-    rss=-; [ "$name" != direct ] && rss=$(awk -v k="${RSS[$name]}" 'BEGIN { printf "%.1f", k / 1024 }')
+    rss=-; [ "$name" != direct ] && rss=$(awk -v k="${RSS[$name]}" -v a="${ANON[$name]}" 'BEGIN { printf "%.1f (%.1f)", k / 1024, a / 1024 }')
     cpu=-; [ "$name" != direct ] && cpu=${CPU[$name]}
     printf "| %s | %.3f | %.3f | %.3f | %s | %s | %s | %s | %s | %s |\n" "$name" "${P50[$name]}" "${P90[$name]}" "${P99[$name]}" \
       "$(added "${P90[$name]}" "${P90[direct]}")" "$cpu" "$rss" "${MAXQ[$name]}" "$(ratio "${MAXQ[$name]}" "${MAXQ[direct]}")" "${ERR[$name]}"
@@ -224,6 +231,8 @@ added() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.3f", a - b }'; }
   echo
   echo "- meshlet-2hop: client sidecar (outbound 15001) → server sidecar (inbound 15006 → 127.0.0.6 → app);"
   echo "  its CPU and RSS are the sum of both sidecars (agents + proxy generations for CPU; proxy generations for RSS)."
+  echo "- RSS is VmRSS after the 1000 qps run; in parentheses the private (anonymous) part. The rest is"
+  echo "  file-backed pages of the one meshlet binary ($(du -m "$M" | cut -f1) MB, every subcommand's packages), shared with the agent."
   echo "- meshlet-1hop: only the server sidecar (the client's capture excludes 10.212.100.3)."
   echo "- Two meshlet hops add $(added "${P90[meshlet-2hop]}" "${P90[direct]}") ms p90; one haproxy L4 hop adds $(added "${P90[haproxy-l4]}" "${P90[direct]}") ms;"
   echo "  one meshlet hop keeps $(ratio "${MAXQ[meshlet-1hop]}" "${MAXQ[direct]}") of direct max qps (haproxy L4: $(ratio "${MAXQ[haproxy-l4]}" "${MAXQ[direct]}"), nginx L7: $(ratio "${MAXQ[nginx-l7]}" "${MAXQ[direct]}"))."
@@ -237,5 +246,5 @@ added() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.3f", a - b }'; }
   echo "| requests | failed (non-200 or socket error) | reload → new generation serving: median / p90 / max ms | final generations (server, client) |"
   echo "|---|---|---|---|"
   echo "| $HR_TOTAL | $HR_FAIL | $HR_MED / $HR_P90 / $HR_MAX | $GENS, $GENC |"
-} >"$OUT"
+} >"$OUT.tmp" && mv "$OUT.tmp" "$OUT"
 cat "$OUT"
