@@ -38,7 +38,15 @@ func Get(c *net.TCPConn) (netip.AddrPort, error) {
 	if err := rc.Control(func(fd uintptr) { dst, serr = FromFD(int(fd), v4) }); err != nil {
 		return netip.AddrPort{}, fmt.Errorf("original destination: %w", err)
 	}
-	return dst, serr
+	if serr != nil {
+		return dst, serr
+	}
+	// With NAT conntrack loaded but no rule applied, the kernel answers with
+	// the connection's own local address instead of ENOENT.
+	if local != nil && dst.Port() == uint16(local.Port) && dst.Addr().Unmap() == local.AddrPort().Addr().Unmap() {
+		return netip.AddrPort{}, fmt.Errorf("original destination %s is the local address: %w", dst, ErrNotRedirected)
+	}
+	return dst, nil
 }
 
 // FromFD reads the original destination of the socket fd; v4 selects the
