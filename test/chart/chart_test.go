@@ -12,12 +12,14 @@ import (
 
 	"helm.sh/helm/v3/pkg/action"
 	"helm.sh/helm/v3/pkg/lint/support"
+	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/yaml"
 
 	"github.com/meshlet/meshlet/webhook/inject"
+	"github.com/meshlet/meshlet/webhook/registration"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files and manifests/")
@@ -273,5 +275,44 @@ func TestNotesTellTheNextCommand(t *testing.T) {
 		if !strings.Contains(notes, want) {
 			t.Errorf("NOTES.txt lacks %q:\n%s", want, notes)
 		}
+	}
+}
+
+// TestMutatingWebhookConfigurationMatchesBuilder checks that the chart
+// templates the MutatingWebhookConfiguration exactly as the webhook's Go
+// builder (webhook/registration) shapes it, labels aside.
+func TestMutatingWebhookConfigurationMatchesBuilder(t *testing.T) {
+	for name, tc := range map[string]struct {
+		vals map[string]any
+		opts registration.Options
+	}{
+		"default": {nil, registration.Options{Namespace: Namespace, ServiceName: "meshlet-webhook"}},
+		"custom": {custom, registration.Options{Namespace: Namespace, ServiceName: "meshlet-webhook",
+			TimeoutSeconds: 10, ExcludedNamespaces: []string{"monitoring"}}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			m, err := Render(chartDir, tc.vals)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got admissionregistrationv1.MutatingWebhookConfiguration
+			if !find(t, objects(t, m), "MutatingWebhookConfiguration", "meshlet-sidecar-injector", &got) {
+				t.Fatal("no MutatingWebhookConfiguration meshlet-sidecar-injector")
+			}
+			want := registration.Build(tc.opts)
+			if name == "custom" {
+				// failurePolicy is a chart value (Ignore here); the builder always says Fail.
+				ignore := admissionregistrationv1.Ignore
+				for i := range want.Webhooks {
+					want.Webhooks[i].FailurePolicy = &ignore
+				}
+			}
+			got.Labels, got.Annotations = nil, nil
+			gb, _ := yaml.Marshal(got)
+			wb, _ := yaml.Marshal(want)
+			if !bytes.Equal(gb, wb) {
+				t.Errorf("chart MutatingWebhookConfiguration differs from registration.Build:\n--- chart:\n%s\n--- builder:\n%s", gb, wb)
+			}
+		})
 	}
 }
