@@ -241,15 +241,25 @@ func (p *Plugin) target(conf *PluginConf, netns string, log *slog.Logger) captur
 	return capture.Target{NetnsPath: netns, Backend: b, Logger: log}
 }
 
-// Add installs capture rules for injected pods and passes prevResult through.
-func (p *Plugin) Add(args *skel.CmdArgs) error {
+// parseChainedConf parses the plugin config of ADD and CHECK, which both need
+// the primary plugin's prevResult.
+func parseChainedConf(args *skel.CmdArgs) (*PluginConf, error) {
 	conf, err := ParseConf(args.StdinData)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if conf.PrevResult == nil {
-		return types.NewError(types.ErrInvalidNetworkConfig, "meshlet-cni must be chained after a primary plugin",
+		return nil, types.NewError(types.ErrInvalidNetworkConfig, "meshlet-cni must be chained after a primary plugin",
 			"no prevResult in the config")
+	}
+	return conf, nil
+}
+
+// Add installs capture rules for injected pods and passes prevResult through.
+func (p *Plugin) Add(args *skel.CmdArgs) error {
+	conf, err := parseChainedConf(args)
+	if err != nil {
+		return err
 	}
 	log, closeLog := conf.logger()
 	defer closeLog()
@@ -283,13 +293,9 @@ func (p *Plugin) print(conf *PluginConf) error {
 
 // Check compares the live rules of an injected pod with the intended ones.
 func (p *Plugin) Check(args *skel.CmdArgs) error {
-	conf, err := ParseConf(args.StdinData)
+	conf, err := parseChainedConf(args)
 	if err != nil {
 		return err
-	}
-	if conf.PrevResult == nil {
-		return types.NewError(types.ErrInvalidNetworkConfig, "meshlet-cni must be chained after a primary plugin",
-			"no prevResult in the config")
 	}
 	log, closeLog := conf.logger()
 	defer closeLog()
