@@ -2,11 +2,17 @@
 # fortio load harness (DESIGN.md section 8): client sidecar → server sidecar
 # in two network namespaces with meshlet's real capture rules and agents
 # running as UID 1337, measured in the same run against direct (no proxy),
-# haproxy (L4, 1 thread) and nginx (L7, 1 worker, upstream keep-alive).
+# haproxy (1 thread) and nginx (1 worker, upstream keep-alive).
+#   1. L4: default config (pure passthrough) vs haproxy L4 and nginx L7.
+#   2. Hot restart: RESTARTS reloads under load, failed requests counted.
+#   3. L7: the agents reload with an `l7:` config (ports declared http/grpc,
+#      a service routing the server's address to a cluster) and HTTP/1.1 and
+#      gRPC (fortio grpc ping) are measured vs direct, nginx and haproxy.
 # Writes a markdown report (default docs/benchmarks.md). Needs root, jq,
 # haproxy, nginx-light; fortio is installed into a cache dir on first use.
+# Cleans up its network namespaces and processes on any exit.
 #
-#   sudo test/bench/fortio.sh                  # full run
+#   sudo flock /tmp/meshlet-bench.lock test/bench/fortio.sh       # full run (~7 min)
 #   QPS=1000 CONNS=16 DUR=10s RESTARTS=100 OUT=/tmp/b.md test/bench/fortio.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -25,6 +31,27 @@ if [ "$(id -u)" != 0 ]; then
   echo "fortio bench: skipped: needs root (network namespaces, iptables)" >&2
   exit 0
 fi
+
+# One measurement at a time on the shared cores: take /tmp/meshlet-bench.lock
+# unless an ancestor (e.g. `flock /tmp/meshlet-bench.lock make bench`) holds it.
+LOCK=/tmp/meshlet-bench.lock
+lock_held_by_ancestor() {
+  local ino holder p
+  ino=$(stat -c %i "$LOCK" 2>/dev/null) || return 1
+  holder=$(awk -v i=":$ino\$" '$2 == "FLOCK" && $4 == "WRITE" && $6 ~ i {print $5}' /proc/locks)
+  [ -n "$holder" ] || return 1
+  p=$$
+  while [ "$p" -gt 1 ]; do
+    for h in $holder; do [ "$h" = "$p" ] && return 0; done
+    p=$(awk '{print $4}' "/proc/$p/stat" 2>/dev/null) || return 1
+  done
+  return 1
+}
+if ! lock_held_by_ancestor; then
+  exec 9>>"$LOCK"
+  echo "waiting for $LOCK" >&2
+  flock 9
+fi
 for t in jq haproxy nginx setpriv ip; do
   command -v $t >/dev/null || { echo "fortio bench: missing $t" >&2; exit 1; }
 done
@@ -39,16 +66,28 @@ chmod 755 "$WORK"
 C=mlpx-bc-$$
 S=mlpx-bs-$$
 PIDS=()
+# del_netns NS: kill what still runs in NS (e.g. proxy generations), then delete it.
+del_netns() {
+  local p
+  for p in $(ip netns pids "$1" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
+  ip netns del "$1" 2>/dev/null || true
+}
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   sleep 0.3
   for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
-  ip netns del "$C" 2>/dev/null || true
-  ip netns del "$S" 2>/dev/null || true
+  del_netns "$C"
+  del_netns "$S"
   if [ -n "${KEEP:-}" ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
+# Namespaces left by an earlier run that was killed (we hold the lock, so
+# no other run is live; the suffix is that run's PID).
+for ns in $(ip netns list | awk '{print $1}' | grep -E '^mlpx-b[cs]-[0-9]+$' || true); do
+  kill -0 "${ns##*-}" 2>/dev/null || del_netns "$ns"
+done
 
 echo "building meshlet" >&2
 go build -o "$WORK/meshlet" ./cmd/meshlet
@@ -66,27 +105,40 @@ for ns in "$C" "$S"; do ip -n "$ns" link set lo up; done
 ip -n "$C" link set bc0 up
 ip -n "$S" link set bs0 up
 
-# Capture: 8081 (direct), 8082 (haproxy), 8083 (nginx) are never captured.
-ip netns exec "$C" "$M" init -o 8081,8082,8083 -x 10.212.100.3/32 --ipv6 off >/dev/null
-ip netns exec "$S" "$M" init -d 22,15090,15021,15020,8081,8082,8083 --ipv6 off >/dev/null
+# Ports. Behind the sidecars: fortio HTTP 8080, gRPC 8079. Never captured:
+# direct fortio HTTP 8081 / gRPC 8085; haproxy L4 8082, HTTP 8084, gRPC 8087;
+# nginx HTTP 8083, gRPC 8086.
+NOCAP=8081,8082,8083,8084,8085,8086,8087
+ip netns exec "$C" "$M" init -o $NOCAP -x 10.212.100.3/32 --ipv6 off >/dev/null
+ip netns exec "$S" "$M" init -d 22,15090,15021,15020,$NOCAP --ipv6 off >/dev/null
 
-# Servers (server netns): fortio on 8080 (behind the sidecar) and 8081.
-for port in 8080 8081; do
-  ip netns exec "$S" "$FORTIO" server -http-port $port -grpc-port disabled -redirect-port disabled \
-    -tcp-port disabled -udp-port disabled -loglevel Warning >"$WORK/fortio-$port.log" 2>&1 &
+# Servers (server netns): fortio HTTP+gRPC behind the sidecar and direct.
+for ports in 8080:8079 8081:8085; do
+  ip netns exec "$S" "$FORTIO" server -http-port "${ports%:*}" -grpc-port "${ports#*:}" -redirect-port disabled \
+    -tcp-port disabled -udp-port disabled -loglevel Warning >"$WORK/fortio-${ports%:*}.log" 2>&1 &
   PIDS+=($!)
 done
 cat >"$WORK/haproxy.cfg" <<CFG
 global
   nbthread 1
 defaults
-  mode tcp
   timeout connect 5s
   timeout client 60s
   timeout server 60s
 listen l4
+  mode tcp
   bind 10.212.100.2:8082
   server s 127.0.0.1:8081
+listen h1
+  mode http
+  http-reuse always
+  bind 10.212.100.2:8084
+  server s 127.0.0.1:8081
+listen grpc
+  mode http
+  http-reuse always
+  bind 10.212.100.2:8087 proto h2
+  server s 127.0.0.1:8085 proto h2
 CFG
 ip netns exec "$S" haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 &
 PIDS+=($!)
@@ -97,12 +149,18 @@ error_log $WORK/nginx-error.log;
 events { worker_connections 4096; }
 http {
   access_log off;
+  keepalive_requests 1000000; # defaults (1000) would close client connections mid-run
   client_body_temp_path $WORK/nginx-body;
   proxy_temp_path $WORK/nginx-proxy;
-  upstream fortio { server 127.0.0.1:8081; keepalive 64; }
+  upstream fortio { server 127.0.0.1:8081; keepalive 64; keepalive_requests 1000000; }
+  upstream fortiogrpc { server 127.0.0.1:8085; keepalive 64; keepalive_requests 1000000; }
   server {
     listen 10.212.100.2:8083;
     location / { proxy_pass http://fortio; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+  server {
+    listen 10.212.100.2:8086 http2;
+    location / { grpc_pass grpc://fortiogrpc; }
   }
 }
 CFG
@@ -139,50 +197,79 @@ rss_kb() { local f=$1 t=0; shift; for p in "$@"; do t=$((t + $(awk -v f="$f:" '$
 is_generation() { [ "$(tr '\0' '\n' </proc/$1/cmdline 2>/dev/null | sed -n 2p)" = proxy ]; }
 HZ=$(getconf CLK_TCK)
 
-declare -A URL=(
-  [direct]=http://10.212.100.2:8081/echo
-  [haproxy-l4]=http://10.212.100.2:8082/echo
-  [nginx-l7]=http://10.212.100.2:8083/echo
-  [meshlet-1hop]=http://10.212.100.3:8080/echo
-  [meshlet-2hop]=http://10.212.100.2:8080/echo
-)
+
+# Paths: NAME → fortio target and kind (http: POST /echo; grpc: ping).
+declare -A URL KIND
+path() { URL[$1]=$2; KIND[$1]=$3; }
+path direct http://10.212.100.2:8081/echo http
+path haproxy-l4 http://10.212.100.2:8082/echo http
+path nginx-l7 http://10.212.100.2:8083/echo http
+path meshlet-1hop http://10.212.100.3:8080/echo http
+path meshlet-2hop http://10.212.100.2:8080/echo http
+path h1-direct http://10.212.100.2:8081/echo http
+path h1-nginx http://10.212.100.2:8083/echo http
+path h1-haproxy http://10.212.100.2:8084/echo http
+path h1-meshlet-l7-1hop http://10.212.100.3:8080/echo http
+path h1-meshlet-l7-2hop http://10.212.100.2:8080/echo http
+path grpc-direct 10.212.100.2:8085 grpc
+path grpc-nginx 10.212.100.2:8086 grpc
+path grpc-haproxy 10.212.100.2:8087 grpc
+path grpc-meshlet-l7-1hop 10.212.100.3:8079 grpc
+path grpc-meshlet-l7-2hop 10.212.100.2:8079 grpc
+L4_PATHS=(direct haproxy-l4 nginx-l7 meshlet-1hop meshlet-2hop)
+H1_PATHS=(h1-direct h1-nginx h1-haproxy h1-meshlet-l7-1hop h1-meshlet-l7-2hop)
+GRPC_PATHS=(grpc-direct grpc-nginx grpc-haproxy grpc-meshlet-l7-1hop grpc-meshlet-l7-2hop)
 # Processes whose CPU is charged to each path.
 proxy_pids() {
   case $1 in
-    haproxy-l4) procs "$S" haproxy ;;
-    nginx-l7) procs "$S" nginx ;;
-    meshlet-1hop) procs "$S" meshlet ;;
-    meshlet-2hop) procs "$S" meshlet; procs "$C" meshlet ;;
+    *haproxy*) procs "$S" haproxy ;;
+    *nginx*) procs "$S" nginx ;;
+    *meshlet*1hop) procs "$S" meshlet ;;
+    *meshlet*2hop) procs "$S" meshlet; procs "$C" meshlet ;;
   esac
 }
-PATHS=(direct haproxy-l4 nginx-l7 meshlet-1hop meshlet-2hop)
+# The gRPC payload: PAYLOAD printable bytes (fortio's random -payload-size
+# loses its non-UTF-8 bytes in a protobuf string, so it would be shorter).
+GRPC_PAYLOAD=$(head -c "$PAYLOAD" /dev/zero | tr '\0' x)
 load() { # NAME QPS DURATION
-  ip netns exec "$C" "$FORTIO" load -qps "$2" -c "$CONNS" -t "$3" -payload-size "$PAYLOAD" \
-    -json "$WORK/$1-$2.json" -quiet "${URL[$1]}" >"$WORK/$1-$2.log" 2>&1
+  if [ "${KIND[$1]}" = grpc ]; then
+    ip netns exec "$C" "$FORTIO" load -grpc -ping -qps "$2" -c "$CONNS" -t "$3" -payload "$GRPC_PAYLOAD" \
+      -json "$WORK/$1-$2.json" -quiet "${URL[$1]}" >"$WORK/$1-$2.log" 2>&1
+  else
+    ip netns exec "$C" "$FORTIO" load -qps "$2" -c "$CONNS" -t "$3" -payload-size "$PAYLOAD" \
+      -json "$WORK/$1-$2.json" -quiet "${URL[$1]}" >"$WORK/$1-$2.log" 2>&1
+  fi
 }
 pct() { jq -r --argjson p "$2" '[.DurationHistogram.Percentiles[] | select(.Percentile == $p) | .Value][0] * 1000' "$1"; }
+# smaps_kb FIELD PIDS...: sum of a /proc/PID/smaps_rollup field (Pss, Anonymous) in KiB.
+smaps_kb() { local f=$1 t=0; shift; for p in "$@"; do t=$((t + $(awk -v f="$f:" '$1 == f {print $2}' /proc/$p/smaps_rollup 2>/dev/null || echo 0))); done; echo $t; }
 
-declare -A P50 P90 P99 CPU RSS ANON MAXQ ERR
-for name in "${PATHS[@]}"; do
+declare -A P50 P90 P99 CPU RSS PSS ANON MAXQ ERR
+measure() { # NAME
+  local name=$1 pids t0 t1 f n ok mem
   echo "run $name @ $QPS qps" >&2
   load "$name" 3000 2s || true # warm-up
   pids=$(proxy_pids "$name")
   t0=$(cpu_ticks $pids)
-  load "$name" "$QPS" "$DUR"
+  load "$name" "$QPS" "$DUR" || echo "fortio failed for $name (see $WORK/$name-$QPS.log)" >&2
   t1=$(cpu_ticks $pids)
   f=$WORK/$name-$QPS.json
   P50[$name]=$(pct "$f" 50); P90[$name]=$(pct "$f" 90); P99[$name]=$(pct "$f" 99)
   n=$(jq '.DurationHistogram.Count' "$f")
-  ERR[$name]=$(jq '[.RetCodes | to_entries[] | select(.key != "200") | .value] | add // 0' "$f")
+  ok=200; [ "${KIND[$name]}" = grpc ] && ok=SERVING
+  ERR[$name]=$(jq --arg ok "$ok" '[.RetCodes | to_entries[] | select(.key != $ok) | .value] | add // 0' "$f")
   CPU[$name]=$(awk -v d=$((t1 - t0)) -v hz="$HZ" -v n="$n" 'BEGIN { printf "%.3f", (d / hz) / (n / 1000) }')
   # Proxy memory: meshlet proxy generations (not agents); haproxy/nginx all processes.
-  mem=$(for p in $pids; do case $name in meshlet*) if is_generation "$p"; then echo "$p"; fi ;; *) echo "$p" ;; esac; done)
+  mem=$(for p in $pids; do case $name in *meshlet*) if is_generation "$p"; then echo "$p"; fi ;; *) echo "$p" ;; esac; done)
   RSS[$name]=$(rss_kb VmRSS $mem)
-  ANON[$name]=$(rss_kb RssAnon $mem)
+  PSS[$name]=$(smaps_kb Pss $mem)
+  ANON[$name]=$(smaps_kb Anonymous $mem)
   echo "run $name max qps" >&2
-  load "$name" 0 "$MAXDUR"
+  load "$name" 0 "$MAXDUR" || echo "fortio failed for $name max qps (see $WORK/$name-0.log)" >&2
   MAXQ[$name]=$(jq '.ActualQPS | floor' "$WORK/$name-0.json")
-done
+}
+
+for name in "${L4_PATHS[@]}"; do measure "$name"; done
 
 # Hot restart: RESTARTS reloads, alternating server and client sidecar,
 # under QPS load through both sidecars.
@@ -206,42 +293,152 @@ read -r HR_MED HR_P90 HR_MAX < <(sort -n "$WORK/reload-times" | awk '{a[NR]=$1} 
 GENS=$(ip netns exec "$S" curl -s http://127.0.0.1:15020/server_info | jq .activeGeneration)
 GENC=$(ip netns exec "$C" curl -s http://127.0.0.1:15020/server_info | jq .activeGeneration)
 
+# L7: both agents hot-restart into a config with L7 routing on. Ports 8080
+# and 8079 are declared http and grpc; outbound requests to the server's
+# address match a service whose route sends them to a cluster (the client
+# sidecar routes; the server sidecar serves them as HTTP on its inbound
+# side and forwards to the app from 127.0.0.6).
+cat >"$WORK/proxy-l7.yaml" <<CFG
+apiVersion: meshlet.io/v1alpha1
+kind: ProxyConfig
+l7:
+  ports:
+  - {port: 8080, name: http-fortio}
+  - {port: 8079, name: grpc-fortio}
+  services:
+  - name: fortio-http
+    hosts: [fortio]
+    addresses: [10.212.100.2]
+    ports: [{port: 8080, name: http-fortio}]
+    routes:
+    - name: echo
+      match: [{uri: {prefix: /}}]
+      destinations: [{cluster: fortio-http}]
+  - name: fortio-grpc
+    hosts: [fortio]
+    addresses: [10.212.100.2]
+    ports: [{port: 8079, name: grpc-fortio}]
+    routes:
+    - name: ping
+      match: [{uri: {prefix: /}}]
+      destinations: [{cluster: fortio-grpc}]
+  clusters:
+  - name: fortio-http
+    protocol: http1
+    endpoints: [{address: "10.212.100.2:8080"}]
+  - name: fortio-grpc
+    protocol: http2
+    endpoints: [{address: "10.212.100.2:8079"}]
+CFG
+chmod 644 "$WORK/proxy-l7.yaml"
+cp "$WORK/proxy-l7.yaml" "$WORK/config/.proxy.yaml.new"
+mv "$WORK/config/.proxy.yaml.new" "$WORK/config/proxy.yaml" # atomic: the agents see one complete file
+want=$(sha256sum "$WORK/config/proxy.yaml" | cut -d' ' -f1)
+for ns in "$C" "$S"; do
+  for i in $(seq 150); do
+    info=$(ip netns exec "$ns" curl -s http://127.0.0.1:15020/server_info || true)
+    if [ "$(jq -r '.configHash' <<<"$info")" = "$want" ] && [ "$(jq '.generations | length' <<<"$info")" = 1 ]; then
+      break
+    fi
+    [ "$i" = 30 ] && ip netns exec "$ns" curl -s -o /dev/null -X POST http://127.0.0.1:15020/reload
+    [ "$i" = 150 ] && { echo "the $ns sidecar did not switch to the L7 config: $info" >&2; exit 1; }
+    sleep 0.1
+  done
+done
+sleep 0.5
+for name in "${H1_PATHS[@]}" "${GRPC_PATHS[@]}"; do measure "$name"; done
+# Proof that L7 routing served the meshlet rows: request counters by route.
+l7_requests() { # NS DIRECTION ROUTE
+  ip netns exec "$1" curl -s http://127.0.0.1:15090/stats/prometheus |
+    awk -v d="direction=\"$2\"" -v r="route=\"$3\"" '/^meshlet_l7_requests_total\{/ && index($0, d) && index($0, r) {s += $NF} END {printf "%d", s}'
+}
+L7_OUT_H1=$(l7_requests "$C" outbound fortio-http/echo)
+L7_OUT_GRPC=$(l7_requests "$C" outbound fortio-grpc/ping)
+L7_IN=$(l7_requests "$S" inbound inbound)
+L7_PASS=$(l7_requests "$C" outbound passthrough)
+
 mkdir -p "$(dirname "$OUT")"
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "-"; else printf "%.2f", a / b }'; }
 added() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.3f", a - b }'; }
+mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+table() { # BASELINE PATHS...
+  local base=$1 name cpu mem
+  shift
+  echo "| path | p50 ms | p90 ms | p99 ms | added p90 ms vs direct | CPU s / 1000 req | proxy RSS / PSS / anon MiB | max qps | max qps / direct | errors |"
+  echo "|---|---|---|---|---|---|---|---|---|---|"
+  for name in "$@"; do
+    mem=-; cpu=-
+    if [ "$name" != "$base" ]; then
+      mem="$(mib "${RSS[$name]}") / $(mib "${PSS[$name]}") / $(mib "${ANON[$name]}")"
+      cpu=${CPU[$name]}
+    fi
+    printf "| %s | %.3f | %.3f | %.3f | %s | %s | %s | %s | %s | %s |\n" "$name" "${P50[$name]}" "${P90[$name]}" "${P99[$name]}" \
+      "$(added "${P90[$name]}" "${P90[$base]}")" "$cpu" "$mem" "${MAXQ[$name]}" "$(ratio "${MAXQ[$name]}" "${MAXQ[$base]}")" "${ERR[$name]}"
+  done
+}
 {
   echo "# meshlet benchmarks"
   echo
   echo "Generated by \`test/bench/fortio.sh\` (\`make bench\`) on $(date -u +%Y-%m-%d) — $(nproc) cores,"
   echo "fortio $FORTIO_VERSION, $QPS qps, $CONNS keep-alive connections, ${PAYLOAD}-byte payload both ways"
-  echo "(POST /echo), $DUR per latency run, $MAXDUR per max-throughput run (qps 0). Client and server"
-  echo "fortio in two network namespaces joined by veth; meshlet's real capture rules; \`meshlet agent\`"
-  echo "as UID 1337 (default config: pure L4 passthrough). haproxy $(haproxy -v | head -1 | awk '{print $3}') (L4 tcp, 1 thread) and"
-  echo "nginx $(nginx -v 2>&1 | sed 's|.*/||') (L7, 1 worker, upstream keep-alive) run in the server namespace, one hop."
+  echo "(HTTP: POST /echo; gRPC: fortio's ping with a ${PAYLOAD}-byte string), $DUR per latency run,"
+  echo "$MAXDUR per max-throughput run (qps 0). Client and server fortio in two network namespaces joined by"
+  echo "veth; meshlet's real capture rules; \`meshlet agent\` as UID 1337. haproxy $(haproxy -v | head -1 | awk '{print $3}') (1 thread) and"
+  echo "nginx $(nginx -v 2>&1 | sed 's|.*/||') (1 worker, upstream keep-alive) run in the server namespace, one hop."
   echo "One run, same machine, same moment: compare the ratios, not the absolute numbers."
   echo
-  echo "| path | p50 ms | p90 ms | p99 ms | added p90 ms vs direct | CPU s / 1000 req | proxy RSS MiB (anon) | max qps | max qps / direct | non-200 |"
-  echo "|---|---|---|---|---|---|---|---|---|---|"
-  for name in "${PATHS[@]}"; do
-    rss=-; [ "$name" != direct ] && rss=$(awk -v k="${RSS[$name]}" -v a="${ANON[$name]}" 'BEGIN { printf "%.1f (%.1f)", k / 1024, a / 1024 }')
-    cpu=-; [ "$name" != direct ] && cpu=${CPU[$name]}
-    printf "| %s | %.3f | %.3f | %.3f | %s | %s | %s | %s | %s | %s |\n" "$name" "${P50[$name]}" "${P90[$name]}" "${P99[$name]}" \
-      "$(added "${P90[$name]}" "${P90[direct]}")" "$cpu" "$rss" "${MAXQ[$name]}" "$(ratio "${MAXQ[$name]}" "${MAXQ[direct]}")" "${ERR[$name]}"
-  done
+  echo "Proxy memory is summed over the proxy processes after the ${QPS} qps run (meshlet: proxy generations, not"
+  echo "agents): VmRSS / PSS (shared pages divided among the processes mapping them) / anonymous (private heap"
+  echo "and stacks). meshlet's RSS is mostly file pages of the one $(du -m "$M" | cut -f1) MB binary (every subcommand's"
+  echo "packages), shared by agent and generations — PSS and anon are the cost a sidecar adds."
+  echo "2hop rows sum both sidecars (CPU: agents + generations); 1hop: only the server sidecar"
+  echo "(the client's capture excludes 10.212.100.3). errors: non-200 / non-SERVING results and socket errors."
   echo
-  echo "- meshlet-2hop: client sidecar (outbound 15001) → server sidecar (inbound 15006 → 127.0.0.6 → app);"
-  echo "  its CPU and RSS are the sum of both sidecars (agents + proxy generations for CPU; proxy generations for RSS)."
-  echo "- RSS is VmRSS after the 1000 qps run; in parentheses the private (anonymous) part. The rest is"
-  echo "  file-backed pages of the one meshlet binary ($(du -m "$M" | cut -f1) MB, every subcommand's packages), shared with the agent."
-  echo "- meshlet-1hop: only the server sidecar (the client's capture excludes 10.212.100.3)."
+  echo "## L4 (default config: pure passthrough)"
+  echo
+  table direct "${L4_PATHS[@]}"
+  echo
+  echo "- meshlet-2hop: client sidecar (outbound 15001) → server sidecar (inbound 15006 → 127.0.0.6 → app)."
+  echo "- haproxy-l4: mode tcp; nginx-l7: proxy_pass with upstream keep-alive."
   echo "- Two meshlet hops add $(added "${P90[meshlet-2hop]}" "${P90[direct]}") ms p90; one haproxy L4 hop adds $(added "${P90[haproxy-l4]}" "${P90[direct]}") ms;"
   echo "  one meshlet hop keeps $(ratio "${MAXQ[meshlet-1hop]}" "${MAXQ[direct]}") of direct max qps (haproxy L4: $(ratio "${MAXQ[haproxy-l4]}" "${MAXQ[direct]}"), nginx L7: $(ratio "${MAXQ[nginx-l7]}" "${MAXQ[direct]}"))."
-  echo "  CPU per 1000 rps, one meshlet hop: ${CPU[meshlet-1hop]} vCPU (haproxy ${CPU[haproxy-l4]}, nginx ${CPU[nginx-l7]})."
+  echo
+  echo "## L7 (\`l7:\` config: routing on)"
+  echo
+  echo "Both agents hot-restart into this config (the same file for both sidecars):"
+  echo
+  echo '```yaml'
+  cat "$WORK/proxy-l7.yaml"
+  echo '```'
+  echo
+  echo "The client sidecar parses each request, matches service and route and sends it to the"
+  echo "cluster's pooled upstream connections (HTTP/1.1 keep-alive; gRPC over one h2c connection"
+  echo "per endpoint); the server sidecar serves the declared port as HTTP on its inbound side and"
+  echo "forwards to the app. Requests counted by the sidecars during these runs: client outbound"
+  echo "route fortio-http/echo $L7_OUT_H1, fortio-grpc/ping $L7_OUT_GRPC, passthrough $L7_PASS; server inbound $L7_IN."
+  echo
+  echo "### HTTP/1.1"
+  echo
+  table h1-direct "${H1_PATHS[@]}"
+  echo
+  echo "- h1-nginx: proxy_pass, upstream keep-alive; h1-haproxy: mode http, http-reuse always."
+  echo
+  echo "### gRPC (fortio grpc ping, h2c)"
+  echo
+  table grpc-direct "${GRPC_PATHS[@]}"
+  echo
+  echo "- grpc-nginx: \`listen … http2\` (h2c) + grpc_pass with upstream keep-alive; grpc-haproxy: mode http,"
+  echo "  \`bind … proto h2\`, \`server … proto h2\`."
+  echo
+  echo "Goals (issue 6): two L7 hops add < 0.7 ms p90 at $QPS qps — HTTP/1.1 $(added "${P90[h1-meshlet-l7-2hop]}" "${P90[h1-direct]}") ms,"
+  echo "gRPC $(added "${P90[grpc-meshlet-l7-2hop]}" "${P90[grpc-direct]}") ms (one nginx hop: $(added "${P90[h1-nginx]}" "${P90[h1-direct]}") / $(added "${P90[grpc-nginx]}" "${P90[grpc-direct]}") ms);"
+  echo "throughput at least nginx's — one meshlet L7 hop / nginx max qps: HTTP/1.1 $(ratio "${MAXQ[h1-meshlet-l7-1hop]}" "${MAXQ[h1-nginx]}"),"
+  echo "gRPC $(ratio "${MAXQ[grpc-meshlet-l7-1hop]}" "${MAXQ[grpc-nginx]}"); two hops / nginx: $(ratio "${MAXQ[h1-meshlet-l7-2hop]}" "${MAXQ[h1-nginx]}"), $(ratio "${MAXQ[grpc-meshlet-l7-2hop]}" "${MAXQ[grpc-nginx]}")."
   echo
   echo "## Hot restart"
   echo
   echo "$RESTARTS reloads (POST /reload, alternating server and client sidecar, 0.3 s apart) during"
-  echo "${hr_secs} s of $QPS qps through both sidecars:"
+  echo "${hr_secs} s of $QPS qps through both sidecars (L4 config, before the L7 section):"
   echo
   echo "| requests | failed (non-200 or socket error) | reload → new generation serving: median / p90 / max ms | final generations (server, client) |"
   echo "|---|---|---|---|"
