@@ -164,7 +164,8 @@ type cluster struct {
 	subsets  map[string]*pool
 	outlier  *OutlierDetection
 	h1, h2   *http.Transport
-	proto    string // http1 | http2 | auto
+	direct   *h1Transport // HTTP/1.1 fast path (small bodies, no upgrade)
+	proto    string       // http1 | http2 | auto
 	active   atomic.Int64
 	pending  atomic.Int64
 	maxReq   int64
@@ -214,7 +215,7 @@ func newCluster(cfg Cluster, dir Direction, dial DialFunc, m *clusterMetrics) *c
 		c.proto = "auto"
 	}
 	c.maxConns = cfg.Pool.MaxConnections
-	c.h1, c.h2 = newTransports(cfg.Pool, dir, dial, m, cfg.Endpoints)
+	c.h1, c.h2, c.direct = newTransports(cfg.Pool, dir, dial, m, cfg.Endpoints)
 	eps := make([]netip.AddrPort, 0, len(cfg.Endpoints))
 	labels := map[netip.AddrPort]map[string]string{}
 	for _, e := range cfg.Endpoints {
@@ -226,7 +227,7 @@ func newCluster(cfg Cluster, dir Direction, dial DialFunc, m *clusterMetrics) *c
 	return c
 }
 
-func newTransports(pc ConnectionPool, dir Direction, dial DialFunc, m *clusterMetrics, eps []Endpoint) (h1, h2 *http.Transport) {
+func newTransports(pc ConnectionPool, dir Direction, dial DialFunc, m *clusterMetrics, eps []Endpoint) (h1, h2 *http.Transport, direct *h1Transport) {
 	idle := pc.MaxIdlePerEndpoint
 	if idle == 0 {
 		idle = 64
@@ -274,7 +275,8 @@ func newTransports(pc ConnectionPool, dir Direction, dial DialFunc, m *clusterMe
 	var p1, p2 http.Protocols
 	p1.SetHTTP1(true)
 	p2.SetUnencryptedHTTP2(true)
-	return mk(p1), mk(p2)
+	direct = &h1Transport{dial: dialFn, maxIdle: idle, idleTimeout: idleTimeout, perHost: perHost}
+	return mk(p1), mk(p2), direct
 }
 
 // setEndpoints replaces the endpoint set, keeping the state of endpoints that
@@ -335,15 +337,12 @@ func (c *cluster) pool(subset string) *pool {
 	return c.subsets[subset]
 }
 
-func (c *cluster) transport(r *http.Request) *http.Transport {
-	switch c.proto {
-	case "http1":
-		return c.h1
-	case "http2":
+func (c *cluster) transport(r *http.Request) http.RoundTripper {
+	switch {
+	case c.proto == "http2", c.proto == "auto" && (r.ProtoMajor == 2 || isGRPC(r)):
 		return c.h2
-	}
-	if r.ProtoMajor == 2 || isGRPC(r) {
-		return c.h2
+	case c.direct.canServe(r):
+		return c.direct
 	}
 	return c.h1
 }
@@ -449,6 +448,9 @@ func (c *cluster) healthCheck(ctx context.Context, dial DialFunc) {
 	client := &http.Client{Transport: c.h1, Timeout: timeout,
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	probe := func(e *endpoint) bool {
+		if hc.Type == "grpc" {
+			return grpcHealthCheck(ctx, c.h2, e.addr, hc.ServiceName, timeout) == nil
+		}
 		if hc.Type == "tcp" {
 			pctx, cancel := context.WithTimeout(ctx, timeout)
 			defer cancel()

@@ -100,6 +100,7 @@ type backend struct {
 	addr  string
 	srv   *http.Server
 	count atomic.Int64
+	conns atomic.Int64 // connections accepted
 }
 
 func startBackend(t testing.TB, name string, h http.HandlerFunc) *backend {
@@ -123,6 +124,11 @@ func startBackend(t testing.TB, name string, h http.HandlerFunc) *backend {
 		w.Header().Set("X-Proto", r.Proto)
 		h(w, r)
 	})}
+	b.srv.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateNew {
+			b.conns.Add(1)
+		}
+	}
 	go b.srv.Serve(ln)
 	t.Cleanup(func() { b.srv.Close() })
 	return b

@@ -319,6 +319,7 @@ func (p *Proxy) Close() error {
 	for _, c := range p.allClusters() {
 		c.h1.CloseIdleConnections()
 		c.h2.CloseIdleConnections()
+		c.direct.close()
 	}
 	return err
 }

@@ -80,7 +80,7 @@ func (rt *router) RoundTrip(req *http.Request) (*http.Response, error) {
 		ep.inflight.Add(1)
 		ep.picked.Add(1)
 		t0 := time.Now()
-		resp, err := cl.transport(req).RoundTrip(out)
+		resp, err := cl.transport(out).RoundTrip(out)
 		if perTry != nil {
 			perTry.Stop()
 		}

@@ -1,0 +1,427 @@
+package l7
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptrace"
+	"net/textproto"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// maxDirectBody is the largest request body h1Transport buffers; larger or
+// streamed bodies go through net/http's Transport.
+const maxDirectBody = 64 << 10
+
+// h1Transport is a cluster's HTTP/1.1 upstream client for the common case:
+// a request with a small body of known length and no upgrade. It buffers the
+// body, writes the whole request and reads the response on the calling
+// goroutine over a pooled keep-alive connection.
+//
+// net/http's Transport runs two goroutines per connection (writeLoop,
+// readLoop) and hands every request and response between them and the
+// caller, which costs several goroutine wake-ups per request; on a busy
+// two-core node those hand-offs are most of an L7 hop's added latency and
+// CPU (see docs/benchmarks.md). Requests it cannot serve (upgrades, large or
+// streamed bodies) go to the net/http Transport of the same cluster, which
+// keeps its own pool.
+type h1Transport struct {
+	dial        func(ctx context.Context, network, addr string) (net.Conn, error)
+	maxIdle     int           // idle connections kept per endpoint
+	idleTimeout time.Duration // an idle connection older than this is closed
+	perHost     int           // connection limit per endpoint (0: none)
+
+	mu     sync.Mutex
+	hosts  map[string]*h1Host
+	closed bool
+}
+
+// h1Host is the connection pool of one endpoint.
+type h1Host struct {
+	idle    []*h1Conn      // most recently used last
+	conns   int            // open connections (idle and busy), for perHost
+	waiters []chan *h1Conn // FIFO; a nil send means "a slot is free, dial"
+}
+
+// h1Conn is one upstream connection.
+type h1Conn struct {
+	net.Conn
+	br     *bufio.Reader
+	bw     *bufio.Writer
+	addr   string
+	idleAt time.Time
+	reused bool
+}
+
+var errH1TransportClosed = errors.New("l7: upstream connection pool closed")
+
+// aLongTimeAgo is a deadline that makes blocked I/O return at once.
+var aLongTimeAgo = time.Unix(1, 0)
+
+// canServe reports whether r takes the direct path.
+func (t *h1Transport) canServe(r *http.Request) bool {
+	if r.Method == http.MethodConnect || r.Header.Get("Upgrade") != "" || r.Trailer != nil {
+		return false
+	}
+	if r.Body == nil || r.Body == http.NoBody {
+		return r.ContentLength <= 0
+	}
+	return r.ContentLength > 0 && r.ContentLength <= maxDirectBody
+}
+
+var directBodyBufs = sync.Pool{New: func() any { b := make([]byte, 0, 4<<10); return &b }}
+
+// RoundTrip implements http.RoundTripper for requests canServe accepts.
+func (t *h1Transport) RoundTrip(req *http.Request) (*http.Response, error) {
+	ctx := req.Context()
+	// Buffer the body: one write per request, and a stale pooled connection
+	// can be replaced without losing it.
+	var bufp *[]byte
+	var body []byte
+	if req.Body != nil && req.Body != http.NoBody {
+		bufp = directBodyBufs.Get().(*[]byte)
+		if int64(cap(*bufp)) < req.ContentLength {
+			*bufp = make([]byte, 0, req.ContentLength)
+		}
+		body = (*bufp)[:req.ContentLength]
+		_, err := io.ReadFull(req.Body, body)
+		req.Body.Close()
+		if err != nil {
+			directBodyBufs.Put(bufp)
+			return nil, fmt.Errorf("reading request body: %w", err)
+		}
+	}
+	defer func() {
+		if bufp != nil {
+			directBodyBufs.Put(bufp)
+		}
+	}()
+
+	trace := httptrace.ContextClientTrace(ctx)
+	addr := req.URL.Host
+	for try := 0; ; try++ {
+		if trace != nil && trace.GetConn != nil {
+			trace.GetConn(addr)
+		}
+		pc, err := t.get(ctx, addr, try > 0)
+		if err != nil {
+			return nil, err
+		}
+		if trace != nil && trace.GotConn != nil {
+			trace.GotConn(httptrace.GotConnInfo{Conn: pc.Conn, Reused: pc.reused})
+		}
+		resp, err, stale := t.exchange(ctx, pc, req, body, trace)
+		if err == nil {
+			return resp, nil
+		}
+		// A pooled connection the upstream closed between our liveness
+		// check and the write: try once more on a new connection.
+		if stale && try == 0 && ctx.Err() == nil {
+			continue
+		}
+		if ctx.Err() != nil {
+			return nil, context.Cause(ctx)
+		}
+		return nil, err
+	}
+}
+
+// exchange writes req on pc and reads the response head. On error pc is
+// closed; stale says the error means the pooled connection was dead before
+// the upstream saw the request.
+func (t *h1Transport) exchange(ctx context.Context, pc *h1Conn, req *http.Request, body []byte, trace *httptrace.ClientTrace) (resp *http.Response, err error, stale bool) {
+	stop := context.AfterFunc(ctx, func() { _ = pc.SetDeadline(aLongTimeAgo) })
+	fail := func(e error, s bool) (*http.Response, error, bool) {
+		stop()
+		pc.Close()
+		t.closed1(pc)
+		return nil, e, s
+	}
+	out := *req
+	if body != nil {
+		out.Body = io.NopCloser(bytes.NewReader(body))
+	}
+	if err := out.Write(pc.bw); err != nil {
+		return fail(err, pc.reused)
+	}
+	if err := pc.bw.Flush(); err != nil {
+		return fail(err, pc.reused)
+	}
+	for {
+		resp, err = http.ReadResponse(pc.br, req)
+		if err != nil {
+			// Nothing came back on a reused connection: the upstream
+			// closed it (idle timeout) as we sent; safe to resend when the
+			// request is idempotent (as net/http's Transport does).
+			s := pc.reused && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) && idempotent(req)
+			return fail(err, s)
+		}
+		if resp.StatusCode >= 100 && resp.StatusCode < 200 && resp.StatusCode != http.StatusSwitchingProtocols {
+			if trace != nil && trace.Got1xxResponse != nil {
+				if err := trace.Got1xxResponse(resp.StatusCode, textproto.MIMEHeader(resp.Header)); err != nil {
+					return fail(err, false)
+				}
+			}
+			continue
+		}
+		break
+	}
+	keep := !resp.Close && !req.Close && resp.StatusCode != http.StatusSwitchingProtocols
+	resp.Body = &h1Body{rc: resp.Body, pc: pc, t: t, stop: stop, keep: keep}
+	return resp, nil, false
+}
+
+func idempotent(r *http.Request) bool {
+	switch r.Method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace:
+		return true
+	}
+	return r.Header.Get("Idempotency-Key") != "" || r.Header.Get("X-Idempotency-Key") != ""
+}
+
+// h1Body returns its connection to the pool at EOF, or closes it when the
+// body is closed early.
+type h1Body struct {
+	rc   io.ReadCloser
+	pc   *h1Conn
+	t    *h1Transport
+	stop func() bool
+	keep bool
+	done bool
+	err  error // sticky after the connection was released
+}
+
+func (b *h1Body) Read(p []byte) (int, error) {
+	if b.done {
+		if b.err == nil {
+			b.err = io.EOF
+		}
+		return 0, b.err
+	}
+	n, err := b.rc.Read(p)
+	if err != nil {
+		b.err = err
+		b.release(err == io.EOF)
+	}
+	return n, err
+}
+
+func (b *h1Body) Close() error {
+	if !b.done {
+		b.release(false) // closes the connection first, so Close does not drain
+	}
+	return b.rc.Close()
+}
+
+func (b *h1Body) release(eof bool) {
+	if b.done {
+		return
+	}
+	b.done = true
+	intact := b.stop() // false: the context fired and set a past deadline
+	if eof && intact && b.keep && b.pc.br.Buffered() == 0 {
+		b.t.put(b.pc)
+		return
+	}
+	b.pc.Close()
+	b.t.closed1(b.pc)
+}
+
+// get returns a pooled live connection to addr or dials one, waiting for a
+// free slot when the endpoint is at its connection limit.
+func (t *h1Transport) get(ctx context.Context, addr string, fresh bool) (*h1Conn, error) {
+	for {
+		t.mu.Lock()
+		if t.closed {
+			t.mu.Unlock()
+			return nil, errH1TransportClosed
+		}
+		h := t.host(addr)
+		var pc *h1Conn
+		for !fresh && len(h.idle) > 0 {
+			pc = h.idle[len(h.idle)-1]
+			h.idle = h.idle[:len(h.idle)-1]
+			if time.Since(pc.idleAt) <= t.idleTimeout {
+				break
+			}
+			h.conns--
+			pc.Close()
+			pc = nil
+		}
+		if pc != nil {
+			t.mu.Unlock()
+			if pc.alive() {
+				pc.reused = true
+				return pc, nil
+			}
+			pc.Close()
+			t.closed1(pc)
+			continue
+		}
+		if t.perHost > 0 && h.conns >= t.perHost {
+			ch := make(chan *h1Conn, 1)
+			h.waiters = append(h.waiters, ch)
+			t.mu.Unlock()
+			select {
+			case pc := <-ch:
+				if pc == nil {
+					return t.dialReserved(ctx, addr)
+				}
+				pc.reused = true
+				return pc, nil
+			case <-ctx.Done():
+				t.mu.Lock()
+				for i, w := range h.waiters {
+					if w == ch {
+						h.waiters = append(h.waiters[:i], h.waiters[i+1:]...)
+						break
+					}
+				}
+				t.mu.Unlock()
+				// A hand-off may have raced with the cancellation.
+				select {
+				case pc := <-ch:
+					if pc == nil {
+						t.closed1(&h1Conn{addr: addr}) // pass the slot on
+					} else {
+						t.put(pc)
+					}
+				default:
+				}
+				return nil, context.Cause(ctx)
+			}
+		}
+		h.conns++
+		t.mu.Unlock()
+		return t.dialReserved(ctx, addr)
+	}
+}
+
+// dialReserved dials addr for a slot already counted in conns.
+func (t *h1Transport) dialReserved(ctx context.Context, addr string) (*h1Conn, error) {
+	c, err := t.dial(ctx, "tcp", addr)
+	if err != nil {
+		t.closed1(&h1Conn{addr: addr})
+		return nil, err
+	}
+	return &h1Conn{Conn: c, addr: addr, br: bufio.NewReaderSize(c, 4<<10), bw: bufio.NewWriterSize(c, 4<<10)}, nil
+}
+
+func (t *h1Transport) host(addr string) *h1Host {
+	h := t.hosts[addr]
+	if h == nil {
+		if t.hosts == nil {
+			t.hosts = map[string]*h1Host{}
+		}
+		h = &h1Host{}
+		t.hosts[addr] = h
+	}
+	return h
+}
+
+// put returns a healthy connection: to a waiter, else to the idle list.
+func (t *h1Transport) put(pc *h1Conn) {
+	t.mu.Lock()
+	h := t.host(pc.addr)
+	if len(h.waiters) > 0 {
+		ch := h.waiters[0]
+		h.waiters = h.waiters[1:]
+		t.mu.Unlock()
+		ch <- pc
+		return
+	}
+	if t.closed {
+		h.conns--
+		t.mu.Unlock()
+		pc.Close()
+		return
+	}
+	now := time.Now()
+	pc.idleAt = now
+	h.idle = append(h.idle, pc)
+	// Close connections over the idle limit or idle too long (oldest first).
+	var drop []*h1Conn
+	for len(h.idle) > 0 && (len(h.idle) > t.maxIdle || now.Sub(h.idle[0].idleAt) > t.idleTimeout) {
+		drop = append(drop, h.idle[0])
+		h.idle = h.idle[1:]
+		h.conns--
+	}
+	t.mu.Unlock()
+	for _, c := range drop {
+		c.Close()
+	}
+}
+
+// closed1 accounts for a closed (or never established) connection to
+// pc.addr: its slot goes to a waiter, if any.
+func (t *h1Transport) closed1(pc *h1Conn) {
+	t.mu.Lock()
+	h := t.host(pc.addr)
+	if len(h.waiters) > 0 {
+		ch := h.waiters[0]
+		h.waiters = h.waiters[1:]
+		t.mu.Unlock()
+		ch <- nil // the slot passes on
+		return
+	}
+	h.conns--
+	t.mu.Unlock()
+}
+
+// CloseIdleConnections closes every idle connection; with the transport
+// closed, busy ones are closed when their response ends.
+func (t *h1Transport) CloseIdleConnections() {
+	t.mu.Lock()
+	var drop []*h1Conn
+	for _, h := range t.hosts {
+		drop = append(drop, h.idle...)
+		h.conns -= len(h.idle)
+		h.idle = nil
+	}
+	t.mu.Unlock()
+	for _, c := range drop {
+		c.Close()
+	}
+}
+
+// close stops pooling and closes the idle connections.
+func (t *h1Transport) close() {
+	t.mu.Lock()
+	t.closed = true
+	t.mu.Unlock()
+	t.CloseIdleConnections()
+}
+
+// alive checks a pooled connection without blocking: a connection the
+// upstream closed (or that has unexpected bytes) must not carry a request.
+func (pc *h1Conn) alive() bool {
+	if pc.br.Buffered() > 0 {
+		return false
+	}
+	sc, ok := pc.Conn.(syscall.Conn)
+	if !ok {
+		return true
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	live := true
+	var b [1]byte
+	err = rc.Read(func(fd uintptr) bool {
+		_, _, rerr := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		// EAGAIN: nothing to read, open. nil: EOF or unexpected bytes.
+		live = rerr == unix.EAGAIN || rerr == unix.EINTR
+		return true // never wait for readiness
+	})
+	return err == nil && live
+}

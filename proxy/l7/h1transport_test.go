@@ -1,0 +1,183 @@
+package l7
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"testing"
+)
+
+// countConns returns the backend's count of accepted connections.
+func countConns(be *backend) *atomic.Int64 { return &be.conns }
+
+func post(t *testing.T, c *http.Client, addr, host string, body io.Reader, length int64) (int, string) {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodPost, "http://"+addr+"/echo", body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Host = host
+	req.ContentLength = length
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatalf("POST: %v", err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("reading response: %v", err)
+	}
+	return resp.StatusCode, string(b)
+}
+
+func echoBackend(t *testing.T) *backend {
+	return startBackend(t, "echo", func(w http.ResponseWriter, r *http.Request) {
+		b, err := io.ReadAll(r.Body)
+		if err != nil {
+			w.WriteHeader(400)
+			return
+		}
+		fmt.Fprintf(w, "%s %d %s", r.Method, len(b), b[:min(len(b), 16)])
+	})
+}
+
+// The direct HTTP/1.1 path keeps one upstream connection for sequential
+// requests, and a pooled connection the upstream closed while idle is
+// detected and replaced — a POST on it must not fail.
+func TestDirectH1PoolReuseAndStaleConnection(t *testing.T) {
+	t.Parallel()
+	be := echoBackend(t)
+	conns := countConns(be)
+	tp := startProxy(t, mustLoad(t, oneClusterConfig("", "", be.addr)), "127.0.0.1:80", Outbound)
+	c := h1Client()
+	for i := 0; i < 20; i++ {
+		body := strings.Repeat("b", 1024)
+		if code, got := post(t, c, tp.addr, "s", strings.NewReader(body), int64(len(body))); code != 200 || got != "POST 1024 bbbbbbbbbbbbbbbb" {
+			t.Fatalf("request %d: %d %q", i, code, got)
+		}
+	}
+	if n := conns.Load(); n != 1 {
+		t.Fatalf("20 sequential requests used %d upstream connections; want 1 (pooled)", n)
+	}
+	d := tp.clusters["c"].direct
+	d.mu.Lock()
+	idle := len(d.hosts[be.addr].idle)
+	d.mu.Unlock()
+	if idle != 1 {
+		t.Fatalf("direct pool holds %d idle connections; want 1 (requests took another path?)", idle)
+	}
+
+	// The upstream closes its idle connections (as an idle timeout would).
+	be.srv.SetKeepAlivesEnabled(false)
+	be.srv.SetKeepAlivesEnabled(true)
+	waitUntil(t, func() bool {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		return !d.hosts[be.addr].idle[0].alive()
+	})
+	for i := 0; i < 3; i++ {
+		if code, got := post(t, c, tp.addr, "s", strings.NewReader("after"), 5); code != 200 || got != "POST 5 after" {
+			t.Fatalf("POST after the upstream closed the pooled connection: %d %q", code, got)
+		}
+	}
+	if n := conns.Load(); n != 2 {
+		t.Fatalf("upstream connections: %d; want 2", n)
+	}
+}
+
+// Bodies the direct path does not buffer (large, or of unknown length) and
+// responses that close the connection still arrive intact.
+func TestDirectH1FallbacksAndConnectionClose(t *testing.T) {
+	t.Parallel()
+	be := echoBackend(t)
+	closer := startBackend(t, "closer", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Connection", "close")
+		io.WriteString(w, "bye")
+	})
+	closerConns := countConns(closer)
+	cfg := mustLoad(t, `
+services:
+- name: s
+  hosts: [s]
+  routes: [{name: r, destinations: [{cluster: c}]}]
+- name: closer
+  hosts: [closer]
+  routes: [{name: r, destinations: [{cluster: closer}]}]
+clusters:
+- {name: c, endpoints: [{address: "`+be.addr+`"}]}
+- {name: closer, endpoints: [{address: "`+closer.addr+`"}]}
+`)
+	tp := startProxy(t, cfg, "127.0.0.1:80", Outbound)
+	c := h1Client()
+
+	big := bytes.Repeat([]byte("L"), maxDirectBody+1)
+	if code, got := post(t, c, tp.addr, "s", bytes.NewReader(big), int64(len(big))); code != 200 || got != fmt.Sprintf("POST %d LLLLLLLLLLLLLLLL", len(big)) {
+		t.Fatalf("large body: %d %q", code, got)
+	}
+	// Unknown length: the client sends it chunked.
+	if code, got := post(t, c, tp.addr, "s", io.MultiReader(strings.NewReader("chunk"), strings.NewReader("ed")), -1); code != 200 || got != "POST 7 chunked" {
+		t.Fatalf("chunked body: %d %q", code, got)
+	}
+	for i := 0; i < 3; i++ {
+		if code, _, body := get(t, c, tp.addr, "closer", "/"); code != 200 || body != "bye" {
+			t.Fatalf("Connection: close response %d: %d %q", i, code, body)
+		}
+	}
+	if n := closerConns.Load(); n != 3 {
+		t.Fatalf("upstream connections to a Connection: close backend: %d; want 3 (never reused)", n)
+	}
+}
+
+// An upstream that answers garbage, or closes without answering, is a 502
+// and its connection is not pooled.
+func TestDirectH1BadUpstream(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	var accepted atomic.Int64
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			n := accepted.Add(1)
+			go func() {
+				defer conn.Close()
+				br := bufio.NewReader(conn)
+				if _, err := http.ReadRequest(br); err != nil {
+					return
+				}
+				if n%2 == 1 {
+					io.WriteString(conn, "NOT HTTP AT ALL\r\n\r\n")
+				} // else: close without a response
+			}()
+		}
+	}()
+	tp := startProxy(t, mustLoad(t, oneClusterConfig("", "", ln.Addr().String())), "127.0.0.1:80", Outbound)
+	c := h1Client()
+	for i := 0; i < 4; i++ {
+		if code, _ := post(t, c, tp.addr, "s", strings.NewReader("x"), 1); code != http.StatusBadGateway {
+			t.Fatalf("request %d: %d; want 502", i, code)
+		}
+	}
+	d := tp.clusters["c"].direct
+	d.mu.Lock()
+	h := d.hosts[ln.Addr().String()]
+	used, idle, open := h != nil, 0, 0
+	if used {
+		idle, open = len(h.idle), h.conns
+	}
+	d.mu.Unlock()
+	if !used || idle != 0 || open != 0 {
+		t.Fatalf("direct pool after failures: used %v, %d idle, %d open; want used, no connections", used, idle, open)
+	}
+}
