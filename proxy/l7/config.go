@@ -257,10 +257,15 @@ type OutlierDetection struct {
 	MaxEjectionPercent        int      `json:"maxEjectionPercent,omitempty"`
 }
 
-// HealthCheck actively probes every endpoint.
+// HealthCheck actively probes every endpoint: an HTTP GET (2xx is healthy),
+// a TCP connect, or a gRPC grpc.health.v1.Health/Check over h2c (SERVING is
+// healthy).
 type HealthCheck struct {
-	Type               string   `json:"type,omitempty"` // http (default) | tcp
-	Path               string   `json:"path,omitempty"` // default /healthz
+	Type string `json:"type,omitempty"` // http (default) | tcp | grpc
+	Path string `json:"path,omitempty"` // http only; default /healthz
+	// ServiceName is the grpc.health.v1 service asked about (grpc only;
+	// default "", the server's overall health).
+	ServiceName        string   `json:"serviceName,omitempty"`
 	Interval           Duration `json:"interval,omitempty"`
 	Timeout            Duration `json:"timeout,omitempty"`
 	UnhealthyThreshold int      `json:"unhealthyThreshold,omitempty"` // default 2
@@ -498,17 +503,32 @@ func (c *Config) Validate() error {
 		if h := cl.HealthCheck; h != nil {
 			hf := f + ".healthCheck"
 			switch h.Type {
-			case "", "http", "tcp":
+			case "", "http", "tcp", "grpc":
 			default:
-				bad(hf+".type", "%q must be http or tcp", h.Type)
+				bad(hf+".type", "%q must be http, tcp or grpc", h.Type)
 			}
 			if h.Path != "" && !strings.HasPrefix(h.Path, "/") {
 				bad(hf+".path", "%q must start with /", h.Path)
 			}
+			if h.Path != "" && (h.Type == "tcp" || h.Type == "grpc") {
+				bad(hf+".path", "%q is only valid for type http (type is %s)", h.Path, h.Type)
+			}
+			if h.ServiceName != "" && h.Type != "grpc" {
+				bad(hf+".serviceName", "%q is only valid for type grpc", h.ServiceName)
+			}
+			if strings.ContainsAny(h.ServiceName, "\x00\r\n") {
+				bad(hf+".serviceName", "%q must not contain control characters", h.ServiceName)
+			}
 			dur(hf+".interval", h.Interval)
 			dur(hf+".timeout", h.Timeout)
-			if h.UnhealthyThreshold < 0 || h.HealthyThreshold < 0 {
-				bad(hf, "thresholds must not be negative")
+			if h.Interval.D < 0 || !h.Interval.bad && h.Interval.raw != "" && h.Interval.D == 0 {
+				bad(hf+".interval", "%q must be positive", h.Interval.raw)
+			}
+			if h.UnhealthyThreshold < 0 {
+				bad(hf+".unhealthyThreshold", "%d must not be negative", h.UnhealthyThreshold)
+			}
+			if h.HealthyThreshold < 0 {
+				bad(hf+".healthyThreshold", "%d must not be negative", h.HealthyThreshold)
 			}
 		}
 	}

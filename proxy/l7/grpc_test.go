@@ -231,3 +231,53 @@ clusters:
 		})
 	}
 }
+
+// A gRPC health check (grpc.health.v1 Check over h2c, against grpc-go's
+// health server) takes an endpoint out of rotation while its service is
+// NOT_SERVING and back when it is SERVING again.
+func TestGRPCHealthCheck(t *testing.T) {
+	t.Parallel()
+	_, addrA, hsA := startGRPC(t, "a")
+	esB, addrB, hsB := startGRPC(t, "b")
+	hsA.SetServingStatus("echo", healthpb.HealthCheckResponse_SERVING)
+	hsB.SetServingStatus("echo", healthpb.HealthCheckResponse_NOT_SERVING)
+	hsB.SetServingStatus("", healthpb.HealthCheckResponse_SERVING) // only the named service is down
+	cfg := mustLoad(t, fmt.Sprintf(`
+services:
+- name: echo
+  hosts: [echo]
+  routes: [{name: r, destinations: [{cluster: echo}]}]
+clusters:
+- name: echo
+  protocol: http2
+  endpoints: [{address: %q}, {address: %q}]
+  healthCheck: {type: grpc, serviceName: echo, interval: 50ms, timeout: 1s, unhealthyThreshold: 1, healthyThreshold: 2}
+`, addrA, addrB))
+	tp := startProxy(t, cfg, "127.0.0.1:80", Outbound)
+	b := tp.clusters["echo"].all.list()[1]
+	waitUntil(t, func() bool { return b.unhealthy.Load() })
+	tc := testpb.NewTestServiceClient(grpcConn(t, tp.addr, "echo"))
+	calls := func(n int) map[string]int {
+		seen := map[string]int{}
+		for i := 0; i < n; i++ {
+			resp, err := tc.UnaryCall(t.Context(), &testpb.SimpleRequest{})
+			if err != nil {
+				t.Fatalf("call %d: %v", i, err)
+			}
+			seen[resp.GetUsername()]++
+		}
+		return seen
+	}
+	if seen := calls(20); seen["b"] != 0 || seen["a"] != 20 {
+		t.Fatalf("while b is NOT_SERVING: %v; want all 20 on a", seen)
+	}
+	before := esB.calls.Load()
+	hsB.SetServingStatus("echo", healthpb.HealthCheckResponse_SERVING)
+	waitUntil(t, func() bool { return !b.unhealthy.Load() })
+	if seen := calls(20); seen["b"] == 0 || esB.calls.Load() == before {
+		t.Fatalf("b SERVING again but got no calls: %v", seen)
+	}
+	// SERVICE_UNKNOWN is not SERVING either.
+	hsB.SetServingStatus("echo", healthpb.HealthCheckResponse_SERVICE_UNKNOWN)
+	waitUntil(t, func() bool { return b.unhealthy.Load() })
+}
