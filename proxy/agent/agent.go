@@ -323,7 +323,7 @@ func (a *Agent) spawn(n int, cfg *config.Loaded) (*generation, error) {
 		"--generation", strconv.Itoa(n),
 		"--drain-duration", a.o.DrainDuration.String(),
 	}, a.o.ProxyArgs...)
-	env := append(os.Environ(), EnvInheritedFDs+"="+strings.Join(spec, ","))
+	env := generationEnv(os.Environ(), EnvInheritedFDs+"="+strings.Join(spec, ","))
 	proc, err := os.StartProcess(a.o.Executable, args, &os.ProcAttr{
 		Env:   env,
 		Files: files,

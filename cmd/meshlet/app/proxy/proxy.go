@@ -141,6 +141,14 @@ func run(ctx context.Context, streams cli.Streams, f *flagpole) error {
 	defer signal.Stop(usr1)
 	srv.Start()
 	agent.ReportReady(ready)
+	if orig, ok := os.LookupEnv(agent.EnvStartGOGC); ok {
+		// Started by the agent with the collector paused (see
+		// agent.EnvStartGOGC): resume it now that the generation serves.
+		if err := agent.RestoreGC(orig); err != nil {
+			log.Warn("keeping the default GC target", "err", err)
+			_ = agent.RestoreGC("")
+		}
+	}
 	select {
 	case <-ctx.Done():
 		srv.Drain(server.HotRestart)
