@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -120,10 +119,10 @@ func (f *Forwarder) dial(ctx context.Context, opts DirectionOptions, dst netip.A
 	return nc.(*net.TCPConn), nil
 }
 
-// relay copies both ways. Each direction is an io.Copy between two
-// *net.TCPConn, which the runtime turns into splice(2); at EOF the write
-// side of the other connection is shut down (half-close), so protocols that
-// half-close work end to end.
+// relay copies both ways, each direction with copyConn (read/write through
+// a buffer held only while bytes move; splice(2) once a stream moves in
+// bulk); at EOF the write side of the other connection is shut down
+// (half-close), so protocols that half-close work end to end.
 //
 // While draining, a connection that carries HTTP/1 (judged from the
 // client's first bytes) is closed as soon as it is quiescent between a
@@ -140,7 +139,7 @@ func (f *Forwarder) relay(ctx context.Context, c *Conn, up *net.TCPConn, prefix 
 		if prefix == nil {
 			http1.Store(peekHTTP1(client))
 		}
-		n, err := io.Copy(up, client)
+		n, err := copyConn(up, client)
 		m.BytesReceived.Add(uint64(n))
 		if err == nil {
 			_ = up.CloseWrite()
@@ -148,7 +147,7 @@ func (f *Forwarder) relay(ctx context.Context, c *Conn, up *net.TCPConn, prefix 
 		done <- err
 	}()
 	go func() {
-		n, err := io.Copy(client, up)
+		n, err := copyConn(client, up)
 		m.BytesSent.Add(uint64(n))
 		if err == nil {
 			_ = client.CloseWrite()
