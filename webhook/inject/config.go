@@ -250,11 +250,19 @@ func (c *Config) Validate() error {
 	return errors.Join(errs...)
 }
 
+// errTProxy rejects Istio's TPROXY interception mode up front: meshlet's
+// capture (`meshlet init`, the CNI plugin) and proxy implement REDIRECT only,
+// so a TPROXY pod would be admitted only to fail in istio-init.
+var errTProxy = fmt.Errorf("%s is not supported by meshlet yet (capture and proxy implement %s); use %s", ModeTProxy, ModeRedirect, ModeRedirect)
+
 func parseStrictMode(s string) (string, error) {
-	if s != ModeRedirect && s != ModeTProxy {
-		return "", fmt.Errorf("must be %s or %s", ModeRedirect, ModeTProxy)
+	switch s {
+	case ModeRedirect:
+		return s, nil
+	case ModeTProxy:
+		return "", errTProxy
 	}
-	return s, nil
+	return "", fmt.Errorf("must be %s (%s is not supported yet)", ModeRedirect, ModeTProxy)
 }
 
 func parseDrain(s string) (time.Duration, error) {

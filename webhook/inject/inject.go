@@ -429,13 +429,15 @@ func resolve(pod *corev1.Pod, cfg *Config, opts Options) (params, []string, erro
 	}
 	if v, ok := ann[AnnotationInterceptionMode]; ok {
 		switch up := strings.ToUpper(strings.TrimSpace(v)); up {
-		case ModeRedirect, ModeTProxy:
+		case ModeTProxy:
+			bad(AnnotationInterceptionMode, errTProxy.Error())
+		case ModeRedirect:
 			if up != v {
 				warnings = append(warnings, fmt.Sprintf("annotation %s=%q read as %q", AnnotationInterceptionMode, v, up))
 			}
 			c.mode = up
 		default:
-			bad(AnnotationInterceptionMode, "must be REDIRECT or TPROXY")
+			bad(AnnotationInterceptionMode, "must be REDIRECT (TPROXY is not supported yet)")
 		}
 	}
 	cc := cfg.Capture
@@ -636,12 +638,6 @@ func proxyContainer(cfg *Config, p params, appNames []string) corev1.Container {
 		AllowPrivilegeEscalation: ptr(false),
 		ReadOnlyRootFilesystem:   ptr(true),
 		Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
-	}
-	if p.capture.mode == ModeTProxy {
-		// As in Istio: transparent sockets need CAP_NET_ADMIN, which only
-		// takes effect for root; capture then exempts the proxy by GID.
-		sc.RunAsUser, sc.RunAsNonRoot = ptr(int64(0)), ptr(false)
-		sc.Capabilities = &corev1.Capabilities{Add: []corev1.Capability{"NET_ADMIN"}, Drop: []corev1.Capability{"ALL"}}
 	}
 	c := corev1.Container{
 		Name:            ContainerProxy,
