@@ -29,6 +29,7 @@ package agent
 import (
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -280,6 +281,16 @@ type generation struct {
 	state   string // STARTING, ACTIVE, DRAINING, FAILED
 	started time.Time
 	readyAt time.Time
+	// control is the write end of the generation's control pipe (see
+	// DrainShutdownCommand); closed when the generation is reaped.
+	control *os.File
+}
+
+// drainShutdown tells the generation to drain for shutdown: stop accepting
+// inbound, keep outbound until the deadline. It goes over the control pipe,
+// not a signal, so every user signal can be forwarded unchanged.
+func (g *generation) drainShutdown() {
+	_, _ = io.WriteString(g.control, DrainShutdownCommand+"\n")
 }
 
 // spawn starts generation n with cfg and returns once the process exists;
@@ -299,6 +310,12 @@ func (a *Agent) spawn(n int, cfg *config.Loaded) (*generation, error) {
 		return nil, fmt.Errorf("readiness pipe: %w", err)
 	}
 	defer wr.Close()
+	ctlR, ctlW, err := os.Pipe()
+	if err != nil {
+		rd.Close()
+		return nil, fmt.Errorf("control pipe: %w", err)
+	}
+	defer ctlR.Close()
 
 	devnull, err := os.Open(os.DevNull)
 	if err != nil {
@@ -318,6 +335,7 @@ func (a *Agent) spawn(n int, cfg *config.Loaded) (*generation, error) {
 	add(fdStats, a.statsFD)
 	add(fdConfig, cfgFile)
 	add(fdReady, wr)
+	add(fdControl, ctlR)
 
 	args := append([]string{a.o.Executable, "proxy",
 		"--generation", strconv.Itoa(n),
@@ -328,15 +346,18 @@ func (a *Agent) spawn(n int, cfg *config.Loaded) (*generation, error) {
 		Env:   env,
 		Files: files,
 		// If the agent dies, so do its generations: nothing would
-		// supervise them.
-		Sys: &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL},
+		// supervise them. Their own process group keeps a terminal's
+		// Ctrl-C (SIGINT to the foreground group) for the agent, which
+		// drains them in order.
+		Sys: &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true},
 	})
 	if err != nil {
 		rd.Close()
+		ctlW.Close()
 		return nil, fmt.Errorf("starting generation %d (%s): %w", n, a.o.Executable, err)
 	}
 	a.gensStarted.Inc()
-	g := &generation{n: n, pid: proc.Pid, proc: proc, cfg: cfg, state: "STARTING", started: time.Now()}
+	g := &generation{n: n, pid: proc.Pid, proc: proc, cfg: cfg, state: "STARTING", started: time.Now(), control: ctlW}
 	a.log.Info("generation starting", "generation", n, "pid", g.pid, "configHash", cfg.Hash)
 	go a.awaitReady(g, rd)
 	return g, nil

@@ -84,6 +84,9 @@ func startAgentExe(t *testing.T, dest, exe string, extra ...string) *proc {
 	p.cmd = exec.Command(os.Args[0], args...)
 	p.cmd.Env = append(os.Environ(), envExec+"=1")
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
+	// Its own process group, as PID 1 of a container has: tests may signal
+	// the whole group (a terminal's Ctrl-C).
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -230,3 +233,14 @@ func (l *chanListener) Accept() (net.Conn, error) {
 }
 func (l *chanListener) Close() error   { return nil }
 func (l *chanListener) Addr() net.Addr { return l.addr }
+
+// metricOr is metric without failing: def when the series is absent.
+func (p *proc) metricOr(name string, def float64) float64 {
+	_, body := httpGet("http://" + p.st + "/stats/prometheus")
+	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` (\S+)$`).FindStringSubmatch(body)
+	if m == nil {
+		return def
+	}
+	v, _ := strconv.ParseFloat(m[1], 64)
+	return v
+}

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bufio"
 	"fmt"
 	"io"
 	"net"
@@ -14,7 +15,7 @@ import (
 
 // EnvInheritedFDs names the environment variable through which the agent
 // tells a generation which inherited file descriptor is which:
-// "outbound=3,outbound=4,inbound=5,health=7,...,stats=10,config=11,ready=12".
+// "outbound=3,outbound=4,inbound=5,health=7,...,stats=10,config=11,ready=12,control=13".
 const EnvInheritedFDs = "MESHLET_INHERITED_FDS"
 
 // Names of inherited descriptors.
@@ -27,7 +28,12 @@ const (
 	fdStats      = "stats"
 	fdConfig     = "config"
 	fdReady      = "ready"
+	fdControl    = "control"
 )
+
+// DrainShutdownCommand, a line on the control pipe, tells a generation to
+// drain for shutdown (server.Shutdown).
+const DrainShutdownCommand = "DRAIN shutdown"
 
 // Inherited is what a generation received from the agent.
 type Inherited struct {
@@ -37,6 +43,8 @@ type Inherited struct {
 	Config []byte
 	// Ready is the write end of the readiness pipe.
 	Ready *os.File
+	// Control is the read end of the control pipe (see Commands).
+	Control *os.File
 }
 
 // Inherit reads the descriptors described by spec (the value of
@@ -95,6 +103,8 @@ func Inherit(spec string) (*Inherited, error) {
 			in.Config = b
 		case fdReady:
 			in.Ready = f
+		case fdControl:
+			in.Control = f
 		default:
 			f.Close()
 			return nil, fmt.Errorf("%s: unknown descriptor name %q", EnvInheritedFDs, name)
@@ -119,4 +129,22 @@ func ReportFailure(w *os.File, err error) {
 	}
 	_, _ = io.WriteString(w, "ERROR "+strings.ReplaceAll(err.Error(), "\n", "; ")+"\n")
 	_ = w.Close()
+}
+
+// Commands delivers each line the agent writes on the control pipe r; the
+// channel is closed when the agent closes it (or dies). Nil r: nil channel.
+func Commands(r *os.File) <-chan string {
+	if r == nil {
+		return nil
+	}
+	ch := make(chan string, 4)
+	go func() {
+		defer close(ch)
+		defer r.Close()
+		sc := bufio.NewScanner(r)
+		for sc.Scan() {
+			ch <- sc.Text()
+		}
+	}()
+	return ch
 }

@@ -27,7 +27,8 @@ const (
 	evRestart
 	evDrain
 	evQuit
-	evShutdownDeadline
+	evShutdown
+	evForward
 )
 
 type event struct {
@@ -38,6 +39,7 @@ type event struct {
 	err    error
 	reason string
 	reply  chan ReloadResult
+	sig    syscall.Signal // evForward
 }
 
 // ReloadResult is the outcome of a reload request.
@@ -76,15 +78,26 @@ type runState struct {
 	cfg          *config.Loaded
 }
 
-// Run starts generation 1 and supervises until ctx is cancelled (SIGTERM:
-// drain and exit) or /quitquitquit. It handles SIGHUP (reload) and SIGCHLD
-// (reaps every child, including orphans when the agent is a subreaper).
+// ForwardedSignals are the signals the agent passes on to every generation
+// that has reported ready (a generation still starting has not installed
+// its handlers, and Go's default action for SIGUSR1/SIGUSR2 is to exit).
+var ForwardedSignals = []syscall.Signal{syscall.SIGUSR1, syscall.SIGUSR2}
+
+// Run starts generation 1 and supervises until ctx is cancelled, SIGTERM or
+// SIGINT (drain and exit; ctx cancellation counts as SIGTERM), or
+// /quitquitquit. It handles SIGHUP (reload), forwards ForwardedSignals, and
+// reaps on SIGCHLD (every child, including orphans when the agent is a
+// subreaper).
 func (a *Agent) Run(ctx context.Context) error {
 	defer a.closeSocks()
 	defer a.status.Close()
 
 	sigs := make(chan os.Signal, 16)
-	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGCHLD)
+	notify := []os.Signal{syscall.SIGHUP, syscall.SIGCHLD, syscall.SIGTERM, syscall.SIGINT}
+	for _, s := range ForwardedSignals {
+		notify = append(notify, s)
+	}
+	signal.Notify(sigs, notify...)
 	defer signal.Stop(sigs)
 	defer close(a.done)
 	go a.signals(sigs)
@@ -110,17 +123,20 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.startGen(st, cfg)
 
 	var shutdownDeadline <-chan time.Time
+	shutdown := func(why string) {
+		if st.shutdown {
+			return
+		}
+		a.beginShutdown(st, why)
+		t := time.NewTimer(a.o.DrainDuration + time.Second)
+		shutdownDeadline = t.C
+	}
 	for {
 		var ev event
 		select {
 		case ev = <-a.events:
 		case <-ctx.Done():
-			if !st.shutdown {
-				a.beginShutdown(st)
-				t := time.NewTimer(a.o.DrainDuration + time.Second)
-				defer t.Stop()
-				shutdownDeadline = t.C
-			}
+			shutdown("context cancelled")
 			ctx = context.Background() // fire once
 			continue
 		case <-shutdownDeadline:
@@ -145,8 +161,12 @@ func (a *Agent) Run(ctx context.Context) error {
 			if st.active != nil && !st.drained {
 				st.drained = true
 				a.setState("DRAINING")
-				_ = st.active.proc.Signal(syscall.SIGUSR1)
+				st.active.drainShutdown()
 			}
+		case evShutdown:
+			shutdown(ev.reason)
+		case evForward:
+			a.forward(st, ev.sig)
 		case evQuit:
 			a.log.Info("quitquitquit: exiting now")
 			a.killAll(st)
@@ -166,14 +186,35 @@ func (a *Agent) signals(sigs chan os.Signal) {
 		case <-a.done:
 			return
 		case s := <-sigs:
-			if s == syscall.SIGHUP {
+			switch s {
+			case syscall.SIGHUP:
 				a.log.Info("SIGHUP: reloading")
 				a.post(event{kind: evReload, reason: "SIGHUP"})
-				continue
+			case syscall.SIGCHLD:
+				a.reap()
+			case syscall.SIGTERM, syscall.SIGINT:
+				a.post(event{kind: evShutdown, reason: unix.SignalName(s.(syscall.Signal))})
+			default:
+				a.post(event{kind: evForward, sig: s.(syscall.Signal)})
 			}
-			a.reap()
 		}
 	}
+}
+
+// forward passes sig on to every generation that has reported ready.
+func (a *Agent) forward(st *runState, sig syscall.Signal) {
+	name := unix.SignalName(sig)
+	n := 0
+	for _, g := range st.gens {
+		if g.state != "ACTIVE" && g.state != "DRAINING" {
+			continue
+		}
+		if err := g.proc.Signal(sig); err == nil {
+			n++
+		}
+	}
+	a.region.Counter(fmt.Sprintf("meshlet_agent_signals_forwarded_total{signal=%q}", name)).Inc()
+	a.log.Info("forwarded signal", "signal", name, "generations", n)
 }
 
 // post delivers an event to Run, or drops it once Run has returned.
@@ -269,7 +310,8 @@ func (a *Agent) onReady(st *runState, g *generation) {
 	}
 	st.starting = nil
 	if st.shutdown || st.drained {
-		_ = g.proc.Signal(syscall.SIGUSR1)
+		g.state = "DRAINING"
+		g.drainShutdown()
 		return
 	}
 	g.state = "ACTIVE"
@@ -331,6 +373,7 @@ func (a *Agent) onExit(st *runState, pid int, ws unix.WaitStatus) {
 	}
 	delete(st.gens, pid)
 	_ = g.proc.Release()
+	_ = g.control.Close()
 	how := exitString(ws)
 	switch {
 	case g == st.active:
@@ -399,10 +442,10 @@ func (a *Agent) scheduleRestart(st *runState) {
 	time.AfterFunc(d, func() { a.post(event{kind: evRestart}) })
 }
 
-func (a *Agent) beginShutdown(st *runState) {
+func (a *Agent) beginShutdown(st *runState, why string) {
 	st.shutdown = true
 	a.setState("DRAINING")
-	a.log.Info("SIGTERM: draining", "deadline", a.o.DrainDuration)
+	a.log.Info("shutting down: draining", "signal", why, "deadline", a.o.DrainDuration)
 	// New inbound connections are refused from now on instead of waiting
 	// in a backlog nobody will serve.
 	var keep []sock
@@ -416,7 +459,7 @@ func (a *Agent) beginShutdown(st *runState) {
 	a.socks = keep
 	for _, g := range st.gens {
 		if g == st.active {
-			_ = g.proc.Signal(syscall.SIGUSR1)
+			g.drainShutdown()
 		} else if g.state == "STARTING" {
 			_ = g.proc.Signal(syscall.SIGKILL)
 		}

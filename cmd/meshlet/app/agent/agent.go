@@ -40,9 +40,21 @@ listeners once (15001, 15006, 15021, 15090, 127.0.0.1:15000), starts
 POST /reload.
 
 Hot restart (no connection lost) on a change of the --config file, SIGHUP or
-POST /reload. SIGTERM drains (inbound first) and exits when no connection is
-left or at --drain-duration. Without --config the embedded default runs
-(pure L4 passthrough).`,
+POST /reload. Without --config the embedded default runs (pure L4 passthrough).
+
+Signals (the agent is PID 1; generations run in their own process group, so a
+terminal's Ctrl-C reaches only the agent):
+  SIGTERM, SIGINT   drain and exit: fail readiness, stop accepting inbound, keep
+                    outbound; exit when no connection is left or at
+                    --drain-duration
+  SIGHUP            hot restart (same as POST /reload)
+  SIGUSR1, SIGUSR2  forwarded to every generation that has reported ready
+                    (SIGUSR2 toggles its debug logging; SIGUSR1 is logged and
+                    counted in meshlet_proxy_signals_total)
+  SIGCHLD           reap children (and orphans: the agent is a subreaper)
+  SIGQUIT           Go's default: dump goroutines and exit (generations die
+                    with the agent)
+  SIGKILL, SIGSTOP  cannot be caught; generations die with the agent`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return run(cmd.Context(), streams, f)

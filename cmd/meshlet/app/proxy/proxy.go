@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
 
 	"github.com/meshlet/meshlet/cmd/meshlet/app/cli"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/version"
@@ -24,6 +26,7 @@ import (
 	"github.com/meshlet/meshlet/proxy/l4"
 	"github.com/meshlet/meshlet/proxy/l7"
 	"github.com/meshlet/meshlet/proxy/server"
+	"github.com/meshlet/meshlet/proxy/stats"
 )
 
 type flagpole struct {
@@ -50,10 +53,16 @@ outbound (15001) and inbound (15006) capture listeners, health on 15021,
 Prometheus on 15090 and admin on 127.0.0.1:15000.
 
 Started by the agent, it inherits the listening sockets, the shared counters
-and its configuration through file descriptors (` + agent.EnvInheritedFDs + `) and
-reports readiness over a pipe. Run alone, it binds the addresses given by flags.
-SIGTERM/SIGINT drain for a hot restart (stop accepting everywhere); SIGUSR1
-drains for shutdown (stop accepting inbound, keep outbound until the deadline).`,
+and its configuration through file descriptors (` + agent.EnvInheritedFDs + `),
+reports readiness over a pipe and takes the shutdown drain (stop accepting
+inbound, keep outbound until the deadline) over a control pipe. Run alone, it
+binds the addresses given by flags.
+
+Signals:
+  SIGTERM, SIGINT  drain for a hot restart (stop accepting everywhere), exit
+  SIGUSR1          logged and counted (meshlet_proxy_signals_total); no action
+  SIGUSR2          toggle debug logging
+The agent forwards SIGUSR1 and SIGUSR2 it receives to its generations.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return run(cmd.Context(), streams, f)
@@ -74,16 +83,25 @@ drains for shutdown (stop accepting inbound, keep outbound until the deadline).`
 }
 
 func run(ctx context.Context, streams cli.Streams, f *flagpole) error {
-	log := cli.NewLogger(streams.Err, f.verbose).With("generation", f.generation)
+	// Installed first: until then Go's default action for SIGUSR1/SIGUSR2
+	// (exit) applies, and the agent forwards them only once ready.
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGUSR2)
+	defer signal.Stop(sigs)
+	level := &slog.LevelVar{}
+	if f.verbose {
+		level.Set(slog.LevelDebug)
+	}
+	log := slog.New(slog.NewTextHandler(streams.Err, &slog.HandlerOptions{Level: level})).With("generation", f.generation)
 	in, err := agent.Inherit(os.Getenv(agent.EnvInheritedFDs))
 	if err != nil {
 		return err
 	}
-	var ready *os.File
+	var ready, control *os.File
 	var cfg *config.Loaded
 	o := server.Options{Generation: f.generation, DrainDuration: f.drainDuration, Version: version.String(), Log: log}
 	if in != nil {
-		ready = in.Ready
+		ready, control = in.Ready, in.Control
 		o.Listeners, o.Stats = in.Listeners, in.Stats
 		cfg, err = config.Parse(in.Config)
 		if err != nil {
@@ -112,6 +130,9 @@ func run(ctx context.Context, streams cli.Streams, f *flagpole) error {
 		return &cli.ExitError{Code: 2, Err: err}
 	}
 	o.Config = cfg
+	if o.Stats == nil {
+		o.Stats = stats.NewPrivate()
+	}
 	var engine *l7.Proxy
 	var choose l4.Chooser
 	if cfg.L7 != nil {
@@ -136,9 +157,7 @@ func run(ctx context.Context, streams cli.Streams, f *flagpole) error {
 	if engine != nil {
 		choose = engine.Chooser(srv.Forwarder())
 	}
-	usr1 := make(chan os.Signal, 1)
-	signal.Notify(usr1, syscall.SIGUSR1)
-	defer signal.Stop(usr1)
+	commands := agent.Commands(control)
 	srv.Start()
 	agent.ReportReady(ready)
 	if orig, ok := os.LookupEnv(agent.EnvStartGOGC); ok {
@@ -149,19 +168,38 @@ func run(ctx context.Context, streams cli.Streams, f *flagpole) error {
 			_ = agent.RestoreGC("")
 		}
 	}
-	select {
-	case <-ctx.Done():
-		srv.Drain(server.HotRestart)
-	case <-usr1:
-		srv.Drain(server.Shutdown)
-		go func() {
-			<-ctx.Done()
+	done := make(chan struct{})
+	go func() { srv.Wait(); close(done) }()
+	for {
+		select {
+		case <-ctx.Done():
 			srv.Drain(server.HotRestart)
-		}()
+			ctx = context.Background() // fire once
+		case c, ok := <-commands:
+			switch {
+			case !ok:
+				commands = nil // the agent is gone; Pdeathsig ends us
+			case c == agent.DrainShutdownCommand:
+				srv.Drain(server.Shutdown)
+			default:
+				log.Warn("unknown control command ignored", "command", c)
+			}
+		case s := <-sigs:
+			name := unix.SignalName(s.(syscall.Signal))
+			o.Stats.Counter(fmt.Sprintf("meshlet_proxy_signals_total{signal=%q}", name)).Inc()
+			if s == syscall.SIGUSR2 {
+				if level.Level() == slog.LevelDebug {
+					level.Set(slog.LevelInfo)
+				} else {
+					level.Set(slog.LevelDebug)
+				}
+			}
+			log.Info("signal received", "signal", name, "debug", level.Level() == slog.LevelDebug)
+		case <-done:
+			log.Info("generation exiting")
+			return nil
+		}
 	}
-	srv.Wait()
-	log.Info("generation exiting")
-	return nil
 }
 
 func bindAll(f *flagpole) (server.Listeners, error) {
