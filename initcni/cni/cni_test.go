@@ -169,8 +169,8 @@ func TestInstallerRun(t *testing.T) {
 	if b, err := os.ReadFile(filepath.Join(binDir, BinaryName)); err != nil || !strings.Contains(string(b), "fake meshlet") {
 		t.Errorf("binary not installed: %v", err)
 	}
-	if b, _ := os.ReadFile(filepath.Join(binDir, PluginType)); !strings.Contains(string(b), filepath.Join(binDir, BinaryName)+" cni") {
-		t.Errorf("wrapper: %s", b)
+	if target, err := os.Readlink(filepath.Join(binDir, PluginType)); err != nil || target != BinaryName {
+		t.Errorf("%s links to %q (%v), want %q", PluginType, target, err, BinaryName)
 	}
 	if st, err := os.Stat(filepath.Join(confDir, KubeconfigName)); err != nil || st.Mode().Perm() != 0o600 {
 		t.Errorf("kubeconfig: %v %v", st, err)

@@ -111,13 +111,20 @@ func writeAtomic(path string, data []byte, mode os.FileMode) (bool, error) {
 	return true, os.Rename(tmp.Name(), path)
 }
 
-// wrapperScript is installed as BinDir/meshlet-cni: the runtime executes
-// plugins by their type name, the meshlet binary dispatches by subcommand.
-func wrapperScript(binDir string) []byte {
-	return []byte("#!/bin/sh\n# Installed by meshlet cni-install.\nexec " + filepath.Join(binDir, BinaryName) + " cni \"$@\"\n")
+// linkAtomic points path at target (a symbolic link), replacing whatever
+// was there in one rename.
+func linkAtomic(target, path string) error {
+	tmp := filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".tmp")
+	_ = os.Remove(tmp)
+	if err := os.Symlink(target, tmp); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
 }
 
-// installBinaries copies the meshlet binary and the plugin wrapper.
+// installBinaries copies the meshlet binary and links BinDir/meshlet-cni to
+// it: the runtime executes plugins by their type name and meshlet runs as
+// the plugin when called by that name (no shell needed on the node).
 func installBinaries(o InstallOptions) error {
 	self := o.SelfBinary
 	if self == "" {
@@ -136,7 +143,7 @@ func installBinaries(o InstallOptions) error {
 	if _, err := writeAtomic(filepath.Join(o.BinDir, BinaryName), data, 0o755); err != nil {
 		return fmt.Errorf("installing %s: %w", BinaryName, err)
 	}
-	if _, err := writeAtomic(filepath.Join(o.BinDir, PluginType), wrapperScript(o.BinDir), 0o755); err != nil {
+	if err := linkAtomic(BinaryName, filepath.Join(o.BinDir, PluginType)); err != nil {
 		return fmt.Errorf("installing %s: %w", PluginType, err)
 	}
 	return nil

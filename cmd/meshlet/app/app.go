@@ -4,6 +4,7 @@ package app
 
 import (
 	"context"
+	"path/filepath"
 
 	"github.com/spf13/cobra"
 
@@ -15,7 +16,22 @@ import (
 	"github.com/meshlet/meshlet/cmd/meshlet/app/proxy"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/version"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/webhook"
+	cnipkg "github.com/meshlet/meshlet/initcni/cni"
 )
+
+// Args returns the command line for Run from a process's argv: meshlet
+// executed under the CNI plugin's name (the link cni-install makes) runs
+// `meshlet cni`, as container runtimes call plugins by type name with the
+// request in the environment.
+func Args(argv []string) []string {
+	if len(argv) == 0 {
+		return nil
+	}
+	if filepath.Base(argv[0]) == cnipkg.PluginType {
+		return append([]string{"cni"}, argv[1:]...)
+	}
+	return argv[1:]
+}
 
 // Run executes the meshlet command line args (without the program name).
 func Run(ctx context.Context, args []string, streams cli.Streams) error {

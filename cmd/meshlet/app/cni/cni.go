@@ -58,8 +58,8 @@ func NewInstall(streams cli.Streams) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "cni-install",
 		Short: "Install the meshlet CNI plugin on this node and keep it installed",
-		Long: `Install the meshlet binary and the meshlet-cni plugin wrapper into the CNI
-bin dir, write a kubeconfig for the plugin, and merge the plugin into the
+		Long: `Install the meshlet binary into the CNI bin dir with meshlet-cni linked to it
+(meshlet called by that name is the plugin), write a kubeconfig for the plugin, and merge the plugin into the
 node's primary CNI config (converting a single .conf into a .conflist),
 atomically. Unless --once, keep running: repair the entry whenever the primary
 CNI plugin rewrites its config, refresh the kubeconfig, and remove everything

@@ -37,8 +37,9 @@ func TestMain(m *testing.M) {
 }
 
 // pluginDir returns a CNI bin dir holding meshlet-cni. With MESHLET_BIN set
-// (e.g. bin/meshlet from `make build`) the wrapper runs the real binary;
-// otherwise it runs this test binary in plugin mode.
+// (e.g. bin/meshlet from `make build`) it is a link to the real binary, as
+// cni-install makes it; otherwise a script runs this test binary in plugin
+// mode.
 func pluginDir(t *testing.T) string {
 	t.Helper()
 	dir := t.TempDir()
@@ -48,7 +49,10 @@ func pluginDir(t *testing.T) string {
 		if err != nil {
 			t.Fatal(err)
 		}
-		script = "#!/bin/sh\nexec " + abs + " cni \"$@\"\n"
+		if err := os.Symlink(abs, filepath.Join(dir, cni.PluginType)); err != nil {
+			t.Fatal(err)
+		}
+		return dir
 	}
 	if err := os.WriteFile(filepath.Join(dir, cni.PluginType), []byte(script), 0o755); err != nil {
 		t.Fatal(err)
