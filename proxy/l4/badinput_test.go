@@ -230,6 +230,72 @@ func TestSlowClient(t *testing.T) {
 	p.assertBounded(t, 32)
 }
 
+// TestSlowUpstream: a client sending as fast as it can to a destination
+// that reads nothing is held back by flow control through the proxy too;
+// when the destination gives up, the proxy lets go of both sides.
+func TestSlowUpstream(t *testing.T) {
+	b := newBackend(t)
+	p := startProxy(t, b.addr, "")
+	c, err := net.Dial("tcp", p.outbound)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := io.WriteString(c, "STALL\n"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-b.stalls:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the stalling destination never got the connection")
+	}
+	var mu sync.Mutex
+	var sent int64
+	writerDone := make(chan error, 1)
+	go func() {
+		chunk := bytes.Repeat([]byte("w"), 64<<10)
+		for {
+			n, err := c.Write(chunk)
+			mu.Lock()
+			sent += int64(n)
+			mu.Unlock()
+			if err != nil {
+				writerDone <- err
+				return
+			}
+		}
+	}()
+	last, since := int64(-1), time.Now()
+	for {
+		mu.Lock()
+		n := sent
+		mu.Unlock()
+		if n != last {
+			last, since = n, time.Now()
+		} else if n > 0 && time.Since(since) > 500*time.Millisecond {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Logf("client blocked after %d bytes in flight to a destination that reads nothing", last)
+	if last > 64<<20 {
+		t.Errorf("client wrote %d bytes to a destination that reads nothing (bound %d)", last, 64<<20)
+	}
+	rss := p.rssKB(t)
+	t.Logf("proxy RSS with a stalled destination: %d kB (at start %d kB)", rss, p.baseRSS)
+	if rss-p.baseRSS > 32<<10 {
+		t.Errorf("proxy RSS grew from %d kB to %d kB with a stalled destination", p.baseRSS, rss)
+	}
+	close(b.release) // the destination closes with unread data: a reset
+	select {
+	case <-writerDone:
+	case <-time.After(30 * time.Second):
+		t.Fatal("client still writing after the destination closed")
+	}
+	p.waitMetric(t, activeOut, func(v float64) bool { return v == 0 })
+	p.assertBounded(t, 32)
+}
+
 // TestFDExhaustion: connections are held open through the proxy, then its
 // RLIMIT_NOFILE is lowered (prlimit) to exactly the descriptors it has, so
 // every accept fails with EMFILE while more connections wait in the

@@ -258,6 +258,7 @@ func normalRequest(addr string) error {
 //	SINK     close the write side at once, read until EOF, report the count
 //	FLOOD    send until the connection breaks, report the count
 //	HOLD     keep the connection open until the client closes it
+//	STALL    read nothing until released (see stalls), then close
 type backend struct {
 	addr string
 	// sunk receives the byte count of each SINK/FLOOD connection when it ends.
@@ -265,6 +266,9 @@ type backend struct {
 	// flooded is the running byte count of the current FLOOD connections.
 	mu      sync.Mutex
 	flooded int64
+	// stalls receives each STALL connection; closing release ends them.
+	stalls  chan *net.TCPConn
+	release chan struct{}
 }
 
 func newBackend(t *testing.T) *backend {
@@ -277,7 +281,7 @@ func newBackend(t *testing.T) *backend {
 }
 
 func serveBackend(t *testing.T, ln net.Listener) *backend {
-	b := &backend{addr: ln.Addr().String(), sunk: make(chan int64, 1024)}
+	b := &backend{addr: ln.Addr().String(), sunk: make(chan int64, 1024), stalls: make(chan *net.TCPConn, 64), release: make(chan struct{})}
 	payload := bytes.Repeat([]byte("x"), 1024)
 	hl := &chanListener{ch: make(chan net.Conn, 128), addr: ln.Addr(), done: make(chan struct{})}
 	hs := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -306,7 +310,7 @@ func (b *backend) serve(c *net.TCPConn, hl *chanListener) {
 		return
 	}
 	switch string(first) {
-	case "PUSH", "SINK", "FLOO", "HOLD":
+	case "PUSH", "SINK", "FLOO", "HOLD", "STAL":
 	default:
 		hl.ch <- &peekedConn{Conn: c, r: br}
 		return
@@ -342,6 +346,9 @@ func (b *backend) serve(c *net.TCPConn, hl *chanListener) {
 		b.sunk <- n
 	case "HOLD":
 		_, _ = io.Copy(io.Discard, br)
+	case "STALL":
+		b.stalls <- c
+		<-b.release
 	}
 }
 
