@@ -54,10 +54,14 @@ type PortConfig struct {
 	Protocol string `json:"protocol,omitempty"`
 }
 
-// Detection tunes first-bytes protocol detection.
+// Detection tunes first-bytes protocol detection on undeclared ports.
 type Detection struct {
-	// Timeout for the first bytes (default 5s; Istio's default is 0 → none,
-	// but server-first protocols need a bound).
+	// Timeout is how long the proxy waits for a client's first bytes before
+	// treating the connection as opaque TCP (Istio's
+	// protocolDetectionTimeout), within 1ms..1m, default 5s. A server-first
+	// protocol (MySQL, SMTP, …) on an undeclared port waits this long for
+	// its greeting; a short timeout misclassifies slow HTTP clients as TCP
+	// (no routing, no metrics). Declaring such ports tcp avoids both.
 	Timeout Duration `json:"timeout,omitempty"`
 }
 
@@ -428,6 +432,9 @@ func (c *Config) Validate() error {
 		}
 	}
 	dur("detection.timeout", c.Detection.Timeout)
+	if t := c.Detection.Timeout; !t.bad && t.raw != "" && (t.D < time.Millisecond || t.D > time.Minute) {
+		bad("detection.timeout", "%q must be within 1ms..1m (omit it for the default 5s)", t.raw)
+	}
 
 	clusters := map[string]*Cluster{}
 	for i := range c.Clusters {

@@ -60,6 +60,8 @@ func TestLoadErrorsNameFieldAndValue(t *testing.T) {
 		{"unknown field", "services: []\nbogus: 1\n", []string{`unknown field "bogus"`}},
 		{"unknown nested field", "clusters: [{name: a, endpoints: [{address: '1.2.3.4:5'}], lb: x}]", []string{`unknown field "lb"`}},
 		{"bad duration", "detection: {timeout: soon}", []string{"detection.timeout", `"soon"`}},
+		{"detection timeout zero", "detection: {timeout: 0s}", []string{"detection.timeout", `"0s" must be within 1ms..1m`}},
+		{"detection timeout long", "detection: {timeout: 2m}", []string{"detection.timeout", `"2m" must be within 1ms..1m`}},
 		{"health check type", "clusters: [{name: a, endpoints: [{address: '1.2.3.4:5'}], healthCheck: {type: icmp}}]",
 			[]string{"clusters[0].healthCheck.type", `"icmp"`, "http, tcp or grpc"}},
 		{"grpc health check path", "clusters: [{name: a, endpoints: [{address: '1.2.3.4:5'}], healthCheck: {type: grpc, path: /healthz}}]",
