@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -89,10 +90,13 @@ http {
 	}
 	cmd := exec.Command(bin, "-p", dir, "-c", cf)
 	cmd.Stderr = os.Stderr
+	// Its own process group: killing only the master would orphan the
+	// worker, which keeps the port (and any inherited lock fd) open.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	b.Cleanup(func() { _ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL); cmd.Wait() })
 	for i := 0; i < 100; i++ {
 		if c, err := net.Dial("tcp", port); err == nil {
 			c.Close()
