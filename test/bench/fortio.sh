@@ -14,6 +14,7 @@
 #
 #   sudo flock /tmp/meshlet-bench.lock test/bench/fortio.sh       # full run (~7 min)
 #   QPS=1000 CONNS=16 DUR=10s RESTARTS=100 OUT=/tmp/b.md test/bench/fortio.sh
+#   ONLY='^grpc-' RESTARTS=0 OUT=/tmp/b.md test/bench/fortio.sh  # only paths matching ONLY
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -247,6 +248,10 @@ smaps_kb() { local f=$1 t=0; shift; for p in "$@"; do t=$((t + $(awk -v f="$f:" 
 declare -A P50 P90 P99 CPU RSS PSS ANON MAXQ ERR
 measure() { # NAME
   local name=$1 pids t0 t1 f n ok mem
+  if [ -n "${ONLY:-}" ] && ! [[ $name =~ $ONLY ]]; then # quick partial runs: skipped rows read 0
+    P50[$name]=0; P90[$name]=0; P99[$name]=0; CPU[$name]=0; RSS[$name]=0; PSS[$name]=0; ANON[$name]=0; MAXQ[$name]=0; ERR[$name]=-
+    return
+  fi
   echo "run $name @ $QPS qps" >&2
   load "$name" 3000 2s || true # warm-up
   pids=$(proxy_pids "$name")
