@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	testpb "google.golang.org/grpc/interop/grpc_testing"
 )
 
 // BenchmarkHTTP1Parallel measures throughput with 16 concurrent keep-alive
@@ -106,4 +108,36 @@ http {
 	}
 	b.Fatal("nginx did not start")
 	return "", false
+}
+
+// BenchmarkGRPCParallel measures unary gRPC throughput with 16 concurrent
+// callers on 16 client connections (as fortio's grpc ping runs): direct, and
+// through two L7 hops (client sidecar outbound → server sidecar inbound).
+func BenchmarkGRPCParallel(b *testing.B) {
+	_, addr, _ := startGRPC(b, "bench")
+	run := func(b *testing.B, target string) {
+		clients := make(chan testpb.TestServiceClient, 16)
+		for range 16 {
+			clients <- testpb.NewTestServiceClient(grpcConn(b, target, "s"))
+		}
+		req := &testpb.SimpleRequest{Payload: &testpb.Payload{Body: payload}}
+		b.ReportAllocs()
+		b.SetParallelism(8) // 2 cores × 8 = 16 callers
+		b.ResetTimer()
+		b.RunParallel(func(pb *testing.PB) {
+			tc := <-clients
+			for pb.Next() {
+				if _, err := tc.UnaryCall(b.Context(), req); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		})
+	}
+	b.Run("direct", func(b *testing.B) { run(b, addr) })
+	b.Run("l7-2hops", func(b *testing.B) {
+		server := startProxy(b, Config{}, addr, Inbound)
+		client := startProxy(b, benchRoutedConfig(b, server.addr), "127.0.0.1:80", Outbound)
+		run(b, client.addr)
+	})
 }

@@ -417,8 +417,8 @@ table() { # BASELINE PATHS...
   echo '```'
   echo
   echo "The client sidecar parses each request, matches service and route and sends it to the"
-  echo "cluster's pooled upstream connections (HTTP/1.1 keep-alive; gRPC streams spread over 4 h2c"
-  echo "connections per endpoint); the server sidecar serves the declared port as HTTP on its inbound side and"
+  echo "cluster's pooled upstream connections (HTTP/1.1 keep-alive; gRPC over one h2c connection"
+  echo "per endpoint); the server sidecar serves the declared port as HTTP on its inbound side and"
   echo "forwards to the app. Requests counted by the sidecars during these runs: client outbound"
   echo "route fortio-http/echo $L7_OUT_H1, fortio-grpc/ping $L7_OUT_GRPC, passthrough $L7_PASS; server inbound $L7_IN."
   echo
