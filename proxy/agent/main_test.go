@@ -4,7 +4,6 @@ import (
 	"context"
 	"os"
 	"os/signal"
-	"strconv"
 	"syscall"
 	"testing"
 
@@ -17,14 +16,8 @@ import (
 // `meshlet proxy ...` — real processes, real descriptor inheritance.
 const envExec = "MESHLET_TEST_EXEC_MESHLET"
 
-// envNoFile lowers RLIMIT_NOFILE in the child (fd exhaustion tests).
-const envNoFile = "MESHLET_TEST_NOFILE"
-
 func TestMain(m *testing.M) {
 	if os.Getenv(envExec) == "1" {
-		if n, err := strconv.Atoi(os.Getenv(envNoFile)); err == nil {
-			_ = syscall.Setrlimit(syscall.RLIMIT_NOFILE, &syscall.Rlimit{Cur: uint64(n), Max: uint64(n)})
-		}
 		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 		err := app.Run(ctx, os.Args[1:], cli.Streams{In: os.Stdin, Out: os.Stdout, Err: os.Stderr})
 		stop()
