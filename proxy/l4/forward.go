@@ -65,6 +65,11 @@ type Forwarder struct {
 	// periods never close connections that are busy but idle between
 	// requests (keep-alive at a few ms per request).
 	QuietPeriod time.Duration
+	// CheckInterval is how often a connection's two sockets are looked at
+	// for a reset nobody is reading (a copy blocked writing to a peer that
+	// reads nothing does not see its own source reset) and for the idle
+	// timeout; 0: 10s, or a quarter of the idle timeout when that is shorter.
+	CheckInterval time.Duration
 }
 
 var _ Handler = (*Forwarder)(nil)
@@ -164,12 +169,16 @@ func (f *Forwarder) relay(ctx context.Context, c *Conn, up *net.TCPConn, prefix 
 		_ = up.Close()
 	}
 
-	var idleTick <-chan time.Time
-	if opts.IdleTimeout > 0 {
-		t := time.NewTicker(max(opts.IdleTimeout/4, 50*time.Millisecond))
-		defer t.Stop()
-		idleTick = t.C
+	check := f.CheckInterval
+	if check == 0 {
+		check = 10 * time.Second
+		if opts.IdleTimeout > 0 {
+			check = min(check, max(opts.IdleTimeout/4, 50*time.Millisecond))
+		}
 	}
+	checkTicker := time.NewTicker(check)
+	defer checkTicker.Stop()
+	checkTick := checkTicker.C
 	draining := c.draining
 	var drainTick <-chan time.Time
 	quiet := f.QuietPeriod
@@ -196,11 +205,20 @@ func (f *Forwarder) relay(ctx context.Context, c *Conn, up *net.TCPConn, prefix 
 		case <-ctx.Done():
 			closeBoth(false)
 			ctx = context.Background()
-		case <-idleTick:
-			if idleFor(client, up) >= opts.IdleTimeout {
+		case <-checkTick:
+			switch {
+			case wasReset(client) || wasReset(up):
+				// Both copies may be blocked elsewhere (writing to a
+				// peer that reads nothing, reading from one that is
+				// silent): pass the reset on now instead of at the idle
+				// timeout.
+				m.Resets.Inc()
+				closeBoth(true)
+				checkTick = nil
+			case opts.IdleTimeout > 0 && idleFor(client, up) >= opts.IdleTimeout:
 				m.IdleTimeouts.Inc()
 				closeBoth(false)
-				idleTick = nil
+				checkTick = nil
 			}
 		case <-draining:
 			draining = nil
@@ -268,6 +286,14 @@ func tcpInfo(c *net.TCPConn) (*unix.TCPInfo, int, bool) {
 }
 
 // idleFor returns how long both connections have carried no data either way.
+// wasReset reports whether c's peer aborted the connection: the kernel
+// moved it to CLOSE with an error pending (a FIN alone leaves it in
+// CLOSE_WAIT).
+func wasReset(c *net.TCPConn) bool {
+	info, _, ok := tcpInfo(c)
+	return ok && info.State == unix.BPF_TCP_CLOSE
+}
+
 func idleFor(a, b *net.TCPConn) time.Duration {
 	ia, _, ok1 := tcpInfo(a)
 	ib, _, ok2 := tcpInfo(b)
