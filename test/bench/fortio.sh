@@ -197,6 +197,8 @@ rss_kb() { local f=$1 t=0; shift; for p in "$@"; do t=$((t + $(awk -v f="$f:" '$
 # is_generation PID: a `meshlet proxy` process (not the agent).
 is_generation() { [ "$(tr '\0' '\n' </proc/$1/cmdline 2>/dev/null | sed -n 2p)" = proxy ]; }
 HZ=$(getconf CLK_TCK)
+# host_busy: busy clock ticks of the whole machine (all CPUs, from /proc/stat).
+host_busy() { awk '$1 == "cpu" {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 
 
 # Paths: NAME → fortio target and kind (http: POST /echo; grpc: ping).
@@ -245,19 +247,22 @@ pct() { jq -r --argjson p "$2" '[.DurationHistogram.Percentiles[] | select(.Perc
 # smaps_kb FIELD PIDS...: sum of a /proc/PID/smaps_rollup field (Pss, Anonymous) in KiB.
 smaps_kb() { local f=$1 t=0; shift; for p in "$@"; do t=$((t + $(awk -v f="$f:" '$1 == f {print $2}' /proc/$p/smaps_rollup 2>/dev/null || echo 0))); done; echo $t; }
 
-declare -A P50 P90 P99 CPU RSS PSS ANON MAXQ ERR
+declare -A P50 P90 P99 CPU RSS PSS ANON MAXQ ERR HOST
 measure() { # NAME
-  local name=$1 pids t0 t1 f n ok mem
+  local name=$1 pids t0 t1 h0 h1 s0 s1 f n ok mem
   if [ -n "${ONLY:-}" ] && ! [[ $name =~ $ONLY ]]; then # quick partial runs: skipped rows read 0
-    P50[$name]=0; P90[$name]=0; P99[$name]=0; CPU[$name]=0; RSS[$name]=0; PSS[$name]=0; ANON[$name]=0; MAXQ[$name]=0; ERR[$name]=-
+    P50[$name]=0; P90[$name]=0; P99[$name]=0; CPU[$name]=0; RSS[$name]=0; PSS[$name]=0; ANON[$name]=0; MAXQ[$name]=0; ERR[$name]=-; HOST[$name]=0
     return
   fi
   echo "run $name @ $QPS qps" >&2
   load "$name" 3000 2s || true # warm-up
   pids=$(proxy_pids "$name")
-  t0=$(cpu_ticks $pids)
+  t0=$(cpu_ticks $pids); h0=$(host_busy); s0=$(date +%s.%N)
   load "$name" "$QPS" "$DUR" || echo "fortio failed for $name (see $WORK/$name-$QPS.log)" >&2
-  t1=$(cpu_ticks $pids)
+  t1=$(cpu_ticks $pids); h1=$(host_busy); s1=$(date +%s.%N)
+  # Busy CPUs of the whole machine during the run: fortio + proxies, and
+  # whatever else runs (other users' builds); a high value flags a noisy row.
+  HOST[$name]=$(awk -v d=$((h1 - h0)) -v hz="$HZ" -v a="$s0" -v b="$s1" 'BEGIN { printf "%.2f", d / hz / (b - a) }')
   f=$WORK/$name-$QPS.json
   P50[$name]=$(pct "$f" 50); P90[$name]=$(pct "$f" 90); P99[$name]=$(pct "$f" 99)
   n=$(jq '.DurationHistogram.Count' "$f")
@@ -369,16 +374,16 @@ mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 table() { # BASELINE PATHS...
   local base=$1 name cpu mem
   shift
-  echo "| path | p50 ms | p90 ms | p99 ms | added p90 ms vs direct | CPU s / 1000 req | proxy RSS / PSS / anon MiB | max qps | max qps / direct | errors |"
-  echo "|---|---|---|---|---|---|---|---|---|---|"
+  echo "| path | p50 ms | p90 ms | p99 ms | added p90 ms vs direct | CPU s / 1000 req | proxy RSS / PSS / anon MiB | max qps | max qps / direct | errors | host busy CPUs |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|"
   for name in "$@"; do
     mem=-; cpu=-
     if [ "$name" != "$base" ]; then
       mem="$(mib "${RSS[$name]}") / $(mib "${PSS[$name]}") / $(mib "${ANON[$name]}")"
       cpu=${CPU[$name]}
     fi
-    printf "| %s | %.3f | %.3f | %.3f | %s | %s | %s | %s | %s | %s |\n" "$name" "${P50[$name]}" "${P90[$name]}" "${P99[$name]}" \
-      "$(added "${P90[$name]}" "${P90[$base]}")" "$cpu" "$mem" "${MAXQ[$name]}" "$(ratio "${MAXQ[$name]}" "${MAXQ[$base]}")" "${ERR[$name]}"
+    printf "| %s | %.3f | %.3f | %.3f | %s | %s | %s | %s | %s | %s | %s |\n" "$name" "${P50[$name]}" "${P90[$name]}" "${P99[$name]}" \
+      "$(added "${P90[$name]}" "${P90[$base]}")" "$cpu" "$mem" "${MAXQ[$name]}" "$(ratio "${MAXQ[$name]}" "${MAXQ[$base]}")" "${ERR[$name]}" "${HOST[$name]}"
   done
 }
 {
@@ -398,6 +403,8 @@ table() { # BASELINE PATHS...
   echo "packages), shared by agent and generations — PSS and anon are the cost a sidecar adds."
   echo "2hop rows sum both sidecars (CPU: agents + generations); 1hop: only the server sidecar"
   echo "(the client's capture excludes 10.212.100.3). errors: non-200 / non-SERVING results and socket errors."
+  echo "host busy CPUs: all CPU time used on the machine during the $QPS qps run ÷ its duration (of $(nproc)) —"
+  echo "fortio and proxies need well under one; a row with much more ran beside someone else's work and is noisy."
   echo
   echo "## L4 (default config: pure passthrough)"
   echo
