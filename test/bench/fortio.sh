@@ -90,8 +90,8 @@ for ns in $(ip netns list | awk '{print $1}' | grep -E '^mlpx-b[cs]-[0-9]+$' || 
   kill -0 "${ns##*-}" 2>/dev/null || del_netns "$ns"
 done
 
-echo "building meshlet" >&2
-go build -o "$WORK/meshlet" ./cmd/meshlet
+echo "building meshlet (as the image ships it: static, stripped)" >&2
+CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o "$WORK/meshlet" ./cmd/meshlet
 M=$WORK/meshlet
 
 # Network: client 10.212.100.1, server 10.212.100.2 (sidecar on both ends)
