@@ -63,9 +63,10 @@ envtest-bins:
 k8s-bins:
 	test/bin/build-k8s.sh all
 
-## bench: Go benchmarks of the hot paths (compare runs with benchstat).
+## bench: Go benchmarks of the hot paths (compare runs with benchstat), under
+## the same lock as fortio.sh so two measurements never share the cores.
 bench: bench-fortio
-	$(GOTEST) -run '^$$' -bench . -benchmem -count=1 ./...
+	flock /tmp/meshlet-bench.lock $(GOTEST) -run '^$$' -bench . -benchmem -count=1 ./...
 
 ## bench-fortio: fortio load through client and server sidecars in netns vs direct,
 ## haproxy and nginx, plus 100 hot restarts under load (root) → docs/benchmarks.md.
