@@ -60,6 +60,13 @@ type h1Conn struct {
 	addr   string
 	idleAt time.Time
 	reused bool
+
+	// For alive: the raw connection and the peek callback, made once per
+	// connection instead of once per reuse.
+	raw    syscall.RawConn
+	peekFn func(fd uintptr) bool
+	live   bool
+	peekB  [1]byte
 }
 
 var errH1TransportClosed = errors.New("l7: upstream connection pool closed")
@@ -419,21 +426,27 @@ func (pc *h1Conn) alive() bool {
 	if pc.br.Buffered() > 0 {
 		return false
 	}
-	sc, ok := pc.Conn.(syscall.Conn)
-	if !ok {
-		return true
+	if pc.raw == nil {
+		sc, ok := pc.Conn.(syscall.Conn)
+		if !ok {
+			return true
+		}
+		rc, err := sc.SyscallConn()
+		if err != nil {
+			return false
+		}
+		pc.raw = rc
+		pc.peekFn = pc.peek
 	}
-	rc, err := sc.SyscallConn()
-	if err != nil {
-		return false
-	}
-	live := true
-	var b [1]byte
-	err = rc.Read(func(fd uintptr) bool {
-		_, _, rerr := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		// EAGAIN: nothing to read, open. nil: EOF or unexpected bytes.
-		live = rerr == unix.EAGAIN || rerr == unix.EINTR
-		return true // never wait for readiness
-	})
-	return err == nil && live
+	pc.live = true
+	err := pc.raw.Read(pc.peekFn)
+	return err == nil && pc.live
+}
+
+// peek is alive's non-blocking MSG_PEEK; only one goroutine owns pc here.
+func (pc *h1Conn) peek(fd uintptr) bool {
+	_, _, rerr := unix.Recvfrom(int(fd), pc.peekB[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+	// EAGAIN: nothing to read, open. nil: EOF or unexpected bytes.
+	pc.live = rerr == unix.EAGAIN || rerr == unix.EINTR
+	return true // never wait for readiness
 }

@@ -28,6 +28,10 @@ type reqState struct {
 	deadline time.Time
 	grpc     bool
 	bodyErr  atomic.Bool // a downstream request body read failed (not EOF)
+
+	// Allocated with the state (one allocation per request, not three).
+	rw   responseWriter
+	body downstreamBody
 }
 
 // downstreamBody records request body read errors (malformed chunking,
@@ -64,7 +68,8 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}()
 	}
 	st := &reqState{dst: dst, grpc: isGRPC(r)}
-	rw := responseWriter{ResponseWriter: w}
+	st.rw.ResponseWriter = w
+	rw := &st.rw
 
 	host := hostOnly(r.Host)
 	var rt *route
@@ -79,8 +84,8 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		if rt == nil {
 			st.flags = "NR"
-			p.localReply(&rw, r, http.StatusNotFound, 12, "no route matched") // UNIMPLEMENTED
-			p.finish(&rw, r, st, dir, start)
+			p.localReply(rw, r, http.StatusNotFound, 12, "no route matched") // UNIMPLEMENTED
+			p.finish(rw, r, st, dir, start)
 			return
 		}
 	} else {
@@ -110,8 +115,8 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			if status == 0 {
 				status = http.StatusServiceUnavailable
 			}
-			p.localReply(&rw, r, status, code, "fault filter abort")
-			p.finish(&rw, r, st, dir, start)
+			p.localReply(rw, r, status, code, "fault filter abort")
+			p.finish(rw, r, st, dir, start)
 			return
 		}
 	}
@@ -148,7 +153,8 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	rt.budgetDeposit()
 	if r.Body != nil && r.Body != http.NoBody {
 		// Remember a downstream body error so it is answered 400, not 502.
-		r.Body = &downstreamBody{ReadCloser: r.Body, st: st}
+		st.body = downstreamBody{ReadCloser: r.Body, st: st}
+		r.Body = &st.body
 	}
 	ctx = context.WithValue(ctx, stateKey{}, st)
 	if tc != nil && isUpgrade(r) {
@@ -160,12 +166,12 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// server resets the stream/connection.
 		if v := recover(); v != nil {
 			st.flags = addFlag(st.flags, "UPE")
-			p.finish(&rw, r, st, dir, start)
+			p.finish(rw, r, st, dir, start)
 			panic(v)
 		}
 	}()
-	p.rp.ServeHTTP(&rw, r.WithContext(ctx))
-	p.finish(&rw, r, st, dir, start)
+	p.rp.ServeHTTP(rw, r.WithContext(ctx))
+	p.finish(rw, r, st, dir, start)
 }
 
 func orPct(v float64) float64 {

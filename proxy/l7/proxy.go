@@ -558,5 +558,20 @@ type bufPool struct{}
 
 var copyBufs = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
 
-func (bufPool) Get() []byte  { return *(copyBufs.Get().(*[]byte)) }
-func (bufPool) Put(b []byte) { copyBufs.Put(&b) }
+// bufHolders recycles the *[]byte boxes, so Get and Put allocate nothing in
+// steady state (Put(&b) would allocate a new box per request).
+var bufHolders = sync.Pool{New: func() any { return new([]byte) }}
+
+func (bufPool) Get() []byte {
+	bp := copyBufs.Get().(*[]byte)
+	b := *bp
+	*bp = nil
+	bufHolders.Put(bp)
+	return b
+}
+
+func (bufPool) Put(b []byte) {
+	bp := bufHolders.Get().(*[]byte)
+	*bp = b
+	copyBufs.Put(bp)
+}
