@@ -67,6 +67,12 @@ type h1Conn struct {
 	peekFn func(fd uintptr) bool
 	live   bool
 	peekB  [1]byte
+
+	// exchange's scratch, reused per request on this connection (only the
+	// goroutine holding pc uses them, and they are cleared after the write).
+	out   http.Request
+	bodyR bytes.Reader
+	body  io.ReadCloser // io.NopCloser(&bodyR): an in-memory body to Request.write
 }
 
 var errH1TransportClosed = errors.New("l7: upstream connection pool closed")
@@ -153,11 +159,19 @@ func (t *h1Transport) exchange(ctx context.Context, pc *h1Conn, req *http.Reques
 		t.closed1(pc)
 		return nil, e, s
 	}
-	out := *req
+	out := &pc.out
+	*out = *req
 	if body != nil {
-		out.Body = io.NopCloser(bytes.NewReader(body))
+		if pc.body == nil {
+			pc.body = io.NopCloser(&pc.bodyR)
+		}
+		pc.bodyR.Reset(body)
+		out.Body = pc.body
 	}
-	if err := out.Write(pc.bw); err != nil {
+	err = out.Write(pc.bw)
+	*out = http.Request{} // keep no reference to the request
+	pc.bodyR.Reset(nil)
+	if err != nil {
 		return fail(err, pc.reused)
 	}
 	if err := pc.bw.Flush(); err != nil {
