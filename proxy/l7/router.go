@@ -52,7 +52,13 @@ func (rt *router) RoundTrip(req *http.Request) (*http.Response, error) {
 		st.upstream = ep.addr
 		st.attempts = attempt + 1
 
-		ctx, cancel := context.WithCancelCause(req.Context())
+		// An attempt needs its own cancelable context only when something
+		// cancels it (per-try timeout, pending limit); otherwise the request's
+		// context serves, saving a context, a closure and its cancel per request.
+		ctx, cancel := req.Context(), noCancel
+		if (rp != nil && rp.perTry > 0) || cl.maxPend > 0 {
+			ctx, cancel = context.WithCancelCause(req.Context())
+		}
 		var perTry *time.Timer
 		if rp != nil && rp.perTry > 0 {
 			perTry = time.AfterFunc(rp.perTry, func() { cancel(errPerTryTimeout) })
@@ -125,6 +131,8 @@ func (rt *router) RoundTrip(req *http.Request) (*http.Response, error) {
 		return resp, nil
 	}
 }
+
+func noCancel(error) {}
 
 // pendingTrace enforces maxPendingRequests: a request waiting for a
 // connection counts as pending; one over the limit is cancelled.
