@@ -174,12 +174,23 @@ func TestSIGTERMDrain(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	if c, err := net.DialTimeout("tcp", p.inbound, time.Second); err == nil {
-		_ = c.SetReadDeadline(time.Now().Add(time.Second))
-		if _, err := c.Read(make([]byte, 1)); err == nil || os.IsTimeout(err) {
-			t.Errorf("new inbound connection accepted while draining")
+	// Readiness fails as soon as the agent starts draining; the generation
+	// closes its inbound listener when the drain command reaches it, a
+	// moment later. From then on new inbound connections are refused.
+	refused := func() bool {
+		c, err := net.DialTimeout("tcp", p.inbound, time.Second)
+		if err != nil {
+			return true
 		}
-		c.Close()
+		defer c.Close()
+		_ = c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		_, err = c.Read(make([]byte, 1))
+		return err != nil && !os.IsTimeout(err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); !refused(); {
+		if time.Now().After(deadline) {
+			t.Fatal("new inbound connections still accepted 5s into the drain")
+		}
 	}
 	if err := get(p.outbound); err != nil {
 		t.Errorf("outbound broken while draining: %v", err)
