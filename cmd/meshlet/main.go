@@ -5,18 +5,11 @@
 package main
 
 import (
-	"context"
 	"os"
-	"os/signal"
-	"syscall"
 
 	"github.com/meshlet/meshlet/cmd/meshlet/app"
-	"github.com/meshlet/meshlet/cmd/meshlet/app/cli"
 )
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	err := app.Run(ctx, app.Args(os.Args), cli.Streams{In: os.Stdin, Out: os.Stdout, Err: os.Stderr})
-	stop()
-	os.Exit(cli.ExitCode(err, os.Stderr))
+	os.Exit(app.Main())
 }

@@ -2,7 +2,6 @@ package agent_test
 
 import (
 	"bufio"
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -13,48 +12,20 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/meshlet/meshlet/internal/proctest"
 	"github.com/meshlet/meshlet/proxy/agent"
 )
 
-// freePort returns a loopback port that was free a moment ago.
-func freePort(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
 type proc struct {
 	cmd                                        *exec.Cmd
-	out                                        *syncBuf
+	out                                        *proctest.SyncBuf
 	outbound, inbound, health, prom, admin, st string
 	configPath                                 string
 	exited                                     chan error
-}
-
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 const goodConfig = "apiVersion: meshlet.io/v1alpha1\nkind: ProxyConfig\noutbound:\n  connectTimeout: %ds\n"
@@ -70,8 +41,8 @@ func startAgent(t *testing.T, dest string, extra ...string) *proc {
 // generations.
 func startAgentExe(t *testing.T, dest, exe string, extra ...string) *proc {
 	t.Helper()
-	p := &proc{out: &syncBuf{}, exited: make(chan error, 1)}
-	p.outbound, p.inbound, p.health, p.prom, p.admin, p.st = freePort(t), freePort(t), freePort(t), freePort(t), freePort(t), freePort(t)
+	p := &proc{out: &proctest.SyncBuf{}, exited: make(chan error, 1)}
+	p.outbound, p.inbound, p.health, p.prom, p.admin, p.st = proctest.FreePort(t), proctest.FreePort(t), proctest.FreePort(t), proctest.FreePort(t), proctest.FreePort(t), proctest.FreePort(t)
 	p.configPath = filepath.Join(t.TempDir(), "proxy.yaml")
 	if err := os.WriteFile(p.configPath, fmt.Appendf(nil, goodConfig, 10), 0o644); err != nil {
 		t.Fatal(err)
@@ -106,23 +77,12 @@ func (p *proc) waitReady(t *testing.T) {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for time.Now().Before(deadline) {
-		if code, _ := httpGet("http://" + p.st + "/healthz/ready"); code == 200 {
+		if code, _ := proctest.HTTPGet("http://" + p.st + "/healthz/ready"); code == 200 {
 			return
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 	t.Fatalf("agent not ready; output:\n%s", p.out.String())
-}
-
-func httpGet(url string) (int, string) {
-	c := &http.Client{Timeout: 5 * time.Second}
-	resp, err := c.Get(url)
-	if err != nil {
-		return 0, err.Error()
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b)
 }
 
 func (p *proc) reload(t *testing.T) agent.ReloadResult {
@@ -141,7 +101,7 @@ func (p *proc) reload(t *testing.T) agent.ReloadResult {
 
 func (p *proc) info(t *testing.T) agent.Info {
 	t.Helper()
-	_, body := httpGet("http://" + p.st + "/server_info")
+	_, body := proctest.HTTPGet("http://" + p.st + "/server_info")
 	var i agent.Info
 	if err := json.Unmarshal([]byte(body), &i); err != nil {
 		t.Fatalf("server_info %q: %v", body, err)
@@ -151,7 +111,7 @@ func (p *proc) info(t *testing.T) agent.Info {
 
 func (p *proc) metric(t *testing.T, name string) float64 {
 	t.Helper()
-	_, body := httpGet("http://" + p.st + "/stats/prometheus")
+	_, body := proctest.HTTPGet("http://" + p.st + "/stats/prometheus")
 	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` (\S+)$`).FindStringSubmatch(body)
 	if m == nil {
 		t.Fatalf("metric %s not found in:\n%s", name, body)
@@ -171,72 +131,25 @@ func httpBackend(t *testing.T) string {
 	return serveBackend(t, ln)
 }
 
-// serveBackend serves httpBackend's protocol on ln.
+// serveBackend serves httpBackend's protocol on ln: HTTP/1.1 answering
+// 1 KiB, or, for a connection starting with 'S', an echo of the stream.
 func serveBackend(t *testing.T, ln net.Listener) string {
 	t.Helper()
-	payload := bytes.Repeat([]byte("x"), 1024)
-	hl := &chanListener{ch: make(chan net.Conn, 128), addr: ln.Addr(), done: make(chan struct{})}
-	hs := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		_, _ = io.Copy(io.Discard, r.Body)
-		_, _ = w.Write(payload)
-	})}
-	go func() { _ = hs.Serve(hl) }()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				br := bufio.NewReader(c)
-				first, err := br.Peek(1)
-				if err != nil {
-					c.Close()
-					return
-				}
-				if first[0] != 'S' {
-					hl.ch <- &peekedConn{Conn: c, r: br}
-					return
-				}
-				defer c.Close()
-				_, _ = io.Copy(c, br)
-				if tc, ok := c.(*net.TCPConn); ok {
-					_ = tc.CloseWrite()
-				}
-			}()
+	proctest.ServeBackend(t, ln, 1, func(first []byte, c *net.TCPConn, br *bufio.Reader) bool {
+		if first[0] != 'S' {
+			return false
 		}
-	}()
-	t.Cleanup(func() { ln.Close(); close(hl.done); hs.Close() })
+		defer c.Close()
+		_, _ = io.Copy(c, br)
+		_ = c.CloseWrite()
+		return true
+	})
 	return ln.Addr().String()
 }
 
-type peekedConn struct {
-	net.Conn
-	r *bufio.Reader
-}
-
-func (c *peekedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
-
-type chanListener struct {
-	ch   chan net.Conn
-	addr net.Addr
-	done chan struct{}
-}
-
-func (l *chanListener) Accept() (net.Conn, error) {
-	select {
-	case c := <-l.ch:
-		return c, nil
-	case <-l.done:
-		return nil, net.ErrClosed
-	}
-}
-func (l *chanListener) Close() error   { return nil }
-func (l *chanListener) Addr() net.Addr { return l.addr }
-
 // metricOr is metric without failing: def when the series is absent.
 func (p *proc) metricOr(name string, def float64) float64 {
-	_, body := httpGet("http://" + p.st + "/stats/prometheus")
+	_, body := proctest.HTTPGet("http://" + p.st + "/stats/prometheus")
 	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` (\S+)$`).FindStringSubmatch(body)
 	if m == nil {
 		return def

@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/meshlet/meshlet/internal/proctest"
 )
 
 func get(addr string) error {
@@ -88,7 +90,7 @@ func TestBadConfigKeepsServing(t *testing.T) {
 	if err := get(p.outbound); err != nil {
 		t.Errorf("old generation stopped serving: %v", err)
 	}
-	_, body := httpGet("http://" + p.admin + "/server_info")
+	_, body := proctest.HTTPGet("http://" + p.admin + "/server_info")
 	if !strings.Contains(body, "bogus") {
 		t.Errorf("proxy /server_info does not report the failure: %s", body)
 	}
@@ -106,7 +108,7 @@ func TestBadConfigKeepsServing(t *testing.T) {
 	if r := p.reload(t); r.Error != "" || r.Generation <= gen {
 		t.Errorf("reload after fix: %+v", r)
 	}
-	_, body = httpGet("http://" + p.admin + "/server_info")
+	_, body = proctest.HTTPGet("http://" + p.admin + "/server_info")
 	if strings.Contains(body, "lastReloadError") {
 		t.Errorf("failure still reported after a good reload: %s", body)
 	}
@@ -165,7 +167,7 @@ func TestSIGTERMDrain(t *testing.T) {
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		code, _ := httpGet("http://" + p.st + "/healthz/ready")
+		code, _ := proctest.HTTPGet("http://" + p.st + "/healthz/ready")
 		if code == http.StatusServiceUnavailable {
 			break
 		}
@@ -248,7 +250,7 @@ func TestAgentWait(t *testing.T) {
 	if err != nil {
 		t.Fatalf("wait: %v %s", err, out)
 	}
-	cmd = exec.Command(os.Args[0], "agent", "wait", "--url", "http://"+freePort(t)+"/healthz/ready", "--timeout", "300ms")
+	cmd = exec.Command(os.Args[0], "agent", "wait", "--url", "http://"+proctest.FreePort(t)+"/healthz/ready", "--timeout", "300ms")
 	cmd.Env = append(os.Environ(), envExec+"=1")
 	out, err = cmd.CombinedOutput()
 	if err == nil || !strings.Contains(string(out), "sidecar not ready after 300ms") {
@@ -268,7 +270,7 @@ func TestDrainEndpoint(t *testing.T) {
 	resp.Body.Close()
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		if code, _ := httpGet("http://" + p.st + "/healthz/ready"); code == http.StatusServiceUnavailable {
+		if code, _ := proctest.HTTPGet("http://" + p.st + "/healthz/ready"); code == http.StatusServiceUnavailable {
 			break
 		}
 		if time.Now().After(deadline) {

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/meshlet/meshlet/initcni/capture"
+	"github.com/meshlet/meshlet/internal/proctest"
 	"github.com/meshlet/meshlet/test/netlab"
 )
 
@@ -27,7 +28,7 @@ type podLab struct {
 	podIP, podIP6       string
 	clientIP, clientIP6 string
 	agent               *exec.Cmd
-	agentOut            *syncBuf
+	agentOut            *proctest.SyncBuf
 	agentExited         chan error
 	configPath          string
 }
@@ -72,7 +73,7 @@ func newPodLab(t *testing.T, subnet int) *podLab {
 		t.Fatal(err)
 	}
 	bin := netlab.SelfCopy(t)
-	l.agentOut = &syncBuf{}
+	l.agentOut = &proctest.SyncBuf{}
 	l.agent = exec.Command(bin, "agent", "--config", l.configPath, "--drain-duration", "5s")
 	l.agent.Env = append(os.Environ(), envExec+"=1")
 	l.agent.Stdout, l.agent.Stderr = l.agentOut, l.agentOut

@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/meshlet/meshlet/internal/proctest"
 )
 
 // TestSIGINTToProcessGroupDrains: SIGINT to the agent's whole process group
@@ -41,7 +43,7 @@ func TestSIGINTToProcessGroupDrains(t *testing.T) {
 	deadline := time.Now().Add(10 * time.Second)
 	for _, url := range []string{"http://" + p.st + "/healthz/ready", "http://" + p.admin + "/ready"} {
 		for {
-			code, _ := httpGet(url)
+			code, _ := proctest.HTTPGet(url)
 			if code == http.StatusServiceUnavailable {
 				break
 			}

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/meshlet/meshlet/internal/proctest"
 )
 
 const (
@@ -65,7 +67,7 @@ func TestGarbageNotRedirected(t *testing.T) {
 		t.Errorf("%s = %v, want %d", errOrigDst, v, 2*perListener)
 	}
 	p.waitMetric(t, activeOut, func(v float64) bool { return v == 0 })
-	if code, body := httpGet("http://" + p.admin + "/server_info"); code != 200 {
+	if code, body := proctest.HTTPGet("http://" + p.admin + "/server_info"); code != 200 {
 		t.Errorf("admin after garbage: %d %s", code, body)
 	}
 	p.mustRun(t)

@@ -3,7 +3,6 @@ package l4_test
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -11,7 +10,6 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"os/signal"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -22,58 +20,26 @@ import (
 	"time"
 
 	"github.com/meshlet/meshlet/cmd/meshlet/app"
-	"github.com/meshlet/meshlet/cmd/meshlet/app/cli"
+	"github.com/meshlet/meshlet/internal/proctest"
 	"github.com/meshlet/meshlet/test/netlab"
 )
 
 // envExec makes the test binary behave as the meshlet binary, so the tests
 // below run `meshlet proxy` as a real process with real sockets.
-const envExec = "MESHLET_TEST_EXEC_MESHLET"
+const envExec = proctest.EnvExec
 
 func TestMain(m *testing.M) {
 	if os.Getenv(envExec) == "1" {
-		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-		err := app.Run(ctx, os.Args[1:], cli.Streams{In: os.Stdin, Out: os.Stdout, Err: os.Stderr})
-		stop()
-		os.Exit(cli.ExitCode(err, os.Stderr))
+		os.Exit(app.Main())
 	}
 	code := m.Run()
 	netlab.RemoveSelfCopy()
 	os.Exit(code)
 }
 
-// freePort returns a loopback address that was free a moment ago.
-func freePort(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-// proxyProc is a running `meshlet proxy` process on loopback ports.
 type proxyProc struct {
 	cmd                            *exec.Cmd
-	out                            *syncBuf
+	out                            *proctest.SyncBuf
 	outbound, inbound, prom, admin string
 	exited                         chan struct{}
 	waitErr                        error
@@ -85,8 +51,8 @@ type proxyProc struct {
 // plain loopback); config, if not empty, is the YAML configuration.
 func startProxy(t *testing.T, dest, config string) *proxyProc {
 	t.Helper()
-	p := &proxyProc{out: &syncBuf{}, exited: make(chan struct{})}
-	p.outbound, p.inbound, p.prom, p.admin = freePort(t), freePort(t), freePort(t), freePort(t)
+	p := &proxyProc{out: &proctest.SyncBuf{}, exited: make(chan struct{})}
+	p.outbound, p.inbound, p.prom, p.admin = proctest.FreePort(t), proctest.FreePort(t), proctest.FreePort(t), proctest.FreePort(t)
 	args := []string{"proxy", "--outbound-addr", p.outbound, "--inbound-addr", p.inbound,
 		"--health-addr", "", "--prometheus-addr", p.prom, "--admin-addr", p.admin, "--drain-duration", "2s", "-v"}
 	if dest != "" {
@@ -115,7 +81,7 @@ func startProxy(t *testing.T, dest, config string) *proxyProc {
 	})
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		if code, _ := httpGet("http://" + p.admin + "/ready"); code == http.StatusOK {
+		if code, _ := proctest.HTTPGet("http://" + p.admin + "/ready"); code == http.StatusOK {
 			break
 		}
 		p.mustRun(t)
@@ -198,7 +164,7 @@ func (p *proxyProc) assertBounded(t *testing.T, maxGrowthMB int) {
 // metric reads one sample from the proxy's Prometheus listener.
 func (p *proxyProc) metric(t *testing.T, name string) float64 {
 	t.Helper()
-	_, body := httpGet("http://" + p.prom + "/stats/prometheus")
+	_, body := proctest.HTTPGet("http://" + p.prom + "/stats/prometheus")
 	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` (\S+)$`).FindStringSubmatch(body)
 	if m == nil {
 		t.Fatalf("metric %s not found in:\n%s", name, body)
@@ -221,17 +187,6 @@ func (p *proxyProc) waitMetric(t *testing.T, name string, cond func(float64) boo
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-}
-
-func httpGet(url string) (int, string) {
-	c := &http.Client{Timeout: 5 * time.Second}
-	resp, err := c.Get(url)
-	if err != nil {
-		return 0, err.Error()
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b)
 }
 
 // normalRequest is one HTTP/1.1 request through the proxy at addr to the
@@ -282,43 +237,22 @@ func newBackend(t *testing.T) *backend {
 
 func serveBackend(t *testing.T, ln net.Listener) *backend {
 	b := &backend{addr: ln.Addr().String(), sunk: make(chan int64, 1024), stalls: make(chan *net.TCPConn, 64), release: make(chan struct{})}
-	payload := bytes.Repeat([]byte("x"), 1024)
-	hl := &chanListener{ch: make(chan net.Conn, 128), addr: ln.Addr(), done: make(chan struct{})}
-	hs := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		_, _ = io.Copy(io.Discard, r.Body)
-		_, _ = w.Write(payload)
-	})}
-	go func() { _ = hs.Serve(hl) }()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go b.serve(c.(*net.TCPConn), hl)
-		}
-	}()
-	t.Cleanup(func() { ln.Close(); close(hl.done); hs.Close() })
+	proctest.ServeBackend(t, ln, 4, b.serve)
 	return b
 }
 
-func (b *backend) serve(c *net.TCPConn, hl *chanListener) {
-	br := bufio.NewReader(c)
-	first, err := br.Peek(4)
-	if err != nil {
-		c.Close()
-		return
-	}
+// serve takes the connections that start with one of the test commands;
+// the rest are HTTP.
+func (b *backend) serve(first []byte, c *net.TCPConn, br *bufio.Reader) bool {
 	switch string(first) {
 	case "PUSH", "SINK", "FLOO", "HOLD", "STAL":
 	default:
-		hl.ch <- &peekedConn{Conn: c, r: br}
-		return
+		return false
 	}
 	defer c.Close()
 	line, err := br.ReadString('\n')
 	if err != nil {
-		return
+		return true
 	}
 	cmd := strings.Fields(line)
 	switch cmd[0] {
@@ -350,6 +284,7 @@ func (b *backend) serve(c *net.TCPConn, hl *chanListener) {
 		b.stalls <- c
 		<-b.release
 	}
+	return true
 }
 
 func (b *backend) floodedBytes() int64 {
@@ -357,30 +292,6 @@ func (b *backend) floodedBytes() int64 {
 	defer b.mu.Unlock()
 	return b.flooded
 }
-
-type peekedConn struct {
-	net.Conn
-	r *bufio.Reader
-}
-
-func (c *peekedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
-
-type chanListener struct {
-	ch   chan net.Conn
-	addr net.Addr
-	done chan struct{}
-}
-
-func (l *chanListener) Accept() (net.Conn, error) {
-	select {
-	case c := <-l.ch:
-		return c, nil
-	case <-l.done:
-		return nil, net.ErrClosed
-	}
-}
-func (l *chanListener) Close() error   { return nil }
-func (l *chanListener) Addr() net.Addr { return l.addr }
 
 // closedByPeer reports whether reading c ends (EOF or reset) before the
 // deadline, draining whatever arrives first.

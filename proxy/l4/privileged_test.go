@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshlet/meshlet/internal/proctest"
 	"github.com/meshlet/meshlet/test/netlab"
 )
 
@@ -44,7 +45,7 @@ func TestPrivilegedGarbageThenCapturedRequest(t *testing.T) {
 	}
 	serveBackend(t, ln)
 
-	out := &syncBuf{}
+	out := &proctest.SyncBuf{}
 	cmd := exec.Command(os.Args[0], "proxy", "--outbound-addr", ":15001", "--inbound-addr", ":15006",
 		"--health-addr", "", "--prometheus-addr", "127.0.0.1:15090", "--admin-addr", "127.0.0.1:15000", "-v")
 	cmd.Env = append(os.Environ(), envExec+"=1")

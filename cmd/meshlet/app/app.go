@@ -4,7 +4,10 @@ package app
 
 import (
 	"context"
+	"os"
+	"os/signal"
 	"path/filepath"
+	"syscall"
 
 	"github.com/spf13/cobra"
 
@@ -31,6 +34,17 @@ func Args(argv []string) []string {
 		return append([]string{"cni"}, argv[1:]...)
 	}
 	return argv[1:]
+}
+
+// Main runs meshlet as the process it is (os.Args, standard streams,
+// SIGINT/SIGTERM cancel the command) and returns its exit code. It is the
+// whole of cmd/meshlet's main, and what a test binary calls to act as
+// meshlet.
+func Main() int {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := Run(ctx, Args(os.Args), cli.Streams{In: os.Stdin, Out: os.Stdout, Err: os.Stderr})
+	stop()
+	return cli.ExitCode(err, os.Stderr)
 }
 
 // Run executes the meshlet command line args (without the program name).

@@ -1,0 +1,130 @@
+// Package proctest holds what the tests that run meshlet as real processes
+// share: the switch that makes a test binary act as meshlet, loopback
+// helpers and the backend those processes proxy to.
+package proctest
+
+import (
+	"bufio"
+	"bytes"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"testing"
+	"time"
+)
+
+// EnvExec set to "1" makes a test binary whose TestMain honours it behave as
+// the meshlet binary (app.Main), so tests fork real `meshlet agent` and
+// `meshlet proxy` processes from their own executable.
+const EnvExec = "MESHLET_TEST_EXEC_MESHLET"
+
+// FreePort returns a loopback address that was free a moment ago.
+func FreePort(t testing.TB) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// SyncBuf is a bytes.Buffer safe for a child process's output copier and
+// the test reading it at once.
+type SyncBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *SyncBuf) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *SyncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// HTTPGet is a GET with a 5 s timeout: the status and body, or 0 and the
+// error's text.
+func HTTPGet(url string) (int, string) {
+	c := &http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// Payload is what the backend answers every HTTP request with.
+var Payload = bytes.Repeat([]byte("x"), 1024)
+
+// RawHandler may take a backend connection by its first bytes (peeked, not
+// consumed from br): it returns false to leave it to the HTTP server.
+type RawHandler func(first []byte, c *net.TCPConn, br *bufio.Reader) bool
+
+// ServeBackend serves on ln, until the test ends, a backend speaking two
+// protocols on one port: each connection's first peek bytes go to raw,
+// and connections raw leaves are HTTP/1.1, every request answered with
+// Payload after its body is read.
+func ServeBackend(t testing.TB, ln net.Listener, peek int, raw RawHandler) {
+	t.Helper()
+	hl := &handoff{ch: make(chan net.Conn, 128), addr: ln.Addr(), done: make(chan struct{})}
+	hs := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		_, _ = w.Write(Payload)
+	})}
+	go func() { _ = hs.Serve(hl) }()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				br := bufio.NewReader(c)
+				first, err := br.Peek(peek)
+				if err != nil {
+					c.Close()
+					return
+				}
+				if !raw(first, c.(*net.TCPConn), br) {
+					hl.ch <- &peekedConn{Conn: c, r: br}
+				}
+			}()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); close(hl.done); hs.Close() })
+}
+
+// peekedConn reads through the bufio.Reader that peeked at it.
+type peekedConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func (c *peekedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+// handoff is the http.Server's listener: connections ServeBackend hands it.
+type handoff struct {
+	ch   chan net.Conn
+	addr net.Addr
+	done chan struct{}
+}
+
+func (l *handoff) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.ch:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+func (l *handoff) Close() error   { return nil }
+func (l *handoff) Addr() net.Addr { return l.addr }
