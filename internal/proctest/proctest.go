@@ -1,6 +1,7 @@
-// Package proctest holds what the tests that run meshlet as real processes
-// share: the switch that makes a test binary act as meshlet, loopback
-// helpers and the backend those processes proxy to.
+// Package proctest holds what meshlet's tests share across packages: the
+// switch that makes a test binary act as meshlet (for tests that fork real
+// agent and proxy processes), loopback helpers, a log buffer safe for
+// concurrent writers, and the backend the proxies under test talk to.
 package proctest
 
 import (
@@ -30,8 +31,8 @@ func FreePort(t testing.TB) string {
 	return ln.Addr().String()
 }
 
-// SyncBuf is a bytes.Buffer safe for a child process's output copier and
-// the test reading it at once.
+// SyncBuf is a bytes.Buffer safe for concurrent writers (a child process's
+// output copier, logger goroutines) and the test reading it.
 type SyncBuf struct {
 	mu sync.Mutex
 	b  bytes.Buffer

@@ -3,6 +3,8 @@ package l7
 import (
 	"strings"
 	"testing"
+
+	"github.com/meshlet/meshlet/internal/proctest"
 )
 
 const validConfig = `
@@ -166,7 +168,7 @@ func FuzzLoad(f *testing.F) {
 				return
 			}
 		}
-		p, err := New(c, Options{AccessLog: &syncBuffer{}})
+		p, err := New(c, Options{AccessLog: &proctest.SyncBuf{}})
 		if err != nil {
 			t.Fatalf("New after valid Load: %v", err)
 		}

@@ -1,7 +1,6 @@
 package l7
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -14,6 +13,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/meshlet/meshlet/internal/proctest"
 )
 
 // testProxy runs a Proxy behind a real loopback listener. Every accepted
@@ -22,32 +23,15 @@ import (
 type testProxy struct {
 	*Proxy
 	addr string
-	log  *syncBuffer
+	log  *proctest.SyncBuf
 	dst  atomic.Pointer[netip.AddrPort]
 	dir  Direction
 	ln   net.Listener
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 func startProxy(t testing.TB, cfg Config, dst string, dir Direction, opts ...func(*Options)) *testProxy {
 	t.Helper()
-	tp := &testProxy{log: &syncBuffer{}, dir: dir}
+	tp := &testProxy{log: &proctest.SyncBuf{}, dir: dir}
 	o := Options{AccessLog: tp.log, Dial: loopbackOnly(t)}
 	for _, f := range opts {
 		f(&o)

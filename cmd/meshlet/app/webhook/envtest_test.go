@@ -9,7 +9,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -20,26 +19,9 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	"github.com/meshlet/meshlet/cmd/meshlet/app/cli"
+	"github.com/meshlet/meshlet/internal/proctest"
 	"github.com/meshlet/meshlet/webhook/registration"
 )
-
-// syncBuffer is a bytes.Buffer safe for the command's logger goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 func port(t *testing.T) int {
 	t.Helper()
@@ -84,7 +66,7 @@ func TestEnvtestCommand(t *testing.T) {
 
 	health := fmt.Sprintf("127.0.0.1:%d", port(t))
 	metrics := fmt.Sprintf("127.0.0.1:%d", port(t))
-	var logs syncBuffer
+	var logs proctest.SyncBuf
 	cmd := New(cli.Streams{In: strings.NewReader(""), Out: &logs, Err: &logs})
 	cmd.SetArgs([]string{"--kubeconfig", kubeconfig, "--namespace", "default", "--host", "127.0.0.1",
 		"--port", fmt.Sprint(port(t)), "--health-addr", health, "--metrics-addr", metrics,
