@@ -147,6 +147,21 @@ func serveBackend(t *testing.T, ln net.Listener) string {
 	return ln.Addr().String()
 }
 
+// waitCleanExit waits up to within for the agent to exit with status 0;
+// what says after what, for the failure message.
+func (p *proc) waitCleanExit(t *testing.T, within time.Duration, what string) {
+	t.Helper()
+	select {
+	case err := <-p.exited:
+		p.exited <- err
+		if err != nil {
+			t.Errorf("agent exit %s: %v", what, err)
+		}
+	case <-time.After(within):
+		t.Fatalf("agent did not exit %s", what)
+	}
+}
+
 // metricOr is metric without failing: def when the series is absent.
 func (p *proc) metricOr(name string, def float64) float64 {
 	_, body := proctest.HTTPGet("http://" + p.st + "/stats/prometheus")

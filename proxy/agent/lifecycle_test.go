@@ -205,15 +205,7 @@ func TestSIGTERMDrain(t *testing.T) {
 		t.Fatalf("inbound stream cut by drain: %v", err)
 	}
 	stream.Close()
-	select {
-	case err := <-p.exited:
-		if err != nil {
-			t.Errorf("agent exit: %v", err)
-		}
-		p.exited <- err
-	case <-time.After(15 * time.Second):
-		t.Fatal("agent did not exit after the last connection closed")
-	}
+	p.waitCleanExit(t, 15*time.Second, "after the last connection closed")
 	if d := time.Since(t0); d > 10*time.Second {
 		t.Errorf("took %v", d)
 	}
@@ -227,15 +219,7 @@ func TestQuitQuitQuit(t *testing.T) {
 		t.Fatal(err)
 	}
 	resp.Body.Close()
-	select {
-	case err := <-p.exited:
-		p.exited <- err
-		if err != nil {
-			t.Errorf("agent exit: %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("agent did not exit")
-	}
+	p.waitCleanExit(t, 5*time.Second, "after /quitquitquit")
 	time.Sleep(100 * time.Millisecond)
 	if err := syscall.Kill(pid, 0); err == nil {
 		t.Errorf("generation %d survived the agent", pid)

@@ -76,15 +76,7 @@ func TestSIGINTToProcessGroupDrains(t *testing.T) {
 		t.Errorf("generation %d replaced by %d after SIGINT", gen, pid)
 	}
 	stream.Close()
-	select {
-	case err := <-p.exited:
-		p.exited <- err
-		if err != nil {
-			t.Errorf("agent exit after SIGINT: %v", err)
-		}
-	case <-time.After(15 * time.Second):
-		t.Fatal("agent did not exit after SIGINT and the last connection closing")
-	}
+	p.waitCleanExit(t, 15*time.Second, "after SIGINT and the last connection closing")
 	if !strings.Contains(p.out.String(), `msg="shutting down: draining"`) {
 		t.Errorf("no shutdown drain in the log")
 	}
