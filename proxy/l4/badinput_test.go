@@ -316,16 +316,7 @@ func TestFDExhaustion(t *testing.T) {
 			c.Close()
 		}
 	}()
-	for i := 0; i < holdN; i++ {
-		c, err := net.Dial("tcp", p.outbound)
-		if err != nil {
-			t.Fatal(err)
-		}
-		held = append(held, c)
-		if _, err := io.WriteString(c, "HOLD\n"); err != nil {
-			t.Fatal(err)
-		}
-	}
+	held = dialHolding(t, p.outbound, holdN)
 	p.waitMetric(t, activeOut, func(v float64) bool { return v == holdN })
 	// The kernel hands out the lowest free descriptor number, and only
 	// numbers below the limit: a limit of the lowest free number leaves
@@ -407,16 +398,7 @@ func TestConnectionFlood(t *testing.T) {
 			c.Close()
 		}
 	}()
-	for i := 0; i < limit; i++ {
-		c, err := net.Dial("tcp", p.outbound)
-		if err != nil {
-			t.Fatal(err)
-		}
-		held = append(held, c)
-		if _, err := io.WriteString(c, "HOLD\n"); err != nil {
-			t.Fatal(err)
-		}
-	}
+	held = dialHolding(t, p.outbound, limit)
 	p.waitMetric(t, activeOut, func(v float64) bool { return v == limit })
 	var wg sync.WaitGroup
 	var mu sync.Mutex
@@ -462,4 +444,28 @@ func TestConnectionFlood(t *testing.T) {
 	held = nil
 	p.waitMetric(t, activeOut, func(v float64) bool { return v == 0 })
 	p.assertBounded(t, 32)
+}
+
+// dialHolding opens n connections through the proxy at addr to the
+// backend's HOLD command, which keeps each open until the client closes it
+// (at the latest when the test ends).
+func dialHolding(t *testing.T, addr string, n int) []net.Conn {
+	t.Helper()
+	var cs []net.Conn
+	t.Cleanup(func() {
+		for _, c := range cs {
+			c.Close()
+		}
+	})
+	for i := 0; i < n; i++ {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cs = append(cs, c)
+		if _, err := io.WriteString(c, "HOLD\n"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return cs
 }
