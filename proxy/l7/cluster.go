@@ -165,6 +165,7 @@ type cluster struct {
 	outlier  *OutlierDetection
 	h1, h2   *http.Transport
 	direct   *h1Transport // HTTP/1.1 fast path (small bodies, no upgrade)
+	tls      *upstreamTLS // nil: plain text
 	proto    string       // http1 | http2 | auto
 	active   atomic.Int64
 	pending  atomic.Int64
@@ -196,7 +197,7 @@ func (e *connectError) Unwrap() error { return e.err }
 // sidecar dials from 127.0.0.6) from outbound.
 type DialFunc func(ctx context.Context, dir Direction, network, addr string) (net.Conn, error)
 
-func newCluster(cfg Cluster, dir Direction, dial DialFunc, m *clusterMetrics) *cluster {
+func newCluster(cfg Cluster, dir Direction, dial DialFunc, m *clusterMetrics, ut *upstreamTLS) *cluster {
 	c := &cluster{
 		name:    cfg.Name,
 		cfg:     cfg,
@@ -206,6 +207,7 @@ func newCluster(cfg Cluster, dir Direction, dial DialFunc, m *clusterMetrics) *c
 		maxReq:  int64(cfg.Pool.MaxRequests),
 		maxPend: int64(cfg.Pool.MaxPendingRequests),
 		m:       m,
+		tls:     ut,
 		byKey:   map[string]*endpoint{},
 	}
 	if c.lb == "" {
@@ -215,7 +217,7 @@ func newCluster(cfg Cluster, dir Direction, dial DialFunc, m *clusterMetrics) *c
 		c.proto = "auto"
 	}
 	c.maxConns = cfg.Pool.MaxConnections
-	c.h1, c.h2, c.direct = newTransports(cfg.Pool, dir, dial, m, cfg.Endpoints)
+	c.h1, c.h2, c.direct = newTransports(cfg.Pool, dir, dial, m, cfg.Endpoints, ut)
 	eps := make([]netip.AddrPort, 0, len(cfg.Endpoints))
 	labels := map[netip.AddrPort]map[string]string{}
 	for _, e := range cfg.Endpoints {
@@ -227,7 +229,7 @@ func newCluster(cfg Cluster, dir Direction, dial DialFunc, m *clusterMetrics) *c
 	return c
 }
 
-func newTransports(pc ConnectionPool, dir Direction, dial DialFunc, m *clusterMetrics, eps []Endpoint) (h1, h2 *http.Transport, direct *h1Transport) {
+func newTransports(pc ConnectionPool, dir Direction, dial DialFunc, m *clusterMetrics, eps []Endpoint, ut *upstreamTLS) (h1, h2 *http.Transport, direct *h1Transport) {
 	idle := pc.MaxIdlePerEndpoint
 	if idle == 0 {
 		idle = 64
@@ -279,7 +281,20 @@ func newTransports(pc ConnectionPool, dir Direction, dial DialFunc, m *clusterMe
 	// HTTP/2: net/http's one connection per endpoint. Spreading streams
 	// over 4 connections was measured slower (BenchmarkGRPCParallel
 	// l7-2hops: 450µs → 700µs per call with 16 callers on 2 cores).
-	return mk(p1), mk(p2), direct
+	h1, h2 = mk(p1), mk(p2)
+	if ut != nil {
+		ut.setup(h1, h2, direct, dialFn, connectTimeout)
+	}
+	return h1, h2, direct
+}
+
+// scheme is the URL scheme of requests to c's endpoints: https makes
+// net/http's transports dial with TLS.
+func (c *cluster) scheme() string {
+	if c.tls != nil {
+		return "https"
+	}
+	return "http"
 }
 
 // setEndpoints replaces the endpoint set, keeping the state of endpoints that
@@ -452,7 +467,7 @@ func (c *cluster) healthCheck(ctx context.Context, dial DialFunc) {
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	probe := func(e *endpoint) bool {
 		if hc.Type == "grpc" {
-			return grpcHealthCheck(ctx, c.h2, e.addr, hc.ServiceName, timeout) == nil
+			return grpcHealthCheck(ctx, c.h2, c.scheme()+"://"+e.addr, hc.ServiceName, timeout) == nil
 		}
 		if hc.Type == "tcp" {
 			pctx, cancel := context.WithTimeout(ctx, timeout)
@@ -464,7 +479,7 @@ func (c *cluster) healthCheck(ctx context.Context, dial DialFunc) {
 			conn.Close()
 			return true
 		}
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+e.addr+path, nil)
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.scheme()+"://"+e.addr+path, nil)
 		if err != nil {
 			return false
 		}

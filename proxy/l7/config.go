@@ -218,6 +218,9 @@ type Cluster struct {
 	Pool         ConnectionPool    `json:"connectionPool,omitempty"`
 	Outlier      *OutlierDetection `json:"outlierDetection,omitempty"`
 	HealthCheck  *HealthCheck      `json:"healthCheck,omitempty"`
+	// TLS originates TLS to the endpoints (Istio's trafficPolicy.tls);
+	// absent or mode DISABLE: plain text.
+	TLS *UpstreamTLS `json:"tls,omitempty"`
 }
 
 // Endpoint is one upstream address with labels for subsets.
@@ -506,6 +509,10 @@ func (c *Config) Validate() error {
 			if o.MaxEjectionPercent < 0 || o.MaxEjectionPercent > 100 {
 				bad(of+".maxEjectionPercent", "%d must be within 0..100", o.MaxEjectionPercent)
 			}
+		}
+		if cl.TLS != nil {
+			_, tlsErrs := buildUpstreamTLS(cl, f+".tls")
+			errs = append(errs, tlsErrs...)
 		}
 		if h := cl.HealthCheck; h != nil {
 			hf := f + ".healthCheck"

@@ -16,11 +16,11 @@ import (
 // grpc.health.v1 serving status values (HealthCheckResponse.ServingStatus).
 const grpcHealthServing = 1
 
-// grpcHealthCheck asks addr's grpc.health.v1.Health/Check for service over
-// rt (the cluster's h2c transport) and returns nil when the answer is
+// grpcHealthCheck asks base's (scheme://addr) grpc.health.v1.Health/Check
+// for service over rt (the cluster's HTTP/2 transport) and returns nil when the answer is
 // SERVING. The messages are encoded by hand (one string field in, one enum
 // field out) so the proxy needs no gRPC runtime.
-func grpcHealthCheck(ctx context.Context, rt http.RoundTripper, addr, service string, timeout time.Duration) error {
+func grpcHealthCheck(ctx context.Context, rt http.RoundTripper, base, service string, timeout time.Duration) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	var msg []byte
@@ -31,7 +31,7 @@ func grpcHealthCheck(ctx context.Context, rt http.RoundTripper, addr, service st
 	frame := make([]byte, 5, 5+len(msg))
 	binary.BigEndian.PutUint32(frame[1:], uint32(len(msg)))
 	frame = append(frame, msg...)
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+addr+"/grpc.health.v1.Health/Check", bytes.NewReader(frame))
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, base+"/grpc.health.v1.Health/Check", bytes.NewReader(frame))
 	if err != nil {
 		return err
 	}

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -63,10 +64,16 @@ type h1Conn struct {
 
 	// For alive: the raw connection and the peek callback, made once per
 	// connection instead of once per reuse.
-	raw    syscall.RawConn
-	peekFn func(fd uintptr) bool
-	live   bool
-	peekB  [1]byte
+	raw     syscall.RawConn
+	peekFn  func(fd uintptr) bool
+	live    bool
+	pending bool // the peek found bytes
+	peekB   [1]byte
+
+	// A TLS connection (cluster tls): the TLS layer, and the TCP connection
+	// under it that can read without blocking.
+	tc *tls.Conn
+	nb *tlsRawConn
 
 	// exchange's scratch, reused per request on this connection (only the
 	// goroutine holding pc uses them, and they are cleared after the write).
@@ -336,7 +343,12 @@ func (t *h1Transport) dialReserved(ctx context.Context, addr string) (*h1Conn, e
 		t.closed1(&h1Conn{addr: addr})
 		return nil, err
 	}
-	return &h1Conn{Conn: c, addr: addr, br: bufio.NewReaderSize(c, 4<<10), bw: bufio.NewWriterSize(c, 4<<10)}, nil
+	pc := &h1Conn{Conn: c, addr: addr, br: bufio.NewReaderSize(c, 4<<10), bw: bufio.NewWriterSize(c, 4<<10)}
+	if tc, ok := c.(*tls.Conn); ok {
+		pc.tc = tc
+		pc.nb, _ = tc.NetConn().(*tlsRawConn)
+	}
+	return pc, nil
 }
 
 func (t *h1Transport) host(addr string) *h1Host {
@@ -436,12 +448,24 @@ func (t *h1Transport) close() {
 
 // alive checks a pooled connection without blocking: a connection the
 // upstream closed (or that has unexpected bytes) must not carry a request.
+//
+// On a TLS connection bytes may legitimately be pending: TLS 1.3 records
+// the server sends outside any response (a NewSessionTicket, a KeyUpdate).
+// They are handed to crypto/tls to consume without waiting; the connection
+// stays usable only if that leaves no application data, alert or EOF.
 func (pc *h1Conn) alive() bool {
 	if pc.br.Buffered() > 0 {
 		return false
 	}
 	if pc.raw == nil {
-		sc, ok := pc.Conn.(syscall.Conn)
+		var under net.Conn = pc.Conn
+		if pc.tc != nil {
+			if pc.nb == nil {
+				return true // not ours to peek under
+			}
+			under = pc.nb.Conn
+		}
+		sc, ok := under.(syscall.Conn)
 		if !ok {
 			return true
 		}
@@ -452,15 +476,32 @@ func (pc *h1Conn) alive() bool {
 		pc.raw = rc
 		pc.peekFn = pc.peek
 	}
-	pc.live = true
-	err := pc.raw.Read(pc.peekFn)
-	return err == nil && pc.live
+	pc.live, pc.pending = true, false
+	if err := pc.raw.Read(pc.peekFn); err != nil {
+		return false
+	}
+	if pc.pending && pc.nb != nil {
+		return pc.drainTLS()
+	}
+	return pc.live
 }
 
 // peek is alive's non-blocking MSG_PEEK; only one goroutine owns pc here.
 func (pc *h1Conn) peek(fd uintptr) bool {
-	_, _, rerr := unix.Recvfrom(int(fd), pc.peekB[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+	n, _, rerr := unix.Recvfrom(int(fd), pc.peekB[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
 	// EAGAIN: nothing to read, open. nil: EOF or unexpected bytes.
 	pc.live = rerr == unix.EAGAIN || rerr == unix.EINTR
+	pc.pending = rerr == nil && n > 0
 	return true // never wait for readiness
+}
+
+// drainTLS lets crypto/tls read the pending records without blocking. A
+// post-handshake message is consumed and the read ends with errWouldBlock:
+// the connection is good. Application data (unexpected on an idle
+// HTTP/1.1 connection), a close_notify or other alert, or EOF: it is not.
+func (pc *h1Conn) drainTLS() bool {
+	pc.nb.nonblock = true
+	n, err := pc.tc.Read(pc.peekB[:])
+	pc.nb.nonblock = false
+	return n == 0 && errors.Is(err, errWouldBlock)
 }

@@ -18,6 +18,7 @@ type metrics struct {
 	overflow    *prometheus.CounterVec
 	ejections   *prometheus.CounterVec
 	connFail    *prometheus.CounterVec
+	tlsFail     *prometheus.CounterVec
 	hcFail      *prometheus.CounterVec
 	dnsFail     *prometheus.CounterVec
 	mirrored    *prometheus.CounterVec
@@ -30,9 +31,9 @@ type metrics struct {
 }
 
 type clusterMetrics struct {
-	retries, retryBudgetExhausted, ejections, connectFailures, hcFailures, dnsFailures, mirrored prometheus.Counter
-	overflow                                                                                     *prometheus.CounterVec
-	endpoints                                                                                    prometheus.Gauge
+	retries, retryBudgetExhausted, ejections, connectFailures, tlsFailures, hcFailures, dnsFailures, mirrored prometheus.Counter
+	overflow                                                                                                  *prometheus.CounterVec
+	endpoints                                                                                                 prometheus.Gauge
 }
 
 type routeMetrics struct {
@@ -56,6 +57,7 @@ func newMetrics() *metrics {
 	m.overflow = cv("meshlet_l7_upstream_overflow_total", "Requests refused by the circuit breaker, by limit.", "cluster", "limit")
 	m.ejections = cv("meshlet_l7_outlier_ejections_total", "Endpoints ejected by outlier detection.", "cluster")
 	m.connFail = cv("meshlet_l7_upstream_connect_failures_total", "Failed upstream connection attempts.", "cluster")
+	m.tlsFail = cv("meshlet_l7_upstream_tls_handshake_failures_total", "Failed upstream TLS handshakes (also counted as connect failures).", "cluster")
 	m.hcFail = cv("meshlet_l7_health_check_failures_total", "Endpoints marked unhealthy by active health checks.", "cluster")
 	m.dnsFail = cv("meshlet_l7_dns_failures_total", "Failed DNS resolutions of DNS clusters.", "cluster")
 	m.mirrored = cv("meshlet_l7_mirrored_requests_total", "Requests mirrored to a cluster.", "cluster")
@@ -69,7 +71,7 @@ func newMetrics() *metrics {
 
 func (m *metrics) collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.requests, m.duration, m.retries, m.budgetOut, m.overflow, m.ejections,
-		m.connFail, m.hcFail, m.dnsFail, m.mirrored, m.faults, m.endpoints, m.noRoute}
+		m.connFail, m.tlsFail, m.hcFail, m.dnsFail, m.mirrored, m.faults, m.endpoints, m.noRoute}
 }
 
 func (m *metrics) cluster(name string) *clusterMetrics {
@@ -83,6 +85,7 @@ func (m *metrics) cluster(name string) *clusterMetrics {
 		retryBudgetExhausted: m.budgetOut.WithLabelValues(name),
 		ejections:            m.ejections.WithLabelValues(name),
 		connectFailures:      m.connFail.WithLabelValues(name),
+		tlsFailures:          m.tlsFail.WithLabelValues(name),
 		hcFailures:           m.hcFail.WithLabelValues(name),
 		dnsFailures:          m.dnsFail.WithLabelValues(name),
 		mirrored:             m.mirrored.WithLabelValues(name),

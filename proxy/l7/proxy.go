@@ -10,6 +10,8 @@ package l7
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -135,10 +137,22 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 	}
 	for i := range cfg.Clusters {
 		c := cfg.Clusters[i]
-		p.clusters[c.Name] = newCluster(c, Outbound, p.dialUpstream, p.m.cluster(c.Name))
+		// Validate read the TLS files; read again here, a file that changed
+		// in between is still an error naming the field.
+		ut, errs := buildUpstreamTLS(&c, fmt.Sprintf("clusters[%d].tls", i))
+		if len(errs) > 0 {
+			return nil, errors.Join(errs...)
+		}
+		if ut != nil {
+			ut.log, ut.m = p.log, p.m.cluster(c.Name)
+			if c.TLS.InsecureSkipVerify {
+				p.log.Warn("upstream TLS certificates are not verified (insecureSkipVerify)", "cluster", c.Name)
+			}
+		}
+		p.clusters[c.Name] = newCluster(c, Outbound, p.dialUpstream, p.m.cluster(c.Name), ut)
 	}
-	p.inbound = newCluster(Cluster{Name: "inbound", Pool: cfg.Inbound.Pool}, Inbound, p.dialUpstream, p.m.cluster("inbound"))
-	p.passthrough = newCluster(Cluster{Name: "passthrough", Pool: cfg.Passthrough.Pool}, Outbound, p.dialUpstream, p.m.cluster("passthrough"))
+	p.inbound = newCluster(Cluster{Name: "inbound", Pool: cfg.Inbound.Pool}, Inbound, p.dialUpstream, p.m.cluster("inbound"), nil)
+	p.passthrough = newCluster(Cluster{Name: "passthrough", Pool: cfg.Passthrough.Pool}, Outbound, p.dialUpstream, p.m.cluster("passthrough"), nil)
 	p.inboundRoute = &route{cfg: &Route{Name: "inbound", Timeout: cfg.Inbound.Timeout}, key: "inbound",
 		dests: []destination{{cluster: p.inbound}}, metrics: map[*cluster]*routeMetrics{}}
 	p.inboundRoute.metrics[p.inbound] = p.m.route("inbound", "inbound", "inbound")

@@ -66,10 +66,16 @@ func (rt *router) RoundTrip(req *http.Request) (*http.Response, error) {
 		if cl.maxPend > 0 {
 			ctx = cl.pendingTrace(ctx, cancel)
 		}
+		var ta *tlsAttempt
+		if cl.tls != nil {
+			ta = new(tlsAttempt)
+			ctx = cl.tls.traced(ctx, ta)
+		}
 		// One shallow copy of req carrying the attempt's context (and URL).
 		out := req.WithContext(ctx)
 		u := *req.URL
 		u.Host = ep.addr
+		u.Scheme = cl.scheme()
 		out.URL = &u
 		if body != nil {
 			out.Body = body.attempt()
@@ -87,6 +93,9 @@ func (rt *router) RoundTrip(req *http.Request) (*http.Response, error) {
 		resp, err := cl.transport(out).RoundTrip(out)
 		if perTry != nil {
 			perTry.Stop()
+		}
+		if err != nil && ta != nil {
+			err = cl.tls.classify(ep.addr, err, ta)
 		}
 		if err != nil {
 			if c := context.Cause(ctx); c != nil && (errors.Is(c, errPerTryTimeout) || errors.Is(c, errPendingFull)) && !errors.Is(err, c) {

@@ -1,0 +1,428 @@
+package l7
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"log"
+	"math/big"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	testpb "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/metadata"
+)
+
+// testCA is a throwaway certificate authority whose files live in a test's
+// TempDir. (webhook/certs issues serving certificates only; these tests
+// also need client certificates and URI SANs.)
+type testCA struct {
+	dir    string
+	cert   *x509.Certificate
+	key    *ecdsa.PrivateKey
+	pem    string // path of the CA certificate
+	pool   *x509.CertPool
+	serial atomic.Int64
+}
+
+func newTestCA(t testing.TB, name string) *testCA {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name},
+		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(time.Hour),
+		KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature, BasicConstraintsValid: true, IsCA: true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	ca := &testCA{dir: t.TempDir(), cert: cert, key: key, pool: x509.NewCertPool()}
+	ca.pool.AddCert(cert)
+	ca.serial.Store(1)
+	ca.pem = ca.write(t, name+"-ca.pem", "CERTIFICATE", der)
+	return ca
+}
+
+func (ca *testCA) write(t testing.TB, name, typ string, der []byte) string {
+	t.Helper()
+	p := filepath.Join(ca.dir, name)
+	if err := os.WriteFile(p, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// leaf is an issued certificate: its files and the loaded pair.
+type leaf struct {
+	certPath, keyPath string
+	pair              tls.Certificate
+}
+
+// issue signs a server (or client) certificate for names: DNS names, IP
+// addresses and URIs, told apart by their form.
+func (ca *testCA) issue(t testing.TB, cn string, client bool, names ...string) leaf {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(ca.serial.Add(1)), Subject: pkix.Name{CommonName: cn},
+		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	if client {
+		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
+	}
+	for _, n := range names {
+		if ip := net.ParseIP(n); ip != nil {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+		} else if u, err := url.Parse(n); err == nil && u.Scheme != "" {
+			tmpl.URIs = append(tmpl.URIs, u)
+		} else {
+			tmpl.DNSNames = append(tmpl.DNSNames, n)
+		}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, key.Public(), ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := leaf{certPath: ca.write(t, cn+".pem", "CERTIFICATE", der), keyPath: ca.write(t, cn+"-key.pem", "EC PRIVATE KEY", kder)}
+	l.pair, err = tls.LoadX509KeyPair(l.certPath, l.keyPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
+// tlsBackend is a real HTTPS server (HTTP/1.1 and HTTP/2 by ALPN) on
+// loopback. It reports what it saw of each connection's handshake: the SNI
+// (through GetConfigForClient), the negotiated protocol and the client
+// certificate.
+type tlsBackend struct {
+	addr    string
+	conns   atomic.Int64 // TCP connections accepted
+	healthz atomic.Int64 // /healthz requests
+	mu      sync.Mutex
+	sni     []string
+}
+
+func (b *tlsBackend) snis() []string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return append([]string(nil), b.sni...)
+}
+
+// startTLSBackend serves cert; edit adjusts the server's tls.Config
+// (client authentication, versions).
+func startTLSBackend(t testing.TB, name string, cert leaf, edit func(*tls.Config)) *tlsBackend {
+	t.Helper()
+	b := &tlsBackend{}
+	cfg := &tls.Config{Certificates: []tls.Certificate{cert.pair}, NextProtos: []string{"h2", "http/1.1"}}
+	if edit != nil {
+		edit(cfg)
+	}
+	cfg.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+		b.mu.Lock()
+		b.sni = append(b.sni, hello.ServerName)
+		b.mu.Unlock()
+		return nil, nil
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.addr = ln.Addr().String()
+	var protos http.Protocols
+	protos.SetHTTP1(true)
+	protos.SetHTTP2(true)
+	srv := &http.Server{Protocols: &protos, TLSConfig: cfg, IdleTimeout: time.Minute,
+		ErrorLog: log.New(io.Discard, "", 0), // refused handshakes are what some tests want
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/healthz" {
+				b.healthz.Add(1)
+			}
+			body, _ := io.ReadAll(r.Body)
+			w.Header().Set("X-Backend", name)
+			w.Header().Set("X-Proto", r.Proto)
+			w.Header().Set("X-ALPN", r.TLS.NegotiatedProtocol)
+			if len(r.TLS.PeerCertificates) > 0 {
+				w.Header().Set("X-Client-CN", r.TLS.PeerCertificates[0].Subject.CommonName)
+			}
+			fmt.Fprintf(w, "%s %s %s %s", name, r.Method, r.URL.Path, body)
+		}),
+		ConnState: func(_ net.Conn, st http.ConnState) {
+			if st == http.StateNew {
+				b.conns.Add(1)
+			}
+		},
+	}
+	go srv.ServeTLS(ln, "", "")
+	t.Cleanup(func() { srv.Close() })
+	return b
+}
+
+// tlsClusterConfig routes host "api" to cluster "api" with the given
+// cluster body (YAML lines indented for a cluster entry).
+func tlsClusterConfig(clusterYAML string) string {
+	return `
+accessLog: {enabled: true}
+services:
+- name: api
+  hosts: [api]
+  routes: [{name: r, destinations: [{cluster: api}]}]
+clusters:
+- name: api
+` + clusterYAML
+}
+
+// tlsPost sends a small POST (the HTTP/1.1 fast path) through the proxy.
+func tlsPost(t testing.TB, c *http.Client, proxyAddr, host, path, body string) (int, http.Header, string) {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodPost, "http://"+proxyAddr+path, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Host = host
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatalf("POST %s%s: %v", host, path, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, resp.Header, string(b)
+}
+
+// TestTLSSimpleHTTP1FastPath: SIMPLE TLS to an HTTP/1.1 upstream through
+// h1Transport; the connection is reused across requests; with no sni the
+// endpoint's IP is verified and no SNI is sent.
+func TestTLSSimpleHTTP1FastPath(t *testing.T) {
+	t.Parallel()
+	ca := newTestCA(t, "ca")
+	be := startTLSBackend(t, "api", ca.issue(t, "server", false, "127.0.0.1"), nil)
+	tp := startProxy(t, mustLoad(t, tlsClusterConfig(fmt.Sprintf(`  protocol: http1
+  endpoints: [{address: %q}]
+  tls: {mode: SIMPLE, caCertificates: %q}
+`, be.addr, ca.pem))), be.addr, Outbound)
+	c := h1Client()
+	for i := 0; i < 20; i++ {
+		code, h, body := tlsPost(t, c, tp.addr, "api", "/p", fmt.Sprint("m", i))
+		if code != 200 || body != fmt.Sprintf("api POST /p m%d", i) || h.Get("X-ALPN") != "http/1.1" || h.Get("X-Proto") != "HTTP/1.1" {
+			t.Fatalf("request %d: %d %q alpn=%q proto=%q", i, code, body, h.Get("X-ALPN"), h.Get("X-Proto"))
+		}
+	}
+	if n := be.conns.Load(); n != 1 {
+		t.Errorf("upstream accepted %d connections for 20 sequential requests, want 1 (keep-alive reuse)", n)
+	}
+	d := tp.clusters["api"].direct
+	d.mu.Lock()
+	idle := 0
+	if h := d.hosts[be.addr]; h != nil {
+		idle = len(h.idle)
+	}
+	d.mu.Unlock()
+	if idle != 1 {
+		t.Errorf("fast path pool holds %d idle connections, want 1 (requests did not use h1Transport)", idle)
+	}
+	if s := be.snis(); len(s) != 1 || s[0] != "" {
+		t.Errorf("SNI seen by the server %q, want one handshake without SNI", s)
+	}
+}
+
+// TestTLSH2AndAuto: an http2 cluster negotiates h2 by ALPN (with the
+// configured SNI); an auto cluster follows the downstream protocol and
+// offers both.
+func TestTLSH2AndAuto(t *testing.T) {
+	t.Parallel()
+	ca := newTestCA(t, "ca")
+	be := startTLSBackend(t, "api", ca.issue(t, "server", false, "api.internal"), nil)
+	for _, tc := range []struct {
+		proto  string
+		client *http.Client
+		want   string
+	}{
+		{"http2", h1Client(), "h2"},
+		{"auto", h2cClient(), "h2"},
+		{"auto", h1Client(), "http/1.1"},
+	} {
+		tp := startProxy(t, mustLoad(t, tlsClusterConfig(fmt.Sprintf(`  protocol: %s
+  endpoints: [{address: %q}]
+  tls: {mode: SIMPLE, caCertificates: %q, sni: api.internal}
+`, tc.proto, be.addr, ca.pem))), be.addr, Outbound)
+		for i := 0; i < 3; i++ {
+			code, h, body := get(t, tc.client, tp.addr, "api", "/h")
+			if code != 200 || h.Get("X-ALPN") != tc.want || (tc.want == "h2") != (h.Get("X-Proto") == "HTTP/2.0") {
+				t.Fatalf("%s cluster: %d %q alpn=%q proto=%q, want ALPN %s", tc.proto, code, body, h.Get("X-ALPN"), h.Get("X-Proto"), tc.want)
+			}
+		}
+	}
+	for _, s := range be.snis() {
+		if s != "api.internal" {
+			t.Errorf("server saw SNI %q, want api.internal", s)
+		}
+	}
+}
+
+// TestTLSGRPC: gRPC through the proxy to a grpc-go server with TLS
+// credentials: a unary call and a bidi stream, plus the gRPC health check
+// over TLS.
+func TestTLSGRPC(t *testing.T) {
+	t.Parallel()
+	ca := newTestCA(t, "ca")
+	cert := ca.issue(t, "echo", false, "echo.internal")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sni atomic.Value
+	s := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert.pair},
+		GetConfigForClient: func(h *tls.ClientHelloInfo) (*tls.Config, error) { sni.Store(h.ServerName); return nil, nil }})))
+	es := &echoServer{name: "echo-tls"}
+	testpb.RegisterTestServiceServer(s, es)
+	hs := health.NewServer()
+	healthpb.RegisterHealthServer(s, hs)
+	go s.Serve(ln)
+	t.Cleanup(s.Stop)
+	tp := startProxy(t, mustLoad(t, fmt.Sprintf(`
+ports: [{port: 7070, name: grpc-echo}]
+services:
+- name: echo
+  hosts: [echo]
+  routes: [{name: r, destinations: [{cluster: echo}]}]
+clusters:
+- name: echo
+  protocol: http2
+  endpoints: [{address: %q}]
+  tls: {mode: SIMPLE, caCertificates: %q, sni: echo.internal}
+  healthCheck: {type: grpc, serviceName: echo, interval: 50ms, timeout: 1s, unhealthyThreshold: 1, healthyThreshold: 1}
+`, ln.Addr().String(), ca.pem)), "127.0.0.1:7070", Outbound)
+	ep := tp.clusters["echo"].all.list()[0]
+	hs.SetServingStatus("echo", healthpb.HealthCheckResponse_SERVING)
+	client := testpb.NewTestServiceClient(grpcConn(t, tp.addr, "echo"))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var trailer metadata.MD
+	resp, err := client.UnaryCall(ctx, &testpb.SimpleRequest{Payload: &testpb.Payload{Body: []byte("hi")}}, grpc.Trailer(&trailer))
+	if err != nil || resp.GetUsername() != "echo-tls" || string(resp.GetPayload().GetBody()) != "hi" {
+		t.Fatalf("unary over TLS: %v %v", resp, err)
+	}
+	if got := trailer.Get("x-served-by"); len(got) != 1 || got[0] != "echo-tls" {
+		t.Errorf("trailers %v", trailer)
+	}
+	stream, err := client.FullDuplexCall(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 5; i++ {
+		msg := fmt.Sprint("s", i)
+		if err := stream.Send(&testpb.StreamingOutputCallRequest{Payload: &testpb.Payload{Body: []byte(msg)}}); err != nil {
+			t.Fatal(err)
+		}
+		got, err := stream.Recv()
+		if err != nil || string(got.GetPayload().GetBody()) != msg {
+			t.Fatalf("stream message %d: %v %v", i, got, err)
+		}
+	}
+	if err := stream.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := stream.Recv(); err != io.EOF {
+		t.Fatalf("stream end: %v", err)
+	}
+	if v, _ := sni.Load().(string); v != "echo.internal" {
+		t.Errorf("server saw SNI %q", v)
+	}
+	// The health check speaks gRPC over TLS too (the server accepts nothing else).
+	hs.SetServingStatus("echo", healthpb.HealthCheckResponse_NOT_SERVING)
+	waitUntil(t, func() bool { return ep.unhealthy.Load() })
+	hs.SetServingStatus("echo", healthpb.HealthCheckResponse_SERVING)
+	waitUntil(t, func() bool { return !ep.unhealthy.Load() })
+}
+
+// TestTLSMutual: a server that requires and verifies client certificates
+// accepts the MUTUAL cluster and refuses the SIMPLE one, which is a connect
+// failure (503, UF, counted) on every upstream path and TLS version. With
+// TLS 1.3 the refusal comes after the client's handshake, as an alert on
+// the first read.
+func TestTLSMutual(t *testing.T) {
+	t.Parallel()
+	ca := newTestCA(t, "ca")
+	client := ca.issue(t, "meshlet-client", true)
+	for _, version := range []uint16{tls.VersionTLS12, tls.VersionTLS13} {
+		be := startTLSBackend(t, "api", ca.issue(t, "server", false, "127.0.0.1"), func(c *tls.Config) {
+			c.ClientAuth = tls.RequireAndVerifyClientCert
+			c.ClientCAs = ca.pool
+			c.MaxVersion = version
+		})
+		for _, proto := range []string{"http1", "http2"} {
+			name := fmt.Sprintf("%s/TLS1.%d", proto, version-tls.VersionTLS10)
+			mutual := startProxy(t, mustLoad(t, tlsClusterConfig(fmt.Sprintf(`  protocol: %s
+  endpoints: [{address: %q}]
+  tls: {mode: MUTUAL, caCertificates: %q, clientCertificate: %q, privateKey: %q}
+`, proto, be.addr, ca.pem, client.certPath, client.keyPath))), be.addr, Outbound)
+			code, h, body := get(t, h1Client(), mutual.addr, "api", "/m")
+			if code != 200 || h.Get("X-Client-CN") != "meshlet-client" {
+				t.Fatalf("%s MUTUAL: %d %q client CN %q", name, code, body, h.Get("X-Client-CN"))
+			}
+			simple := startProxy(t, mustLoad(t, tlsClusterConfig(fmt.Sprintf(`  protocol: %s
+  endpoints: [{address: %q}]
+  tls: {mode: SIMPLE, caCertificates: %q}
+`, proto, be.addr, ca.pem))), be.addr, Outbound)
+			// GET takes the fast path (http1), a streamed POST net/http's transport.
+			code, _, body = get(t, h1Client(), simple.addr, "api", "/s")
+			if code != 503 || !strings.Contains(body, "upstream connect error") {
+				t.Errorf("%s SIMPLE to a server requiring a client cert: %d %q, want 503 connect error", name, code, body)
+			}
+			req, _ := http.NewRequest(http.MethodPost, "http://"+simple.addr+"/s", io.MultiReader(strings.NewReader("streamed")))
+			req.Host = "api"
+			resp, err := h1Client().Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != 503 {
+				t.Errorf("%s SIMPLE streamed POST: %d, want 503", name, resp.StatusCode)
+			}
+			if l := simple.log.String(); strings.Count(l, `"UF"`) != 2 {
+				t.Errorf("%s: access log should flag both requests UF:\n%s", name, l)
+			}
+			if v := testutil.ToFloat64(simple.m.connFail.WithLabelValues("api")); v != 2 {
+				t.Errorf("%s: connect failures %v, want 2", name, v)
+			}
+			if v := testutil.ToFloat64(simple.m.tlsFail.WithLabelValues("api")); v != 2 {
+				t.Errorf("%s: TLS handshake failures %v, want 2", name, v)
+			}
+		}
+	}
+}
