@@ -1,13 +1,20 @@
 package l7
 
 import (
+	"bytes"
 	"context"
+	"crypto/aes"
+	"crypto/cipher"
 	"crypto/ecdsa"
 	"crypto/elliptic"
+	"crypto/hkdf"
 	"crypto/rand"
+	"crypto/sha256"
+	"crypto/sha512"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/hex"
 	"encoding/pem"
 	"fmt"
 	"io"
@@ -18,6 +25,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -136,6 +144,14 @@ type tlsBackend struct {
 	healthz atomic.Int64 // /healthz requests
 	mu      sync.Mutex
 	sni     []string
+	srv     *http.Server
+}
+
+// closeIdle makes the server close its idle connections (as its idle
+// timeout would): tls.Conn.Close sends close_notify, then the FIN.
+func (b *tlsBackend) closeIdle() {
+	b.srv.SetKeepAlivesEnabled(false) // closes idle connections
+	b.srv.SetKeepAlivesEnabled(true)
 }
 
 func (b *tlsBackend) snis() []string {
@@ -188,6 +204,7 @@ func startTLSBackend(t testing.TB, name string, cert leaf, edit func(*tls.Config
 			}
 		},
 	}
+	b.srv = srv
 	go srv.ServeTLS(ln, "", "")
 	t.Cleanup(func() { srv.Close() })
 	return b
@@ -425,4 +442,268 @@ func TestTLSMutual(t *testing.T) {
 			}
 		}
 	}
+}
+
+// ticketInjector relays TCP connections to a TLS 1.3 server and adds a
+// NewSessionTicket to what the server sends, 50ms after the first response
+// — a legitimate post-handshake record that arrives while the proxy's
+// connection sits idle in its pool. (Go's server sends its only ticket
+// before the first response, where the client consumes it with the
+// response.) The relay knows the server's application traffic secret from
+// the server's key log, so it seals the ticket and re-seals every later
+// server record with the shifted sequence number.
+type ticketInjector struct {
+	addr     string
+	conns    atomic.Int64
+	injected atomic.Int64
+	secrets  sync.Map // client random (hex) → server application traffic secret
+	t        testing.TB
+}
+
+// newTicketInjector returns the relay and the key log writer for the
+// server's tls.Config; start starts relaying to the server.
+func newTicketInjector(t testing.TB) (*ticketInjector, io.Writer) {
+	d := &ticketInjector{t: t}
+	return d, keyLog{d}
+}
+
+func (d *ticketInjector) start(upstream string) {
+	t := d.t
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	d.addr = ln.Addr().String()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			d.conns.Add(1)
+			go d.relay(c, upstream)
+		}
+	}()
+}
+
+// keyLog receives the server's NSS key log lines.
+type keyLog struct{ d *ticketInjector }
+
+func (k keyLog) Write(p []byte) (int, error) {
+	f := strings.Fields(string(p))
+	if len(f) == 3 && f[0] == "SERVER_TRAFFIC_SECRET_0" {
+		secret, _ := hex.DecodeString(f[2])
+		k.d.secrets.Store(f[1], secret)
+	}
+	return len(p), nil
+}
+
+// readRecord reads one TLS record (header and body).
+func readRecord(r io.Reader) ([]byte, error) {
+	rec := make([]byte, 5)
+	if _, err := io.ReadFull(r, rec); err != nil {
+		return nil, err
+	}
+	n := int(rec[3])<<8 | int(rec[4])
+	rec = append(rec, make([]byte, n)...)
+	_, err := io.ReadFull(r, rec[5:])
+	return rec, err
+}
+
+// recordAEAD is one direction's TLS 1.3 record protection (RFC 8446 5.2, 7.3).
+type recordAEAD struct {
+	aead cipher.AEAD
+	iv   []byte
+}
+
+func newRecordAEAD(suite uint16, secret []byte) (*recordAEAD, error) {
+	h, keyLen := sha256.New, 16
+	switch suite {
+	case tls.TLS_AES_128_GCM_SHA256:
+	case tls.TLS_AES_256_GCM_SHA384:
+		h, keyLen = sha512.New384, 32
+	default:
+		return nil, fmt.Errorf("cipher suite %s not handled by the test relay", tls.CipherSuiteName(suite))
+	}
+	label := func(l string, n int) []byte {
+		l = "tls13 " + l
+		info := []byte{byte(n >> 8), byte(n), byte(len(l))}
+		info = append(append(info, l...), 0)
+		out, err := hkdf.Expand(h, secret, string(info), n)
+		if err != nil {
+			panic(err)
+		}
+		return out
+	}
+	block, err := aes.NewCipher(label("key", keyLen))
+	if err != nil {
+		return nil, err
+	}
+	aead, err := cipher.NewGCM(block)
+	if err != nil {
+		return nil, err
+	}
+	return &recordAEAD{aead: aead, iv: label("iv", 12)}, nil
+}
+
+func (a *recordAEAD) nonce(seq uint64) []byte {
+	n := slices.Clone(a.iv)
+	for i := 0; i < 8; i++ {
+		n[len(n)-1-i] ^= byte(seq >> (8 * i))
+	}
+	return n
+}
+
+func (a *recordAEAD) open(rec []byte, seq uint64) ([]byte, error) {
+	return a.aead.Open(nil, a.nonce(seq), rec[5:], rec[:5])
+}
+
+func (a *recordAEAD) seal(inner []byte, seq uint64) []byte {
+	n := len(inner) + a.aead.Overhead()
+	hdr := []byte{23, 3, 3, byte(n >> 8), byte(n)}
+	return a.aead.Seal(hdr, a.nonce(seq), inner, hdr)
+}
+
+func (d *ticketInjector) relay(c net.Conn, upstream string) {
+	defer c.Close()
+	s, err := net.Dial("tcp", upstream)
+	if err != nil {
+		return
+	}
+	defer s.Close()
+	var clientRandom atomic.Value
+	go func() {
+		for {
+			rec, err := readRecord(c)
+			if err != nil {
+				s.Close()
+				return
+			}
+			if rec[0] == 22 && len(rec) > 43 && rec[5] == 1 { // ClientHello
+				clientRandom.Store(hex.EncodeToString(rec[11:43]))
+			}
+			if _, err := s.Write(rec); err != nil {
+				return
+			}
+		}
+	}()
+	var suite uint16
+	var keys *recordAEAD
+	var seqIn, seqOut uint64
+	injected, appKeys := false, false
+	for {
+		rec, err := readRecord(s)
+		if err != nil {
+			return
+		}
+		if rec[0] == 22 && len(rec) > 44 && rec[5] == 2 { // ServerHello
+			sid := int(rec[43])
+			suite = uint16(rec[44+sid])<<8 | uint16(rec[45+sid])
+		}
+		if keys == nil && rec[0] == 23 {
+			cr, _ := clientRandom.Load().(string)
+			if secret, ok := d.secrets.Load(cr); ok {
+				if keys, err = newRecordAEAD(suite, secret.([]byte)); err != nil {
+					d.t.Errorf("relay: %v", err)
+					return
+				}
+			}
+		}
+		// Handshake-key records come first and do not open with the
+		// application key; the first that opens starts the application records.
+		var inner []byte
+		if keys != nil && rec[0] == 23 {
+			inner, err = keys.open(rec, seqIn)
+			if err != nil && appKeys {
+				d.t.Errorf("relay: opening server record %d: %v", seqIn, err)
+				return
+			}
+			appKeys = appKeys || err == nil
+		}
+		if inner == nil {
+			if _, err := c.Write(rec); err != nil {
+				return
+			}
+			continue
+		}
+		seqIn++
+		if _, err := c.Write(keys.seal(inner, seqOut)); err != nil {
+			return
+		}
+		seqOut++
+		if !injected && inner[len(inner)-1] == 23 { // the first response went out
+			injected = true
+			time.Sleep(50 * time.Millisecond)
+			ticket := []byte{4, 0, 0, 0, 0, 0, 0x0e, 0x10, 1, 2, 3, 4, 1, 9, 0, 32}
+			ticket = append(ticket, bytes.Repeat([]byte{0xab}, 32)...)
+			ticket = append(ticket, 0, 0) // no extensions
+			body := len(ticket) - 4
+			ticket[1], ticket[2], ticket[3] = byte(body>>16), byte(body>>8), byte(body)
+			if _, err := c.Write(keys.seal(append(ticket, 22), seqOut)); err != nil {
+				return
+			}
+			seqOut++
+			d.injected.Add(1)
+		}
+	}
+}
+
+// TestTLSFastPathLiveness: h1Transport's check of a pooled TLS connection
+// keeps one with a pending TLS 1.3 session ticket (consumed, connection
+// reused) and drops one the server closed while idle (close_notify and
+// FIN) — a POST after that must not fail.
+func TestTLSFastPathLiveness(t *testing.T) {
+	t.Parallel()
+	ca := newTestCA(t, "ca")
+	t.Run("pending session ticket", func(t *testing.T) {
+		t.Parallel()
+		var relay *ticketInjector
+		be := startTLSBackend(t, "api", ca.issue(t, "server", false, "127.0.0.1"), func(c *tls.Config) {
+			c.MinVersion = tls.VersionTLS13
+			relay, c.KeyLogWriter = newTicketInjector(t)
+		})
+		relay.start(be.addr)
+		tp := startProxy(t, mustLoad(t, tlsClusterConfig(fmt.Sprintf(`  protocol: http1
+  endpoints: [{address: %q}]
+  tls: {mode: SIMPLE, caCertificates: %q}
+`, relay.addr, ca.pem))), be.addr, Outbound)
+		c := h1Client()
+		for i := 0; i < 5; i++ {
+			if code, _, body := tlsPost(t, c, tp.addr, "api", "/t", "x"); code != 200 {
+				t.Fatalf("request %d: %d %q\n%s", i, code, body, tp.log.String())
+			}
+			if i == 0 {
+				time.Sleep(150 * time.Millisecond) // the held ticket arrives on the idle connection
+			}
+		}
+		if n := relay.conns.Load(); n != 1 {
+			t.Errorf("%d upstream connections for 5 requests; a pending session ticket made the pool drop a good connection", n)
+		}
+		if relay.injected.Load() < 1 {
+			t.Fatal("relay injected no session ticket (test setup)")
+		}
+	})
+	t.Run("closed while idle", func(t *testing.T) {
+		t.Parallel()
+		be := startTLSBackend(t, "api", ca.issue(t, "server2", false, "127.0.0.1"), nil)
+		tp := startProxy(t, mustLoad(t, tlsClusterConfig(fmt.Sprintf(`  protocol: http1
+  endpoints: [{address: %q}]
+  tls: {mode: SIMPLE, caCertificates: %q}
+`, be.addr, ca.pem))), be.addr, Outbound)
+		c := h1Client()
+		if code, _, body := tlsPost(t, c, tp.addr, "api", "/a", "one"); code != 200 {
+			t.Fatalf("first POST: %d %q", code, body)
+		}
+		// The upstream closes the idle connection (close_notify, then FIN).
+		be.closeIdle()
+		time.Sleep(100 * time.Millisecond)
+		if code, _, body := tlsPost(t, c, tp.addr, "api", "/a", "two"); code != 200 || body != "api POST /a two" {
+			t.Fatalf("POST after the upstream closed the pooled connection: %d %q", code, body)
+		}
+		if n := be.conns.Load(); n != 2 {
+			t.Errorf("upstream accepted %d connections, want 2 (the closed one replaced)", n)
+		}
+	})
 }
