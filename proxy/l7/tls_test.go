@@ -142,6 +142,7 @@ type tlsBackend struct {
 	addr    string
 	conns   atomic.Int64 // TCP connections accepted
 	healthz atomic.Int64 // /healthz requests
+	reqs    atomic.Int64 // other requests
 	mu      sync.Mutex
 	sni     []string
 	srv     *http.Server
@@ -188,6 +189,8 @@ func startTLSBackend(t testing.TB, name string, cert leaf, edit func(*tls.Config
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if r.URL.Path == "/healthz" {
 				b.healthz.Add(1)
+			} else {
+				b.reqs.Add(1)
 			}
 			body, _ := io.ReadAll(r.Body)
 			w.Header().Set("X-Backend", name)
@@ -704,6 +707,222 @@ func TestTLSFastPathLiveness(t *testing.T) {
 		}
 		if n := be.conns.Load(); n != 2 {
 			t.Errorf("upstream accepted %d connections, want 2 (the closed one replaced)", n)
+		}
+	})
+}
+
+// TestTLSVerification: each way the server's certificate can fail
+// verification is a connect failure (503, UF, counted as a connect and a
+// TLS handshake failure, ejected by consecutiveConnectFailures), and the
+// settings that make it pass do.
+func TestTLSVerification(t *testing.T) {
+	t.Parallel()
+	ca := newTestCA(t, "ca")
+	other := newTestCA(t, "other")
+	byIP := startTLSBackend(t, "api", ca.issue(t, "ip", false, "127.0.0.1"), nil)
+	byName := startTLSBackend(t, "api", ca.issue(t, "named", false, "api.internal", "spiffe://cluster.local/ns/a/sa/api"), nil)
+	tls12 := startTLSBackend(t, "api", ca.issue(t, "old", false, "127.0.0.1"), func(c *tls.Config) { c.MaxVersion = tls.VersionTLS12 })
+	for _, tc := range []struct {
+		name, addr, tls string
+		ok              bool
+	}{
+		{"wrong CA", byIP.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q}", other.pem), false},
+		{"system roots do not know the test CA", byIP.addr, "{mode: SIMPLE}", false},
+		{"insecureSkipVerify", byIP.addr, "{mode: SIMPLE, insecureSkipVerify: true}", true},
+		{"no IP SAN for the endpoint", byName.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q}", ca.pem), false},
+		{"sni matches", byName.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q, sni: api.internal}", ca.pem), true},
+		{"sni mismatch", byName.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q, sni: web.internal}", ca.pem), false},
+		{"subjectAltNames replace the sni check", byName.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q, sni: web.internal, subjectAltNames: [spiffe://cluster.local/ns/a/sa/api]}", ca.pem), true},
+		{"subjectAltNames DNS", byName.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q, subjectAltNames: [other.internal, api.internal]}", ca.pem), true},
+		{"subjectAltNames mismatch", byName.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q, sni: api.internal, subjectAltNames: [spiffe://cluster.local/ns/a/sa/web]}", ca.pem), false},
+		{"subjectAltNames still need the CA", byName.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q, subjectAltNames: [api.internal]}", other.pem), false},
+		{"minProtocolVersion", tls12.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q, minProtocolVersion: TLSV1_3}", ca.pem), false},
+		{"TLS 1.2 server", tls12.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q}", ca.pem), true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			tp := startProxy(t, mustLoad(t, tlsClusterConfig(fmt.Sprintf(`  endpoints: [{address: %q}]
+  outlierDetection: {consecutiveConnectFailures: 2, maxEjectionPercent: 100}
+  tls: %s
+`, tc.addr, tc.tls))), tc.addr, Outbound)
+			for i := 0; i < 2; i++ {
+				code, _, body := get(t, h1Client(), tp.addr, "api", "/v")
+				if tc.ok != (code == 200) || !tc.ok && (code != 503 || !strings.Contains(body, "upstream connect error")) {
+					t.Fatalf("request %d: %d %q, want %s\n%s", i, code, body, map[bool]string{true: "200", false: "503 connect error"}[tc.ok], tp.log.String())
+				}
+			}
+			if tc.ok {
+				return
+			}
+			if n := strings.Count(tp.log.String(), `"flags":"UF"`); n != 2 {
+				t.Errorf("%d of 2 requests flagged UF:\n%s", n, tp.log.String())
+			}
+			if !strings.Contains(tp.log.String(), "TLS handshake with "+tc.addr) {
+				t.Errorf("access log error does not name the handshake:\n%s", tp.log.String())
+			}
+			if v := testutil.ToFloat64(tp.m.connFail.WithLabelValues("api")); v != 2 {
+				t.Errorf("connect failures %v, want 2", v)
+			}
+			if v := testutil.ToFloat64(tp.m.tlsFail.WithLabelValues("api")); v != 2 {
+				t.Errorf("TLS handshake failures %v, want 2", v)
+			}
+			if v := testutil.ToFloat64(tp.m.ejections.WithLabelValues("api")); v != 1 {
+				t.Errorf("ejections %v, want 1 (two consecutive connect failures)", v)
+			}
+		})
+	}
+}
+
+// TestTLSDNSClusterSNI: a DNS cluster sends its dns.name as SNI and
+// verifies the certificate against it, without an sni setting.
+func TestTLSDNSClusterSNI(t *testing.T) {
+	t.Parallel()
+	ca := newTestCA(t, "ca")
+	be := startTLSBackend(t, "api", ca.issue(t, "server", false, "api.example.internal"), nil)
+	res := &fakeResolver{}
+	res.set("127.0.0.1")
+	_, port, _ := net.SplitHostPort(be.addr)
+	tp := startProxy(t, mustLoad(t, tlsClusterConfig(fmt.Sprintf(`  dns: {name: api.example.internal, port: %s}
+  tls: {mode: SIMPLE, caCertificates: %q}
+`, port, ca.pem))), be.addr, Outbound, func(o *Options) { o.Resolver = res })
+	if code, _, body := get(t, h1Client(), tp.addr, "api", "/d"); code != 200 {
+		t.Fatalf("%d %q\n%s", code, body, tp.log.String())
+	}
+	if s := be.snis(); len(s) != 1 || s[0] != "api.example.internal" {
+		t.Errorf("SNI %q, want [api.example.internal]", s)
+	}
+}
+
+// TestTLSHealthCheckAndMirror: HTTP health checks and mirrored requests
+// reach TLS clusters over TLS.
+func TestTLSHealthCheckAndMirror(t *testing.T) {
+	t.Parallel()
+	ca := newTestCA(t, "ca")
+	other := newTestCA(t, "other")
+	good := startTLSBackend(t, "good", ca.issue(t, "good", false, "127.0.0.1"), nil)
+	untrusted := startTLSBackend(t, "untrusted", other.issue(t, "untrusted", false, "127.0.0.1"), nil)
+	shadow := startTLSBackend(t, "shadow", ca.issue(t, "shadow", false, "127.0.0.1"), nil)
+	tp := startProxy(t, mustLoad(t, fmt.Sprintf(`
+services:
+- name: api
+  hosts: [api]
+  routes: [{name: r, mirror: {cluster: shadow}, destinations: [{cluster: api}]}]
+clusters:
+- name: api
+  endpoints: [{address: %q}, {address: %q}]
+  healthCheck: {path: /healthz, interval: 50ms, unhealthyThreshold: 1}
+  tls: {mode: SIMPLE, caCertificates: %q}
+- name: shadow
+  endpoints: [{address: %q}]
+  tls: {mode: SIMPLE, caCertificates: %q}
+`, good.addr, untrusted.addr, ca.pem, shadow.addr, ca.pem)), good.addr, Outbound)
+	eps := tp.clusters["api"].all.list()
+	waitUntil(t, func() bool { return eps[1].unhealthy.Load() && good.healthz.Load() >= 2 })
+	if eps[0].unhealthy.Load() {
+		t.Fatal("the endpoint with a trusted certificate failed its health check")
+	}
+	for i := 0; i < 4; i++ {
+		if code, h, body := tlsPost(t, h1Client(), tp.addr, "api", "/m", "copy"); code != 200 || h.Get("X-Backend") != "good" {
+			t.Fatalf("request %d: %d %q from %q (the untrusted endpoint is unhealthy)", i, code, body, h.Get("X-Backend"))
+		}
+	}
+	waitUntil(t, func() bool { return shadow.reqs.Load() == 4 })
+	if v := testutil.ToFloat64(tp.m.connFail.WithLabelValues("shadow")); v != 0 {
+		t.Errorf("mirror connect failures %v", v)
+	}
+}
+
+// TestTLSConfigErrors: every bad tls field is reported with its path and
+// the bad value, all at once; files are read and checked at load.
+func TestTLSConfigErrors(t *testing.T) {
+	t.Parallel()
+	ca := newTestCA(t, "ca")
+	client := ca.issue(t, "client", true)
+	other := ca.issue(t, "other", true)
+	garbage := filepath.Join(ca.dir, "garbage.pem")
+	if err := os.WriteFile(garbage, []byte("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	missing := filepath.Join(ca.dir, "missing.pem")
+	cluster := func(tlsYAML string) string {
+		return "clusters: [{name: a, endpoints: [{address: '127.0.0.1:443'}], tls: " + tlsYAML + "}]"
+	}
+	for _, tc := range []struct {
+		name, yaml string
+		want       []string
+	}{
+		{"mode", cluster("{mode: simple}"), []string{"clusters[0].tls.mode", `"simple" must be one of DISABLE, SIMPLE, MUTUAL`}},
+		{"istio mutual", cluster("{mode: ISTIO_MUTUAL}"), []string{"clusters[0].tls.mode", "ISTIO_MUTUAL", "no mesh identity"}},
+		{"settings without a mode", cluster(fmt.Sprintf("{caCertificates: %q, sni: a.b}", ca.pem)),
+			[]string{"clusters[0].tls.caCertificates: is set but mode is DISABLE", "clusters[0].tls.sni: is set but mode is DISABLE"}},
+		{"missing CA file", cluster(fmt.Sprintf("{mode: SIMPLE, caCertificates: %q}", missing)),
+			[]string{"clusters[0].tls.caCertificates", missing, "no such file or directory"}},
+		{"device", cluster("{mode: SIMPLE, caCertificates: /dev/zero}"), []string{"clusters[0].tls.caCertificates", `"/dev/zero"`, "not a regular file"}},
+		{"relative path", cluster("{mode: SIMPLE, caCertificates: certs/ca.pem}"), []string{"clusters[0].tls.caCertificates", `"certs/ca.pem" must be an absolute path`}},
+		{"CA not PEM", cluster(fmt.Sprintf("{mode: SIMPLE, caCertificates: %q}", client.keyPath)),
+			[]string{"clusters[0].tls.caCertificates", client.keyPath, "no PEM CERTIFICATE block found"}},
+		{"CA not a certificate", cluster(fmt.Sprintf("{mode: SIMPLE, caCertificates: %q}", garbage)),
+			[]string{"clusters[0].tls.caCertificates", garbage, "certificate 1:"}},
+		{"mutual without files", cluster("{mode: MUTUAL}"),
+			[]string{"clusters[0].tls.clientCertificate: is required for mode MUTUAL", "clusters[0].tls.privateKey: is required for mode MUTUAL"}},
+		{"key does not match", cluster(fmt.Sprintf("{mode: MUTUAL, clientCertificate: %q, privateKey: %q}", client.certPath, other.keyPath)),
+			[]string{"clusters[0].tls.privateKey", other.keyPath, "does not match clientCertificate", client.certPath}},
+		{"key not a key", cluster(fmt.Sprintf("{mode: MUTUAL, clientCertificate: %q, privateKey: %q}", client.certPath, client.certPath)),
+			[]string{"clusters[0].tls.privateKey", client.certPath}},
+		{"client certificate not a certificate", cluster(fmt.Sprintf("{mode: MUTUAL, clientCertificate: %q, privateKey: %q}", garbage, client.keyPath)),
+			[]string{"clusters[0].tls.clientCertificate", garbage}},
+		{"client certificate with SIMPLE", cluster(fmt.Sprintf("{mode: SIMPLE, clientCertificate: %q, privateKey: %q}", client.certPath, client.keyPath)),
+			[]string{"clusters[0].tls.clientCertificate", client.certPath, "only used with mode MUTUAL (mode is SIMPLE)", "clusters[0].tls.privateKey"}},
+		{"sni IP", cluster("{mode: SIMPLE, sni: 10.0.0.1}"), []string{"clusters[0].tls.sni", `"10.0.0.1" is an IP address`}},
+		{"sni not a name", cluster("{mode: SIMPLE, sni: 'a b'}"), []string{"clusters[0].tls.sni", `"a b" is not a DNS name`}},
+		{"empty SAN", cluster("{mode: SIMPLE, subjectAltNames: [ok.example, '']}"), []string{"clusters[0].tls.subjectAltNames[1]", `"" is not a name`}},
+		{"insecure with CA", cluster(fmt.Sprintf("{mode: SIMPLE, insecureSkipVerify: true, caCertificates: %q, subjectAltNames: [a]}", ca.pem)),
+			[]string{"clusters[0].tls.insecureSkipVerify: true ignores caCertificates", "clusters[0].tls.insecureSkipVerify: true ignores subjectAltNames"}},
+		{"min version", cluster("{mode: SIMPLE, minProtocolVersion: TLSV1_1}"), []string{"clusters[0].tls.minProtocolVersion", `"TLSV1_1" is not supported`}},
+		{"min version name", cluster("{mode: SIMPLE, minProtocolVersion: '1.3'}"), []string{"clusters[0].tls.minProtocolVersion", `"1.3" must be TLSV1_2 or TLSV1_3`}},
+		{"unknown field", cluster("{mode: SIMPLE, credentialName: x}"), []string{`unknown field "credentialName"`}},
+		{"all collected", "clusters: [{name: a, endpoints: [{address: 'nope'}], tls: {mode: MUTUAL, caCertificates: " + missing + ", sni: '1.2.3.4'}}]",
+			[]string{"clusters[0].endpoints[0].address", "clusters[0].tls.caCertificates", "clusters[0].tls.clientCertificate", "clusters[0].tls.privateKey", "clusters[0].tls.sni"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			_, err := Load([]byte(tc.yaml))
+			if err == nil {
+				t.Fatalf("accepted:\n%s", tc.yaml)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error lacks %q:\n%v", w, err)
+				}
+			}
+		})
+	}
+	// The same checks run in New (a Config built in code, not loaded).
+	cfg := Config{Clusters: []Cluster{{Name: "a", Endpoints: []Endpoint{{Address: "127.0.0.1:443"}}, TLS: &UpstreamTLS{Mode: TLSSimple, CACertificates: missing}}}}
+	if _, err := New(cfg, Options{}); err == nil || !strings.Contains(err.Error(), "clusters[0].tls.caCertificates") {
+		t.Errorf("New with a missing CA file: %v", err)
+	}
+	good := mustLoad(t, cluster(fmt.Sprintf("{mode: MUTUAL, caCertificates: %q, clientCertificate: %q, privateKey: %q, sni: a.example, subjectAltNames: [spiffe://x/y], minProtocolVersion: TLSV1_3}",
+		ca.pem, client.certPath, client.keyPath)))
+	if tl := good.Clusters[0].TLS; tl == nil || tl.Mode != TLSMutual || tl.SubjectAltNames[0] != "spiffe://x/y" {
+		t.Errorf("parsed %+v", tl)
+	}
+}
+
+// FuzzUpstreamTLSConfig: no tls block, however odd, panics the loader;
+// an accepted one builds.
+func FuzzUpstreamTLSConfig(f *testing.F) {
+	for _, s := range []string{"{mode: SIMPLE}", "{mode: MUTUAL, clientCertificate: /x, privateKey: /y}", "{sni: a, subjectAltNames: ['']}",
+		"{mode: SIMPLE, insecureSkipVerify: true, minProtocolVersion: TLSV1_3}", "{mode: [1]}", "{mode: SIMPLE, caCertificates: /dev/null}"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, tlsYAML string) {
+		cfg, err := Load([]byte("clusters: [{name: a, endpoints: [{address: '127.0.0.1:443'}], tls: " + tlsYAML + "}]"))
+		if err != nil {
+			return
+		}
+		if _, errs := buildUpstreamTLS(&cfg.Clusters[0], "tls"); len(errs) > 0 {
+			t.Fatalf("Load accepted %q but building it failed: %v", tlsYAML, errs)
 		}
 	})
 }

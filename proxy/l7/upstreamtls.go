@@ -126,12 +126,8 @@ func buildUpstreamTLS(cl *Cluster, field string) (*upstreamTLS, []error) {
 			bad(f, "%q must be an absolute path", path)
 			return nil
 		}
-		b, err := os.ReadFile(path)
+		b, err := readPEMFile(path)
 		if err != nil {
-			var pe *fs.PathError
-			if errors.As(err, &pe) {
-				err = pe.Err
-			}
 			bad(f, "reading %q: %v", path, err)
 			return nil
 		}
@@ -259,6 +255,36 @@ func buildUpstreamTLS(cl *Cluster, field string) (*upstreamTLS, []error) {
 		u.h2.NextProtos = []string{"h2", "http/1.1"}
 	}
 	return u, nil
+}
+
+// maxPEMFile bounds what is read of a certificate or key file.
+const maxPEMFile = 1 << 20
+
+// readPEMFile reads a regular file of at most maxPEMFile bytes (a device
+// such as /dev/zero given by mistake must not hang the config load).
+func readPEMFile(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		var pe *fs.PathError
+		if errors.As(err, &pe) {
+			err = pe.Err
+		}
+		return nil, err
+	}
+	defer f.Close()
+	if st, err := f.Stat(); err != nil {
+		return nil, err
+	} else if !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("not a regular file (%s)", st.Mode().Type())
+	}
+	b, err := io.ReadAll(io.LimitReader(f, maxPEMFile+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > maxPEMFile {
+		return nil, fmt.Errorf("larger than %d bytes", maxPEMFile)
+	}
+	return b, nil
 }
 
 // parsePEMCertificates returns every CERTIFICATE block of a PEM file.
