@@ -162,8 +162,9 @@ func (b *tlsBackend) snis() []string {
 }
 
 // startTLSBackend serves cert; edit adjusts the server's tls.Config
-// (client authentication, versions).
-func startTLSBackend(t testing.TB, name string, cert leaf, edit func(*tls.Config)) *tlsBackend {
+// (client authentication, versions). h, if not nil, answers instead of the
+// default handler (which names the server and echoes the request).
+func startTLSBackend(t testing.TB, name string, cert leaf, edit func(*tls.Config), h ...http.HandlerFunc) *tlsBackend {
 	t.Helper()
 	b := &tlsBackend{}
 	cfg := &tls.Config{Certificates: []tls.Certificate{cert.pair}, NextProtos: []string{"h2", "http/1.1"}}
@@ -191,6 +192,10 @@ func startTLSBackend(t testing.TB, name string, cert leaf, edit func(*tls.Config
 				b.healthz.Add(1)
 			} else {
 				b.reqs.Add(1)
+			}
+			if len(h) > 0 {
+				h[0](w, r)
+				return
 			}
 			body, _ := io.ReadAll(r.Body)
 			w.Header().Set("X-Backend", name)
