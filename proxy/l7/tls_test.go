@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"log/slog"
 	"math/big"
 	"net"
 	"net/http"
@@ -33,6 +34,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/meshlet/meshlet/internal/proctest"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
@@ -730,26 +733,36 @@ func TestTLSVerification(t *testing.T) {
 	for _, tc := range []struct {
 		name, addr, tls string
 		ok              bool
+		log             string // in the debug log
 	}{
-		{"wrong CA", byIP.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q}", other.pem), false},
-		{"system roots do not know the test CA", byIP.addr, "{mode: SIMPLE}", false},
-		{"insecureSkipVerify", byIP.addr, "{mode: SIMPLE, insecureSkipVerify: true}", true},
-		{"no IP SAN for the endpoint", byName.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q}", ca.pem), false},
-		{"sni matches", byName.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q, sni: api.internal}", ca.pem), true},
-		{"sni mismatch", byName.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q, sni: web.internal}", ca.pem), false},
-		{"subjectAltNames replace the sni check", byName.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q, sni: web.internal, subjectAltNames: [spiffe://cluster.local/ns/a/sa/api]}", ca.pem), true},
-		{"subjectAltNames DNS", byName.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q, subjectAltNames: [other.internal, api.internal]}", ca.pem), true},
-		{"subjectAltNames mismatch", byName.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q, sni: api.internal, subjectAltNames: [spiffe://cluster.local/ns/a/sa/web]}", ca.pem), false},
-		{"subjectAltNames still need the CA", byName.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q, subjectAltNames: [api.internal]}", other.pem), false},
-		{"minProtocolVersion", tls12.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q, minProtocolVersion: TLSV1_3}", ca.pem), false},
-		{"TLS 1.2 server", tls12.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q}", ca.pem), true},
+		{"wrong CA", byIP.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q}", other.pem), false, "certificate signed by unknown authority"},
+		{"system roots do not know the test CA", byIP.addr, "{mode: SIMPLE}", false, ""},
+		{"insecureSkipVerify", byIP.addr, "{mode: SIMPLE, insecureSkipVerify: true}", true, `level=WARN msg="upstream TLS certificates are not verified (insecureSkipVerify)" cluster=api`},
+		{"no IP SAN for the endpoint", byName.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q}", ca.pem), false, "doesn't contain any IP SANs"},
+		{"sni matches", byName.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q, sni: api.internal}", ca.pem), true, ""},
+		{"sni mismatch", byName.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q, sni: web.internal}", ca.pem), false, "not web.internal"},
+		{"subjectAltNames replace the sni check", byName.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q, sni: web.internal, subjectAltNames: [spiffe://cluster.local/ns/a/sa/api]}", ca.pem), true, ""},
+		{"subjectAltNames DNS", byName.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q, subjectAltNames: [other.internal, api.internal]}", ca.pem), true, ""},
+		{"subjectAltNames mismatch", byName.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q, sni: api.internal, subjectAltNames: [spiffe://cluster.local/ns/a/sa/web]}", ca.pem), false,
+			"match none of subjectAltNames [spiffe://cluster.local/ns/a/sa/web]"},
+		{"subjectAltNames still need the CA", byName.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q, subjectAltNames: [api.internal]}", other.pem), false, ""},
+		{"minProtocolVersion", tls12.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q, minProtocolVersion: TLSV1_3}", ca.pem), false, ""},
+		{"TLS 1.2 server", tls12.addr, fmt.Sprintf("{mode: SIMPLE, caCertificates: %q}", ca.pem), true, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
+			logs := &proctest.SyncBuf{}
 			tp := startProxy(t, mustLoad(t, tlsClusterConfig(fmt.Sprintf(`  endpoints: [{address: %q}]
   outlierDetection: {consecutiveConnectFailures: 2, maxEjectionPercent: 100}
   tls: %s
-`, tc.addr, tc.tls))), tc.addr, Outbound)
+`, tc.addr, tc.tls))), tc.addr, Outbound, func(o *Options) {
+				o.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+			})
+			defer func() {
+				if !strings.Contains(logs.String(), tc.log) {
+					t.Errorf("log lacks %q:\n%s", tc.log, logs.String())
+				}
+			}()
 			for i := 0; i < 2; i++ {
 				code, _, body := get(t, h1Client(), tp.addr, "api", "/v")
 				if tc.ok != (code == 200) || !tc.ok && (code != 503 || !strings.Contains(body, "upstream connect error")) {
@@ -764,6 +777,9 @@ func TestTLSVerification(t *testing.T) {
 			}
 			if !strings.Contains(tp.log.String(), "TLS handshake with "+tc.addr) {
 				t.Errorf("access log error does not name the handshake:\n%s", tp.log.String())
+			}
+			if want := `level=DEBUG msg="upstream TLS handshake failed" cluster=api endpoint=` + tc.addr + " err="; !strings.Contains(logs.String(), want) {
+				t.Errorf("debug log lacks %q:\n%s", want, logs.String())
 			}
 			if v := testutil.ToFloat64(tp.m.connFail.WithLabelValues("api")); v != 2 {
 				t.Errorf("connect failures %v, want 2", v)
