@@ -95,7 +95,7 @@ func (rt *router) RoundTrip(req *http.Request) (*http.Response, error) {
 			perTry.Stop()
 		}
 		if err != nil && ta != nil {
-			err = cl.tls.classify(ep.addr, err, ta)
+			err = cl.tls.classify(ep.addr, err, ta, ctx.Err() != nil)
 		}
 		if err != nil {
 			if c := context.Cause(ctx); c != nil && (errors.Is(c, errPerTryTimeout) || errors.Is(c, errPendingFull)) && !errors.Is(err, c) {

@@ -187,7 +187,7 @@ func startTLSBackend(t testing.TB, name string, cert leaf, edit func(*tls.Config
 	b.addr = ln.Addr().String()
 	var protos http.Protocols
 	protos.SetHTTP1(true)
-	protos.SetHTTP2(true)
+	protos.SetHTTP2(slices.Contains(cfg.NextProtos, "h2"))
 	srv := &http.Server{Protocols: &protos, TLSConfig: cfg, IdleTimeout: time.Minute,
 		ErrorLog: log.New(io.Discard, "", 0), // refused handshakes are what some tests want
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -318,6 +318,22 @@ func TestTLSH2AndAuto(t *testing.T) {
 	for _, s := range be.snis() {
 		if s != "api.internal" {
 			t.Errorf("server saw SNI %q, want api.internal", s)
+		}
+	}
+	// A server that speaks only HTTP/1.1: auto uses it for HTTP/2
+	// requests too; http2 cannot agree on a protocol (a handshake failure).
+	h1only := startTLSBackend(t, "h1only", ca.issue(t, "h1only", false, "api.internal"), func(c *tls.Config) { c.NextProtos = []string{"http/1.1"} })
+	for _, tc := range []struct {
+		proto string
+		code  int
+	}{{"auto", 200}, {"http2", 503}} {
+		tp := startProxy(t, mustLoad(t, tlsClusterConfig(fmt.Sprintf(`  protocol: %s
+  endpoints: [{address: %q}]
+  tls: {mode: SIMPLE, caCertificates: %q, sni: api.internal}
+`, tc.proto, h1only.addr, ca.pem))), h1only.addr, Outbound)
+		code, h, body := get(t, h2cClient(), tp.addr, "api", "/h")
+		if code != tc.code || code == 200 && h.Get("X-ALPN") != "http/1.1" {
+			t.Errorf("%s cluster, HTTP/2 request, HTTP/1.1-only server: %d %q alpn=%q, want %d", tc.proto, code, body, h.Get("X-ALPN"), tc.code)
 		}
 	}
 }
@@ -717,6 +733,43 @@ func TestTLSFastPathLiveness(t *testing.T) {
 			t.Errorf("upstream accepted %d connections, want 2 (the closed one replaced)", n)
 		}
 	})
+}
+
+// TestTLSMutualSlowFirstResponse: a timeout on the first request of a new
+// TLS 1.3 connection to a server that asked for (and accepted) the client
+// certificate is a timeout, not a refused handshake.
+func TestTLSMutualSlowFirstResponse(t *testing.T) {
+	t.Parallel()
+	ca := newTestCA(t, "ca")
+	client := ca.issue(t, "meshlet-client", true)
+	be := startTLSBackend(t, "api", ca.issue(t, "server", false, "127.0.0.1"), func(c *tls.Config) {
+		c.ClientAuth = tls.RequireAndVerifyClientCert
+		c.ClientCAs = ca.pool
+	}, func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-time.After(2 * time.Second):
+		case <-r.Context().Done():
+		}
+	})
+	tp := startProxy(t, mustLoad(t, fmt.Sprintf(`
+accessLog: {enabled: true}
+services:
+- name: api
+  hosts: [api]
+  routes: [{name: r, timeout: 100ms, destinations: [{cluster: api}]}]
+clusters:
+- name: api
+  endpoints: [{address: %q}]
+  tls: {mode: MUTUAL, caCertificates: %q, clientCertificate: %q, privateKey: %q}
+`, be.addr, ca.pem, client.certPath, client.keyPath)), be.addr, Outbound)
+	for _, c := range []*http.Client{h1Client(), h2cClient()} {
+		if code, _, body := get(t, c, tp.addr, "api", "/slow"); code != 504 {
+			t.Fatalf("%d %q, want 504", code, body)
+		}
+	}
+	if v := testutil.ToFloat64(tp.m.tlsFail.WithLabelValues("api")) + testutil.ToFloat64(tp.m.connFail.WithLabelValues("api")); v != 0 {
+		t.Errorf("a slow response counted as %v TLS/connect failures\n%s", v, tp.log.String())
+	}
 }
 
 // TestTLSVerification: each way the server's certificate can fail

@@ -435,9 +435,11 @@ func (u *upstreamTLS) traced(ctx context.Context, a *tlsAttempt) context.Context
 // alert, or — depending on which side notices first — a reset, a broken
 // pipe, or net/http's HTTP/2 "client conn could not be established", which
 // drops the cause.
-func (u *upstreamTLS) classify(addr string, err error, a *tlsAttempt) error {
+// cancelled says the attempt's context ended (timeout, pending limit,
+// client gone): then the failure is ours, not the server's refusal.
+func (u *upstreamTLS) classify(addr string, err error, a *tlsAttempt, cancelled bool) error {
 	var ce *connectError
-	if errors.As(err, &ce) {
+	if errors.As(err, &ce) || cancelled {
 		return err
 	}
 	var oe *net.OpError
