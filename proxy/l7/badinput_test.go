@@ -172,35 +172,46 @@ func TestHTTP2RapidReset(t *testing.T) {
 // bytes flow both ways on the raw connection.
 func TestWebSocketUpgradePassthrough(t *testing.T) {
 	t.Parallel()
-	be := startBackend(t, "ws", func(w http.ResponseWriter, r *http.Request) {
-		if r.Header.Get("Upgrade") != "websocket" {
-			http.Error(w, "want upgrade", 400)
-			return
-		}
-		conn, brw, err := http.NewResponseController(w).Hijack()
+	be := startBackend(t, "ws", wsEcho)
+	tp := startProxy(t, Config{}, be.addr, Outbound)
+	checkWebSocketEcho(t, tp.addr, "ws")
+}
+
+// wsEcho answers a WebSocket upgrade and then echoes what it reads,
+// prefixed "echo:".
+func wsEcho(w http.ResponseWriter, r *http.Request) {
+	if r.Header.Get("Upgrade") != "websocket" {
+		http.Error(w, "want upgrade", 400)
+		return
+	}
+	conn, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		return
+	}
+	defer conn.Close()
+	fmt.Fprint(brw, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+	brw.Flush()
+	buf := make([]byte, 64)
+	for {
+		n, err := brw.Read(buf)
 		if err != nil {
 			return
 		}
-		defer conn.Close()
-		fmt.Fprint(brw, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
-		brw.Flush()
-		buf := make([]byte, 64)
-		for {
-			n, err := brw.Read(buf)
-			if err != nil {
-				return
-			}
-			conn.Write([]byte("echo:" + string(buf[:n])))
-		}
-	})
-	tp := startProxy(t, Config{}, be.addr, Outbound)
-	c, err := net.Dial("tcp", tp.addr)
+		conn.Write([]byte("echo:" + string(buf[:n])))
+	}
+}
+
+// checkWebSocketEcho upgrades a connection to proxyAddr (Host: host) and
+// checks that bytes flow both ways on it.
+func checkWebSocketEcho(t *testing.T, proxyAddr, host string) {
+	t.Helper()
+	c, err := net.Dial("tcp", proxyAddr)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(5 * time.Second))
-	fmt.Fprint(c, "GET /ws HTTP/1.1\r\nHost: ws\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: x\r\nSec-WebSocket-Version: 13\r\n\r\n")
+	fmt.Fprintf(c, "GET /ws HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: x\r\nSec-WebSocket-Version: 13\r\n\r\n", host)
 	br := bufio.NewReader(c)
 	resp, err := http.ReadResponse(br, nil)
 	if err != nil || resp.StatusCode != 101 {

@@ -735,6 +735,19 @@ func TestTLSFastPathLiveness(t *testing.T) {
 	})
 }
 
+// TestTLSWebSocket: an HTTP/1.1 upgrade to a TLS cluster (net/http's
+// transport, not the fast path) and the bytes after it are encrypted.
+func TestTLSWebSocket(t *testing.T) {
+	t.Parallel()
+	ca := newTestCA(t, "ca")
+	be := startTLSBackend(t, "ws", ca.issue(t, "server", false, "127.0.0.1"), nil, wsEcho)
+	tp := startProxy(t, mustLoad(t, tlsClusterConfig(fmt.Sprintf(`  protocol: http1
+  endpoints: [{address: %q}]
+  tls: {mode: SIMPLE, caCertificates: %q}
+`, be.addr, ca.pem))), be.addr, Outbound)
+	checkWebSocketEcho(t, tp.addr, "api")
+}
+
 // TestTLSMutualSlowFirstResponse: a timeout on the first request of a new
 // TLS 1.3 connection to a server that asked for (and accepted) the client
 // certificate is a timeout, not a refused handshake.
