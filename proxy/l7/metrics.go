@@ -25,6 +25,7 @@ type metrics struct {
 	endpoints   *prometheus.GaugeVec
 	faults      *prometheus.CounterVec
 	noRoute     prometheus.Counter
+	handoffs    *prometheus.CounterVec
 	mu          sync.Mutex
 	clusters    map[string]*clusterMetrics
 	routeFaults sync.Map // route key + kind → prometheus.Counter
@@ -66,12 +67,15 @@ func newMetrics() *metrics {
 		Help: "Endpoints known per cluster."}, []string{"cluster"})
 	m.noRoute = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshlet_l7_no_route_total",
 		Help: "Requests that matched a service but none of its routes (404)."})
+	m.handoffs = cv("meshlet_l7_downstream_handoffs_total", "Downstream connections the HTTP/1.1 codec handed to "+
+		"net/http's server, by what the request needed: http2, http1.0, upgrade, expect, transfer_encoding, "+
+		"large_body, large_head, other (malformed or unusual requests, answered by net/http).", "reason")
 	return m
 }
 
 func (m *metrics) collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.requests, m.duration, m.retries, m.budgetOut, m.overflow, m.ejections,
-		m.connFail, m.tlsFail, m.hcFail, m.dnsFail, m.mirrored, m.faults, m.endpoints, m.noRoute}
+		m.connFail, m.tlsFail, m.hcFail, m.dnsFail, m.mirrored, m.faults, m.endpoints, m.noRoute, m.handoffs}
 }
 
 func (m *metrics) cluster(name string) *clusterMetrics {

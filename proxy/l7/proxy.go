@@ -61,6 +61,10 @@ type Options struct {
 	// TCP handles connections detected as opaque TCP or on tcp ports; the
 	// proxy passes its L4 relay. Default: a plain bidirectional copy to dst.
 	TCP func(ctx context.Context, c net.Conn, dst netip.AddrPort, dir Direction)
+
+	// netHTTPOnly serves every connection with net/http's server, without
+	// the HTTP/1.1 codec (h1server.go); tests compare the two.
+	netHTTPOnly bool
 }
 
 // Proxy is the L7 engine. It is safe for concurrent use.
@@ -99,6 +103,9 @@ type dirServer struct {
 	draining atomic.Bool
 	once     sync.Once
 	drained  chan struct{} // closed when Shutdown returned
+
+	h1mu sync.Mutex
+	h1   map[*h1ServerConn]struct{} // connections served by the HTTP/1.1 codec
 }
 
 var _ http.RoundTripper = (*router)(nil)
@@ -327,6 +334,7 @@ func (p *Proxy) Close() error {
 		if cerr := d.srv.Close(); err == nil {
 			err = cerr
 		}
+		d.eachH1(func(c *h1ServerConn) { _ = c.tc.Conn.Close() })
 	}
 	p.hijacked.Range(func(k, _ any) bool { k.(*trackedConn).Conn.Close(); return true })
 	p.bgWG.Wait()
@@ -372,6 +380,7 @@ func (p *Proxy) StartDrain(dir Direction) {
 	d := p.dirs[dir]
 	d.once.Do(func() {
 		d.draining.Store(true)
+		d.eachH1((*h1ServerConn).drainIdle)
 		go func() {
 			// Shutdown's own wait has no deadline here: connections still open
 			// when the caller's deadline passes are closed by Close (or by the
@@ -432,16 +441,24 @@ func (p *Proxy) ServeConn(ctx context.Context, c net.Conn, dst netip.AddrPort, d
 }
 
 // serveHTTP serves an HTTP/1.1 or HTTP/2 (prior knowledge) connection until
-// it closes or ctx ends.
+// it closes or ctx ends: with the HTTP/1.1 codec while its requests are in
+// the shape the codec takes, then (or at once, for HTTP/2) with net/http.
 func (p *Proxy) serveHTTP(ctx context.Context, c net.Conn, dst netip.AddrPort, dir Direction) {
 	d := p.dirs[dir]
 	if d.draining.Load() {
 		c.Close()
 		return
 	}
-	tc := &trackedConn{Conn: c, dst: dst, dir: dir, done: make(chan struct{})}
 	d.conns.Add(1)
 	defer d.conns.Done()
+	if !p.opts.netHTTPOnly {
+		// The codec serves the connection, or hands it over (with the bytes
+		// it read) when a request needs net/http.
+		if c = p.serveH1(ctx, &trackedConn{Conn: c, dst: dst, dir: dir}, d); c == nil {
+			return
+		}
+	}
+	tc := &trackedConn{Conn: c, dst: dst, dir: dir, done: make(chan struct{})}
 	if !d.ln.push(tc) {
 		c.Close()
 		return
@@ -468,6 +485,9 @@ func (p *Proxy) serveTCP(ctx context.Context, c net.Conn, dst netip.AddrPort, di
 	errc := make(chan error, 2)
 	cp := func(dst, src net.Conn) {
 		_, err := io.Copy(dst, src)
+		if r, ok := dst.(interface{ Raw() net.Conn }); ok {
+			dst = r.Raw() // a sniffed connection: half-close the socket under it
+		}
 		if cw, ok := dst.(interface{ CloseWrite() error }); ok {
 			_ = cw.CloseWrite()
 		}

@@ -224,6 +224,9 @@ type Conn struct {
 	peeked []byte
 }
 
+// NewConn returns c with peeked replayed before what c reads next.
+func NewConn(c net.Conn, peeked []byte) *Conn { return &Conn{Conn: c, peeked: peeked} }
+
 // Read returns peeked bytes first, then reads from the underlying conn.
 func (c *Conn) Read(p []byte) (int, error) {
 	c.mu.Lock()

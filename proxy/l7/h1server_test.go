@@ -1,0 +1,345 @@
+package l7
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+// codecBackend answers by path: /echo echoes method, path, query, Host and
+// body; /big sends 100 KiB; /stream sends three flushed chunks and a
+// trailer; /nocontent is a 204; /slow waits 300ms.
+func codecBackend(t *testing.T) *backend {
+	return startBackend(t, "app", func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/big":
+			w.Write(bytes.Repeat([]byte("x"), 100<<10))
+		case "/stream":
+			w.Header().Set("Trailer", "X-Sum")
+			for i := range 3 {
+				fmt.Fprintf(w, "part%d;", i)
+				w.(http.Flusher).Flush()
+			}
+			w.Header().Set("X-Sum", "3")
+		case "/nocontent":
+			w.WriteHeader(http.StatusNoContent)
+		case "/slow":
+			time.Sleep(300 * time.Millisecond)
+			io.WriteString(w, "slow")
+		default:
+			b, _ := io.ReadAll(r.Body)
+			fmt.Fprintf(w, "%s %s ?%s host=%s x=%q body=%q", r.Method, r.URL.Path, r.URL.RawQuery, r.Host, r.Header["X-Multi"], b)
+		}
+	})
+}
+
+// rawResponses sends req on a new connection and reads n responses (fewer
+// when the connection closes); closed reports whether the proxy closed the
+// connection after them.
+func rawResponses(t *testing.T, addr, req string, n int, head bool) (out []string, closed bool) {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(c, req); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(c)
+	for range n {
+		var r *http.Request
+		if head {
+			r = &http.Request{Method: http.MethodHead}
+		}
+		resp, err := http.ReadResponse(br, r)
+		if err != nil {
+			return out, true
+		}
+		b, err := io.ReadAll(resp.Body)
+		if err != nil {
+			out = append(out, "body error: "+err.Error())
+			return out, true
+		}
+		out = append(out, describe(resp, b))
+	}
+	c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	_, err = br.ReadByte()
+	var ne net.Error
+	return out, !(errorsAs(err, &ne) && ne.Timeout())
+}
+
+func errorsAs(err error, target *net.Error) bool {
+	ne, ok := err.(net.Error)
+	if ok {
+		*target = ne
+	}
+	return ok
+}
+
+// describe is what must be the same whichever server answered: status,
+// body, framing and headers (but Date).
+func describe(resp *http.Response, body []byte) string {
+	var keys []string
+	for k := range resp.Header {
+		if k != "Date" {
+			keys = append(keys, k)
+		}
+	}
+	slices.Sort(keys)
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s len=%d te=%v close=%v body=%q", resp.Status, resp.ContentLength, resp.TransferEncoding, resp.Close, body)
+	for _, k := range keys {
+		fmt.Fprintf(&b, " %s=%q", k, resp.Header[k])
+	}
+	for k, v := range resp.Trailer {
+		fmt.Fprintf(&b, " trailer:%s=%q", k, v)
+	}
+	return b.String()
+}
+
+// TestH1CodecMatchesNetHTTP sends the same bytes to a proxy serving with
+// the codec and to one serving with net/http only, and wants the same
+// answers: for requests the codec takes, and for those it hands over.
+func TestH1CodecMatchesNetHTTP(t *testing.T) {
+	t.Parallel()
+	be := codecBackend(t)
+	cfg := mustLoad(t, `
+services: [{name: s, hosts: [s], routes: [{name: r, match: [{uri: {regex: "/(echo|big|stream|nocontent).*"}}], destinations: [{cluster: c}]}]}]
+clusters: [{name: c, endpoints: [{address: "`+be.addr+`"}]}]
+ports: [{port: 80, name: http-web}]
+limits: {maxHeaderBytes: 4096}
+`)
+	codec := startProxy(t, cfg, "127.0.0.1:80", Outbound)
+	plain := startProxy(t, cfg, "127.0.0.1:80", Outbound, func(o *Options) { o.netHTTPOnly = true })
+
+	big := strings.Repeat("b", 5000)
+	tests := []struct {
+		name, req string
+		n         int
+		head      bool
+		handoff   string // the reason the codec hands over ("" = it serves it)
+	}{
+		{"get", "GET /echo?a=1 HTTP/1.1\r\nHost: s\r\nX-Multi: 1\r\nx-multi: 2\r\n\r\n", 1, false, ""},
+		{"pipelined keep-alive", "GET /echo HTTP/1.1\r\nHost: s\r\n\r\nPOST /echo HTTP/1.1\r\nHost: s\r\nContent-Length: 5\r\n\r\nhello" +
+			"GET /big HTTP/1.1\r\nHost: s\r\n\r\n", 3, false, ""},
+		{"close", "GET /echo HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\nGET /echo HTTP/1.1\r\nHost: s\r\n\r\n", 2, false, ""},
+		{"head", "HEAD /big HTTP/1.1\r\nHost: s\r\n\r\n", 1, true, ""},
+		{"no content", "GET /nocontent HTTP/1.1\r\nHost: s\r\n\r\n", 1, false, ""},
+		{"streamed with trailer", "GET /stream HTTP/1.1\r\nHost: s\r\nTE: trailers\r\n\r\n", 1, false, ""},
+		{"escaped path", "GET /echo/a%2Fb%20c?q=%41 HTTP/1.1\r\nHost: s\r\n\r\n", 1, false, ""},
+		{"no route", "GET /other HTTP/1.1\r\nHost: s:80\r\n\r\n", 1, false, ""},
+		{"empty body length", "POST /echo HTTP/1.1\r\nHost: s\r\nContent-Length: 0\r\n\r\n", 1, false, ""},
+		{"chunked request", "POST /echo HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", 1, false, "transfer_encoding"},
+		{"expect continue", "POST /echo HTTP/1.1\r\nHost: s\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\nhi", 1, false, "expect"},
+		{"http/1.0", "GET /echo HTTP/1.0\r\nHost: s\r\n\r\n", 1, false, "http1.0"},
+		{"large head", "GET /echo HTTP/1.1\r\nHost: s\r\nX-Big: " + big + "\r\n\r\n", 1, false, "large_head"},
+		{"missing host", "GET /echo HTTP/1.1\r\n\r\n", 1, false, "other"},
+		{"two hosts", "GET /echo HTTP/1.1\r\nHost: s\r\nHost: t\r\n\r\n", 1, false, "other"},
+		{"two lengths", "POST /echo HTTP/1.1\r\nHost: s\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 1, false, "other"},
+		{"bad length", "POST /echo HTTP/1.1\r\nHost: s\r\nContent-Length: -1\r\n\r\n", 1, false, "other"},
+		{"space before colon", "GET /echo HTTP/1.1\r\nHost: s\r\nX-A : 1\r\n\r\n", 1, false, "other"},
+		{"obs-fold", "GET /echo HTTP/1.1\r\nHost: s\r\nX-A: 1\r\n 2\r\n\r\n", 1, false, "other"},
+		{"absolute form", "GET http://s/echo HTTP/1.1\r\nHost: s\r\n\r\n", 1, false, "other"},
+		{"control byte in value", "GET /echo HTTP/1.1\r\nHost: s\r\nX-A: a\x01b\r\n\r\n", 1, false, "other"},
+		{"bad version", "GET /echo HTTP/9.9\r\nHost: s\r\n\r\n", 1, false, "other"},
+		{"garbage", "GARBAGE\x00GARBAGE\r\n\r\n", 1, false, "other"},
+		{"second request hands over", "GET /echo HTTP/1.1\r\nHost: s\r\n\r\nPOST /echo HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", 2, false, "transfer_encoding"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var before float64
+			if tt.handoff != "" {
+				before = testutil.ToFloat64(codec.m.handoffs.WithLabelValues(tt.handoff))
+			}
+			want, wantClosed := rawResponses(t, plain.addr, tt.req, tt.n, tt.head)
+			got, gotClosed := rawResponses(t, codec.addr, tt.req, tt.n, tt.head)
+			if len(want) == 0 {
+				t.Fatalf("net/http answered nothing")
+			}
+			if !slices.Equal(got, want) || gotClosed != wantClosed {
+				t.Errorf("codec:\n  %s\n  closed=%v\nnet/http:\n  %s\n  closed=%v", strings.Join(got, "\n  "), gotClosed, strings.Join(want, "\n  "), wantClosed)
+			}
+			if tt.handoff != "" {
+				if d := testutil.ToFloat64(codec.m.handoffs.WithLabelValues(tt.handoff)) - before; d != 1 {
+					t.Errorf("handoffs{reason=%q} grew by %v; want 1", tt.handoff, d)
+				}
+			}
+		})
+	}
+	// Requests the codec serves are never handed over.
+	var total float64
+	for _, why := range []string{"http2", "http1.0", "upgrade", "expect", "transfer_encoding", "large_body", "large_head", "other"} {
+		total += testutil.ToFloat64(codec.m.handoffs.WithLabelValues(why))
+	}
+	if want := 15.0; total != want {
+		t.Errorf("%v handoffs in all; want %v (one per handed-over case)", total, want)
+	}
+}
+
+// TestH1CodecClientGoneCancelsUpstream: a client that closes its connection
+// while its request waits for the upstream cancels the upstream request,
+// as net/http's background read does; a pipelined request arriving during a
+// slow one is not mistaken for that and is answered after it.
+func TestH1CodecClientGoneCancelsUpstream(t *testing.T) {
+	t.Parallel()
+	cancelled := make(chan struct{}, 1)
+	started := make(chan struct{}, 1)
+	be := startBackend(t, "app", func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/fast" {
+			io.WriteString(w, "fast")
+			return
+		}
+		started <- struct{}{}
+		select {
+		case <-r.Context().Done():
+			cancelled <- struct{}{}
+		case <-time.After(400 * time.Millisecond):
+			io.WriteString(w, "slow")
+		}
+	})
+	tp := startProxy(t, Config{}, be.addr, Outbound)
+
+	c, err := net.Dial("tcp", tp.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(c, "GET /hang HTTP/1.1\r\nHost: app\r\n\r\n")
+	<-started
+	time.Sleep(2 * h1WatchAfter)
+	c.Close()
+	select {
+	case <-cancelled:
+	case <-time.After(5 * time.Second):
+		t.Fatal("upstream request not cancelled after the client closed")
+	}
+
+	c, err = net.Dial("tcp", tp.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(c, "GET /slow HTTP/1.1\r\nHost: app\r\n\r\n")
+	<-started
+	time.Sleep(2 * h1WatchAfter) // the watch is reading now
+	io.WriteString(c, "GET /fast HTTP/1.1\r\nHost: app\r\n\r\n")
+	br := bufio.NewReader(c)
+	for _, want := range []string{"slow", "fast"} {
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("reading %s response: %v", want, err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		if string(b) != want {
+			t.Fatalf("got %q; want %q", b, want)
+		}
+	}
+	select {
+	case <-cancelled:
+		t.Fatal("the slow request was cancelled by its pipelined successor")
+	default:
+	}
+}
+
+// TestH1CodecDrainClosesIdle: a keep-alive connection idle in the codec is
+// closed when its direction drains; a request already on its way when the
+// drain starts is answered with Connection: close.
+func TestH1CodecDrainClosesIdle(t *testing.T) {
+	t.Parallel()
+	be := codecBackend(t)
+	tp := startProxy(t, Config{}, be.addr, Inbound)
+	idle, err := net.Dial("tcp", tp.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer idle.Close()
+	idle.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(idle, "GET /echo HTTP/1.1\r\nHost: app\r\n\r\n")
+	br := bufio.NewReader(idle)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.Close {
+		t.Fatalf("first response: %v close=%v", err, resp != nil && resp.Close)
+	}
+	io.Copy(io.Discard, resp.Body)
+
+	busy, err := net.Dial("tcp", tp.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	busy.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(busy, "GET /slow HTTP/1.1\r\nHost: app\r\n\r\n")
+	time.Sleep(100 * time.Millisecond)
+
+	tp.StartDrain(Inbound)
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Fatalf("idle connection after drain: %v; want EOF", err)
+	}
+	resp, err = http.ReadResponse(bufio.NewReader(busy), nil)
+	if err != nil {
+		t.Fatalf("in-flight request lost: %v", err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	if string(b) != "slow" || !resp.Close {
+		t.Fatalf("in-flight: %q close=%v; want slow with Connection: close", b, resp.Close)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := tp.Drain(ctx); err != nil {
+		t.Fatalf("Drain: %v", err)
+	}
+}
+
+// FuzzH1Parse: whatever the bytes, parse does not panic, and a head it
+// accepts is one net/http reads the same way (method, target, Host,
+// headers, length).
+func FuzzH1Parse(f *testing.F) {
+	for _, s := range []string{
+		"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+		"POST /x?y=1 HTTP/1.1\r\nHost: a:80\r\nContent-Length: 3\r\nX-A: b\r\nx-a: c\r\n\r\n",
+		"GET /%41%2f HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: keep-alive, close\r\n\r\n",
+		"GET / HTTP/1.1\r\nHost: a\r\nX:\r\n\r\n",
+		"PRI * HTTP/2.0\r\n\r\n",
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, head []byte) {
+		if !bytes.HasSuffix(head, crlfcrlf) || bytes.Count(head, crlfcrlf) != 1 {
+			return
+		}
+		c := &h1ServerConn{hdr: http.Header{}, tmpl: &http.Request{}}
+		r, clen, why := c.parse(head)
+		if why != "" {
+			return
+		}
+		want, err := http.ReadRequest(bufio.NewReader(bytes.NewReader(head)))
+		if err != nil {
+			t.Fatalf("codec accepted what net/http refuses (%v): %q", err, head)
+		}
+		if r.Method != want.Method || r.Host != want.Host || r.URL.String() != want.URL.String() ||
+			r.RequestURI != want.RequestURI || clen != want.ContentLength || r.Close != want.Close {
+			t.Fatalf("codec read %q %q %q len=%d close=%v; net/http %q %q %q len=%d close=%v",
+				r.Method, r.Host, r.URL, clen, r.Close, want.Method, want.Host, want.URL, want.ContentLength, want.Close)
+		}
+		for k, v := range want.Header {
+			if !slices.Equal(r.Header[k], v) {
+				t.Fatalf("header %s: codec %q, net/http %q", k, r.Header[k], v)
+			}
+		}
+		if len(r.Header) != len(want.Header) {
+			t.Fatalf("headers: codec %v, net/http %v", r.Header, want.Header)
+		}
+	})
+}
