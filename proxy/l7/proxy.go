@@ -3,9 +3,10 @@
 // chunked, upgrades), h2c / HTTP/2 with prior knowledge and gRPC, routes
 // requests by host, path, method and headers to weighted clusters of
 // endpoints, and applies timeouts, retries, circuit breaking, outlier
-// detection, active health checks, fault injection and mirroring. Protocol
-// parsing is net/http's; this package decides where requests go and what
-// happens when upstreams misbehave.
+// detection, active health checks, fault injection and mirroring. Common
+// HTTP/1.1 requests are parsed by the package's own codec (h1server.go) and
+// sent upstream by its own client (h1transport.go); everything else
+// (HTTP/2, upgrades, streamed bodies, malformed input) by net/http.
 package l7
 
 import (
