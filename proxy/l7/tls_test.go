@@ -144,6 +144,7 @@ func (ca *testCA) issue(t testing.TB, cn string, client bool, names ...string) l
 type tlsBackend struct {
 	addr    string
 	conns   atomic.Int64 // TCP connections accepted
+	closed  atomic.Int64 // and closed
 	healthz atomic.Int64 // /healthz requests
 	reqs    atomic.Int64 // other requests
 	mu      sync.Mutex
@@ -151,11 +152,17 @@ type tlsBackend struct {
 	srv     *http.Server
 }
 
-// closeIdle makes the server close its idle connections (as its idle
-// timeout would): tls.Conn.Close sends close_notify, then the FIN.
-func (b *tlsBackend) closeIdle() {
-	b.srv.SetKeepAlivesEnabled(false) // closes idle connections
-	b.srv.SetKeepAlivesEnabled(true)
+// closeIdle makes the server close its (one) idle connection, as its idle
+// timeout would: tls.Conn.Close sends close_notify, then the FIN. The
+// connection may not be idle yet right after the response was read.
+func (b *tlsBackend) closeIdle(t testing.TB) {
+	t.Helper()
+	want := b.closed.Load() + 1
+	defer b.srv.SetKeepAlivesEnabled(true)
+	waitUntil(t, func() bool {
+		b.srv.SetKeepAlivesEnabled(false) // closes idle connections
+		return b.closed.Load() >= want
+	})
 }
 
 func (b *tlsBackend) snis() []string {
@@ -210,8 +217,11 @@ func startTLSBackend(t testing.TB, name string, cert leaf, edit func(*tls.Config
 			fmt.Fprintf(w, "%s %s %s %s", name, r.Method, r.URL.Path, body)
 		}),
 		ConnState: func(_ net.Conn, st http.ConnState) {
-			if st == http.StateNew {
+			switch st {
+			case http.StateNew:
 				b.conns.Add(1)
+			case http.StateClosed:
+				b.closed.Add(1)
 			}
 		},
 	}
@@ -724,7 +734,7 @@ func TestTLSFastPathLiveness(t *testing.T) {
 			t.Fatalf("first POST: %d %q", code, body)
 		}
 		// The upstream closes the idle connection (close_notify, then FIN).
-		be.closeIdle()
+		be.closeIdle(t)
 		time.Sleep(100 * time.Millisecond)
 		if code, _, body := tlsPost(t, c, tp.addr, "api", "/a", "two"); code != 200 || body != "api POST /a two" {
 			t.Fatalf("POST after the upstream closed the pooled connection: %d %q", code, body)
