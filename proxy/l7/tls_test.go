@@ -870,6 +870,34 @@ func TestTLSVerification(t *testing.T) {
 	}
 }
 
+// TestTLSRetryOnHandshakeFailure: retryOn connect-failure retries a failed
+// handshake on another endpoint.
+func TestTLSRetryOnHandshakeFailure(t *testing.T) {
+	t.Parallel()
+	ca := newTestCA(t, "ca")
+	other := newTestCA(t, "other")
+	good := startTLSBackend(t, "good", ca.issue(t, "good", false, "127.0.0.1"), nil)
+	bad := startTLSBackend(t, "bad", other.issue(t, "bad", false, "127.0.0.1"), nil)
+	tp := startProxy(t, mustLoad(t, fmt.Sprintf(`
+services:
+- name: api
+  hosts: [api]
+  routes: [{name: r, retries: {attempts: 2, retryOn: [connect-failure]}, destinations: [{cluster: api}]}]
+clusters:
+- name: api
+  endpoints: [{address: %q}, {address: %q}]
+  tls: {mode: SIMPLE, caCertificates: %q}
+`, good.addr, bad.addr, ca.pem)), good.addr, Outbound)
+	for i := 0; i < 10; i++ {
+		if code, h, body := get(t, h1Client(), tp.addr, "api", "/r"); code != 200 || h.Get("X-Backend") != "good" {
+			t.Fatalf("request %d: %d %q from %q", i, code, body, h.Get("X-Backend"))
+		}
+	}
+	if f, r := testutil.ToFloat64(tp.m.tlsFail.WithLabelValues("api")), testutil.ToFloat64(tp.m.retries.WithLabelValues("api")); f < 1 || r != f {
+		t.Errorf("%v TLS handshake failures, %v retries; want some, one retry each", f, r)
+	}
+}
+
 // TestTLSDNSClusterSNI: a DNS cluster sends its dns.name as SNI and
 // verifies the certificate against it, without an sni setting.
 func TestTLSDNSClusterSNI(t *testing.T) {
