@@ -40,6 +40,11 @@ type Config struct {
 	AccessLog AccessLog `json:"accessLog,omitempty"`
 	// Limits bound what a downstream client may send.
 	Limits Limits `json:"limits,omitempty"`
+	// HTTP2Forwarder selects how h2c downstream connections are served:
+	// "frames" (the frame-level forwarder, for ports whose routes it
+	// supports) or "nethttp" (net/http's server and transport). Default
+	// nethttp.
+	HTTP2Forwarder string `json:"http2Forwarder,omitempty"`
 }
 
 // PortConfig declares one port's protocol.
@@ -433,6 +438,11 @@ func (c *Config) Validate() error {
 		if _, err := PortProtocol(p); err != nil {
 			bad(f+".protocol", "%v", err)
 		}
+	}
+	switch c.HTTP2Forwarder {
+	case "", H2Frames, H2NetHTTP:
+	default:
+		bad("http2Forwarder", "%q is not one of %q, %q", c.HTTP2Forwarder, H2Frames, H2NetHTTP)
 	}
 	dur("detection.timeout", c.Detection.Timeout)
 	if t := c.Detection.Timeout; !t.bad && t.raw != "" && (t.D < time.Millisecond || t.D > time.Minute) {

@@ -93,6 +93,8 @@ type Proxy struct {
 	bgCancel context.CancelFunc
 	bgWG     sync.WaitGroup
 	hijacked sync.Map // *trackedConn → struct{} (upgraded connections)
+
+	h2 h2state // the HTTP/2 frame forwarder (h2proxy.go)
 }
 
 // dirServer is the HTTP server of one direction, so that a shutdown drain
@@ -240,6 +242,7 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 		p.services = append(p.services, cs)
 	}
 
+	p.initH2()
 	p.rp = &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.Out.URL.Scheme = "http"
@@ -338,6 +341,7 @@ func (p *Proxy) Close() error {
 		d.eachH1(func(c *h1ServerConn) { _ = c.tc.Conn.Close() })
 	}
 	p.hijacked.Range(func(k, _ any) bool { k.(*trackedConn).Conn.Close(); return true })
+	p.closeH2()
 	p.bgWG.Wait()
 	for _, c := range p.allClusters() {
 		c.h1.CloseIdleConnections()
@@ -382,6 +386,7 @@ func (p *Proxy) StartDrain(dir Direction) {
 	d.once.Do(func() {
 		d.draining.Store(true)
 		d.eachH1((*h1ServerConn).drainIdle)
+		p.drainH2(dir)
 		go func() {
 			// Shutdown's own wait has no deadline here: connections still open
 			// when the caller's deadline passes are closed by Close (or by the
@@ -430,15 +435,18 @@ func (p *Proxy) ServeConn(ctx context.Context, c net.Conn, dst netip.AddrPort, d
 		p.serveTCP(ctx, c, dst, dir)
 		return
 	}
+	var det *sniff.Result
 	if proto == ProtoAuto {
 		res, sc := p.detector.Detect(c)
 		if res.Protocol == sniff.TCP {
 			p.serveTCP(ctx, sc, dst, dir)
 			return
 		}
-		c = sc
+		c, det = sc, &res
 	}
-	p.serveHTTP(ctx, c, dst, dir)
+	if c, done := p.serveMaybeH2(ctx, c, det, dst, dir); !done {
+		p.serveHTTP(ctx, c, dst, dir)
+	}
 }
 
 // serveHTTP serves an HTTP/1.1 or HTTP/2 (prior knowledge) connection until
