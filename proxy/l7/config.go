@@ -41,9 +41,9 @@ type Config struct {
 	// Limits bound what a downstream client may send.
 	Limits Limits `json:"limits,omitempty"`
 	// HTTP2Forwarder selects how h2c downstream connections are served:
-	// "frames" (the frame-level forwarder, for ports whose routes it
-	// supports) or "nethttp" (net/http's server and transport). Default
-	// nethttp.
+	// "frames" (default: the frame-level forwarder, on ports whose routes it
+	// supports; see README) or "nethttp" (net/http's server and transport
+	// for all of them).
 	HTTP2Forwarder string `json:"http2Forwarder,omitempty"`
 }
 

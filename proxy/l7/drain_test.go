@@ -187,12 +187,16 @@ func h2Handshake(t testing.TB, c net.Conn) *http2.Framer {
 
 func h2Request(t testing.TB, fr *http2.Framer, stream uint32, path string, end bool) {
 	t.Helper()
+	if err := h2RequestErr(fr, stream, path, end); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func h2RequestErr(fr *http2.Framer, stream uint32, path string, end bool) error {
 	var hb bytes.Buffer
 	enc := hpack.NewEncoder(&hb)
 	for _, kv := range [][2]string{{":method", "GET"}, {":scheme", "http"}, {":authority", "app"}, {":path", path}} {
 		enc.WriteField(hpack.HeaderField{Name: kv[0], Value: kv[1]})
 	}
-	if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: stream, BlockFragment: hb.Bytes(), EndStream: end, EndHeaders: true}); err != nil {
-		t.Fatal(err)
-	}
+	return fr.WriteHeaders(http2.HeadersFrameParam{StreamID: stream, BlockFragment: hb.Bytes(), EndStream: end, EndHeaders: true})
 }

@@ -128,9 +128,15 @@ clusters:
   protocol: http2
   endpoints: [{address: %q}]
 `, addr))
-	for _, port := range []string{"7070", "7071"} { // declared grpc, and detected
-		t.Run("port"+port, func(t *testing.T) {
+	for _, tc := range []struct{ engine, port string }{ // declared grpc, and detected; both HTTP/2 engines
+		{H2Frames, "7070"}, {H2Frames, "7071"}, {H2NetHTTP, "7070"}, {H2NetHTTP, "7071"},
+	} {
+		port := tc.port
+		t.Run(tc.engine+"/port"+port, func(t *testing.T) {
+			cfg := cfg
+			cfg.HTTP2Forwarder = tc.engine
 			tp := startProxy(t, cfg, "127.0.0.1:"+port, Outbound)
+			defer requireEngine(t, tp, tc.engine)
 			cc := grpcConn(t, tp.addr, "echo")
 			ctx := t.Context()
 

@@ -243,6 +243,7 @@ func (p *Proxy) serveH2(ctx context.Context, nc net.Conn, dst netip.AddrPort, di
 
 	fs := &flushSet{}
 	first := true
+	linger := false // a connection error was answered with GOAWAY
 	for {
 		f, err := d.fr.ReadFrame()
 		if first && err == nil {
@@ -266,8 +267,7 @@ func (p *Proxy) serveH2(ctx context.Context, nc net.Conn, dst netip.AddrPort, di
 				d.goaway = true
 				_ = d.fr.WriteGoAway(d.lastID, http2.ErrCode(ce), nil)
 				d.mu.Unlock()
-				fs.flush()
-				d.flush()
+				linger = true
 			}
 			break
 		}
@@ -280,8 +280,7 @@ func (p *Proxy) serveH2(ctx context.Context, nc net.Conn, dst netip.AddrPort, di
 		}
 		d.mu.Unlock()
 		if ferr != nil {
-			fs.flush()
-			d.flush()
+			linger = ce != 0 || errors.As(ferr, &ce)
 			break
 		}
 		if d.br.Buffered() == 0 {
@@ -290,6 +289,13 @@ func (p *Proxy) serveH2(ctx context.Context, nc net.Conn, dst netip.AddrPort, di
 	}
 	fs.flush()
 	d.teardown()
+	if linger {
+		// Let the client read the GOAWAY: closing with its input unread
+		// would reset the connection and may drop it.
+		d.flush()
+		_ = nc.SetReadDeadline(time.Now().Add(time.Second))
+		_, _ = io.Copy(io.Discard, d.br)
+	}
 }
 
 func connErr(code http2.ErrCode) error { return http2.ConnectionError(code) }
@@ -1442,7 +1448,9 @@ func (s *h2stream) finish(fs *flushSet) {
 	}
 	now := time.Now()
 	d.lastUse = now
-	d.done++
+	if s.respDone {
+		d.done++ // completed, not cancelled: the rapid-reset ratio's other side
+	}
 	p := d.p
 	status := s.status
 	if status == 0 || !s.respDone && strings.Contains(s.st.flags, "DC") {

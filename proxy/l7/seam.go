@@ -88,6 +88,7 @@ func (h *seamHandler) ServeConn(ctx context.Context, c *l4.Conn) {
 		}
 	}()
 	var conn net.Conn = c.Client
+	var det *sniff.Result
 	if h.p.Protocol(c.OrigDst.Port()) == ProtoAuto {
 		res, sc := h.p.detector.Detect(c.Client)
 		if res.Protocol == sniff.TCP {
@@ -98,7 +99,9 @@ func (h *seamHandler) ServeConn(ctx context.Context, c *l4.Conn) {
 			h.p.serveTCP(ctx, sc, c.OrigDst, dir)
 			return
 		}
-		conn = sc
+		conn, det = sc, &res
 	}
-	h.p.serveHTTP(ctx, conn, c.OrigDst, dir)
+	if conn, done := h.p.serveMaybeH2(ctx, conn, det, c.OrigDst, dir); !done {
+		h.p.serveHTTP(ctx, conn, c.OrigDst, dir)
+	}
 }
