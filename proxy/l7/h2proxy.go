@@ -106,7 +106,7 @@ func h2RouteOK(r *route) bool {
 // HTTP/2 for HTTP/2 requests), and the connection-count and pending-request
 // limits, which the forwarder's pool does not enforce, must be unset.
 func h2ClusterOK(c *cluster) bool {
-	return c != nil && c.proto != "http1" && c.cfg.Pool.MaxConnections == 0 && c.cfg.Pool.MaxPendingRequests == 0
+	return c != nil && c.tls == nil && c.proto != "http1" && c.cfg.Pool.MaxConnections == 0 && c.cfg.Pool.MaxPendingRequests == 0
 }
 
 // h2Serves reports whether an HTTP/2 connection to port (in dir) is served
@@ -280,7 +280,7 @@ func (p *Proxy) serveH2(ctx context.Context, nc net.Conn, dst netip.AddrPort, di
 		}
 		d.mu.Unlock()
 		if ferr != nil {
-			linger = ce != 0 || errors.As(ferr, &ce)
+			linger = errors.As(ferr, &ce)
 			break
 		}
 		if d.br.Buffered() == 0 {

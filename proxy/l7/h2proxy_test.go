@@ -78,17 +78,22 @@ services:
   hosts: [l]
   ports: [{port: 84}]
   routes: [{name: r, destinations: [{cluster: limited}]}]
+- name: tls
+  hosts: [t]
+  ports: [{port: 85}]
+  routes: [{name: r, destinations: [{cluster: tls}]}]
 clusters:
 - {name: h2, protocol: http2, endpoints: [{address: "127.0.0.1:1"}]}
 - {name: h1, protocol: http1, endpoints: [{address: "127.0.0.1:1"}]}
 - {name: limited, endpoints: [{address: "127.0.0.1:1"}], connectionPool: {maxConnections: 4}}
+- {name: tls, protocol: http2, endpoints: [{address: "127.0.0.1:1"}], tls: {mode: SIMPLE, insecureSkipVerify: true}}
 `)
 	p, err := New(cfg, Options{AccessLog: io.Discard})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer p.Close()
-	for port, want := range map[uint16]bool{81: true, 82: false, 83: false, 84: false, 9999: true} {
+	for port, want := range map[uint16]bool{81: true, 82: false, 83: false, 84: false, 85: false, 9999: true} {
 		if got := p.h2Serves(port, Outbound); got != want {
 			t.Errorf("port %d: frames=%v, want %v", port, got, want)
 		}
