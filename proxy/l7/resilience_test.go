@@ -138,6 +138,27 @@ func TestRetryPerTryTimeoutAndConnectFailure(t *testing.T) {
 	}
 }
 
+// TestPerTryTimeoutWithoutRetries: attempts 0 still bounds the one try.
+func TestPerTryTimeoutWithoutRetries(t *testing.T) {
+	t.Parallel()
+	be := startBackend(t, "hung", func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-time.After(5 * time.Second):
+		case <-r.Context().Done():
+		}
+	})
+	cfg := mustLoad(t, oneClusterConfig("    retries: {attempts: 0, perTryTimeout: 100ms}", "", be.addr))
+	tp := startProxy(t, cfg, "127.0.0.1:80", Outbound)
+	start := time.Now()
+	code, _, _ := get(t, h1Client(), tp.addr, "s", "/")
+	if code != http.StatusGatewayTimeout || time.Since(start) > 4*time.Second {
+		t.Fatalf("got %d after %v; want 504 after the 100ms per-try timeout", code, time.Since(start))
+	}
+	if n := be.count.Load(); n != 1 {
+		t.Fatalf("upstream saw %d requests; want 1 (attempts 0: no retry)", n)
+	}
+}
+
 func TestCircuitBreakerOpensAndRecovers(t *testing.T) {
 	t.Parallel()
 	var mu sync.Mutex

@@ -34,7 +34,9 @@ type retryPolicy struct {
 const defaultMaxReplayBody = 64 << 10
 
 func compileRetry(rp *RetryPolicy) *retryPolicy {
-	if rp == nil || rp.Attempts == 0 {
+	// attempts 0 with a per-try timeout: no retry, but the one try is
+	// still bounded (as Envoy's per_try_timeout with num_retries 0).
+	if rp == nil || rp.Attempts == 0 && rp.PerTryTimeout.D == 0 {
 		return nil
 	}
 	p := &retryPolicy{attempts: rp.Attempts, perTry: rp.PerTryTimeout.D, base: rp.BaseInterval.D,

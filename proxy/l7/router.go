@@ -36,7 +36,7 @@ func (rt *router) RoundTrip(req *http.Request) (*http.Response, error) {
 
 	rp := st.retry
 	var body *replayBody
-	if rp != nil && req.Body != nil && req.Body != http.NoBody {
+	if rp != nil && rp.attempts > 0 && req.Body != nil && req.Body != http.NoBody {
 		body = newReplayBody(req.Body, rp.maxBody)
 	}
 	var last *endpoint
