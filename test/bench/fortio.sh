@@ -15,6 +15,7 @@
 #   sudo flock /tmp/meshlet-bench.lock test/bench/fortio.sh       # full run (~7 min)
 #   QPS=1000 CONNS=16 DUR=10s RESTARTS=100 OUT=/tmp/b.md test/bench/fortio.sh
 #   ONLY='^grpc-' RESTARTS=0 OUT=/tmp/b.md test/bench/fortio.sh  # only paths matching ONLY
+#   SIDECAR_GOMAXPROCS=1 …   # the sidecars' GOMAXPROCS (default: Go's, the CPUs allowed)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -176,7 +177,8 @@ kind: ProxyConfig
 CFG
 chmod 644 "$WORK/config/proxy.yaml"
 for ns in "$C" "$S"; do
-  ip netns exec "$ns" setpriv --reuid 1337 --regid 1337 --clear-groups "$M" agent --config "$WORK/config/proxy.yaml" \
+  ip netns exec "$ns" setpriv --reuid 1337 --regid 1337 --clear-groups \
+    env ${SIDECAR_GOMAXPROCS:+GOMAXPROCS=$SIDECAR_GOMAXPROCS} "$M" agent --config "$WORK/config/proxy.yaml" \
     >"$WORK/agent-$ns.log" 2>&1 &
   PIDS+=($!)
 done
