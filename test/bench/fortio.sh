@@ -9,7 +9,8 @@
 #      a service routing the server's address to a cluster) and HTTP/1.1 and
 #      gRPC (fortio grpc ping) are measured vs direct, nginx and haproxy.
 # Writes a markdown report (default docs/benchmarks.md). Needs root, jq,
-# haproxy, nginx-light; fortio is installed into a cache dir on first use.
+# haproxy, nginx-light (installed with apt-get when missing); fortio is
+# installed into a cache dir on first use.
 # Cleans up its network namespaces and processes on any exit.
 #
 #   sudo flock /tmp/meshlet-bench.lock test/bench/fortio.sh       # full run (~7 min)
@@ -54,8 +55,23 @@ if ! lock_held_by_ancestor; then
   echo "waiting for $LOCK" >&2
   flock 9
 fi
-for t in jq haproxy nginx setpriv ip; do
-  command -v $t >/dev/null || { echo "fortio bench: missing $t" >&2; exit 1; }
+# The reference proxies and tools come from Debian's packages (installed on
+# first use, as fortio is below).
+declare -A pkg_of=([jq]=jq [haproxy]=haproxy [nginx]=nginx-light [setpriv]=util-linux [ip]=iproute2)
+missing=()
+for t in "${!pkg_of[@]}"; do command -v "$t" >/dev/null || missing+=("${pkg_of[$t]}"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]}" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; } ||
+    { echo "fortio bench: cannot install ${missing[*]}" >&2; exit 1; }
+  # The packages' own services are not wanted (they would hold ports 80).
+  systemctl disable --now nginx haproxy >/dev/null 2>&1 || true
+  pkill -x nginx 2>/dev/null || true
+  pkill -x haproxy 2>/dev/null || true
+fi
+for t in "${!pkg_of[@]}"; do
+  command -v "$t" >/dev/null || { echo "fortio bench: missing $t" >&2; exit 1; }
 done
 FORTIO=$CACHE/bin/fortio
 if [ ! -x "$FORTIO" ]; then
