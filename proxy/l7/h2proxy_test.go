@@ -599,3 +599,30 @@ func FuzzH2Frames(f *testing.F) {
 		io.Copy(io.Discard, c)
 	})
 }
+
+// Upstream pools of original destinations leave the map when their last
+// connection is gone, so many passthrough destinations do not pile up.
+func TestH2FramesPoolsDropped(t *testing.T) {
+	t.Parallel()
+	be := startBackend(t, "a", nil)
+	tp := framesProxy(t, Config{}, be.addr, Outbound)
+	c := h2cClient()
+	if code, _, _ := get(t, c, tp.addr, "a", "/"); code != 200 {
+		t.Fatalf("first backend: %d", code)
+	}
+	pools := func() (n int) {
+		tp.h2.pools.Range(func(_, _ any) bool { n++; return true })
+		return n
+	}
+	if pools() != 1 {
+		t.Fatalf("%d pools after one request; want 1", pools())
+	}
+	be.srv.Close() // the upstream connection ends
+	waitUntil(t, func() bool { return pools() == 0 })
+	be2 := startBackend(t, "b", nil)
+	tp.setDst(be2.addr)
+	// A new client connection: the original destination is per connection.
+	if code, _, b := get(t, h2cClient(), tp.addr, "b", "/"); code != 200 || !strings.HasPrefix(b, "b ") {
+		t.Fatalf("second backend: %d %q", code, b)
+	}
+}

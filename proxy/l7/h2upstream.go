@@ -29,6 +29,7 @@ type h2pool struct {
 	mu      sync.Mutex
 	conns   []*h2up
 	dialing bool
+	gone    bool // removed from the proxy's map
 	waiters []h2waiter
 }
 
@@ -51,6 +52,15 @@ func (p *Proxy) h2pool(cl *cluster, addr string, dir Direction) *h2pool {
 func (pl *h2pool) acquire(s *h2stream, fs *flushSet) {
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
+	if pl.gone { // left the map while empty: back in, or use the one that replaced it
+		if v, loaded := pl.p.h2.pools.LoadOrStore(pl.key, pl); loaded && v != pl {
+			pl.mu.Unlock()
+			v.(*h2pool).acquire(s, fs)
+			pl.mu.Lock()
+			return
+		}
+		pl.gone = false
+	}
 	for _, u := range pl.conns {
 		u.mu.Lock()
 		if !u.goaway && !u.failed && uint32(len(u.streams)) < u.maxStreams {
@@ -114,7 +124,9 @@ func (pl *h2pool) dial() {
 	}
 }
 
-// remove drops a connection that takes no new streams.
+// remove drops a connection that takes no new streams. An empty pool leaves
+// the proxy's map, so original-destination pools (one per address) do not
+// pile up; a stream that still holds it puts it back (acquire).
 func (pl *h2pool) remove(u *h2up) {
 	pl.mu.Lock()
 	for i, c := range pl.conns {
@@ -122,6 +134,9 @@ func (pl *h2pool) remove(u *h2up) {
 			pl.conns = append(pl.conns[:i], pl.conns[i+1:]...)
 			break
 		}
+	}
+	if len(pl.conns) == 0 && !pl.dialing && len(pl.waiters) == 0 {
+		pl.gone = pl.p.h2.pools.CompareAndDelete(pl.key, pl)
 	}
 	pl.mu.Unlock()
 }
