@@ -6,10 +6,13 @@
 //
 //   - hot restart (config file change, SIGHUP, POST /reload): generation N+1
 //     starts on the same descriptors, loads and validates its config and
-//     reports ready over a pipe; only then is N told to drain (SIGTERM). At
-//     most two generations are alive; further reloads wait and coalesce. If
-//     N+1 fails, N keeps serving and the failure is logged, counted
-//     (meshlet_agent_reloads_total{result="failure"}) and shown in
+//     reports ready over a pipe; only then is N told to drain (SIGTERM). The
+//     watch covers the files the config references too (rotated TLS
+//     certificates), and restarts only when the config hash — document and
+//     referenced files — has changed. At most two generations are alive;
+//     further reloads wait and coalesce. If N+1 fails (a bad config, or a
+//     rotated file that is bad), N keeps serving and the failure is logged,
+//     counted (meshlet_agent_reloads_total{result="failure"}) and shown in
 //     /server_info.
 //   - a generation that dies is restarted with backoff; the listening
 //     sockets stay open meanwhile, so clients wait in the backlog.
@@ -48,8 +51,9 @@ import (
 
 // Options configure the agent. Zero values mean the documented default.
 type Options struct {
-	// ConfigPath is the proxy config file, watched for changes; empty: the
-	// embedded default (pure L4 passthrough).
+	// ConfigPath is the proxy config file, watched for changes together
+	// with the files it references (l7 TLS certificates and keys); empty:
+	// the embedded default (pure L4 passthrough).
 	ConfigPath string
 	// DrainDuration is the drain deadline of a generation being replaced and
 	// of the whole sidecar on SIGTERM; 0: 5s.
@@ -131,6 +135,9 @@ type Agent struct {
 
 	events chan event
 	done   chan struct{}
+	// watcher watches the config file and the files it references; nil
+	// without a config file. Used by Run's goroutine only.
+	watcher *configWatcher
 
 	// counters in the shared region
 	reloadOK, reloadFail, crashes, gensStarted *stats.Counter

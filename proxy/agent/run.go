@@ -7,11 +7,9 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"syscall"
 	"time"
 
-	"github.com/fsnotify/fsnotify"
 	"golang.org/x/sys/unix"
 
 	"github.com/meshlet/meshlet/proxy/config"
@@ -119,6 +117,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("initial configuration: %w", err)
 	}
+	a.watchFiles(cfg)
 	st.cfg = cfg
 	a.startGen(st, cfg)
 
@@ -269,6 +268,7 @@ func (a *Agent) reload(st *runState, ev event) {
 		return
 	}
 	cfg, err := a.loadConfig()
+	a.watchFiles(cfg)
 	if err != nil {
 		a.log.Error("reload rejected: invalid configuration; the current generation keeps serving", "reason", ev.reason, "err", err)
 		a.failReload(st, err)
@@ -276,6 +276,7 @@ func (a *Agent) reload(st *runState, ev event) {
 		return
 	}
 	if (ev.reason == "watch" || ev.reason == "pending-watch") && st.active != nil && cfg.Hash == st.active.cfg.Hash {
+		a.log.Info("configuration unchanged; not restarting", "reason", ev.reason, "configHash", cfg.Hash)
 		reply(ev.reply, ReloadResult{Generation: st.active.n, Skipped: true})
 		return
 	}
@@ -512,51 +513,4 @@ func (a *Agent) publish(st *runState) {
 		a.info.State = "STARTING"
 	}
 	a.info.Restarts = a.crashes.Value()
-}
-
-func (a *Agent) isConfigEvent(name string) bool {
-	base := filepath.Base(name)
-	return base == filepath.Base(a.o.ConfigPath) || base == "..data"
-}
-
-// watch posts a reload when the config file changes. The directory is
-// watched, so ConfigMap volume updates (a symlink swap) are seen.
-func (a *Agent) watch() (func(), error) {
-	w, err := fsnotify.NewWatcher()
-	if err != nil {
-		return nil, fmt.Errorf("watching %s: %w", a.o.ConfigPath, err)
-	}
-	if err := w.Add(a.configDir()); err != nil {
-		w.Close()
-		return nil, fmt.Errorf("watching %s: %w", a.configDir(), err)
-	}
-	go func() {
-		var debounce *time.Timer
-		for {
-			select {
-			case ev, ok := <-w.Events:
-				if !ok {
-					return
-				}
-				// Only the config file itself, or a ConfigMap volume's
-				// atomic "..data" symlink swap, counts.
-				if ev.Op == fsnotify.Chmod || !a.isConfigEvent(ev.Name) {
-					continue
-				}
-				// Debounce: editors and kubelet write in several steps.
-				if debounce != nil {
-					debounce.Stop()
-				}
-				debounce = time.AfterFunc(100*time.Millisecond, func() {
-					a.post(event{kind: evReload, reason: "watch"})
-				})
-			case err, ok := <-w.Errors:
-				if !ok {
-					return
-				}
-				a.log.Warn("config watch error", "err", err)
-			}
-		}
-	}()
-	return func() { w.Close() }, nil
 }

@@ -13,9 +13,11 @@ package config
 import (
 	"crypto/sha256"
 	_ "embed"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 	"time"
@@ -75,12 +77,21 @@ const (
 	DefaultSourceIPv6     = "::6"
 )
 
-// Loaded is a validated configuration together with the bytes it came from.
+// Loaded is a validated configuration together with the bytes it came from
+// and the files it references.
 type Loaded struct {
 	Config
 	// Raw is the document as given.
 	Raw []byte
-	// Hash is the hex SHA-256 of Raw, shown in /server_info.
+	// Files are the absolute paths of every file the configuration reads
+	// (the l7 clusters' TLS certificates and keys; see l7.Config.Files),
+	// sorted, each once. The agent watches them.
+	Files []string
+	// Hash identifies the configuration in effect, shown in /server_info:
+	// the hex SHA-256 of Raw followed by each of Files' path and contents.
+	// A rotated certificate therefore changes it (the agent's file watch
+	// restarts only on a change), while rewriting the same bytes does not.
+	// For a document that references no file it is the SHA-256 of Raw.
 	Hash string
 }
 
@@ -107,7 +118,8 @@ func LoadFile(path string) (*Loaded, error) {
 }
 
 // Parse decodes a YAML (or JSON) document strictly, applies defaults and
-// validates it. The error lists every problem found.
+// validates it. The error lists every problem found. The files the document
+// references are read, to validate them and for the Hash.
 func Parse(b []byte) (*Loaded, error) {
 	var c Config
 	if err := yaml.UnmarshalStrict(b, &c); err != nil {
@@ -117,8 +129,62 @@ func Parse(b []byte) (*Loaded, error) {
 	if err := c.Validate(); err != nil {
 		return nil, err
 	}
-	sum := sha256.Sum256(b)
-	return &Loaded{Config: c, Raw: append([]byte(nil), b...), Hash: hex.EncodeToString(sum[:])}, nil
+	var files []string
+	if c.L7 != nil {
+		files = c.L7.Files()
+	}
+	hash, err := hashConfig(b, files)
+	if err != nil {
+		return nil, err
+	}
+	return &Loaded{Config: c, Raw: append([]byte(nil), b...), Files: files, Hash: hash}, nil
+}
+
+// maxHashedFile bounds what is read of a referenced file for the hash; the
+// l7 validation refuses larger files (1 MiB), so only a file replaced
+// between the two reads is cut short, and its next change is another reload.
+const maxHashedFile = 1<<20 + 1
+
+// hashConfig returns the hex SHA-256 of doc and of each file's path and
+// contents (lengths framed, so no two inputs run into each other). The files
+// were just read by validation; one that cannot be read now (removed in
+// between) is an error naming its path.
+func hashConfig(doc []byte, files []string) (string, error) {
+	h := sha256.New()
+	h.Write(doc)
+	frame := func(b []byte) {
+		var n [8]byte
+		binary.BigEndian.PutUint64(n[:], uint64(len(b)))
+		h.Write(n[:])
+		h.Write(b)
+	}
+	for _, path := range files {
+		f, err := os.Open(path)
+		if err != nil {
+			return "", fmt.Errorf("reading referenced file for the config hash: %w", err)
+		}
+		b, err := io.ReadAll(io.LimitReader(f, maxHashedFile))
+		f.Close()
+		if err != nil {
+			return "", fmt.Errorf("reading referenced file %s for the config hash: %w", path, err)
+		}
+		h.Write([]byte{0})
+		frame([]byte(path))
+		frame(b)
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// ReferencedFiles returns the files a document references (as
+// Loaded.Files) without validating it, or nil when it does not decode: a
+// document refused because of a bad certificate file still names the file
+// whose repair should reload it.
+func ReferencedFiles(b []byte) []string {
+	var c Config
+	if err := yaml.Unmarshal(b, &c); err != nil || c.L7 == nil {
+		return nil
+	}
+	return c.L7.Files()
 }
 
 // SetDefaults fills empty fields with their defaults.

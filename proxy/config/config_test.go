@@ -1,9 +1,17 @@
 package config
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/meshlet/meshlet/webhook/certs"
 )
 
 func TestDefault(t *testing.T) {
@@ -67,5 +75,107 @@ func TestLoadFileMissing(t *testing.T) {
 	_, err := LoadFile(t.TempDir() + "/nope.yaml")
 	if err == nil || !strings.Contains(err.Error(), "nope.yaml") {
 		t.Fatalf("err = %v", err)
+	}
+}
+
+// newCA returns a fresh self-signed CA certificate (PEM).
+func newCA(t *testing.T) []byte {
+	t.Helper()
+	_, certPEM, _, err := certs.NewAuthority(time.Now(), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return certPEM
+}
+
+// TestHashCoversReferencedFiles: the hash of a config that references TLS
+// files changes when a file's contents change (a rotated CA), not when the
+// same bytes are written again; Files lists the files; a config without
+// files keeps the SHA-256 of its bytes.
+func TestHashCoversReferencedFiles(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca.pem")
+	first := newCA(t)
+	if err := os.WriteFile(ca, first, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	doc := fmt.Appendf(nil, "apiVersion: meshlet.io/v1alpha1\nkind: ProxyConfig\nl7:\n  clusters:\n  - name: api\n    endpoints: [{address: \"127.0.0.1:8443\"}]\n    tls: {mode: SIMPLE, caCertificates: %q}\n", ca)
+	parse := func() *Loaded {
+		t.Helper()
+		l, err := Parse(doc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return l
+	}
+	l1 := parse()
+	if !slices.Equal(l1.Files, []string{ca}) {
+		t.Errorf("Files = %q, want [%q]", l1.Files, ca)
+	}
+	if string(l1.Raw) != string(doc) {
+		t.Errorf("Raw is not the document: %q", l1.Raw)
+	}
+	if sum := sha256.Sum256(doc); l1.Hash == hex.EncodeToString(sum[:]) {
+		t.Error("hash covers only the document, not the CA file")
+	}
+	if err := os.WriteFile(ca, first, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if h := parse().Hash; h != l1.Hash {
+		t.Errorf("same bytes rewritten: hash changed %s → %s", l1.Hash, h)
+	}
+	if err := os.WriteFile(ca, newCA(t), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if h := parse().Hash; h == l1.Hash {
+		t.Error("rotated CA file: hash unchanged")
+	}
+
+	// The same contents under another path is another configuration.
+	moved := filepath.Join(dir, "ca2.pem")
+	if err := os.WriteFile(moved, first, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(ca, first, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	l2, err := Parse([]byte(strings.ReplaceAll(string(doc), ca, moved)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l2.Hash == l1.Hash {
+		t.Error("hash does not cover the file's path")
+	}
+
+	plain := []byte("apiVersion: meshlet.io/v1alpha1\nkind: ProxyConfig\n")
+	l3, err := Parse(plain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sum := sha256.Sum256(plain); l3.Hash != hex.EncodeToString(sum[:]) || len(l3.Files) != 0 {
+		t.Errorf("config without files: hash %s files %q, want the SHA-256 of its bytes and no files", l3.Hash, l3.Files)
+	}
+}
+
+// TestBadReferencedFile: a referenced file that is not a certificate is a
+// parse error naming the field and the path; ReferencedFiles still lists it,
+// so the agent keeps watching it.
+func TestBadReferencedFile(t *testing.T) {
+	t.Parallel()
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(ca, []byte("not a certificate\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	doc := fmt.Appendf(nil, "apiVersion: meshlet.io/v1alpha1\nkind: ProxyConfig\nl7:\n  clusters:\n  - name: api\n    endpoints: [{address: \"127.0.0.1:8443\"}]\n    tls: {mode: SIMPLE, caCertificates: %q}\n", ca)
+	_, err := Parse(doc)
+	if err == nil || !strings.Contains(err.Error(), "l7.clusters[0].tls.caCertificates") || !strings.Contains(err.Error(), ca) {
+		t.Fatalf("Parse error %v does not name the field and %s", err, ca)
+	}
+	if got := ReferencedFiles(doc); !slices.Equal(got, []string{ca}) {
+		t.Errorf("ReferencedFiles = %q, want [%q]", got, ca)
+	}
+	if got := ReferencedFiles([]byte("\x00{{{")); got != nil {
+		t.Errorf("ReferencedFiles of garbage = %q", got)
 	}
 }

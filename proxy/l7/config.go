@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -406,6 +407,25 @@ func PortProtocol(p PortConfig) (string, error) {
 		}
 	}
 	return ProtoAuto, nil
+}
+
+// Files returns every file the configuration reads when it is validated —
+// the TLS files (caCertificates, clientCertificate, privateKey) of every
+// cluster — sorted, each once. The agent watches them and folds their
+// contents into the config hash, so a rotated certificate is a hot restart.
+func (c *Config) Files() []string {
+	var files []string
+	for _, cl := range c.Clusters {
+		if t := cl.TLS; t != nil {
+			for _, f := range []string{t.CACertificates, t.ClientCertificate, t.PrivateKey} {
+				if f != "" {
+					files = append(files, f)
+				}
+			}
+		}
+	}
+	slices.Sort(files)
+	return slices.Compact(files)
 }
 
 // Validate checks everything and returns all problems, each naming the field

@@ -1,6 +1,7 @@
 package l7
 
 import (
+	"slices"
 	"strings"
 	"testing"
 
@@ -174,4 +175,25 @@ func FuzzLoad(f *testing.F) {
 		}
 		p.Close()
 	})
+}
+
+// TestConfigFiles: Files lists the TLS files of every cluster, sorted, each
+// once (a CA shared by two clusters, a cluster without TLS, a TLS block
+// without a CA).
+func TestConfigFiles(t *testing.T) {
+	t.Parallel()
+	c := Config{Clusters: []Cluster{
+		{Name: "b", TLS: &UpstreamTLS{Mode: TLSMutual, CACertificates: "/etc/certs/ca.pem", ClientCertificate: "/etc/certs/tls.crt", PrivateKey: "/etc/certs/tls.key"}},
+		{Name: "plain"},
+		{Name: "a", TLS: &UpstreamTLS{Mode: TLSSimple, CACertificates: "/etc/certs/ca.pem"}},
+		{Name: "roots", TLS: &UpstreamTLS{Mode: TLSSimple}},
+		{Name: "z", TLS: &UpstreamTLS{Mode: TLSSimple, CACertificates: "/etc/other/ca.pem"}},
+	}}
+	want := []string{"/etc/certs/ca.pem", "/etc/certs/tls.crt", "/etc/certs/tls.key", "/etc/other/ca.pem"}
+	if got := c.Files(); !slices.Equal(got, want) {
+		t.Errorf("Files() = %q, want %q", got, want)
+	}
+	if got := (&Config{}).Files(); len(got) != 0 {
+		t.Errorf("Files() of an empty config = %q", got)
+	}
 }

@@ -28,8 +28,8 @@ import (
 // UpstreamTLS is a cluster's TLS origination policy, after Istio's
 // DestinationRule trafficPolicy.tls (ClientTLSSettings). The files are read
 // and checked when the config is validated, so a bad file is a config error
-// (a hot restart with it keeps the old generation serving); they are not
-// watched — new certificates need a reload.
+// (a hot restart with it keeps the old generation serving). The agent
+// watches them (Config.Files) and hot-restarts when their contents change.
 type UpstreamTLS struct {
 	// Mode is DISABLE (default: plain text), SIMPLE (TLS, the server is
 	// verified) or MUTUAL (SIMPLE plus a client certificate). ISTIO_MUTUAL
