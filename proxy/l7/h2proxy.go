@@ -378,6 +378,10 @@ func (d *h2down) onFrame(f http2.Frame, fs *flushSet) error {
 			return connErr(http2.ErrCodeProtocol)
 		}
 		if s := d.streams[f.StreamID]; s != nil {
+			if s.downWin+int64(f.Increment) > 1<<31-1 {
+				d.streamError(f.StreamID, http2.ErrCodeFlowControl, fs)
+				return nil
+			}
 			s.downWin += int64(f.Increment)
 			s.pushResp(fs)
 		}

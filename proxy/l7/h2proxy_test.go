@@ -163,14 +163,18 @@ func TestH2FramesH2CBodies(t *testing.T) {
 	t.Parallel()
 	be := startBackend(t, "app", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("X-Method", r.Method)
+		w.Header().Set("Trailer", "X-Got-Trailer")
 		w.WriteHeader(http.StatusCreated)
 		io.Copy(w, r.Body)
+		w.Header().Set("X-Got-Trailer", r.Trailer.Get("X-Req-Trailer")) // request trailers arrive after the body
 	})
 	tp := framesProxy(t, Config{}, be.addr, Outbound)
 	c := h2cClient()
 	body := bytes.Repeat([]byte("b"), 1500<<10)
 	req, _ := http.NewRequest(http.MethodPut, "http://"+tp.addr+"/up", bytes.NewReader(body))
 	req.Host = "app"
+	req.Trailer = http.Header{"X-Req-Trailer": {"t1"}}
+	req.ContentLength = -1
 	resp, err := c.Do(req)
 	if err != nil {
 		t.Fatal(err)
@@ -180,6 +184,9 @@ func TestH2FramesH2CBodies(t *testing.T) {
 	if err != nil || resp.StatusCode != http.StatusCreated || resp.Header.Get("X-Method") != "PUT" ||
 		resp.Header.Get("X-Proto") != "HTTP/2.0" || !bytes.Equal(got, body) {
 		t.Fatalf("PUT: %v status %d headers %v, %d bytes back", err, resp.StatusCode, resp.Header, len(got))
+	}
+	if v := resp.Trailer.Get("X-Got-Trailer"); v != "t1" {
+		t.Fatalf("request trailer seen upstream %q, response trailers %v; want t1 both ways", v, resp.Trailer)
 	}
 	if code, _, b := get(t, c, tp.addr, "app", "/x"); code != http.StatusCreated || b != "" {
 		t.Fatalf("GET: %d %q", code, b)
@@ -390,6 +397,12 @@ accessLog: {enabled: true}
 	}
 }
 
+// rawStatus is a response HEADERS frame's status, as rawH2 reports it.
+type rawStatus struct {
+	http2.Frame
+	status string
+}
+
 // rawH2 opens a raw HTTP/2 connection to the proxy and reads frames in the
 // background.
 type rawH2 struct {
@@ -421,6 +434,8 @@ func dialRawH2(t testing.TB, addr string) *rawH2 {
 				r.frames <- &http2.GoAwayFrame{LastStreamID: f.LastStreamID, ErrCode: f.ErrCode}
 			case *http2.RSTStreamFrame:
 				r.frames <- &http2.RSTStreamFrame{FrameHeader: f.FrameHeader, ErrCode: f.ErrCode}
+			case *http2.MetaHeadersFrame:
+				r.frames <- &rawStatus{status: f.PseudoValue("status")}
 			}
 		}
 	}()
@@ -524,6 +539,41 @@ func TestH2FramesMalformed(t *testing.T) {
 			}
 		})
 	}
+	t.Run("header list too large", func(t *testing.T) {
+		// 20 copies of a 3.9 KB field (one literal, then HPACK table
+		// references) decode to ~79 KB, over the 64 KiB limit, from one
+		// small HEADERS frame: the request is answered 431.
+		r := dialRawH2(t, tp.addr)
+		r.hb.Reset()
+		for _, kv := range [][2]string{{":method", "GET"}, {":scheme", "http"}, {":authority", "app"}, {":path", "/"}} {
+			r.enc.WriteField(hpack.HeaderField{Name: kv[0], Value: kv[1]})
+		}
+		for range 20 {
+			r.enc.WriteField(hpack.HeaderField{Name: "x-rep", Value: strings.Repeat("v", 3900)})
+		}
+		if err := r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: r.hb.Bytes(), EndStream: true, EndHeaders: true}); err != nil {
+			t.Fatal(err)
+		}
+		timeout := time.After(10 * time.Second)
+		for {
+			select {
+			case f := <-r.frames:
+				switch f := f.(type) {
+				case nil:
+					t.Fatal("connection closed without an answer")
+				case *http2.GoAwayFrame:
+					t.Fatalf("GOAWAY %v; want a 431 response", f.ErrCode)
+				case *rawStatus:
+					if f.status != "431" {
+						t.Fatalf("status %s; want 431", f.status)
+					}
+					return
+				}
+			case <-timeout:
+				t.Fatal("no answer to an oversized header list")
+			}
+		}
+	})
 	t.Run("data over the stream window", func(t *testing.T) {
 		// The upstream does not read: its window fills, then ours (the
 		// client ignores our window).
