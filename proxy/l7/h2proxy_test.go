@@ -636,7 +636,9 @@ func FuzzH2Frames(f *testing.F) {
 	f.Add([]byte{0, 0, 4, 8, 0, 0, 0, 0, 0, 0, 0, 0, 1})
 
 	be := startBackend(f, "app", nil)
-	tp := framesProxy(f, Config{}, be.addr, Outbound)
+	// Not framesProxy: with -fuzz the inputs run in worker processes, so
+	// this process's proxy may serve nothing.
+	tp := startProxy(f, Config{HTTP2Forwarder: H2Frames}, be.addr, Outbound)
 	f.Fuzz(func(t *testing.T, data []byte) {
 		c, err := net.Dial("tcp", tp.addr)
 		if err != nil {
