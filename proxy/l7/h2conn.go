@@ -133,6 +133,14 @@ func (c *h2conn) flush() bool {
 	return err == nil
 }
 
+// backlogged reports whether more than limit bytes wait for the peer: it
+// asks for answers (PING, SETTINGS, …) it does not read.
+func (c *h2conn) backlogged(limit int64) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return int64(len(c.out.b)) > limit
+}
+
 // stop ends the writer; the caller closes the socket.
 func (c *h2conn) stop() { c.once.Do(func() { close(c.done) }) }
 

@@ -52,6 +52,7 @@ type h2state struct {
 	hdrWait time.Duration
 	idle    time.Duration
 	served  atomic.Int64 // connections served (tests check which path ran)
+	outMax  atomic.Int64 // bytes waiting for a peer before it is disconnected (h2OutMax; tests lower it)
 }
 
 // initH2 decides, per port, whether the frame forwarder may serve it: every
@@ -60,6 +61,7 @@ type h2state struct {
 func (p *Proxy) initH2() {
 	h := &p.h2
 	h.on = p.cfg.HTTP2Forwarder != H2NetHTTP
+	h.outMax.Store(h2OutMax)
 	h.maxHdr = uint32(orInt(p.cfg.Limits.MaxHeaderBytes, 64<<10))
 	h.maxStr = orU32(p.cfg.Limits.MaxConcurrentStreams, 250)
 	h.hdrWait = orDur(p.cfg.Limits.ReadHeaderTimeout.D, 10*time.Second)
@@ -281,6 +283,10 @@ func (p *Proxy) serveH2(ctx context.Context, nc net.Conn, dst netip.AddrPort, di
 		d.mu.Unlock()
 		if ferr != nil {
 			linger = errors.As(ferr, &ce)
+			break
+		}
+		if d.backlogged(p.h2.outMax.Load()) {
+			d.p.log.Warn("http2 client does not read what it asks for; closing", "remote", d.remote)
 			break
 		}
 		if d.br.Buffered() == 0 {

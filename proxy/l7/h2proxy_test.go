@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -676,5 +677,30 @@ func TestH2FramesPoolsDropped(t *testing.T) {
 	// A new client connection: the original destination is per connection.
 	if code, _, b := get(t, h2cClient(), tp.addr, "b", "/"); code != 200 || !strings.HasPrefix(b, "b ") {
 		t.Fatalf("second backend: %d %q", code, b)
+	}
+}
+
+// A client that floods PINGs and never reads the answers is disconnected
+// once too many answers wait for it (16 MiB; 64 KiB here), so memory stays
+// bounded.
+func TestH2FramesPingFloodNotReading(t *testing.T) {
+	t.Parallel()
+	be := startBackend(t, "app", nil)
+	tp := framesProxy(t, Config{}, be.addr, Outbound)
+	tp.h2.outMax.Store(64 << 10)
+	c, err := net.Dial("tcp", tp.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fr := h2Handshake(t, c)
+	c.SetWriteDeadline(time.Now().Add(60 * time.Second))
+	for i := 0; ; i++ {
+		if err := fr.WritePing(false, [8]byte{byte(i)}); err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Fatalf("still connected after %d unread PINGs", i)
+			}
+			return // the proxy hung up
+		}
 	}
 }

@@ -245,6 +245,10 @@ func (u *h2up) readLoop() {
 		if u.br.Buffered() == 0 {
 			fs.flush()
 		}
+		if u.backlogged(u.pool.p.h2.outMax.Load()) {
+			err = errors.New("upstream does not read")
+			break
+		}
 	}
 	fs.flush()
 	u.teardown(fmt.Errorf("upstream connection lost: %w", err))
