@@ -277,6 +277,12 @@ func (a *Agent) reload(st *runState, ev event) {
 	}
 	if (ev.reason == "watch" || ev.reason == "pending-watch") && st.active != nil && cfg.Hash == st.active.cfg.Hash {
 		a.log.Info("configuration unchanged; not restarting", "reason", ev.reason, "configHash", cfg.Hash)
+		// What is on disk again is what runs (a bad rotation rolled back):
+		// an earlier failure no longer describes it.
+		a.region.SetNote("")
+		a.mu.Lock()
+		a.info.LastReloadError = ""
+		a.mu.Unlock()
 		reply(ev.reply, ReloadResult{Generation: st.active.n, Skipped: true})
 		return
 	}

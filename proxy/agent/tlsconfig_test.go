@@ -182,7 +182,8 @@ func TestRotatedCAFileHotRestarts(t *testing.T) {
 	}
 
 	// (a) A different CA: a new generation with a new hash.
-	writeFile(t, ca, newCAPEM(t))
+	rotatedCA := newCAPEM(t)
+	writeFile(t, ca, rotatedCA)
 	rotated := p.waitActiveHash(t, "the rotated CA", configHash(t, doc))
 	if rotated.ActiveGeneration <= before.ActiveGeneration || rotated.ConfigHash == before.ConfigHash {
 		t.Fatalf("rotation: generation %d → %d, hash %s → %s", before.ActiveGeneration, rotated.ActiveGeneration, before.ConfigHash, rotated.ConfigHash)
@@ -207,7 +208,17 @@ func TestRotatedCAFileHotRestarts(t *testing.T) {
 	if err := get(p.outbound); err != nil {
 		t.Errorf("old generation stopped serving after a bad rotation: %v", err)
 	}
-	// The bad file is still watched: repairing it restarts.
+	// Rolled back to what runs: nothing to restart, and the failure no
+	// longer stands.
+	n = p.skips()
+	writeFile(t, ca, rotatedCA)
+	p.waitSkip(t, "the bad rotation rolled back", n)
+	if i := p.info(t); i.LastReloadError != "" || i.ActiveGeneration != rotated.ActiveGeneration {
+		t.Errorf("rolled back: generation %d → %d, lastReloadError %q", rotated.ActiveGeneration, i.ActiveGeneration, i.LastReloadError)
+	}
+	// The bad file is still watched: a new good one restarts.
+	writeFile(t, ca, []byte("not a certificate\n"))
+	p.waitInfo(t, "the second bad rotation reported", func(i agent.Info) bool { return strings.Contains(i.LastReloadError, ca) })
 	writeFile(t, ca, newCAPEM(t))
 	repaired := p.waitActiveHash(t, "the repaired CA", configHash(t, doc))
 	if repaired.ActiveGeneration <= rotated.ActiveGeneration || repaired.LastReloadError != "" {
