@@ -8,8 +8,10 @@ import (
 	"bufio"
 	"bytes"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -20,16 +22,39 @@ import (
 // `meshlet proxy` processes from their own executable.
 const EnvExec = "MESHLET_TEST_EXEC_MESHLET"
 
-// FreePort returns a loopback address that was free a moment ago.
+// FreePort returns a loopback address that was free a moment ago, for a
+// child process to bind. It is taken below the kernel's ephemeral range
+// (ip_local_port_range, 32768+ by default): a port the kernel handed out
+// for :0 and got back is soon given to some test's outgoing connection as
+// its source port, and the child's bind then fails ("address already in
+// use", seen in parallel agent tests). Ports are not handed out twice by
+// one test binary.
 func FreePort(t testing.TB) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	freeMu.Lock()
+	defer freeMu.Unlock()
+	for range 1000 {
+		port := 20000 + rand.IntN(12000)
+		if freeUsed[port] {
+			continue
+		}
+		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			continue
+		}
+		ln.Close()
+		freeUsed[port] = true
+		return addr
 	}
-	defer ln.Close()
-	return ln.Addr().String()
+	t.Fatal("no free loopback port in 20000..31999")
+	return ""
 }
+
+var (
+	freeMu   sync.Mutex
+	freeUsed = map[int]bool{}
+)
 
 // SyncBuf is a bytes.Buffer safe for concurrent writers (a child process's
 // output copier, logger goroutines) and the test reading it.
