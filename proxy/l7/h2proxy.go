@@ -781,7 +781,7 @@ func (s *h2stream) upstreamHeaders(method string, regular []hpack.HeaderField) [
 	if s.st.route.cfg.Headers == nil {
 		for _, f := range regular {
 			switch f.Name {
-			case "grpc-timeout", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto":
+			case "grpc-timeout":
 				continue
 			}
 			if !h2HopField(f.Name, f.Value) {
@@ -794,7 +794,7 @@ func (s *h2stream) upstreamHeaders(method string, regular []hpack.HeaderField) [
 	for k, vs := range r.Header {
 		lk := strings.ToLower(k)
 		switch lk {
-		case "grpc-timeout", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "host":
+		case "grpc-timeout", "host":
 			continue
 		}
 		for _, v := range vs {

@@ -247,6 +247,14 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.Out.URL.Scheme = "http"
 			pr.Out.URL.Host = pr.In.Host
+			// A sidecar is transparent to forwarding headers: what an
+			// ingress or the client set reaches the app (ReverseProxy's
+			// Rewrite mode would drop them).
+			for _, k := range forwardingHeaders {
+				if v, ok := pr.In.Header[k]; ok {
+					pr.Out.Header[k] = v
+				}
+			}
 		},
 		Transport:      &router{p: p},
 		ErrorHandler:   p.errorHandler,
@@ -595,6 +603,9 @@ func sortedKeys[V any](m map[string]V) []string {
 	}
 	return out
 }
+
+// forwardingHeaders are passed through unchanged.
+var forwardingHeaders = []string{"Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"}
 
 // bufPool gives ReverseProxy pooled copy buffers.
 type bufPool struct{}

@@ -147,3 +147,35 @@ func TestAccessLogSampling(t *testing.T) {
 		}
 	}
 }
+
+// TestForwardingHeadersPassThrough: what an ingress put in Forwarded and
+// X-Forwarded-* reaches the app unchanged, over HTTP/1.1 and h2c (frame
+// forwarder and net/http), with and without route header operations.
+func TestForwardingHeadersPassThrough(t *testing.T) {
+	t.Parallel()
+	be := startBackend(t, "app", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "%q %q %q %q", r.Header["X-Forwarded-For"], r.Header["Forwarded"], r.Header["X-Forwarded-Proto"], r.Header["X-Forwarded-Host"])
+	})
+	want := `["203.0.113.7, 10.0.0.1"] ["for=203.0.113.7;proto=https"] ["https"] ["shop.example"]`
+	hdrs := []string{"X-Forwarded-For", "203.0.113.7, 10.0.0.1", "Forwarded", "for=203.0.113.7;proto=https",
+		"X-Forwarded-Proto", "https", "X-Forwarded-Host", "shop.example"}
+	routed := mustLoad(t, oneClusterConfig("    headers: {request: {set: {x-route: r}}}", "  protocol: auto", be.addr))
+	for _, engine := range []string{H2Frames, H2NetHTTP} {
+		for name, cfg := range map[string]Config{"inbound": {}, "routed": routed} {
+			cfg.HTTP2Forwarder = engine
+			dir, host := Inbound, "app"
+			if name == "routed" {
+				dir, host = Outbound, "s"
+			}
+			tp := startProxy(t, cfg, be.addr, dir)
+			if name == "routed" {
+				tp.setDst("127.0.0.1:80")
+			}
+			for proto, c := range map[string]*http.Client{"h1": h1Client(), "h2c": h2cClient()} {
+				if code, _, body := get(t, c, tp.addr, host, "/", hdrs...); code != 200 || body != want {
+					t.Errorf("%s %s %s: %d %s; want %s", engine, name, proto, code, body, want)
+				}
+			}
+		}
+	}
+}
