@@ -247,6 +247,9 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.Out.URL.Scheme = "http"
 			pr.Out.URL.Host = pr.In.Host
+			// The query as the client sent it (Rewrite mode would re-encode
+			// one holding a semicolon, dropping parameters).
+			pr.Out.URL.RawQuery = pr.In.URL.RawQuery
 			// A sidecar is transparent to forwarding headers: what an
 			// ingress or the client set reaches the app (ReverseProxy's
 			// Rewrite mode would drop them).

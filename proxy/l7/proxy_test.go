@@ -179,3 +179,19 @@ func TestForwardingHeadersPassThrough(t *testing.T) {
 		}
 	}
 }
+
+// TestQueryPassesUnchanged: the query reaches the app byte for byte, a
+// semicolon included, over HTTP/1.1 and h2c on both HTTP/2 engines.
+func TestQueryPassesUnchanged(t *testing.T) {
+	t.Parallel()
+	be := startBackend(t, "app", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, r.URL.RawQuery) })
+	const q = "a=1;b=2&c=%3B&d"
+	for _, engine := range []string{H2Frames, H2NetHTTP} {
+		tp := startProxy(t, Config{HTTP2Forwarder: engine}, be.addr, Inbound)
+		for proto, c := range map[string]*http.Client{"h1": h1Client(), "h2c": h2cClient()} {
+			if code, _, body := get(t, c, tp.addr, "app", "/p?"+q); code != 200 || body != q {
+				t.Errorf("%s %s: %d %q; want %q", engine, proto, code, body, q)
+			}
+		}
+	}
+}
