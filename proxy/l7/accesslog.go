@@ -81,6 +81,10 @@ func (l *accessLogger) log(r *http.Request, st *reqState, dir Direction, status 
 		b = append(b, `,"error":`...)
 		b = strconv.AppendQuote(b, st.err.Error())
 	}
+	if id := r.Header["X-Request-Id"]; len(id) > 0 {
+		b = append(b, `,"request_id":`...)
+		b = strconv.AppendQuote(b, id[0])
+	}
 	if r.RemoteAddr != "" {
 		b = append(b, `,"downstream":`...)
 		b = strconv.AppendQuote(b, r.RemoteAddr)

@@ -575,6 +575,7 @@ type h2stream struct {
 	req   *http.Request // the request as routing, logs and metrics see it
 	start time.Time
 	hdrs  []hpack.HeaderField // request headers for the upstream (no grpc-timeout)
+	genID string              // x-request-id generated here (the client sent none)
 
 	cl      *cluster
 	pl      *pool
@@ -649,6 +650,10 @@ func (s *h2stream) open(f *http2.MetaHeadersFrame, fs *flushSet) {
 		if hf.Name == "host" && authority == "" {
 			authority = hf.Value
 		}
+	}
+	if _, ok := hdr["X-Request-Id"]; !ok {
+		s.genID = newRequestID()
+		hdr["X-Request-Id"] = []string{s.genID}
 	}
 	u, err := url.ParseRequestURI(path)
 	r := &http.Request{Method: method, Proto: "HTTP/2.0", ProtoMajor: 2, Header: hdr, Host: authority, RemoteAddr: d.remote, RequestURI: path}
@@ -787,6 +792,9 @@ func (s *h2stream) upstreamHeaders(method string, regular []hpack.HeaderField) [
 			if !h2HopField(f.Name, f.Value) {
 				out = append(out, f)
 			}
+		}
+		if s.genID != "" {
+			out = append(out, hpack.HeaderField{Name: "x-request-id", Value: s.genID})
 		}
 		return out
 	}

@@ -67,6 +67,11 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			}
 		}()
 	}
+	if _, ok := r.Header["X-Request-Id"]; !ok {
+		// As Envoy: every request carries an id the access logs of all hops
+		// share.
+		r.Header["X-Request-Id"] = []string{newRequestID()}
+	}
 	st := &reqState{dst: dst, grpc: isGRPC(r)}
 	st.rw.ResponseWriter = w
 	rw := &st.rw
@@ -172,6 +177,31 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}()
 	p.rp.ServeHTTP(rw, r.WithContext(ctx))
 	p.finish(rw, r, st, dir, start)
+}
+
+// newRequestID returns a random (version 4) UUID for x-request-id.
+func newRequestID() string {
+	var b [36]byte
+	hi, lo := rand.Uint64(), rand.Uint64()
+	hi = hi&^(0xf<<12) | 4<<12   // version 4
+	lo = lo&^(0x3<<62) | 0x2<<62 // RFC 9562 variant
+	const hexd = "0123456789abcdef"
+	j := 0
+	for i := 0; i < 16; i++ {
+		if i == 4 || i == 6 || i == 8 || i == 10 {
+			b[j] = '-'
+			j++
+		}
+		var v byte
+		if i < 8 {
+			v = byte(hi >> (56 - 8*i))
+		} else {
+			v = byte(lo >> (56 - 8*(i-8)))
+		}
+		b[j], b[j+1] = hexd[v>>4], hexd[v&0xf]
+		j += 2
+	}
+	return string(b[:])
 }
 
 func orPct(v float64) float64 {

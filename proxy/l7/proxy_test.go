@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -191,6 +192,31 @@ func TestQueryPassesUnchanged(t *testing.T) {
 		for proto, c := range map[string]*http.Client{"h1": h1Client(), "h2c": h2cClient()} {
 			if code, _, body := get(t, c, tp.addr, "app", "/p?"+q); code != 200 || body != q {
 				t.Errorf("%s %s: %d %q; want %q", engine, proto, code, body, q)
+			}
+		}
+	}
+}
+
+// TestRequestID: a request without x-request-id gets a fresh UUIDv4 that
+// the app and the access log see; one that has it keeps it. Over
+// HTTP/1.1 and h2c on both HTTP/2 engines.
+func TestRequestID(t *testing.T) {
+	t.Parallel()
+	be := startBackend(t, "app", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, r.Header.Get("X-Request-Id")) })
+	uuid4 := regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$`)
+	for _, engine := range []string{H2Frames, H2NetHTTP} {
+		tp := startProxy(t, Config{HTTP2Forwarder: engine, AccessLog: AccessLog{Enabled: true}}, be.addr, Inbound)
+		for proto, c := range map[string]*http.Client{"h1": h1Client(), "h2c": h2cClient()} {
+			_, _, id1 := get(t, c, tp.addr, "app", "/")
+			_, _, id2 := get(t, c, tp.addr, "app", "/")
+			if !uuid4.MatchString(id1) || !uuid4.MatchString(id2) || id1 == id2 {
+				t.Errorf("%s %s: generated ids %q, %q; want two different UUIDv4", engine, proto, id1, id2)
+			}
+			if !strings.Contains(tp.log.String(), `"request_id":"`+id1+`"`) {
+				t.Errorf("%s %s: access log lacks request_id %s:\n%s", engine, proto, id1, tp.log.String())
+			}
+			if _, _, got := get(t, c, tp.addr, "app", "/", "X-Request-Id", "client-chosen-1"); got != "client-chosen-1" {
+				t.Errorf("%s %s: client's x-request-id arrived as %q", engine, proto, got)
 			}
 		}
 	}
