@@ -115,6 +115,8 @@ type Server struct {
 	inflight atomic.Int64 // accepted and not yet finished, both directions
 	accepts  sync.WaitGroup
 	https    []*http.Server
+
+	afterAccept atomic.Pointer[func()] // test hook between accept(2) and counting the connection
 }
 
 // New prepares a generation; nothing is served until Start.
@@ -213,6 +215,9 @@ func (s *Server) acceptLoop(ln *net.TCPListener, dir l4.Direction) {
 				continue
 			}
 			backoff = 0
+			if f := s.afterAccept.Load(); f != nil {
+				(*f)()
+			}
 			s.conns.Add(1)
 			s.inflight.Add(1)
 			go s.handle(c, dir)
@@ -321,12 +326,29 @@ func (s *Server) finish() {
 	defer tick.Stop()
 	quiet := min(time.Second, s.o.DrainDuration/2)
 	var zeroSince time.Time
+	// A connection accept(2) returned is counted in inflight a moment later,
+	// on the accept goroutine; zero connections is final only once those
+	// goroutines are gone (the drain closed their listeners). Without this
+	// a connection accepted just before the drain — its goroutine descheduled
+	// between accept and the count on a busy node — died with the generation.
+	acceptsDone := make(chan struct{})
+	acceptsWatch := sync.OnceFunc(func() { go func() { s.accepts.Wait(); close(acceptsDone) }() })
 	for {
 		if s.inflight.Load() == 0 {
 			if zeroSince.IsZero() {
 				zeroSince = time.Now()
 			}
-			if s.draining.Load() == int32(1+HotRestart) || time.Since(zeroSince) >= quiet {
+			if s.draining.Load() == int32(1+HotRestart) {
+				acceptsWatch()
+				select {
+				case <-acceptsDone:
+				default:
+					zeroSince = time.Time{} // an accepted connection may not be counted yet
+				}
+				if !zeroSince.IsZero() && s.inflight.Load() == 0 {
+					break
+				}
+			} else if time.Since(zeroSince) >= quiet {
 				break
 			}
 		} else {

@@ -365,6 +365,45 @@ func TestDrain(t *testing.T) {
 	}
 }
 
+// TestDrainKeepsJustAcceptedConnection: a connection accept(2) has
+// returned but the accept goroutine has not counted yet (descheduled on a
+// busy node) is served, and the hot-restart drain does not end without it.
+func TestDrainKeepsJustAcceptedConnection(t *testing.T) {
+	backend, _ := echo(t)
+	h := start(t, "", 5*time.Second)
+	h.to(backend)
+	accepted, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	server.SetAfterAccept(h.srv, func() {
+		once.Do(func() { close(accepted); <-release })
+	})
+	c := dial(t, h.outbound)
+	<-accepted
+	h.srv.Drain(server.HotRestart)
+	waited := make(chan struct{})
+	go func() { h.srv.Wait(); close(waited) }()
+	select {
+	case <-waited:
+		t.Fatal("drain finished while an accepted connection was not yet served")
+	case <-time.After(200 * time.Millisecond): // finish() checks every 20ms
+	}
+	close(release)
+	if _, err := io.WriteString(c, "late\n"); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 5)
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "late\n" {
+		t.Fatalf("just-accepted connection: %q, %v; want the echo", buf, err)
+	}
+	_ = c.CloseWrite()
+	_, _ = io.ReadAll(c)
+	select {
+	case <-waited:
+	case <-time.After(5 * time.Second):
+		t.Fatal("drain did not finish after the connection ended")
+	}
+}
+
 func TestDrainDeadline(t *testing.T) {
 	backend, _ := echo(t)
 	h := start(t, "", 300*time.Millisecond)
