@@ -1429,12 +1429,7 @@ func (s *h2stream) finish(fs *flushSet) {
 	d := s.d
 	delete(d.streams, s.id)
 	if s.blockedDown {
-		for i, b := range d.blocked {
-			if b == s {
-				d.blocked = append(d.blocked[:i], d.blocked[i+1:]...)
-				break
-			}
-		}
+		d.blocked = withoutStream(d.blocked, s)
 	}
 	// The upstream stream is closed both ways after a complete exchange;
 	// anything else is cancelled there.

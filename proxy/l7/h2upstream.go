@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"sync"
 	"time"
 
@@ -186,6 +187,30 @@ func (u *h2up) current(s *h2stream, id uint32) bool {
 	return !s.closed && s.u == u && s.uid == id
 }
 
+// detachEach releases every stream of ss still attached to u and calls
+// then for it, each under its downstream connection's lock (u.mu not held).
+func (u *h2up) detachEach(ss []*h2stream, then func(*h2stream)) {
+	for _, s := range ss {
+		id := s.uid
+		s.d.mu.Lock()
+		if u.current(s, id) {
+			u.mu.Lock()
+			u.release(s)
+			u.mu.Unlock()
+			then(s)
+		}
+		s.d.mu.Unlock()
+	}
+}
+
+// withoutStream removes s from a blocked list (order kept).
+func withoutStream(list []*h2stream, s *h2stream) []*h2stream {
+	if i := slices.Index(list, s); i >= 0 {
+		return slices.Delete(list, i, i+1)
+	}
+	return list
+}
+
 // release removes s from the connection (u.mu held); idempotent.
 func (u *h2up) release(s *h2stream) {
 	if u.streams[s.uid] != s {
@@ -193,12 +218,7 @@ func (u *h2up) release(s *h2stream) {
 	}
 	delete(u.streams, s.uid)
 	if s.blockedUp {
-		for i, b := range u.blocked {
-			if b == s {
-				u.blocked = append(u.blocked[:i], u.blocked[i+1:]...)
-				break
-			}
-		}
+		u.blocked = withoutStream(u.blocked, s)
 		s.blockedUp = false
 	}
 	if len(u.streams) == 0 {
@@ -446,19 +466,11 @@ func (u *h2up) onFrame(f http2.Frame, fs *flushSet) error {
 		}
 		idle := len(u.streams) == 0
 		u.mu.Unlock()
-		for _, s := range refused {
-			id := s.uid
-			s.d.mu.Lock()
-			if u.current(s, id) {
-				u.mu.Lock()
-				u.release(s)
-				u.mu.Unlock()
-				if !s.redispatch(fs) {
-					s.attemptFailed(errors.New("upstream refused the stream (GOAWAY)"), http2.ErrCodeRefusedStream, fs)
-				}
+		u.detachEach(refused, func(s *h2stream) {
+			if !s.redispatch(fs) {
+				s.attemptFailed(errors.New("upstream refused the stream (GOAWAY)"), http2.ErrCodeRefusedStream, fs)
 			}
-			s.d.mu.Unlock()
-		}
+		})
 		if idle {
 			go u.close(http2.ErrCodeNo)
 		}
@@ -531,17 +543,7 @@ func (u *h2up) teardown(err error) {
 	}
 	u.mu.Unlock()
 	fs := &flushSet{}
-	for _, s := range all {
-		id := s.uid
-		s.d.mu.Lock()
-		if u.current(s, id) {
-			u.mu.Lock()
-			u.release(s)
-			u.mu.Unlock()
-			s.attemptFailed(err, http2.ErrCodeInternal, fs)
-		}
-		s.d.mu.Unlock()
-	}
+	u.detachEach(all, func(s *h2stream) { s.attemptFailed(err, http2.ErrCodeInternal, fs) })
 	fs.flush()
 }
 
