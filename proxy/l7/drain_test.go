@@ -132,16 +132,7 @@ func TestDrainGRPCStreamMidFlight(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	roundTrip := func(i int) {
-		msg := fmt.Sprintf("m%d", i)
-		if err := bs.Send(&testpb.StreamingOutputCallRequest{Payload: &testpb.Payload{Body: []byte(msg)}}); err != nil {
-			t.Fatalf("send %d: %v", i, err)
-		}
-		got, err := bs.Recv()
-		if err != nil || string(got.GetPayload().GetBody()) != msg {
-			t.Fatalf("recv %d: %v %v", i, got, err)
-		}
-	}
+	roundTrip := func(i int) { bidiRoundTrip(t, bs, fmt.Sprintf("m%d", i)) }
 	roundTrip(0)
 	drained := make(chan error, 1)
 	go func() {

@@ -168,18 +168,7 @@ clusters:
 			if err != nil {
 				t.Fatal(err)
 			}
-			var sizes []int
-			for {
-				m, err := ss.Recv()
-				if err == io.EOF {
-					break
-				}
-				if err != nil {
-					t.Fatal(err)
-				}
-				sizes = append(sizes, len(m.GetPayload().GetBody()))
-			}
-			if fmt.Sprint(sizes) != "[10 70000 3]" {
+			if sizes := streamSizes(t, ss); fmt.Sprint(sizes) != "[10 70000 3]" {
 				t.Fatalf("server stream sizes %v", sizes)
 			}
 
@@ -189,14 +178,7 @@ clusters:
 				t.Fatal(err)
 			}
 			for i := 0; i < 20; i++ {
-				msg := fmt.Sprintf("m%d", i)
-				if err := bs.Send(&testpb.StreamingOutputCallRequest{Payload: &testpb.Payload{Body: []byte(msg)}}); err != nil {
-					t.Fatal(err)
-				}
-				got, err := bs.Recv()
-				if err != nil || string(got.GetPayload().GetBody()) != msg {
-					t.Fatalf("bidi %d: %v %v", i, got, err)
-				}
+				bidiRoundTrip(t, bs, fmt.Sprintf("m%d", i))
 			}
 			bs.CloseSend()
 			if _, err := bs.Recv(); err != io.EOF {
@@ -286,4 +268,34 @@ clusters:
 	// SERVICE_UNKNOWN is not SERVING either.
 	hsB.SetServingStatus("echo", healthpb.HealthCheckResponse_SERVICE_UNKNOWN)
 	waitUntil(t, func() bool { return b.unhealthy.Load() })
+}
+
+// bidiRoundTrip sends msg on a FullDuplexCall stream and requires its echo
+// before anything else is sent (true streaming both ways).
+func bidiRoundTrip(t testing.TB, bs grpc.BidiStreamingClient[testpb.StreamingOutputCallRequest, testpb.StreamingOutputCallResponse], msg string) {
+	t.Helper()
+	if err := bs.Send(&testpb.StreamingOutputCallRequest{Payload: &testpb.Payload{Body: []byte(msg)}}); err != nil {
+		t.Fatalf("send %q: %v", msg, err)
+	}
+	got, err := bs.Recv()
+	if err != nil || string(got.GetPayload().GetBody()) != msg {
+		t.Fatalf("echo of %q: %v %v", msg, got, err)
+	}
+}
+
+// streamSizes reads a server stream to its end and returns the sizes of
+// the messages it carried.
+func streamSizes(t testing.TB, ss grpc.ServerStreamingClient[testpb.StreamingOutputCallResponse]) []int {
+	t.Helper()
+	var sizes []int
+	for {
+		m, err := ss.Recv()
+		if err == io.EOF {
+			return sizes
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		sizes = append(sizes, len(m.GetPayload().GetBody()))
+	}
 }

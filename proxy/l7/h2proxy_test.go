@@ -142,18 +142,7 @@ func TestH2FramesLargeMessagesTwoHops(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var sizes []int
-	for {
-		m, err := ss.Recv()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		sizes = append(sizes, len(m.GetPayload().GetBody()))
-	}
-	if fmt.Sprint(sizes) != fmt.Sprint([]int{2 << 20, 1, 3 << 20}) {
+	if sizes := streamSizes(t, ss); fmt.Sprint(sizes) != fmt.Sprint([]int{2 << 20, 1, 3 << 20}) {
 		t.Fatalf("stream sizes %v", sizes)
 	}
 }

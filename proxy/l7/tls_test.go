@@ -399,14 +399,7 @@ clusters:
 		t.Fatal(err)
 	}
 	for i := 0; i < 5; i++ {
-		msg := fmt.Sprint("s", i)
-		if err := stream.Send(&testpb.StreamingOutputCallRequest{Payload: &testpb.Payload{Body: []byte(msg)}}); err != nil {
-			t.Fatal(err)
-		}
-		got, err := stream.Recv()
-		if err != nil || string(got.GetPayload().GetBody()) != msg {
-			t.Fatalf("stream message %d: %v %v", i, got, err)
-		}
+		bidiRoundTrip(t, stream, fmt.Sprint("s", i))
 	}
 	if err := stream.CloseSend(); err != nil {
 		t.Fatal(err)
