@@ -281,7 +281,7 @@ func (c *h1ServerConn) parse(head []byte) (r *http.Request, clen int64, why stri
 	case proto == "HTTP/1.0":
 		return nil, 0, "http1.0"
 	case !ok1 || !ok2 || proto != "HTTP/1.1" || method == "" || method == http.MethodConnect ||
-		!validMethod(method) || len(target) == 0 || target[0] != '/':
+		!httpguts.ValidHeaderFieldName(method) || len(target) == 0 || target[0] != '/':
 		return nil, 0, "other"
 	}
 	c.url = url.URL{}
@@ -401,15 +401,6 @@ func plainPath(p string) bool {
 func printable(q string) bool {
 	for i := 0; i < len(q); i++ {
 		if c := q[i]; c <= ' ' || c >= 0x7f || c == '#' {
-			return false
-		}
-	}
-	return true
-}
-
-func validMethod(m string) bool {
-	for i := 0; i < len(m); i++ {
-		if !httpguts.IsTokenRune(rune(m[i])) {
 			return false
 		}
 	}
@@ -684,7 +675,7 @@ func (w *h1Writer) commit(final bool) {
 			}
 		}
 	}
-	if w.c.d.draining.Load() || hasToken(h["Connection"], "close") {
+	if w.c.d.draining.Load() || httpguts.HeaderValuesContainsToken(h["Connection"], "close") {
 		w.closeAfter = true
 	}
 	delete(h, "Connection")
@@ -801,17 +792,6 @@ func (w *h1Writer) finish() error {
 	h1Writers.Put(bw)
 	w.c.bw = nil
 	return w.err
-}
-
-func hasToken(vs []string, tok string) bool {
-	for _, v := range vs {
-		for _, t := range strings.Split(v, ",") {
-			if strings.EqualFold(strings.TrimSpace(t), tok) {
-				return true
-			}
-		}
-	}
-	return false
 }
 
 func hasTrailerPrefix(h http.Header) bool {
