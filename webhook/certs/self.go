@@ -36,6 +36,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -91,7 +92,7 @@ type SelfIssued struct {
 
 	cert     atomic.Pointer[tls.Certificate]
 	certPEM  atomic.Pointer[[]byte]
-	ready    atomic.Pointer[error]
+	seen     atomic.Pointer[map[string][]webhookBundle]
 	reconMu  sync.Mutex
 	rotated  prometheus.Counter
 	expiry   prometheus.Gauge
@@ -143,8 +144,6 @@ func NewSelfIssued(opts SelfIssuedOptions) (*SelfIssued, error) {
 			Help: "NotAfter of the serving certificate in use, as a Unix time.",
 		}),
 	}
-	notYet := errors.New("certificates not reconciled yet")
-	s.ready.Store(&notYet)
 	return s, nil
 }
 
@@ -162,10 +161,39 @@ func (s *SelfIssued) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, err
 	return c, nil
 }
 
-// Ready reports whether the serving certificate verifies against the caBundle
-// of every webhook configuration, as observed in the last reconcile round.
+// webhookBundle is the caBundle one webhook of a configuration had when a
+// reconcile round last read (or wrote) it.
+type webhookBundle struct {
+	webhook string
+	bundle  []byte
+}
+
+// Ready reports whether the serving certificate in use verifies, now, against
+// the caBundle of every webhook of every named configuration as the last
+// reconcile round found them. It depends only on that state: a round that
+// fails to reach the API server keeps what was seen before instead of turning
+// the replica not ready.
 func (s *SelfIssued) Ready(*http.Request) error {
-	return *s.ready.Load()
+	crt := s.certPEM.Load()
+	if crt == nil {
+		return errors.New("no serving certificate loaded yet")
+	}
+	seen := s.seen.Load()
+	if seen == nil {
+		return errors.New("webhook configurations not read yet")
+	}
+	for _, name := range s.opts.WebhookConfigNames {
+		whs, ok := (*seen)[name]
+		if !ok {
+			return fmt.Errorf("mutatingwebhookconfiguration %s: %w", name, ErrNotInstalled)
+		}
+		for _, wh := range whs {
+			if err := Verify(*crt, wh.bundle, s.opts.Policy.DNSNames[0], s.opts.Now()); err != nil {
+				return fmt.Errorf("mutatingwebhookconfiguration %s webhook %s: %w", name, wh.webhook, err)
+			}
+		}
+	}
+	return nil
 }
 
 // Start reconciles at once and then every Interval until ctx ends. A failed
@@ -197,31 +225,16 @@ func (s *SelfIssued) Reconcile(ctx context.Context) error {
 	defer s.reconMu.Unlock()
 	secret, err := s.ensureSecret(ctx)
 	if err != nil {
-		s.setNotReady(err)
 		return err
 	}
 	if err := s.load(secret.Data); err != nil {
-		s.setNotReady(err)
 		return err
 	}
-	bundles, err := s.publish(ctx, secret.Data[KeyCABundle])
-	if err != nil {
-		s.setNotReady(err)
+	if err := s.publish(ctx, secret.Data[KeyCABundle]); err != nil {
 		return err
 	}
-	for name, b := range bundles {
-		if err := Verify(*s.certPEM.Load(), b, s.opts.Policy.DNSNames[0], s.opts.Now()); err != nil {
-			err = fmt.Errorf("mutatingwebhookconfiguration %s: %w", name, err)
-			s.setNotReady(err)
-			return err
-		}
-	}
-	var ok error
-	s.ready.Store(&ok)
-	return nil
+	return s.Ready(nil)
 }
-
-func (s *SelfIssued) setNotReady(err error) { s.ready.Store(&err) }
 
 // ensureSecret reads the Secret, applies Plan, and writes the result with
 // optimistic concurrency, retrying on conflicts (another replica won: its
@@ -310,18 +323,30 @@ func (s *SelfIssued) publishedCheck(ctx context.Context) (func(*x509.Certificate
 }
 
 // publish writes bundle into the caBundle of every webhook of every named
-// configuration that differs, and returns the bundles now in place.
-func (s *SelfIssued) publish(ctx context.Context, bundle []byte) (map[string][]byte, error) {
+// configuration that differs, and records what each configuration holds
+// afterwards (what was read, if the write failed; nothing new, if even the
+// read failed) for Ready.
+func (s *SelfIssued) publish(ctx context.Context, bundle []byte) error {
 	api := s.opts.Client.AdmissionregistrationV1().MutatingWebhookConfigurations()
-	out := make(map[string][]byte, len(s.opts.WebhookConfigNames))
+	seen := map[string][]webhookBundle{}
+	if old := s.seen.Load(); old != nil {
+		for k, v := range *old {
+			seen[k] = v
+		}
+	}
+	defer s.seen.Store(&seen)
 	for _, name := range s.opts.WebhookConfigNames {
+		var now []webhookBundle
+		read := false
 		err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
 			cfg, err := api.Get(ctx, name, metav1.GetOptions{})
 			if err != nil {
 				return err
 			}
+			read, now = true, now[:0]
 			stale := false
 			for i := range cfg.Webhooks {
+				now = append(now, webhookBundle{cfg.Webhooks[i].Name, cfg.Webhooks[i].ClientConfig.CABundle})
 				if !bytes.Equal(cfg.Webhooks[i].ClientConfig.CABundle, bundle) {
 					stale = true
 					cfg.Webhooks[i].ClientConfig.CABundle = bundle
@@ -331,21 +356,29 @@ func (s *SelfIssued) publish(ctx context.Context, bundle []byte) (map[string][]b
 				if _, err := api.Update(ctx, cfg, metav1.UpdateOptions{}); err != nil {
 					return err
 				}
+				for i := range now {
+					now[i].bundle = bundle
+				}
 				s.opts.Log.Info("Published caBundle", "mutatingwebhookconfiguration", name)
 			}
 			return nil
 		})
+		switch {
+		case apierrors.IsNotFound(err):
+			delete(seen, name)
+		case read:
+			seen[name] = slices.Clone(now)
+		}
 		if apierrors.IsNotFound(err) {
 			// Installed after the webhook (Helm creates webhook
 			// configurations late): not ready until it exists.
-			return nil, fmt.Errorf("mutatingwebhookconfiguration %s does not exist yet: %w", name, ErrNotInstalled)
+			return fmt.Errorf("mutatingwebhookconfiguration %s does not exist yet: %w", name, ErrNotInstalled)
 		}
 		if err != nil {
-			return nil, fmt.Errorf("publishing caBundle to mutatingwebhookconfiguration %s: %w", name, err)
+			return fmt.Errorf("publishing caBundle to mutatingwebhookconfiguration %s: %w", name, err)
 		}
-		out[name] = bundle
 	}
-	return out, nil
+	return nil
 }
 
 // load swaps in the serving certificate from data if it changed.

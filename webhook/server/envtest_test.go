@@ -23,6 +23,7 @@ import (
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
@@ -82,6 +83,24 @@ type cluster struct {
 
 type clusterOptions struct {
 	certValidity, caValidity time.Duration
+	// asUser runs the webhook as this user (impersonated), with only the
+	// permissions of ClusterRole etRole, which the test may change.
+	asUser string
+}
+
+// etRole is the ClusterRole of a webhook started with clusterOptions.asUser:
+// what the chart's RBAC grants, plus create on secrets (the chart ships the
+// Secret; here the webhook creates it).
+const etRole = "meshlet-webhook-test"
+
+func webhookRules() []rbacv1.PolicyRule {
+	return []rbacv1.PolicyRule{
+		{APIGroups: []string{""}, Resources: []string{"namespaces"}, Verbs: []string{"get", "list", "watch"}},
+		{APIGroups: []string{"admissionregistration.k8s.io"}, Resources: []string{"mutatingwebhookconfigurations"},
+			ResourceNames: []string{registration.DefaultName, etRelabelCfg}, Verbs: []string{"get", "update"}},
+		{APIGroups: []string{""}, Resources: []string{"secrets"}, ResourceNames: []string{etSecret}, Verbs: []string{"get", "update"}},
+		{APIGroups: []string{""}, Resources: []string{"secrets"}, Verbs: []string{"create"}},
+	}
 }
 
 func startCluster(t *testing.T, o clusterOptions) *cluster {
@@ -127,6 +146,24 @@ func startCluster(t *testing.T, o clusterOptions) *cluster {
 		t.Fatal(err)
 	}
 
+	webhookCfg := restCfg
+	if o.asUser != "" {
+		role := &rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: etRole}, Rules: webhookRules()}
+		if _, err := c.kube.RbacV1().ClusterRoles().Create(ctx, role, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		binding := &rbacv1.ClusterRoleBinding{
+			ObjectMeta: metav1.ObjectMeta{Name: etRole},
+			RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: etRole},
+			Subjects:   []rbacv1.Subject{{Kind: rbacv1.UserKind, APIGroup: rbacv1.GroupName, Name: o.asUser}},
+		}
+		if _, err := c.kube.RbacV1().ClusterRoleBindings().Create(ctx, binding, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		webhookCfg = rest.CopyConfig(restCfg)
+		webhookCfg.Impersonate = rest.ImpersonationConfig{UserName: o.asUser}
+	}
+
 	c.configPath = filepath.Join(t.TempDir(), "config.yaml")
 	writeFile(t, c.configPath, "apiVersion: meshlet.io/v1alpha1\nkind: InjectionConfig\nimage: meshlet/meshlet:envtest-1\n")
 
@@ -135,7 +172,7 @@ func startCluster(t *testing.T, o clusterOptions) *cluster {
 	started := make(chan *Server, 1)
 	go func() {
 		c.done <- Run(runCtx, Config{
-			RestConfig: restCfg, Host: "127.0.0.1", Port: c.port,
+			RestConfig: webhookCfg, Host: "127.0.0.1", Port: c.port,
 			MetricsAddr: "0", HealthAddr: c.healthAddr,
 			Namespace: etNamespace, ServiceName: etService, ExtraIPs: []net.IP{net.ParseIP("127.0.0.1")},
 			WebhookConfigNames: []string{registration.DefaultName, etRelabelCfg},
@@ -185,27 +222,63 @@ func (c *cluster) relabel(_ context.Context, req admission.Request) admission.Re
 	return admission.PatchResponseFromRaw(req.Object.Raw, b)
 }
 
+// waitReady waits for /readyz to answer 200, then keeps polling it for a
+// second: every answer must be 200 (a replica that is ready stays ready while
+// nothing changes; the namespace-cache check used to fail every other probe).
 func (c *cluster) waitReady(t *testing.T) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	var last string
-	for time.Now().Before(deadline) {
-		resp, err := http.Get("http://" + c.healthAddr + "/readyz?verbose=1")
-		if err == nil {
-			var b bytes.Buffer
-			_, _ = b.ReadFrom(resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return
-			}
-			last = b.String()
-		} else {
-			last = err.Error()
+	for {
+		code, body, err := c.readyz("")
+		if err == nil && code == http.StatusOK {
+			break
+		}
+		last = fmt.Sprint(code, " ", body, err)
+		if time.Now().After(deadline) {
+			t.Fatalf("webhook not ready after 30s: %s", last)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	t.Fatalf("webhook not ready after 30s: %s", last)
+	c.stayReady(t, time.Second)
 }
+
+// stayReady polls /readyz every 10 ms for d; every answer must be 200.
+func (c *cluster) stayReady(t *testing.T, d time.Duration) {
+	t.Helper()
+	var n, bad int
+	var first string
+	for end := time.Now().Add(d); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
+		n++
+		if code, body, err := c.readyz(""); err != nil || code != http.StatusOK {
+			if bad++; first == "" {
+				first = fmt.Sprint(code, " ", body, err)
+			}
+		}
+	}
+	if bad > 0 {
+		t.Fatalf("readiness flapped after it was reached: %d of %d probes failed, first: %s", bad, n, first)
+	}
+}
+
+// readyz asks /readyz (check empty) or /readyz/<check>, verbose, and returns
+// the status code and body.
+func (c *cluster) readyz(check string) (int, string, error) {
+	path := "/readyz"
+	if check != "" {
+		path += "/" + check
+	}
+	resp, err := readyClient.Get("http://" + c.healthAddr + path + "?verbose=1")
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	var b bytes.Buffer
+	_, _ = b.ReadFrom(resp.Body)
+	return resp.StatusCode, b.String(), nil
+}
+
+var readyClient = &http.Client{Timeout: 5 * time.Second}
 
 func writeFile(t *testing.T, path, content string) {
 	t.Helper()
@@ -660,6 +733,26 @@ func TestEnvtestRotation(t *testing.T) {
 	var created, failed int
 	var failures []string
 	deadline := time.Now().Add(12 * time.Second)
+	// Readiness is probed all along: a certificate or CA rotation changes
+	// nothing the API server relies on, so the replica stays ready.
+	type probes struct {
+		n, bad int
+		first  string
+	}
+	probed := make(chan probes, 1)
+	go func() {
+		var p probes
+		for time.Now().Before(deadline) {
+			p.n++
+			if code, body, err := c.readyz(""); err != nil || code != http.StatusOK {
+				if p.bad++; p.first == "" {
+					p.first = fmt.Sprint(code, " ", body, err)
+				}
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		probed <- p
+	}()
 	for i := 0; time.Now().Before(deadline); i++ {
 		pod, err := c.create(t, "apps", testPod(fmt.Sprintf("rot-%d", i), nil, nil), metav1.CreateOptions{})
 		created++
@@ -686,7 +779,12 @@ func TestEnvtestRotation(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	t.Logf("%d pod creations, %d failures, %d serving certificates seen, %d CAs seen", created, failed, len(serials), len(cas))
+	p := <-probed
+	t.Logf("%d pod creations, %d failures, %d serving certificates seen, %d CAs seen; %d readiness probes, %d failed",
+		created, failed, len(serials), len(cas), p.n, p.bad)
+	if p.bad > 0 {
+		t.Errorf("readiness dropped during rotation: %d of %d probes failed, first: %s", p.bad, p.n, p.first)
+	}
 	if failed > 0 {
 		t.Errorf("%d admissions/handshakes failed during rotation: %v", failed, failures)
 	}

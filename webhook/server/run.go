@@ -22,6 +22,7 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/manager"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	"sigs.k8s.io/controller-runtime/pkg/webhook"
@@ -247,7 +248,8 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return fmt.Errorf("creating manager: %w", err)
 	}
-	if _, err := mgr.GetCache().GetInformer(ctx, nsMeta); err != nil {
+	nsInformer, err := mgr.GetCache().GetInformer(ctx, nsMeta)
+	if err != nil {
 		return fmt.Errorf("namespace informer: %w", err)
 	}
 	h := &Handler{
@@ -273,19 +275,10 @@ func Run(ctx context.Context, cfg Config) error {
 		if err := mgr.AddHealthzCheck("ping", func(*http.Request) error { return nil }); err != nil {
 			return err
 		}
-		if err := mgr.AddReadyzCheck("webhook-server", mgr.GetWebhookServer().StartedChecker()); err != nil {
-			return err
-		}
-		if err := mgr.AddReadyzCheck("certificate-trusted", src.Ready); err != nil {
-			return err
-		}
-		if err := mgr.AddReadyzCheck("namespace-cache", func(r *http.Request) error {
-			if !mgr.GetCache().WaitForCacheSync(alreadyDone) {
-				return errors.New("namespace cache not synced")
+		for _, c := range readinessChecks(mgr.GetWebhookServer().StartedChecker(), src.Ready, nsInformer) {
+			if err := mgr.AddReadyzCheck(c.name, c.check); err != nil {
+				return err
 			}
-			return nil
-		}); err != nil {
-			return err
 		}
 	}
 	if cfg.Started != nil {
@@ -299,13 +292,35 @@ func Run(ctx context.Context, cfg Config) error {
 	return nil
 }
 
-// alreadyDone is a context that is already cancelled: WaitForCacheSync with
-// it answers "synced yet?" without blocking.
-var alreadyDone = func() context.Context {
-	ctx, cancel := context.WithCancel(context.Background())
-	cancel()
-	return ctx
-}()
+// readinessCheck is one named /readyz check.
+type readinessCheck struct {
+	name  string
+	check healthz.Checker
+}
+
+// readinessChecks are the webhook's /readyz checks. Each is a pure function
+// of the state it names, so a ready replica stays ready until that state
+// changes:
+//   - webhook-server: the HTTPS admission listener accepts a TLS handshake;
+//   - certificate-trusted: the serving certificate verifies against the
+//     caBundle of every webhook configuration (certs.Source.Ready);
+//   - namespace-cache: the namespace informer has listed every namespace once.
+//     HasSynced stays true from then on (a relist after a dropped watch does
+//     not clear it). Asking WaitForCacheSync with an already cancelled context
+//     instead lets it pick at random between "synced" and "context done", which
+//     failed about every other probe on a long synced cache.
+func readinessChecks(server, certTrusted healthz.Checker, namespaces interface{ HasSynced() bool }) []readinessCheck {
+	return []readinessCheck{
+		{"webhook-server", server},
+		{"certificate-trusted", certTrusted},
+		{"namespace-cache", func(*http.Request) error {
+			if !namespaces.HasSynced() {
+				return errors.New("namespace cache has not listed the namespaces yet")
+			}
+			return nil
+		}},
+	}
+}
 
 // metricsRunnable serves reg on addr at /metrics until ctx ends.
 func metricsRunnable(addr string, reg *prometheus.Registry, log logr.Logger) manager.RunnableFunc {

@@ -2,6 +2,7 @@ package webhook
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"fmt"
 	"net"
@@ -35,7 +36,8 @@ func port(t *testing.T) int {
 
 // TestEnvtestCommand runs `meshlet webhook` as a user would (flags, a
 // kubeconfig file, POD_NAMESPACE unset) against a real API server and waits
-// for /readyz, then for a clean exit when its context ends.
+// for /readyz, checks it stays ready, then waits for a clean exit when its
+// context ends.
 func TestEnvtestCommand(t *testing.T) {
 	if testing.Short() || os.Getenv("KUBEBUILDER_ASSETS") == "" {
 		t.Skip("envtest tier: needs KUBEBUILDER_ASSETS and no -short")
@@ -94,6 +96,29 @@ func TestEnvtestCommand(t *testing.T) {
 			t.Fatalf("not ready within 30s:\n%s", logs.String())
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+	// Once ready it stays ready: 3 s of probes (15 certificate rounds at
+	// --cert-check-interval 200ms), every one 200.
+	var probes, failed int
+	var first string
+	for end := time.Now().Add(3 * time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		probes++
+		resp, err := http.Get("http://" + health + "/readyz?verbose=1")
+		if err != nil {
+			failed++
+			first = cmp.Or(first, err.Error())
+			continue
+		}
+		var b bytes.Buffer
+		_, _ = b.ReadFrom(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			failed++
+			first = cmp.Or(first, b.String())
+		}
+	}
+	if failed > 0 {
+		t.Errorf("readiness flapped after it was reached: %d of %d probes failed; first:\n%s", failed, probes, first)
 	}
 	resp, err := http.Get("http://" + metrics + "/metrics")
 	if err != nil {
