@@ -58,6 +58,14 @@ type Config struct {
 	Capture Capture `json:"capture"`
 	// CNI switches to CNI mode.
 	CNI CNI `json:"cni"`
+	// DiscoveryAddress is the discovery service's plaintext xDS address
+	// (host:port), written into the proxyless gRPC bootstrap file.
+	DiscoveryAddress string `json:"discoveryAddress"`
+	// DefaultTemplates are injected into a pod without the
+	// inject.istio.io/templates annotation.
+	DefaultTemplates []string `json:"defaultTemplates"`
+	// Templates are what inject.istio.io/templates selects, by name.
+	Templates map[string]Template `json:"templates"`
 }
 
 // NativeSidecarMode is auto, true or false. In YAML it may be written as a
@@ -229,6 +237,10 @@ func (c *Config) Validate() error {
 			bad("resources.requests."+r, req.String(), "exceeds resources.limits."+r+" "+lim.String())
 		}
 	}
+	if err := checkHostPort(c.DiscoveryAddress); err != nil {
+		bad("discoveryAddress", c.DiscoveryAddress, err.Error())
+	}
+	errs = append(errs, c.validateTemplates()...)
 	cp := c.Capture
 	for _, f := range []struct {
 		name, value string
@@ -257,12 +269,12 @@ var errTProxy = fmt.Errorf("%s is not supported by meshlet yet (capture and prox
 
 func parseStrictMode(s string) (string, error) {
 	switch s {
-	case ModeRedirect:
+	case ModeRedirect, ModeNone:
 		return s, nil
 	case ModeTProxy:
 		return "", errTProxy
 	}
-	return "", fmt.Errorf("must be %s (%s is not supported yet)", ModeRedirect, ModeTProxy)
+	return "", fmt.Errorf("must be %s or %s (%s is not supported yet)", ModeRedirect, ModeNone, ModeTProxy)
 }
 
 func parseDrain(s string) (time.Duration, error) {

@@ -95,12 +95,40 @@ func Inject(pod *corev1.Pod, ns Namespace, cfg *Config, opts Options) (*corev1.P
 		d.Injected, d.Reason, d.Message = false, ReasonInvalidAnnotations, "invalid annotations: "+strings.ReplaceAll(err.Error(), "\n", "; ")
 		return out, d, err
 	}
-	if err := apply(out, cfg, p); err != nil {
+	warnings, err = apply(out, cfg, p)
+	d.Warnings = append(d.Warnings, warnings...)
+	if err != nil {
 		d.Injected, d.Reason, d.Message = false, ReasonInvalidAnnotations, err.Error()
 		return pod.DeepCopy(), d, err
 	}
-	d.Message = fmt.Sprintf("injected (%s layout, %s capture)", layoutName(p.native), captureName(cfg.CNI.Enabled, p.capture.mode))
+	d.Message = injectedMessage(cfg, &p)
 	return out, d, nil
+}
+
+// injectedMessage says what was injected.
+func injectedMessage(cfg *Config, p *params) string {
+	if p.plan.isDefaultSidecar() && p.captureOn {
+		return fmt.Sprintf("injected (%s layout, %s capture)", layoutName(p.native), captureName(cfg.CNI.Enabled, p.capture.mode))
+	}
+	var parts []string
+	switch p.plan.proxy {
+	case ProxySidecar:
+		parts = append(parts, "istio-proxy as a "+layoutName(p.native)+" sidecar")
+	case ProxyGateway:
+		parts = append(parts, "istio-proxy as a gateway")
+	}
+	switch {
+	case p.captureOn:
+		parts = append(parts, captureName(cfg.CNI.Enabled, p.capture.mode)+" capture")
+	case p.plan.capture:
+		parts = append(parts, "no capture (interception mode "+p.capture.mode+")")
+	default:
+		parts = append(parts, "no capture")
+	}
+	if p.plan.grpc {
+		parts = append(parts, "proxyless gRPC bootstrap")
+	}
+	return fmt.Sprintf("injected (templates %s: %s)", strings.Join(p.plan.names, ","), strings.Join(parts, ", "))
 }
 
 func layoutName(native bool) string {
@@ -219,6 +247,12 @@ type params struct {
 	drain     time.Duration
 	resources corev1.ResourceRequirements
 	capture   captureSettings
+	// plan is what the pod's templates inject.
+	plan                    plan
+	templatesFromAnnotation bool
+	// captureOn: capture rules are installed (by istio-init or the CNI
+	// plugin) and the proxy serves its capture listeners.
+	captureOn bool
 }
 
 // knownProxyConfig are the proxy.istio.io/config fields meshlet reads.
@@ -431,13 +465,13 @@ func resolve(pod *corev1.Pod, cfg *Config, opts Options) (params, []string, erro
 		switch up := strings.ToUpper(strings.TrimSpace(v)); up {
 		case ModeTProxy:
 			bad(AnnotationInterceptionMode, errTProxy.Error())
-		case ModeRedirect:
+		case ModeRedirect, ModeNone:
 			if up != v {
 				warnings = append(warnings, fmt.Sprintf("annotation %s=%q read as %q", AnnotationInterceptionMode, v, up))
 			}
 			c.mode = up
 		default:
-			bad(AnnotationInterceptionMode, "must be REDIRECT (TPROXY is not supported yet)")
+			bad(AnnotationInterceptionMode, "must be REDIRECT or NONE (TPROXY is not supported yet)")
 		}
 	}
 	cc := cfg.Capture
@@ -461,6 +495,13 @@ func resolve(pod *corev1.Pod, cfg *Config, opts Options) (params, []string, erro
 	}
 	c.excludeInboundPorts = mergePorts(splitList(base), splitList(extra), proxyPorts)
 
+	// Templates.
+	if p.plan, err = selectTemplates(ann, cfg); err != nil {
+		errs = append(errs, err)
+	}
+	_, p.templatesFromAnnotation = ann[AnnotationTemplates]
+	p.captureOn = p.plan.capture && c.mode != ModeNone
+
 	if len(errs) > 0 {
 		sort.SliceStable(errs, func(i, j int) bool { return errKey(errs[i]) < errKey(errs[j]) })
 		return p, warnings, errors.Join(errs...)
@@ -478,12 +519,15 @@ func errKey(err error) string {
 }
 
 // apply mutates pod (a copy) into its injected form.
-func apply(pod *corev1.Pod, cfg *Config, p params) error {
+func apply(pod *corev1.Pod, cfg *Config, p params) ([]string, error) {
+	var warnings []string
+	pl := &p.plan
 	st := Status{
-		Revision:      cfg.Revision,
-		NativeSidecar: p.native,
-		Volumes:       []string{VolumeRuntime},
-		Annotations:   map[string]*string{},
+		Revision:    cfg.Revision,
+		Annotations: map[string]*string{},
+	}
+	if p.templatesFromAnnotation {
+		st.Templates = pl.names
 	}
 	setAnn := func(k, v string) {
 		if old, ok := pod.Annotations[k]; ok && old == v {
@@ -502,39 +546,171 @@ func apply(pod *corev1.Pod, cfg *Config, p params) error {
 		pod.Annotations[k] = v
 	}
 
+	// What the templates inject, by name: the pod's own containers of
+	// these names are merged over the injected ones.
+	var injected []string
+	if p.captureOn {
+		injected = append(injected, initName(cfg))
+	}
+	if pl.proxy != ProxyNone {
+		injected = append(injected, ContainerProxy)
+	}
+	if pl.grpc {
+		injected = append(injected, ContainerGRPCBootstrap)
+	}
+	for _, c := range slices.Concat(pl.initContainers, pl.containers) {
+		if !slices.Contains(injected, c.Name) {
+			injected = append(injected, c.Name)
+		}
+	}
+	own, gatewayAt, err := takeOverrides(pod, injected, &st)
+	if err != nil {
+		return nil, err
+	}
+	for _, cs := range [][]corev1.Container{pod.Spec.InitContainers, pod.Spec.Containers} {
+		for _, c := range cs {
+			switch c.Name {
+			case ContainerInit, ContainerValidation, ContainerProxy, ContainerGRPCBootstrap:
+				warnings = append(warnings, fmt.Sprintf("container %s is kept as the pod's own: nothing of that name is injected (templates %s, interception mode %s)", c.Name, strings.Join(pl.names, ","), p.capture.mode))
+			}
+		}
+	}
+	var volumes []corev1.Volume
+	if p.captureOn || pl.proxy != ProxyNone {
+		volumes = append(volumes, corev1.Volume{
+			Name:         VolumeRuntime,
+			VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{Medium: corev1.StorageMediumMemory}},
+		})
+	}
+	if pl.grpc {
+		volumes = append(volumes, corev1.Volume{
+			Name:         VolumeGRPC,
+			VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{Medium: corev1.StorageMediumMemory}},
+		})
+	}
+	volumes = append(volumes, pl.volumes...)
+	for _, v := range volumes {
+		if slices.ContainsFunc(pod.Spec.Volumes, func(o corev1.Volume) bool { return o.Name == v.Name }) {
+			return nil, &AnnotationError{Key: "volume " + v.Name, Value: v.Name, Problem: "the pod already has a volume of this name"}
+		}
+		st.Volumes = append(st.Volumes, v.Name)
+	}
+
 	appNames := make([]string, 0, len(pod.Spec.Containers))
 	for _, c := range pod.Spec.Containers {
 		appNames = append(appNames, c.Name)
 	}
-	for _, name := range []string{ContainerInit, ContainerValidation, ContainerProxy} {
-		if slices.ContainsFunc(pod.Spec.Containers, func(c corev1.Container) bool { return c.Name == name }) ||
-			slices.ContainsFunc(pod.Spec.InitContainers, func(c corev1.Container) bool { return c.Name == name }) {
-			return &AnnotationError{Key: "container " + name, Value: name, Problem: "the pod already has a container of this name but no " + AnnotationStatus + " annotation"}
+	// merge applies the templates' and then the pod's own container of
+	// c's name over c.
+	merge := func(c corev1.Container, tmpl []corev1.Container) (corev1.Container, error) {
+		for _, t := range tmpl {
+			if t.Name == c.Name {
+				var err error
+				if c, err = mergeContainer(c, t); err != nil {
+					return c, fmt.Errorf("template container %s: %w", t.Name, err)
+				}
+			}
 		}
-	}
-	if slices.ContainsFunc(pod.Spec.Volumes, func(v corev1.Volume) bool { return v.Name == VolumeRuntime }) {
-		return &AnnotationError{Key: "volume " + VolumeRuntime, Value: VolumeRuntime, Problem: "the pod already has a volume of this name"}
+		if o, ok := own[c.Name]; ok {
+			var err error
+			if c, err = mergeContainer(c, o); err != nil {
+				return c, &AnnotationError{Key: "container " + c.Name, Value: c.Name, Problem: "merging the pod's own container over the injected one: " + err.Error()}
+			}
+		}
+		return c, nil
 	}
 
-	initC := initContainer(cfg, p)
-	proxy := proxyContainer(cfg, p, appNames)
-	if p.native {
-		pod.Spec.InitContainers = slices.Insert(pod.Spec.InitContainers, 0, initC, proxy)
-		st.InitContainers = []string{initC.Name, proxy.Name}
-	} else {
-		pod.Spec.InitContainers = append(pod.Spec.InitContainers, initC)
-		st.InitContainers = []string{initC.Name}
-		st.Containers = []string{proxy.Name}
-		if p.hold {
-			pod.Spec.Containers = slices.Insert(pod.Spec.Containers, 0, proxy)
-		} else {
-			pod.Spec.Containers = append(pod.Spec.Containers, proxy)
+	uid, gid := cfg.ProxyUID, cfg.ProxyGID
+	var proxy *corev1.Container
+	if pl.proxy != ProxyNone {
+		c, err := merge(proxyContainer(cfg, p, appNames), slices.Concat(pl.initContainers, pl.containers))
+		if err != nil {
+			return nil, err
+		}
+		// The capture rules exempt the proxy's identity: an overridden
+		// runAsUser or runAsGroup is that identity.
+		if sc := c.SecurityContext; sc != nil {
+			if sc.RunAsUser != nil {
+				uid = *sc.RunAsUser
+			}
+			if sc.RunAsGroup != nil {
+				gid = *sc.RunAsGroup
+			}
+		}
+		proxy = &c
+	}
+	var lead, extraInit []corev1.Container // lead: before the pod's init containers
+	if p.captureOn {
+		c, err := merge(initContainer(cfg, p, uid, gid), pl.initContainers)
+		if err != nil {
+			return nil, err
+		}
+		lead = append(lead, c)
+	}
+	native := p.native && pl.proxy == ProxySidecar
+	if native {
+		lead = append(lead, *proxy)
+	}
+	if pl.grpc {
+		c, err := merge(grpcBootstrapContainer(cfg, p, uid, gid), pl.initContainers)
+		if err != nil {
+			return nil, err
+		}
+		extraInit = append(extraInit, c)
+	}
+	var extra []corev1.Container
+	for _, t := range pl.initContainers {
+		if !slices.ContainsFunc(slices.Concat(lead, extraInit), func(c corev1.Container) bool { return c.Name == t.Name }) && t.Name != ContainerProxy {
+			c, err := merge(templateContainer(t, p.image), nil)
+			if err != nil {
+				return nil, err
+			}
+			extraInit = append(extraInit, c)
 		}
 	}
-	pod.Spec.Volumes = append(pod.Spec.Volumes, corev1.Volume{
-		Name:         VolumeRuntime,
-		VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{Medium: corev1.StorageMediumMemory}},
-	})
+	for _, t := range pl.containers {
+		if t.Name != ContainerProxy && !slices.ContainsFunc(slices.Concat(lead, extraInit, extra), func(c corev1.Container) bool { return c.Name == t.Name }) {
+			c, err := merge(templateContainer(t, p.image), nil)
+			if err != nil {
+				return nil, err
+			}
+			extra = append(extra, c)
+		}
+	}
+
+	// Layout.
+	names := func(cs []corev1.Container) []string {
+		n := make([]string, len(cs))
+		for i, c := range cs {
+			n[i] = c.Name
+		}
+		return n
+	}
+	if native {
+		pod.Spec.InitContainers = slices.Concat(lead, extraInit, pod.Spec.InitContainers)
+	} else {
+		pod.Spec.InitContainers = slices.Concat(pod.Spec.InitContainers, lead, extraInit)
+	}
+	st.InitContainers = names(slices.Concat(lead, extraInit))
+	switch {
+	case proxy == nil || native:
+	case pl.proxy == ProxyGateway && gatewayAt >= 0:
+		pod.Spec.Containers = slices.Insert(pod.Spec.Containers, min(gatewayAt, len(pod.Spec.Containers)), *proxy)
+		st.Containers = append(st.Containers, ContainerProxy)
+	case p.hold && pl.proxy == ProxySidecar:
+		pod.Spec.Containers = slices.Insert(pod.Spec.Containers, 0, *proxy)
+		st.Containers = append(st.Containers, ContainerProxy)
+	default:
+		pod.Spec.Containers = append(pod.Spec.Containers, *proxy)
+		st.Containers = append(st.Containers, ContainerProxy)
+	}
+	pod.Spec.Containers = append(pod.Spec.Containers, extra...)
+	st.Containers = append(st.Containers, names(extra)...)
+	pod.Spec.Volumes = append(pod.Spec.Volumes, volumes...)
+	st.NativeSidecar = native
+	if pl.grpc {
+		addGRPCToApps(pod, appNames, &st)
+	}
 
 	if len(appNames) > 0 {
 		if _, ok := pod.Annotations[AnnotationDefaultContainer]; !ok {
@@ -544,7 +720,8 @@ func apply(pod *corev1.Pod, cfg *Config, p params) error {
 			setAnn(AnnotationDefaultLogsContainer, appNames[0])
 		}
 	}
-	if cfg.CNI.Enabled {
+	switch {
+	case cfg.CNI.Enabled && p.captureOn:
 		// The CNI plugin reads the effective capture settings from here.
 		c := p.capture
 		setAnn(AnnotationInterceptionMode, c.mode)
@@ -555,25 +732,45 @@ func apply(pod *corev1.Pod, cfg *Config, p params) error {
 		setAnn(AnnotationIncludeOutboundPorts, c.includeOutboundPorts)
 		setAnn(AnnotationExcludeOutboundPorts, c.excludeOutboundPorts)
 		setAnn(AnnotationExcludeInterfaces, c.excludeInterfaces)
+	case cfg.CNI.Enabled:
+		// No capture for this pod: tell the CNI plugin so.
+		setAnn(AnnotationInterceptionMode, ModeNone)
 	}
 	if len(st.Annotations) == 0 {
 		st.Annotations = nil
 	}
 	b, err := json.Marshal(st)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if pod.Annotations == nil {
 		pod.Annotations = map[string]string{}
 	}
 	pod.Annotations[AnnotationStatus] = string(b)
-	return nil
+	return warnings, nil
+}
+
+func initName(cfg *Config) string {
+	if cfg.CNI.Enabled {
+		return ContainerValidation
+	}
+	return ContainerInit
+}
+
+// templateContainer is a template's own (added) container; image auto is
+// the injected image.
+func templateContainer(c corev1.Container, image string) corev1.Container {
+	c = *c.DeepCopy()
+	if c.Image == "" || c.Image == ImageAuto {
+		c.Image = image
+	}
+	return c
 }
 
 func ptr[T any](v T) *T { return &v }
 
-func initContainer(cfg *Config, p params) corev1.Container {
-	flags := p.capture.args(cfg.ProxyUID, cfg.ProxyGID)
+func initContainer(cfg *Config, p params, uid, gid int64) corev1.Container {
+	flags := p.capture.args(uid, gid)
 	if cfg.CNI.Enabled {
 		return corev1.Container{
 			Name:            ContainerValidation,
@@ -583,8 +780,8 @@ func initContainer(cfg *Config, p params) corev1.Container {
 			Args:            append([]string{"init", "--validate"}, flags...),
 			Resources:       *p.resources.DeepCopy(),
 			SecurityContext: &corev1.SecurityContext{
-				RunAsUser:                ptr(cfg.ProxyUID),
-				RunAsGroup:               ptr(cfg.ProxyGID),
+				RunAsUser:                ptr(uid),
+				RunAsGroup:               ptr(gid),
 				RunAsNonRoot:             ptr(true),
 				Privileged:               ptr(false),
 				AllowPrivilegeEscalation: ptr(false),
@@ -644,7 +841,7 @@ func proxyContainer(cfg *Config, p params, appNames []string) corev1.Container {
 		Image:           p.image,
 		ImagePullPolicy: cfg.ImagePullPolicy,
 		Command:         []string{Binary},
-		Args:            []string{"agent", "--drain-duration=" + p.drain.String()},
+		Args:            proxyArgs(p),
 		Ports: []corev1.ContainerPort{
 			{Name: "http-envoy-prom", ContainerPort: PrometheusPort, Protocol: corev1.ProtocolTCP},
 		},
@@ -655,7 +852,7 @@ func proxyContainer(cfg *Config, p params, appNames []string) corev1.Container {
 			fieldEnv("SERVICE_ACCOUNT", "spec.serviceAccountName"),
 			fieldEnv("HOST_IP", "status.hostIP"),
 			{Name: "ISTIO_META_APP_CONTAINERS", Value: strings.Join(appNames, ",")},
-			{Name: "ISTIO_META_INTERCEPTION_MODE", Value: p.capture.mode},
+			{Name: "ISTIO_META_INTERCEPTION_MODE", Value: p.interceptionMode()},
 			resourceEnv("GOMEMLIMIT", "limits.memory"),
 			resourceEnv("GOMAXPROCS", "limits.cpu"),
 		},
@@ -665,6 +862,9 @@ func proxyContainer(cfg *Config, p params, appNames []string) corev1.Container {
 		// The agent drains on SIGTERM within the grace period.
 		TerminationMessagePolicy: corev1.TerminationMessageFallbackToLogsOnError,
 		SecurityContext:          sc,
+	}
+	if p.plan.proxy == ProxyGateway {
+		return c
 	}
 	if p.native {
 		c.RestartPolicy = ptr(corev1.ContainerRestartPolicyAlways)

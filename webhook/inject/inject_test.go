@@ -132,8 +132,9 @@ func TestInjectInvalidAnnotationsAllReported(t *testing.T) {
 		AnnotationProxyCPULimit:           "1x",
 		AnnotationProxyMemoryLimit:        "lots",
 		AnnotationProxyImage:              "a b",
-		AnnotationInterceptionMode:        "NONE",
+		AnnotationInterceptionMode:        "NAT",
 		AnnotationNativeSidecar:           "sometimes",
+		AnnotationTemplates:               "sidecar,nope",
 		AnnotationProxyConfig:             "holdApplicationUntilProxyStarts: perhaps\nterminationDrainDuration: forever\n",
 	}
 	out, d, err := Inject(p, Namespace{Name: "shop"}, &cfg, Options{})
@@ -165,9 +166,15 @@ func TestInjectConflictsAndBadConfig(t *testing.T) {
 	cfg := DefaultConfig()
 	p := testPod()
 	p.Spec.Containers = append(p.Spec.Containers, corev1.Container{Name: ContainerProxy, Image: "x"})
+	p.Spec.InitContainers = append(p.Spec.InitContainers, corev1.Container{Name: ContainerProxy, Image: "y"})
 	out, d, err := Inject(p, Namespace{Name: "shop"}, &cfg, Options{})
-	if err == nil || d.Injected || !strings.Contains(err.Error(), ContainerProxy) || !apiequality.Semantic.DeepEqual(out, p) {
-		t.Fatalf("a pod with its own istio-proxy container: %v %+v", err, d)
+	if err == nil || d.Injected || !strings.Contains(err.Error(), "container "+ContainerProxy) || !strings.Contains(err.Error(), "declared both") || !apiequality.Semantic.DeepEqual(out, p) {
+		t.Fatalf("a pod declaring istio-proxy twice: %v %+v", err, d)
+	}
+	p = testPod()
+	p.Spec.Volumes = append(p.Spec.Volumes, corev1.Volume{Name: VolumeRuntime})
+	if _, _, err := Inject(p, Namespace{Name: "shop"}, &cfg, Options{}); err == nil || !strings.Contains(err.Error(), "volume "+VolumeRuntime) {
+		t.Fatalf("a pod with its own %s volume: %v", VolumeRuntime, err)
 	}
 
 	bad := DefaultConfig()

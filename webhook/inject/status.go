@@ -30,6 +30,15 @@ type Status struct {
 	// list or map ("spec.volumes") or as null ("metadata=null"), so
 	// uninject can write them back as they were.
 	EmptyFields []string `json:"emptyFields,omitempty"`
+	// Templates are the injection templates the pod selected
+	// (inject.istio.io/templates); absent for the config's defaults.
+	Templates []string `json:"templates,omitempty"`
+	// Overrides are the pod's own containers merged over injected ones.
+	Overrides []Override `json:"overrides,omitempty"`
+	// AppEnv and AppVolumeMounts name, per app container, the env
+	// variables and volume mounts injection added to it.
+	AppEnv          map[string][]string `json:"appEnv,omitempty"`
+	AppVolumeMounts map[string][]string `json:"appVolumeMounts,omitempty"`
 }
 
 // ParseStatus reads the status annotation of pod; ok is false when the pod
@@ -60,10 +69,13 @@ func Uninject(pod *corev1.Pod) (*corev1.Pod, error) {
 	drop := func(names []string) func(corev1.Container) bool {
 		return func(c corev1.Container) bool { return slices.Contains(names, c.Name) }
 	}
-	all := append(append([]string(nil), st.InitContainers...), st.Containers...)
-	out.Spec.InitContainers = slices.DeleteFunc(out.Spec.InitContainers, drop(all))
-	out.Spec.Containers = slices.DeleteFunc(out.Spec.Containers, drop(all))
+	out.Spec.InitContainers = slices.DeleteFunc(out.Spec.InitContainers, drop(st.InitContainers))
+	out.Spec.Containers = slices.DeleteFunc(out.Spec.Containers, drop(st.Containers))
 	out.Spec.Volumes = slices.DeleteFunc(out.Spec.Volumes, func(v corev1.Volume) bool { return slices.Contains(st.Volumes, v.Name) })
+	restoreApps(out, &st)
+	if err := restoreOverrides(out, &st); err != nil {
+		return nil, err
+	}
 	for k, v := range st.Annotations {
 		if v == nil {
 			delete(out.Annotations, k)
