@@ -113,7 +113,7 @@ func injectedMessage(cfg *Config, p *params) string {
 	var parts []string
 	switch p.plan.proxy {
 	case ProxySidecar:
-		parts = append(parts, "istio-proxy as a "+layoutName(p.native)+" sidecar")
+		parts = append(parts, "istio-proxy as a "+strings.TrimSuffix(layoutName(p.native), " sidecar")+" sidecar")
 	case ProxyGateway:
 		parts = append(parts, "istio-proxy as a gateway")
 	}
@@ -691,7 +691,9 @@ func apply(pod *corev1.Pod, cfg *Config, p params) ([]string, error) {
 	} else {
 		pod.Spec.InitContainers = slices.Concat(pod.Spec.InitContainers, lead, extraInit)
 	}
-	st.InitContainers = names(slices.Concat(lead, extraInit))
+	if len(lead)+len(extraInit) > 0 {
+		st.InitContainers = names(slices.Concat(lead, extraInit))
+	}
 	switch {
 	case proxy == nil || native:
 	case pl.proxy == ProxyGateway && gatewayAt >= 0:

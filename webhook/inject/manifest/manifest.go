@@ -341,13 +341,19 @@ func processObject(obj *kyaml.Node, index, item int, opts Options) (*Result, boo
 		out *corev1.Pod
 		err error
 	)
-	var keepEmpty []string
+	var (
+		keepEmpty []string
+		restored  map[string]json.RawMessage
+	)
 	if opts.Uninject {
 		st, injected, perr := inject.ParseStatus(&pod)
 		if perr != nil {
 			return fail(perr)
 		}
 		keepEmpty = st.EmptyFields
+		if restored, perr = restoredNodes(st); perr != nil {
+			return fail(perr)
+		}
 		out, err = inject.Uninject(&pod)
 		r.Changed = injected
 		r.Decision.Message = "not injected"
@@ -367,11 +373,11 @@ func processObject(obj *kyaml.Node, index, item int, opts Options) (*Result, boo
 		return r, false, nil
 	}
 	if !opts.Uninject {
-		if err := recordEmptyFields(tmpl, out); err != nil {
+		if err := recordManifest(tmpl, out); err != nil {
 			return fail(err)
 		}
 	}
-	if err := patchTemplate(tmpl, &pod, out, keepEmpty); err != nil {
+	if err := patchTemplate(tmpl, &pod, out, keepEmpty, restored); err != nil {
 		return fail(err)
 	}
 	return r, true, nil
@@ -382,9 +388,11 @@ var emptyFieldPaths = []struct{ parent, key string }{
 	{"", "metadata"}, {"metadata", "annotations"}, {"spec", "initContainers"}, {"spec", "containers"}, {"spec", "volumes"},
 }
 
-// recordEmptyFields notes in the status annotation of pod which of the
-// template's fields were written as an explicit empty list or map.
-func recordEmptyFields(tmpl *kyaml.Node, pod *corev1.Pod) error {
+// recordManifest notes in the status annotation of pod what only the
+// manifest knows: which of the template's fields were written as an
+// explicit empty list or map, and the pod's own containers that injection
+// merged over injected ones in the manifest's key order.
+func recordManifest(tmpl *kyaml.Node, pod *corev1.Pod) error {
 	var empty []string
 	for _, f := range emptyFieldPaths {
 		parent, path := tmpl, f.key
@@ -399,20 +407,58 @@ func recordEmptyFields(tmpl *kyaml.Node, pod *corev1.Pod) error {
 			empty = append(empty, path+"=null")
 		}
 	}
-	if len(empty) == 0 {
-		return nil
-	}
 	st, ok, err := inject.ParseStatus(pod)
-	if err != nil || !ok {
+	if err != nil || !ok || (len(empty) == 0 && len(st.Overrides) == 0) {
 		return err
 	}
 	st.EmptyFields = empty
+	spec := get(tmpl, "spec")
+	for i, o := range st.Overrides {
+		key := "containers"
+		if o.Init {
+			key = "initContainers"
+		}
+		seq := get(spec, key)
+		if seq == nil || seq.Kind != kyaml.SequenceNode || o.Index >= len(seq.Content) {
+			return fmt.Errorf("spec.%s[%d]: the container injection merged is not in the manifest", key, o.Index)
+		}
+		v, err := toJSONValue(seq.Content[o.Index], &expansion{active: map[*kyaml.Node]bool{}})
+		if err != nil {
+			return fmt.Errorf("spec.%s[%d]: %w", key, o.Index, err)
+		}
+		if st.Overrides[i].Container, err = json.Marshal(v); err != nil {
+			return fmt.Errorf("spec.%s[%d]: %w", key, o.Index, err)
+		}
+	}
 	b, err := json.Marshal(st)
 	if err != nil {
 		return err
 	}
 	pod.Annotations[inject.AnnotationStatus] = string(b)
 	return nil
+}
+
+// restoredNodes returns the containers Uninject puts back from the status,
+// by list and name, as the manifest they came from had them.
+func restoredNodes(st inject.Status) (map[string]json.RawMessage, error) {
+	if len(st.Overrides) == 0 {
+		return nil, nil
+	}
+	m := map[string]json.RawMessage{}
+	for _, o := range st.Overrides {
+		var c struct {
+			Name string `json:"name"`
+		}
+		if err := json.Unmarshal(o.Container, &c); err != nil {
+			return nil, fmt.Errorf("annotation %s: override %s is not a container: %w", inject.AnnotationStatus, o.Container, err)
+		}
+		key := "containers/"
+		if o.Init {
+			key = "initContainers/"
+		}
+		m[key+c.Name] = o.Container
+	}
+	return m, nil
 }
 
 func orRoot(path string) string {

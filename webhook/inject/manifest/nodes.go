@@ -5,10 +5,12 @@ import (
 	"encoding/json"
 	"fmt"
 	"maps"
+	"reflect"
 	"slices"
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
+	apiequality "k8s.io/apimachinery/pkg/api/equality"
 	kyaml "sigs.k8s.io/kustomize/kyaml/yaml"
 )
 
@@ -138,8 +140,10 @@ func ensureMap(m *kyaml.Node, key, before string) *kyaml.Node {
 //
 // keepEmpty lists fields to keep rather than remove when they become empty:
 // "spec.volumes" as an empty flow collection ([] or {}), "spec.volumes=null"
-// as a null.
-func patchTemplate(t *kyaml.Node, before, after *corev1.Pod, keepEmpty []string) error {
+// as a null. restored holds, by "initContainers/NAME" or "containers/NAME",
+// the JSON of containers to write exactly so, in this key order (the pod's
+// own containers uninject puts back, as the manifest had them).
+func patchTemplate(t *kyaml.Node, before, after *corev1.Pod, keepEmpty []string, restored map[string]json.RawMessage) error {
 	// Annotations.
 	if !maps.Equal(before.Annotations, after.Annotations) {
 		meta := ensureMap(t, "metadata", "spec")
@@ -186,13 +190,25 @@ func patchTemplate(t *kyaml.Node, before, after *corev1.Pod, keepEmpty []string)
 	if spec == nil || spec.Kind != kyaml.MappingNode {
 		return fmt.Errorf("spec is not a mapping")
 	}
-	if err := patchList(spec, "initContainers", "containers", emptyMode(keepEmpty, "spec.initContainers"), containerNames(before.Spec.InitContainers), containerNames(after.Spec.InitContainers), func(i int) any { return after.Spec.InitContainers[i] }); err != nil {
-		return err
+	lists := []listPatch{
+		containerList("initContainers", "containers", before.Spec.InitContainers, after.Spec.InitContainers),
+		containerList("containers", "", before.Spec.Containers, after.Spec.Containers),
+		{key: "volumes", oldNames: volumeNames(before.Spec.Volumes), newNames: volumeNames(after.Spec.Volumes),
+			oldValue: func(i int) any { return before.Spec.Volumes[i] }, newValue: func(i int) any { return after.Spec.Volumes[i] }},
 	}
-	if err := patchList(spec, "containers", "", emptyMode(keepEmpty, "spec.containers"), containerNames(before.Spec.Containers), containerNames(after.Spec.Containers), func(i int) any { return after.Spec.Containers[i] }); err != nil {
-		return err
+	for _, l := range lists {
+		l.keepEmpty = emptyMode(keepEmpty, "spec."+l.key)
+		l.restored = restored
+		if err := l.apply(spec); err != nil {
+			return err
+		}
 	}
-	return patchList(spec, "volumes", "", emptyMode(keepEmpty, "spec.volumes"), volumeNames(before.Spec.Volumes), volumeNames(after.Spec.Volumes), func(i int) any { return after.Spec.Volumes[i] })
+	return nil
+}
+
+func containerList(key, before string, old, cur []corev1.Container) listPatch {
+	return listPatch{key: key, before: before, oldNames: containerNames(old), newNames: containerNames(cur),
+		oldValue: func(i int) any { return old[i] }, newValue: func(i int) any { return cur[i] }}
 }
 
 func containerNames(cs []corev1.Container) []string {
@@ -211,61 +227,237 @@ func volumeNames(vs []corev1.Volume) []string {
 	return n
 }
 
-// patchList rebuilds the sequence at key so it lists the items named
-// after: items also named in before keep their original node (comments,
-// order of fields), new items are rendered from the typed value.
-func patchList(spec *kyaml.Node, key, before string, keepEmpty string, oldNames, newNames []string, value func(int) any) error {
-	if slices.Equal(oldNames, newNames) {
-		return nil
-	}
-	seq := get(spec, key)
+// listPatch rewrites the sequence at key of the pod spec from the typed
+// items before and after.
+type listPatch struct {
+	key, before        string // before: the key a new sequence is inserted before
+	keepEmpty          string
+	oldNames, newNames []string
+	oldValue, newValue func(int) any
+	restored           map[string]json.RawMessage
+}
+
+// apply rebuilds the sequence so it lists the items named newNames: an
+// item also named in oldNames keeps its original node (comments, order of
+// fields), patched where its typed value changed; new items are rendered
+// from the typed value (or taken from restored).
+func (l *listPatch) apply(spec *kyaml.Node) error {
+	seq := get(spec, l.key)
 	if seq != nil && seq.Kind != kyaml.SequenceNode {
 		seq = nil
 	}
-	existing := map[string]*kyaml.Node{}
+	type old struct {
+		node  *kyaml.Node
+		index int
+	}
+	same := slices.Equal(l.oldNames, l.newNames)
+	existing := map[string]old{}
 	if seq != nil {
 		for _, el := range seq.Content {
-			if name := scalar(el, "name"); name != "" && slices.Contains(oldNames, name) {
+			name := scalar(el, "name")
+			if i := slices.Index(l.oldNames, name); i >= 0 {
 				if _, dup := existing[name]; !dup {
-					existing[name] = el
+					existing[name] = old{el, i}
 				}
 			}
 		}
 	}
-	content := make([]*kyaml.Node, 0, len(newNames))
-	for i, name := range newNames {
-		if el, ok := existing[name]; ok {
-			content = append(content, el)
+	byIndex := same && seq != nil && len(seq.Content) == len(l.oldNames)
+	changed := !same
+	content := make([]*kyaml.Node, 0, len(l.newNames))
+	for i, name := range l.newNames {
+		el, ok := existing[name]
+		if byIndex {
+			el, ok = old{seq.Content[i], i}, true
+		}
+		if ok {
 			delete(existing, name)
+			was, now := l.oldValue(el.index), l.newValue(i)
+			var exact any
+			if raw, ok := l.restored[l.key+"/"+name]; ok {
+				if err := json.Unmarshal(raw, &exact); err != nil {
+					return fmt.Errorf("%s %s: %w", l.key, name, err)
+				}
+			}
+			if !apiequality.Semantic.DeepEqual(was, now) || exact != nil {
+				changed = true
+				if err := patchValue(el.node, was, now, exact); err != nil {
+					return fmt.Errorf("%s %s: %w", l.key, name, err)
+				}
+			}
+			content = append(content, el.node)
 			continue
 		}
-		n, err := toNode(value(i))
+		changed = true
+		if raw, ok := l.restored[l.key+"/"+name]; ok {
+			n, err := parseYAML(string(raw))
+			if err != nil || n == nil {
+				return fmt.Errorf("%s %s: recorded container %s: %v", l.key, name, raw, err)
+			}
+			blockStyle(n.Content[0])
+			content = append(content, n.Content[0])
+			continue
+		}
+		n, err := toNode(l.newValue(i))
 		if err != nil {
 			return err
 		}
 		content = append(content, n)
 	}
+	if !changed {
+		return nil
+	}
 	if len(content) == 0 {
 		switch {
-		case keepEmpty == "empty" && seq != nil:
+		case l.keepEmpty == "empty" && seq != nil:
 			seq.Content = nil
-			toEmptyFlow(spec, key, seq)
-		case keepEmpty == "null":
-			set(spec, key, nullNode(), "")
+			toEmptyFlow(spec, l.key, seq)
+		case l.keepEmpty == "null":
+			set(spec, l.key, nullNode(), "")
 		default:
-			del(spec, key)
+			del(spec, l.key)
 		}
 		return nil
 	}
 	if seq == nil {
 		seq = &kyaml.Node{Kind: kyaml.SequenceNode, Tag: "!!seq"}
-		set(spec, key, seq, before)
+		set(spec, l.key, seq, l.before)
 	}
 	if seq.Style == kyaml.FlowStyle {
-		toBlock(spec, key, seq)
+		toBlock(spec, l.key, seq)
 	}
 	seq.Content = content
 	return nil
+}
+
+// patchValue rewrites node n, which holds the typed value was, so it holds
+// now, touching only what differs: keys of a mapping are added (at the
+// end), removed or patched in place; items of a sequence are matched by
+// value, then by their name, mountPath or containerPort, and reused.
+//
+// exact, when not nil, is the generic JSON to write instead of now (which it
+// must equal as typed data): it holds only the fields a manifest had.
+func patchValue(n *kyaml.Node, was, now, exact any) error {
+	var a, b any
+	if err := roundTrip(was, &a); err != nil {
+		return err
+	}
+	if exact != nil {
+		return patchGeneric(n, a, exact)
+	}
+	if err := roundTrip(now, &b); err != nil {
+		return err
+	}
+	return patchGeneric(n, a, b)
+}
+
+func roundTrip(v any, out *any) error {
+	j, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return json.Unmarshal(j, out)
+}
+
+func patchGeneric(n *kyaml.Node, was, now any) error {
+	if reflect.DeepEqual(was, now) {
+		return nil
+	}
+	switch now := now.(type) {
+	case map[string]any:
+		old, ok := was.(map[string]any)
+		if ok && n.Kind == kyaml.MappingNode {
+			for _, k := range slices.Sorted(maps.Keys(old)) {
+				if _, keep := now[k]; !keep {
+					del(n, k)
+				}
+			}
+			for _, k := range slices.Sorted(maps.Keys(now)) {
+				if o, had := old[k]; had && reflect.DeepEqual(o, now[k]) {
+					continue // unchanged (or only in the typed form, as resources: {})
+				}
+				if child := get(n, k); child != nil {
+					if _, had := old[k]; had {
+						if err := patchGeneric(child, old[k], now[k]); err != nil {
+							return err
+						}
+						continue
+					}
+				}
+				v, err := toNode(now[k])
+				if err != nil {
+					return err
+				}
+				set(n, k, v, "")
+			}
+			if n.Style&kyaml.FlowStyle != 0 && len(n.Content) > 0 {
+				n.Style &^= kyaml.FlowStyle
+			}
+			return nil
+		}
+	case []any:
+		old, ok := was.([]any)
+		if ok && n.Kind == kyaml.SequenceNode && len(old) == len(n.Content) {
+			used := make([]bool, len(old))
+			find := func(match func(any) bool) int {
+				for j, o := range old {
+					if !used[j] && match(o) {
+						return j
+					}
+				}
+				return -1
+			}
+			content := make([]*kyaml.Node, 0, len(now))
+			for _, item := range now {
+				j := find(func(o any) bool { return reflect.DeepEqual(o, item) })
+				if j < 0 {
+					if id := identity(item); id != "" {
+						j = find(func(o any) bool { return identity(o) == id })
+					}
+				}
+				if j >= 0 {
+					used[j] = true
+					if err := patchGeneric(n.Content[j], old[j], item); err != nil {
+						return err
+					}
+					content = append(content, n.Content[j])
+					continue
+				}
+				v, err := toNode(item)
+				if err != nil {
+					return err
+				}
+				content = append(content, v)
+			}
+			n.Content = content
+			if n.Style&kyaml.FlowStyle != 0 && len(content) > 0 {
+				n.Style &^= kyaml.FlowStyle
+			}
+			return nil
+		}
+	}
+	v, err := toNode(now)
+	if err != nil {
+		return err
+	}
+	v.HeadComment, v.LineComment, v.FootComment = n.HeadComment, n.LineComment, n.FootComment
+	*n = *v
+	return nil
+}
+
+// identity is the merge key of a list item of a container: env and volume
+// mounts by name or mountPath, ports by containerPort.
+func identity(v any) string {
+	m, ok := v.(map[string]any)
+	if !ok {
+		return ""
+	}
+	for _, k := range []string{"name", "mountPath", "containerPort"} {
+		if id, ok := m[k]; ok {
+			return fmt.Sprint(k, "=", id)
+		}
+	}
+	return ""
 }
 
 // toNode renders a typed value as a block-style YAML node.
@@ -280,8 +472,11 @@ func toNode(v any) (*kyaml.Node, error) {
 	}
 	root := n.Content[0]
 	blockStyle(root)
-	if _, ok := v.(corev1.Container); ok {
+	switch v.(type) {
+	case corev1.Container:
 		orderKeys(root, containerKeyOrder)
+	case map[string]any, []any:
+		nameFirst(root)
 	}
 	return root, nil
 }
@@ -291,6 +486,17 @@ func toNode(v any) (*kyaml.Node, error) {
 // last).
 var containerKeyOrder = []string{"name", "image", "imagePullPolicy", "command", "args", "ports", "env",
 	"resources", "volumeMounts", "restartPolicy", "startupProbe", "readinessProbe", "livenessProbe", "lifecycle"}
+
+// nameFirst puts the key "name" first in every mapping under n (generic
+// values are rendered in sorted key order).
+func nameFirst(n *kyaml.Node) {
+	if n.Kind == kyaml.MappingNode {
+		orderKeys(n, []string{"name"})
+	}
+	for _, c := range n.Content {
+		nameFirst(c)
+	}
+}
 
 // orderKeys moves the keys listed in order to the front of mapping m, in
 // that order; other keys follow in their original order.
