@@ -62,6 +62,10 @@ type Options struct {
 	// "127.0.0.1:15000", ":15020". A capture address with an empty host is
 	// bound on 0.0.0.0 and, when the host has IPv6, on [::] as well.
 	OutboundAddr, InboundAddr, HealthAddr, PrometheusAddr, AdminAddr, StatusAddr string
+	// NoCaptureListeners leaves the capture listeners (OutboundAddr,
+	// InboundAddr) unbound: nothing is redirected to them (interception
+	// mode NONE, gateways), so generations serve no capture data path.
+	NoCaptureListeners bool
 	// Executable is the meshlet binary started as `meshlet proxy`;
 	// empty: os.Executable().
 	Executable string
@@ -194,6 +198,9 @@ func New(o Options) (*Agent, error) {
 		{fdAdmin, o.AdminAddr, false},
 	}
 	for _, b := range bind {
+		if o.NoCaptureListeners && (b.name == fdOutbound || b.name == fdInbound) {
+			continue
+		}
 		if err := a.bind(b.name, b.addr, b.dual); err != nil {
 			a.closeSocks()
 			return nil, err

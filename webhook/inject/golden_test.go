@@ -20,7 +20,10 @@ var update = flag.Bool("update", false, "rewrite the golden files")
 // embedded defaults, or NAME.config.yaml when present, and compares with
 // NAME.golden.yaml: the output followed by the decisions as comments (or the
 // error). Each output is then injected again (must be byte-identical:
-// idempotent) and uninjected (must give back the input exactly).
+// idempotent) and uninjected (must give back the input exactly). Every pod
+// template also goes through the webhook path (the admission handler over
+// HTTP, its JSON patch applied): the same pod as the CLI's, re-admission
+// changes nothing, Uninject gives back the input pod.
 func TestGolden(t *testing.T) {
 	inputs, err := filepath.Glob("testdata/inject/*")
 	if err != nil {
@@ -84,6 +87,8 @@ func TestGolden(t *testing.T) {
 			if terr != nil {
 				return
 			}
+
+			checkWebhookPath(t, &cfg, opts.Inject, data, out)
 
 			again, results2, err := manifest.Transform(out, opts)
 			if err != nil {

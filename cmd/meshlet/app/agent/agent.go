@@ -22,9 +22,10 @@ import (
 )
 
 type flagpole struct {
-	opts      proxyagent.Options
-	verbose   bool
-	subreaper bool
+	opts             proxyagent.Options
+	verbose          bool
+	subreaper        bool
+	captureListeners bool
 }
 
 // New returns the `meshlet agent` command.
@@ -67,6 +68,7 @@ terminal's Ctrl-C reaches only the agent):
 	fl.DurationVar(&o.StartTimeout, "start-timeout", 10*time.Second, "how long a new generation may take to become ready")
 	fl.StringVar(&o.OutboundAddr, "outbound-addr", ":15001", "outbound capture listener")
 	fl.StringVar(&o.InboundAddr, "inbound-addr", ":15006", "inbound capture listener")
+	fl.BoolVar(&f.captureListeners, "capture-listeners", true, "bind the capture listeners (false: interception mode NONE, gateways)")
 	fl.StringVar(&o.HealthAddr, "health-addr", ":15021", "proxy health listener")
 	fl.StringVar(&o.PrometheusAddr, "prometheus-addr", ":15090", "proxy Prometheus listener")
 	fl.StringVar(&o.AdminAddr, "admin-addr", "127.0.0.1:15000", "proxy admin listener (keep it on loopback)")
@@ -95,6 +97,7 @@ func run(ctx context.Context, streams cli.Streams, f *flagpole) error {
 	}
 	f.opts.Log = log
 	f.opts.Version = version.String()
+	f.opts.NoCaptureListeners = !f.captureListeners
 	a, err := proxyagent.New(f.opts)
 	if err != nil {
 		return err
