@@ -242,7 +242,7 @@ func (s *SelfIssued) Reconcile(ctx context.Context) error {
 func (s *SelfIssued) ensureSecret(ctx context.Context) (*corev1.Secret, error) {
 	secrets := s.opts.Client.CoreV1().Secrets(s.opts.Namespace)
 	var out *corev1.Secret
-	err := retry.OnError(retry.DefaultRetry, func(err error) bool {
+	err := retryOnError(func(err error) bool {
 		return apierrors.IsConflict(err) || apierrors.IsAlreadyExists(err)
 	}, func() error {
 		cur, err := secrets.Get(ctx, s.opts.SecretName, metav1.GetOptions{})
@@ -294,6 +294,24 @@ func (s *SelfIssued) ensureSecret(ctx context.Context) (*corev1.Secret, error) {
 	return out, err
 }
 
+// retryOnError runs fn until it succeeds or fails with an error retriable
+// does not accept, retry.DefaultRetry's number of times at most, and returns
+// fn's last error. retry.OnError alone is not enough: in the client-go we use (v0.36)
+// it reports a non-retriable error that wraps a context error (a request cut
+// by a cancelled context) as the last retriable error, which is nil when
+// there was none, so a cancelled round would look like a successful one.
+func retryOnError(retriable func(error) bool, fn func() error) error {
+	var last error
+	err := retry.OnError(retry.DefaultRetry, retriable, func() error {
+		last = fn()
+		return last
+	})
+	if last != nil {
+		return last
+	}
+	return err
+}
+
 // publishedCheck returns a function telling whether a CA is in the caBundle
 // of every webhook configuration right now.
 func (s *SelfIssued) publishedCheck(ctx context.Context) (func(*x509.Certificate) bool, error) {
@@ -338,7 +356,7 @@ func (s *SelfIssued) publish(ctx context.Context, bundle []byte) error {
 	for _, name := range s.opts.WebhookConfigNames {
 		var now []webhookBundle
 		read := false
-		err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		err := retryOnError(apierrors.IsConflict, func() error {
 			cfg, err := api.Get(ctx, name, metav1.GetOptions{})
 			if err != nil {
 				return err
