@@ -96,7 +96,7 @@ func TestRenderGolden(t *testing.T) {
 
 var commentRE = regexp.MustCompile(` -m comment --comment "[^"]*"`)
 
-// StripComments removes the owner comments, leaving the rule as DESIGN.md
+// StripComments removes the owner comments, leaving the rule as docs/design.md
 // section 4 prints it.
 func stripComments(lines []string) []string {
 	out := make([]string, len(lines))
@@ -106,7 +106,7 @@ func stripComments(lines []string) []string {
 	return out
 }
 
-// TestDefaultMatchesDesign checks the default IPv4 rules against DESIGN.md
+// TestDefaultMatchesDesign checks the default IPv4 rules against docs/design.md
 // section 4 rule for rule (testdata/design-section4.txt is that block,
 // copied verbatim), and that every rule carries an owner comment.
 func TestDefaultMatchesDesign(t *testing.T) {
@@ -122,7 +122,7 @@ func TestDefaultMatchesDesign(t *testing.T) {
 	lines := Rules(c, IPv4).Lines()
 	got := stripComments(lines)
 	if d := Diff(want, got); d != "" {
-		t.Fatalf("default rules differ from DESIGN.md section 4:\n%s", d)
+		t.Fatalf("default rules differ from docs/design.md section 4:\n%s", d)
 	}
 	for _, l := range lines {
 		if !strings.Contains(l, `--comment "`+CommentPrefix) {

@@ -3,7 +3,7 @@
 // into a typed rule model per IP family, and the model into one
 // iptables-restore input per family. It applies the rules atomically inside
 // a network namespace, reads them back with iptables-save and compares, and
-// removes exactly its own rules again. DESIGN.md section 4 is the
+// removes exactly its own rules again. docs/design.md section 4 is the
 // specification of the default rule set.
 //
 // Configuration flows one way: Options (strings, as given by flags, env or
@@ -21,7 +21,7 @@ import (
 	"strings"
 )
 
-// Default values of Options, matching DESIGN.md section 2 and 4.
+// Default values of Options, matching docs/design.md section 2 and 4.
 const (
 	DefaultProxyPort           = "15001"
 	DefaultInboundCapturePort  = "15006"
@@ -79,7 +79,7 @@ type Options struct {
 	IPv6                    string // auto (default), on, off
 }
 
-// NewOptions returns the default options: DESIGN.md section 4's rule set.
+// NewOptions returns the default options: docs/design.md section 4's rule set.
 func NewOptions() Options {
 	return Options{
 		ProxyPort:           DefaultProxyPort,

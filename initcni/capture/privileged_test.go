@@ -204,7 +204,7 @@ func TestPrivilegedReadBackGolden(t *testing.T) {
 						}
 						stripped := regexp.MustCompile(` -m comment --comment "[^"]*"`).ReplaceAllString(strings.Join(lines, "\n"), "")
 						if stripped != strings.TrimSpace(string(design)) {
-							t.Errorf("%s read back (comments stripped) differs from DESIGN.md section 4:\n%s", b, stripped)
+							t.Errorf("%s read back (comments stripped) differs from docs/design.md section 4:\n%s", b, stripped)
 						}
 					}
 				}

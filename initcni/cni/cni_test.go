@@ -37,7 +37,7 @@ func TestConfigFromAnnotations(t *testing.T) {
 		!slices.Equal(c.OutboundPortsExclude, []uint16{5432}) || !slices.Equal(c.ExcludeInterfaces, []string{"net1"}) {
 		t.Errorf("annotations not mapped: %+v", c)
 	}
-	// No annotations: the defaults, i.e. DESIGN.md's rule set.
+	// No annotations: the defaults, i.e. docs/design.md's rule set.
 	c, err = ConfigFromAnnotations(def, nil)
 	if err != nil {
 		t.Fatal(err)

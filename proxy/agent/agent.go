@@ -2,7 +2,7 @@
 // istio-proxy container. It binds every proxy listener once and keeps it for
 // the life of the pod, runs proxy generations (`meshlet proxy`, re-executed
 // from its own binary) that inherit those sockets, and replaces them without
-// losing a connection (DESIGN.md section 5):
+// losing a connection (docs/design.md section 5):
 //
 //   - hot restart (config file change, SIGHUP, POST /reload): generation N+1
 //     starts on the same descriptors, loads and validates its config and

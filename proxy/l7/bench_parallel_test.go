@@ -17,7 +17,7 @@ import (
 )
 
 // BenchmarkHTTP1Parallel measures throughput with 16 concurrent keep-alive
-// clients (as the fortio runs in DESIGN.md §8): direct, one L7 hop, two L7
+// clients (as the fortio runs in docs/design.md §8): direct, one L7 hop, two L7
 // hops (client sidecar outbound → server sidecar inbound), and nginx 1.22 as
 // an L7 reverse proxy (1 worker, upstream keep-alive) when it is installed.
 // Compare ns/op between rows of one run: lower is more requests per second.

@@ -11,7 +11,7 @@ import (
 )
 
 // The benchmarks measure one request at a time over a keep-alive connection
-// with a 1 KiB body each way (as in DESIGN.md §8): directly to the backend,
+// with a 1 KiB body each way (as in docs/design.md §8): directly to the backend,
 // and through the engine (passthrough, and an L7-routed service with a
 // header match, weighted split, retry policy and outlier detection).
 // allocs/op count the client and backend too: compare the rows.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# fortio load harness (DESIGN.md section 8): client sidecar → server sidecar
+# fortio load harness (docs/design.md section 8): client sidecar → server sidecar
 # in two network namespaces with meshlet's real capture rules and agents
 # running as UID 1337, measured in the same run against direct (no proxy),
 # haproxy (1 thread) and nginx (1 worker, upstream keep-alive).

@@ -175,7 +175,7 @@ func TestQuickstart(t *testing.T) {
 		got := podNatRules(t, ctx, pod)
 		want := designRules()
 		if strings.Join(got, "\n") != strings.Join(want, "\n") {
-			t.Errorf("nat rules in pod %s:\n%s\nwant (DESIGN.md section 4):\n%s", pod.Name, strings.Join(got, "\n"), strings.Join(want, "\n"))
+			t.Errorf("nat rules in pod %s:\n%s\nwant (docs/design.md section 4):\n%s", pod.Name, strings.Join(got, "\n"), strings.Join(want, "\n"))
 		}
 	})
 	t.Run("traffic through both sidecars", func(t *testing.T) {
@@ -406,7 +406,7 @@ func podNatRules(t *testing.T, ctx context.Context, pod *corev1.Pod) []string {
 	return nil
 }
 
-// designRules are DESIGN.md section 4's default IPv4 rules.
+// designRules are docs/design.md section 4's default IPv4 rules.
 func designRules() []string {
 	return strings.Split(`-A PREROUTING -p tcp -j ISTIO_INBOUND
 -A OUTPUT -j ISTIO_OUTPUT

@@ -13,7 +13,7 @@ const (
 	ModeTProxy   = "TPROXY"
 )
 
-// Fixed ports of the proxy (DESIGN.md section 2).
+// Fixed ports of the proxy (docs/design.md section 2).
 const (
 	OutboundCapturePort = 15001
 	InboundCapturePort  = 15006

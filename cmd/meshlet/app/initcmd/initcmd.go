@@ -91,7 +91,7 @@ func New(streams cli.Streams) *cobra.Command {
 		Use:   "init",
 		Short: "Install the traffic-capture rules in a pod's network namespace",
 		Long: `Install the iptables rules that send a pod's TCP traffic through the sidecar
-proxy (DESIGN.md section 4), as the istio-init container does. Flags keep
+proxy (docs/design.md section 4), as the istio-init container does. Flags keep
 istio-iptables' short names and "*"/empty semantics; each has an env-var form
 (flags win). Exit codes: 0 ok, 1 failure, 2 invalid options (nothing touched),
 3 rules read back differ from what was meant, 4 --validate: capture not working.`,
