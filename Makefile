@@ -11,7 +11,7 @@ CACHE     ?= $(or $(MESHLET_CACHE),$(HOME)/.cache/meshlet)
 IMAGES    ?= $(CACHE)/images
 TESTFLAGS ?= -race -count=1 -timeout 30m
 
-.PHONY: all build test test-unit test-privileged test-envtest test-e2e bench bench-fortio lint envtest-bins k8s-bins images manifests demo cluster-down clean
+.PHONY: all build deps test test-unit test-privileged test-envtest test-e2e bench bench-fortio lint envtest-bins k8s-bins images manifests demo cluster-down clean
 
 all: build
 
@@ -21,14 +21,23 @@ build:
 
 ## test: every tier — unit, privileged (root: netns + iptables), envtest (real
 ## kube-apiserver + etcd; the chart tests there include the manifests/ drift
-## check), and the real-cluster e2e tier (test-e2e).
-test: lint envtest-bins
+## check), and the real-cluster e2e tier (test-e2e). Needs root: it stops at
+## once, saying so, rather than pass with the privileged tiers skipped. It
+## first installs the Debian packages the tiers need when they are missing.
+test:
+	@test/bin/ensure-deps.sh --require-root
+	$(MAKE) lint envtest-bins
 	KUBEBUILDER_ASSETS=$(K8S_BINS) $(GOTEST) $(TESTFLAGS) ./...
 	$(MAKE) test-e2e
+
+## deps: install the Debian packages the test tiers need, when missing (root).
+deps:
+	test/bin/ensure-deps.sh
 
 ## test-e2e: the real single-node cluster tier (test/e2e): builds the images and
 ## the cluster binaries (cached), brings the cluster up, runs the suite, tears it down.
 test-e2e: images k8s-bins
+	@test/bin/ensure-deps.sh --require-root
 	MESHLET_E2E=1 MESHLET_IMAGES=$(IMAGES) $(GOTEST) -count=1 -timeout 40m -v ./test/e2e/
 
 ## manifests: regenerate manifests/ from charts/meshlet (make test checks for drift).
@@ -49,6 +58,7 @@ test-unit:
 
 ## test-privileged: only the tests that need root, network namespaces and iptables.
 test-privileged:
+	@test/bin/ensure-deps.sh --require-root
 	$(GOTEST) $(TESTFLAGS) -run 'Privileged' ./...
 
 ## test-envtest: only the tests against a real kube-apiserver and etcd.
