@@ -26,7 +26,9 @@
 // The status server (15020) serves /healthz/ready (asking the generation's
 // 15021 through the data path), a merged /stats/prometheus (agent, proxy and
 // optionally the application), /server_info, POST /quitquitquit, POST /drain
-// and POST /reload.
+// and POST /reload. /server_info and the POST endpoints answer only callers
+// inside the pod (a loopback source address); others get 403 and are counted
+// in meshlet_agent_status_denied_total{path}.
 package agent
 
 import (
@@ -75,6 +77,11 @@ type Options struct {
 	StartTimeout time.Duration
 	// AppMetricsURL, if set, is scraped and merged into /stats/prometheus.
 	AppMetricsURL string
+	// AllowRemoteLifecycle serves the state-changing status endpoints
+	// (POST /quitquitquit, /drain, /reload) to any caller; false (the
+	// default): only to a loopback source, i.e. from inside the pod, and
+	// anyone else gets 403. /server_info is loopback-only either way.
+	AllowRemoteLifecycle bool
 	// Stdout and Stderr are given to generations; nil: os.Stdout/os.Stderr.
 	Stdout, Stderr *os.File
 	// Version is reported in /server_info.
@@ -133,6 +140,7 @@ type Agent struct {
 	log     *slog.Logger
 	socks   []sock
 	status  net.Listener
+	denied  statusDenials
 	region  *stats.Region
 	statsFD *os.File
 	started time.Time

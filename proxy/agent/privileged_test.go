@@ -33,7 +33,7 @@ type podLab struct {
 	configPath          string
 }
 
-func newPodLab(t *testing.T, subnet int) *podLab {
+func newPodLab(t *testing.T, subnet int, agentArgs ...string) *podLab {
 	t.Helper()
 	netlab.Require(t)
 	l := &podLab{
@@ -74,7 +74,7 @@ func newPodLab(t *testing.T, subnet int) *podLab {
 	}
 	bin := netlab.SelfCopy(t)
 	l.agentOut = &proctest.SyncBuf{}
-	l.agent = exec.Command(bin, "agent", "--config", l.configPath, "--drain-duration", "5s")
+	l.agent = exec.Command(bin, append([]string{"agent", "--config", l.configPath, "--drain-duration", "5s"}, agentArgs...)...)
 	l.agent.Env = append(os.Environ(), envExec+"=1")
 	l.agent.Stdout, l.agent.Stderr = l.agentOut, l.agentOut
 	if err := l.pod.Start(l.agent, 1337, 1337); err != nil {
@@ -126,10 +126,12 @@ func (l *podLab) get(t *testing.T, url string) (int, string) {
 	return resp.StatusCode, string(buf[:n])
 }
 
+// reload asks the agent for a hot restart from inside the pod (loopback:
+// the status server refuses it from anywhere else).
 func (l *podLab) reload(t *testing.T) string {
 	t.Helper()
-	c := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DialContext: l.clientDial}}
-	resp, err := c.Post("http://"+l.podIP+":15020/reload", "", nil)
+	c := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DialContext: l.podDial}}
+	resp, err := c.Post("http://127.0.0.1:15020/reload", "", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -188,7 +190,7 @@ func TestPrivilegedCaptureSoak(t *testing.T) {
 	}
 
 	// kill -9 of the serving generation.
-	_, info := l.get(t, "http://"+l.podIP+":15020/server_info")
+	_, info := l.status(t, l.podDial, http.MethodGet, "127.0.0.1", "/server_info")
 	var pid int
 	for _, line := range strings.Split(info, "\n") {
 		if strings.Contains(line, `"pid"`) {

@@ -49,6 +49,10 @@ type Config struct {
 	HoldApplicationUntilProxyStarts bool `json:"holdApplicationUntilProxyStarts"`
 	// TerminationDrainDuration is the proxy's drain time, a Go duration.
 	TerminationDrainDuration string `json:"terminationDrainDuration"`
+	// AllowRemoteLifecycle lets callers outside the pod use istio-proxy's
+	// state-changing status endpoints (POST /quitquitquit, /drain, /reload on
+	// 15020); false: loopback only (`meshlet agent --allow-remote-lifecycle`).
+	AllowRemoteLifecycle bool `json:"allowRemoteLifecycle"`
 	// ProxyUID and ProxyGID are the identity of istio-proxy, exempt from capture.
 	ProxyUID int64 `json:"proxyUID"`
 	ProxyGID int64 `json:"proxyGID"`

@@ -843,7 +843,7 @@ func proxyContainer(cfg *Config, p params, appNames []string) corev1.Container {
 		Image:           p.image,
 		ImagePullPolicy: cfg.ImagePullPolicy,
 		Command:         []string{Binary},
-		Args:            proxyArgs(p),
+		Args:            agentArgs(cfg, p),
 		Ports: []corev1.ContainerPort{
 			{Name: "http-envoy-prom", ContainerPort: PrometheusPort, Protocol: corev1.ProtocolTCP},
 		},
@@ -877,4 +877,14 @@ func proxyContainer(cfg *Config, p params, appNames []string) corev1.Container {
 		c.Lifecycle = &corev1.Lifecycle{PostStart: &corev1.LifecycleHandler{Exec: &corev1.ExecAction{Command: []string{Binary, "agent", "wait"}}}}
 	}
 	return c
+}
+
+// agentArgs are istio-proxy's `meshlet agent` arguments: proxyArgs, plus
+// the config's opt-in to lifecycle calls from outside the pod.
+func agentArgs(cfg *Config, p params) []string {
+	args := proxyArgs(p)
+	if cfg.AllowRemoteLifecycle {
+		args = append(args, "--allow-remote-lifecycle")
+	}
+	return args
 }

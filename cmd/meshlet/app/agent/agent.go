@@ -38,7 +38,9 @@ func New(streams cli.Streams) *cobra.Command {
 listeners once (15001, 15006, 15021, 15090, 127.0.0.1:15000), starts
 ` + "`meshlet proxy`" + ` generations that inherit them, and serves status on 15020:
 /healthz/ready, /stats/prometheus, /server_info, POST /quitquitquit, POST /drain,
-POST /reload.
+POST /reload. /server_info and the POST endpoints answer only callers inside the
+pod (loopback source); others get 403 unless --allow-remote-lifecycle (which
+opens the POST endpoints, never /server_info).
 
 Hot restart (no connection lost) on a change of the --config file, SIGHUP or
 POST /reload. Without --config the embedded default runs (pure L4 passthrough).
@@ -74,6 +76,7 @@ terminal's Ctrl-C reaches only the agent):
 	fl.StringVar(&o.AdminAddr, "admin-addr", "127.0.0.1:15000", "proxy admin listener (keep it on loopback)")
 	fl.StringVar(&o.StatusAddr, "status-addr", ":15020", "agent status listener")
 	fl.StringVar(&o.AppMetricsURL, "app-metrics-url", "", "application metrics URL merged into /stats/prometheus")
+	fl.BoolVar(&o.AllowRemoteLifecycle, "allow-remote-lifecycle", false, "serve POST /quitquitquit, /drain and /reload on the status listener to callers outside the pod (default: loopback sources only, others get 403)")
 	fl.StringSliceVar(&o.ProxyArgs, "proxy-arg", nil, "extra argument for every `meshlet proxy` generation (repeatable)")
 	fl.StringVar(&o.Executable, "proxy-executable", "", "binary started as `meshlet proxy` for each generation (default: this binary)")
 	fl.BoolVar(&f.subreaper, "subreaper", true, "become a child subreaper so orphaned processes are reaped")
