@@ -71,6 +71,33 @@ func TestInjectGolden(t *testing.T) {
 	}
 }
 
+// TestInjectIstioCompat: manifests written for Istio's injector (a gateway
+// template, the pod's own istio-proxy, interception mode NONE, proxyless
+// gRPC) through `meshlet inject`, then `meshlet inject` again (unchanged)
+// and `meshlet uninject` (the input, byte for byte).
+func TestInjectIstioCompat(t *testing.T) {
+	in, err := os.ReadFile("testdata/istio-compat.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, stderr, err := runCmd(t, New, string(in), "-f", "-")
+	if err != nil {
+		t.Fatalf("%v\n%s", err, stderr)
+	}
+	golden(t, "istio-compat.golden.yaml", out)
+	again, _, err := runCmd(t, New, out, "-f", "-")
+	if err != nil || again != out {
+		t.Fatalf("re-injection changed the output (%v)", err)
+	}
+	back, _, err := runCmd(t, NewUninject, out, "-f", "-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if back != string(in) {
+		t.Fatalf("uninject did not restore the input:\n%s", back)
+	}
+}
+
 func TestInjectPreservesUntouched(t *testing.T) {
 	in, err := os.ReadFile("testdata/tree/app.yaml")
 	if err != nil {
