@@ -1,0 +1,195 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/meshlet/meshlet/test/cluster"
+)
+
+const (
+	webhookNamespace  = "meshlet-system"
+	webhookDeployment = "meshlet-webhook"
+)
+
+// installMeshlet installs the chart as a user would (helm install --wait) on
+// a clean slate, and uninstalls it when the test ends.
+func installMeshlet(t *testing.T, ctx context.Context, namespaces ...string) {
+	t.Helper()
+	_, _ = kc.Helm(ctx, "uninstall", "meshlet", "--namespace", webhookNamespace, "--wait")
+	for _, ns := range namespaces {
+		if err := kc.DeleteNamespace(ctx, ns); err != nil {
+			t.Fatal(err)
+		}
+	}
+	helm(t, ctx, "install", "meshlet", "charts/meshlet", "--namespace", webhookNamespace, "--create-namespace", "--wait", "--timeout", "5m")
+	t.Cleanup(func() {
+		if t.Failed() {
+			dumpDiagnostics(t, context.Background(), webhookNamespace)
+		}
+		_, _ = kc.Helm(context.Background(), "uninstall", "meshlet", "--namespace", webhookNamespace, "--wait")
+		for _, ns := range namespaces {
+			_ = kc.DeleteNamespace(context.Background(), ns)
+		}
+	})
+}
+
+// webhookHealth is one sample of the webhook Deployment's health.
+type webhookHealth struct {
+	want, ready, updated int32
+	endpoints            int
+}
+
+func (h webhookHealth) ok() bool {
+	return h.want > 0 && h.ready == h.want && h.updated == h.want && h.endpoints == int(h.want)
+}
+
+func (h webhookHealth) String() string {
+	return fmt.Sprintf("%d/%d ready, %d updated, %d pods ready behind the Service", h.ready, h.want, h.updated, h.endpoints)
+}
+
+func sampleWebhook(ctx context.Context) (webhookHealth, error) {
+	var h webhookHealth
+	dep, err := cs.AppsV1().Deployments(webhookNamespace).Get(ctx, webhookDeployment, metav1.GetOptions{})
+	if err != nil {
+		return h, err
+	}
+	if dep.Spec.Replicas != nil {
+		h.want = *dep.Spec.Replicas
+	}
+	h.ready, h.updated = dep.Status.ReadyReplicas, dep.Status.UpdatedReplicas
+	slices, err := cs.DiscoveryV1().EndpointSlices(webhookNamespace).List(ctx, metav1.ListOptions{LabelSelector: discoveryv1.LabelServiceName + "=" + webhookDeployment})
+	if err != nil {
+		return h, err
+	}
+	pods := map[string]bool{} // one per pod, whatever the address families
+	for _, sl := range slices.Items {
+		for _, ep := range sl.Endpoints {
+			if ep.Conditions.Ready != nil && *ep.Conditions.Ready && ep.TargetRef != nil {
+				pods[ep.TargetRef.Name] = true
+			}
+		}
+	}
+	h.endpoints = len(pods)
+	return h, nil
+}
+
+// readinessFailures returns the "Readiness probe failed" events of the
+// webhook's pods.
+func readinessFailures(ctx context.Context) ([]string, error) {
+	evs, err := cs.CoreV1().Events(webhookNamespace).List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.kind=Pod,reason=Unhealthy"})
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, e := range evs.Items {
+		if strings.HasPrefix(e.InvolvedObject.Name, webhookDeployment+"-") && strings.Contains(e.Message, "Readiness probe failed") {
+			out = append(out, fmt.Sprintf("%s ×%d: %s", e.InvolvedObject.Name, e.Count, e.Message))
+		}
+	}
+	return out, nil
+}
+
+// TestWebhookSteadyHealth: after helm install the webhook Deployment stays
+// 2/2 ready with both replicas behind its Service in every sample (every 2 s
+// for 60 s) and its pods get no "Readiness probe failed" event; then, during
+// a rolling update of the webhook itself, every pod created in a labelled
+// namespace is admitted and injected (failurePolicy: Fail, so a gap in the
+// Service's endpoints would refuse it with "failed calling webhook").
+func TestWebhookSteadyHealth(t *testing.T) {
+	ctx := need(t)
+	needSubcommand(t, "webhook")
+	const ns = "health"
+	installMeshlet(t, ctx, ns)
+
+	t.Run("steady after install", func(t *testing.T) {
+		var samples, bad int
+		var first string
+		for end := time.Now().Add(60 * time.Second); time.Now().Before(end); time.Sleep(2 * time.Second) {
+			samples++
+			h, err := sampleWebhook(ctx)
+			if err != nil || !h.ok() {
+				if bad++; first == "" {
+					first = fmt.Sprintf("%v %v", h, err)
+				}
+			}
+		}
+		if bad > 0 {
+			t.Errorf("webhook not fully ready in %d of %d samples over 60s; first: %s", bad, samples, first)
+		}
+		evs, err := readinessFailures(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(evs) > 0 {
+			t.Errorf("readiness probe failures of the webhook's pods:\n%s", strings.Join(evs, "\n"))
+		}
+		t.Logf("%d samples, %d not fully ready", samples, bad)
+	})
+
+	t.Run("pods admitted during a rolling update of the webhook", func(t *testing.T) {
+		kubectl(t, ctx, nil, "create", "namespace", ns)
+		kubectl(t, ctx, nil, "label", "namespace", ns, "istio-injection=enabled")
+		kubectl(t, ctx, nil, "rollout", "restart", "-n", webhookNamespace, "deployment/"+webhookDeployment)
+		rolled := make(chan error, 1)
+		go func() {
+			_, err := kc.Kubectl(ctx, nil, "rollout", "status", "-n", webhookNamespace, "deployment/"+webhookDeployment, "--timeout=5m")
+			rolled <- err
+		}()
+		var created int
+		var failures []string
+		for done := false; !done; {
+			select {
+			case err := <-rolled:
+				if err != nil {
+					t.Fatalf("rollout: %v", err)
+				}
+				done = true
+			case <-time.After(250 * time.Millisecond):
+			}
+			// Server-side dry run: admission (and injection) exactly as for
+			// a real pod, without scheduling one per iteration.
+			pod := &corev1.Pod{
+				ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("during-rollout-%d", created)},
+				Spec:       corev1.PodSpec{Containers: []corev1.Container{{Name: "echo", Image: "meshlet/echo:0.1.0"}}},
+			}
+			created++
+			got, err := cs.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
+			switch {
+			case err != nil:
+				failures = append(failures, err.Error())
+			case findContainer(got, "istio-proxy") == nil:
+				failures = append(failures, pod.Name+": admitted without the sidecar")
+			}
+		}
+		// And one real pod once the new replicas serve.
+		kubectl(t, ctx, nil, "apply", "-n", ns, "-f", "test/e2e/testdata/app.yaml")
+		if _, err := kc.Kubectl(ctx, nil, "wait", "-n", ns, "--for=condition=Available", "deployment/echo", "--timeout=180s"); err != nil {
+			t.Fatal(err)
+		}
+		assertInjected(t, runningPod(t, ctx, ns, "app=echo"))
+		t.Logf("%d pods created during the rollout, %d refused or not injected", created, len(failures))
+		if len(failures) > 0 {
+			t.Errorf("pods refused during the webhook's rolling update:\n%s", strings.Join(failures, "\n"))
+		}
+		if err := cluster.WaitFor(ctx, 60*time.Second, "webhook fully ready after the rollout", func(ctx context.Context) error {
+			h, err := sampleWebhook(ctx)
+			if err != nil {
+				return err
+			}
+			if !h.ok() {
+				return fmt.Errorf("%v", h)
+			}
+			return nil
+		}); err != nil {
+			t.Error(err)
+		}
+	})
+}
