@@ -22,11 +22,15 @@ type schema map[string]bool
 func newSchema(paths ...string) schema {
 	s := schema{}
 	for _, p := range paths {
-		if strings.HasSuffix(p, "/*") {
-			s[strings.TrimSuffix(p, "/*")] = true
-			continue
+		subtree := strings.HasSuffix(p, "/*")
+		p = strings.TrimSuffix(p, "/*")
+		// Every parent of a listed field is walked into.
+		for i := range len(p) {
+			if p[i] == '.' && !s[p[:i]] {
+				s[p[:i]] = false
+			}
 		}
-		s[p] = false
+		s[p] = s[p] || subtree
 	}
 	return s
 }

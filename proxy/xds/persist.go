@@ -56,17 +56,6 @@ func (c *Client) persistLoop(ctx context.Context) {
 	}
 }
 
-// Flush writes the newest accepted state now (tests, shutdown).
-func (c *Client) Flush() error {
-	if c.o.StateFile == "" {
-		return nil
-	}
-	c.mu.Lock()
-	r := c.res
-	c.mu.Unlock()
-	return writeState(c.o.StateFile, r, time.Now())
-}
-
 func writeState(path string, r resources, now time.Time) error {
 	var buf bytes.Buffer
 	fmt.Fprintf(&buf, "%s %d\n", stateMagic, now.UnixNano())

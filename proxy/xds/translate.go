@@ -199,7 +199,9 @@ type resourceError struct {
 	problems      []string
 }
 
-func (e *resourceError) add(format string, a ...any) { e.problems = append(e.problems, fmt.Sprintf(format, a...)) }
+func (e *resourceError) add(format string, a ...any) {
+	e.problems = append(e.problems, fmt.Sprintf(format, a...))
+}
 
 func (e *resourceError) err() error {
 	if len(e.problems) == 0 {
