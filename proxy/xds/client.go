@@ -350,10 +350,10 @@ func (c *Client) handle(r *response, snd sender, subs map[string][]string) error
 	if cur == nil {
 		return snd.reply(r, "", fmt.Sprintf("%s: type not subscribed", r.typeURL))
 	}
-	next := &typeState{version: r.version, entries: map[string]*entry{}}
+	next := &typeState{version: r.version, entries: map[string]*entry{}, received: true}
 	if !r.full {
 		next = cur.clone()
-		next.version = r.version
+		next.version, next.received = r.version, true
 		for _, n := range r.removed {
 			delete(next.entries, n)
 		}

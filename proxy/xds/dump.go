@@ -111,4 +111,3 @@ func (c *Client) ConfigDump(includeEDS bool) *adminv3.ConfigDump {
 func (c *Client) ConfigDumpJSON(includeEDS bool) ([]byte, error) {
 	return protojson.MarshalOptions{UseProtoNames: true, Indent: "  "}.Marshal(c.ConfigDump(includeEDS))
 }
-

@@ -61,6 +61,9 @@ func writeState(path string, r resources, now time.Time) error {
 	fmt.Fprintf(&buf, "%s %d\n", stateMagic, now.UnixNano())
 	for _, t := range typeOrder {
 		ts := r[t]
+		if !ts.received {
+			continue
+		}
 		m := &discoveryv3.DeltaDiscoveryResponse{TypeUrl: t, SystemVersionInfo: ts.version}
 		for _, e := range ts.entries {
 			m.Resources = append(m.Resources, &discoveryv3.Resource{Name: e.name, Version: e.version, Resource: e.raw})
@@ -130,7 +133,7 @@ func readState(path string) (resources, time.Time, error) {
 		if ts == nil {
 			return bad("unknown type %q", m.GetTypeUrl())
 		}
-		ts.version = m.GetSystemVersionInfo()
+		ts.version, ts.received = m.GetSystemVersionInfo(), true
 		for _, x := range m.GetResources() {
 			e, err := decode(m.GetTypeUrl(), x.GetResource(), x.GetVersion(), saved)
 			if err != nil {

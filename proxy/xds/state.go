@@ -34,10 +34,12 @@ type typeState struct {
 	// the delta system_version_info).
 	version string
 	entries map[string]*entry
+	// received: a response of this type was accepted (or persisted).
+	received bool
 }
 
 func (t *typeState) clone() *typeState {
-	return &typeState{version: t.version, entries: maps.Clone(t.entries)}
+	return &typeState{version: t.version, entries: maps.Clone(t.entries), received: t.received}
 }
 
 // resources is the client's accepted resources of every type. It is
@@ -122,10 +124,15 @@ type table struct {
 	// configurations waiting to arrive, by name.
 	warmingClusters []string
 	warmingRoutes   []string
+	// seen: clusters and listeners were received at least once.
+	seen bool
 }
 
-// complete reports whether nothing is warming.
-func (t *table) complete() bool { return len(t.warmingClusters) == 0 && len(t.warmingRoutes) == 0 }
+// complete reports whether clusters and listeners were received and
+// nothing is warming.
+func (t *table) complete() bool {
+	return t.seen && len(t.warmingClusters) == 0 && len(t.warmingRoutes) == 0
+}
 
 // assemble builds the engine configuration from base (the bootstrap's
 // static parts) and r. A cluster whose endpoints have not arrived yet is
@@ -135,7 +142,8 @@ func (t *table) complete() bool { return len(t.warmingClusters) == 0 && len(t.wa
 // same way. Clusters with no endpoints are left out too: the engine needs
 // endpoints, and a route to them answers 503 either way.
 func assemble(base engineConfig, r resources, prev *table) *table {
-	t := &table{cfg: base, clusters: map[string]*cluster{}, routes: map[string][]service{}}
+	t := &table{cfg: base, clusters: map[string]*cluster{}, routes: map[string][]service{},
+		seen: r[ClusterType].received && r[ListenerType].received}
 	t.cfg.Clusters = slices.Clip(base.Clusters)
 	t.cfg.Services = slices.Clip(base.Services)
 	t.cfg.Ports = slices.Clip(base.Ports)

@@ -29,6 +29,7 @@ func TestTranslationIsValidEngineConfig(t *testing.T) {
 				t.Fatal(err)
 			}
 			r[typ].entries[e.name] = e
+			r[typ].received = true
 		}
 	}
 	tbl := assemble(engineConfig{}, r, nil)
@@ -108,4 +109,3 @@ func TestNACKMessages(t *testing.T) {
 		})
 	}
 }
-
