@@ -303,21 +303,72 @@ type generation struct {
 	state   string // STARTING, ACTIVE, DRAINING, FAILED
 	started time.Time
 	readyAt time.Time
-	// control is the write end of the generation's control pipe (see
+	// control is the agent's end of the generation's control socket (see
 	// DrainShutdownCommand); closed when the generation is reaped.
 	control *os.File
+	// handoverPeer is the other end of this generation's hand-over socket,
+	// held until it is sent to the generation being replaced (or closed
+	// when there is none any more); nil once given away.
+	handoverPeer *os.File
 }
 
 // drainShutdown tells the generation to drain for shutdown: stop accepting
-// inbound, keep outbound until the deadline. It goes over the control pipe,
-// not a signal, so every user signal can be forwarded unchanged.
+// inbound, keep outbound until the deadline. It goes over the control
+// socket, not a signal, so every user signal can be forwarded unchanged.
 func (g *generation) drainShutdown() {
-	_, _ = io.WriteString(g.control, DrainShutdownCommand+"\n")
+	_, _ = io.WriteString(g.control, DrainShutdownCommand)
+}
+
+// drainHotRestart tells g that next is ready: g drains and hands its
+// established connections to next over next's hand-over socket, whose end
+// goes along with the command. Without that socket (or when the command
+// cannot be sent) g is sent SIGTERM: it drains and keeps its connections
+// until they end or the drain deadline.
+func (g *generation) drainHotRestart(next *generation) error {
+	peer := next.takePeer()
+	if peer == nil {
+		return g.proc.Signal(syscall.SIGTERM)
+	}
+	defer peer.Close() // the generation has its own copy once sent
+	rc, err := g.control.SyscallConn()
+	if err == nil {
+		cerr := rc.Write(func(fd uintptr) bool {
+			err = unix.Sendmsg(int(fd), []byte(DrainHotRestartCommand), unix.UnixRights(int(peer.Fd())), nil, 0)
+			return err != unix.EAGAIN
+		})
+		if err == nil {
+			err = cerr
+		}
+	}
+	if err != nil {
+		return errors.Join(fmt.Errorf("sending the hand-over socket: %w", err), g.proc.Signal(syscall.SIGTERM))
+	}
+	return nil
+}
+
+// takePeer returns the hand-over peer and forgets it: exactly one caller
+// closes it.
+func (g *generation) takePeer() *os.File {
+	p := g.handoverPeer
+	g.handoverPeer = nil
+	return p
+}
+
+// socketpair returns both ends of a unix SOCK_SEQPACKET socket pair (close
+// on exec; the child gets its end through ProcAttr.Files).
+func socketpair(name string) (*os.File, *os.File, error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s socket pair: %w", name, err)
+	}
+	return os.NewFile(uintptr(fds[0]), name), os.NewFile(uintptr(fds[1]), name+"-child"), nil
 }
 
 // spawn starts generation n with cfg and returns once the process exists;
-// its readiness is reported later as an event.
-func (a *Agent) spawn(n int, cfg *config.Loaded) (*generation, error) {
+// its readiness is reported later as an event. With handover, n gets a
+// hand-over socket whose other end waits in the generation for the one n
+// replaces.
+func (a *Agent) spawn(n int, cfg *config.Loaded, handover bool) (*generation, error) {
 	cfgFD, err := unix.MemfdCreate("meshlet-config", 0)
 	if err != nil {
 		return nil, fmt.Errorf("memfd for config: %w", err)
@@ -332,12 +383,21 @@ func (a *Agent) spawn(n int, cfg *config.Loaded) (*generation, error) {
 		return nil, fmt.Errorf("readiness pipe: %w", err)
 	}
 	defer wr.Close()
-	ctlR, ctlW, err := os.Pipe()
+	ctlW, ctlR, err := socketpair("control")
 	if err != nil {
 		rd.Close()
-		return nil, fmt.Errorf("control pipe: %w", err)
+		return nil, err
 	}
 	defer ctlR.Close()
+	var peer, child *os.File
+	if handover {
+		if peer, child, err = socketpair("handover"); err != nil {
+			rd.Close()
+			ctlW.Close()
+			return nil, err
+		}
+		defer child.Close()
+	}
 
 	devnull, err := os.Open(os.DevNull)
 	if err != nil {
@@ -358,6 +418,9 @@ func (a *Agent) spawn(n int, cfg *config.Loaded) (*generation, error) {
 	add(fdConfig, cfgFile)
 	add(fdReady, wr)
 	add(fdControl, ctlR)
+	if child != nil {
+		add(fdHandover, child)
+	}
 
 	args := append([]string{a.o.Executable, "proxy",
 		"--generation", strconv.Itoa(n),
@@ -376,10 +439,13 @@ func (a *Agent) spawn(n int, cfg *config.Loaded) (*generation, error) {
 	if err != nil {
 		rd.Close()
 		ctlW.Close()
+		if peer != nil {
+			peer.Close()
+		}
 		return nil, fmt.Errorf("starting generation %d (%s): %w", n, a.o.Executable, err)
 	}
 	a.gensStarted.Inc()
-	g := &generation{n: n, pid: proc.Pid, proc: proc, cfg: cfg, state: "STARTING", started: time.Now(), control: ctlW}
+	g := &generation{n: n, pid: proc.Pid, proc: proc, cfg: cfg, state: "STARTING", started: time.Now(), control: ctlW, handoverPeer: peer}
 	a.log.Info("generation starting", "generation", n, "pid", g.pid, "configHash", cfg.Hash)
 	go a.awaitReady(g, rd)
 	return g, nil

@@ -1,13 +1,14 @@
 package agent
 
 import (
-	"bufio"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"strconv"
 	"strings"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/meshlet/meshlet/proxy/server"
 	"github.com/meshlet/meshlet/proxy/stats"
@@ -29,11 +30,28 @@ const (
 	fdConfig     = "config"
 	fdReady      = "ready"
 	fdControl    = "control"
+	fdHandover   = "handover"
 )
 
-// DrainShutdownCommand, a line on the control pipe, tells a generation to
-// drain for shutdown (server.Shutdown).
+// DrainShutdownCommand, a message on the control socket, tells a generation
+// to drain for shutdown (server.Shutdown).
 const DrainShutdownCommand = "DRAIN shutdown"
+
+// DrainHotRestartCommand, a message on the control socket carrying one
+// descriptor (SCM_RIGHTS), tells a generation that its successor is ready:
+// drain for a hot restart and hand established connections over the
+// attached unix socket, whose other end is the successor's "handover"
+// descriptor (server.Server.HandOver).
+const DrainHotRestartCommand = "DRAIN hot-restart"
+
+// Command is one message from the agent on the control socket.
+type Command struct {
+	// Line is the command text.
+	Line string
+	// File is the descriptor the command carries, if any; the receiver
+	// owns it.
+	File *os.File
+}
 
 // Inherited is what a generation received from the agent.
 type Inherited struct {
@@ -43,8 +61,12 @@ type Inherited struct {
 	Config []byte
 	// Ready is the write end of the readiness pipe.
 	Ready *os.File
-	// Control is the read end of the control pipe (see Commands).
+	// Control is the generation's end of the control socket (see
+	// Commands).
 	Control *os.File
+	// Handover, when the generation replaces a running one, is its end of
+	// the hand-over socket (server.Options.Handover).
+	Handover *net.UnixConn
 }
 
 // Inherit reads the descriptors described by spec (the value of
@@ -105,6 +127,18 @@ func Inherit(spec string) (*Inherited, error) {
 			in.Ready = f
 		case fdControl:
 			in.Control = f
+		case fdHandover:
+			c, err := net.FileConn(f)
+			f.Close()
+			if err != nil {
+				return nil, fmt.Errorf("inherited hand-over socket (fd %d): %w", fd, err)
+			}
+			uc, ok := c.(*net.UnixConn)
+			if !ok {
+				c.Close()
+				return nil, fmt.Errorf("inherited hand-over socket (fd %d) is not a unix socket", fd)
+			}
+			in.Handover = uc
 		default:
 			f.Close()
 			return nil, fmt.Errorf("%s: unknown descriptor name %q", EnvInheritedFDs, name)
@@ -131,19 +165,51 @@ func ReportFailure(w *os.File, err error) {
 	_ = w.Close()
 }
 
-// Commands delivers each line the agent writes on the control pipe r; the
-// channel is closed when the agent closes it (or dies). Nil r: nil channel.
-func Commands(r *os.File) <-chan string {
+// Commands delivers each message the agent sends on the control socket r,
+// with the descriptor it carries; the channel is closed when the agent
+// closes its end (or dies). Nil r: nil channel.
+func Commands(r *os.File) <-chan Command {
 	if r == nil {
 		return nil
 	}
-	ch := make(chan string, 4)
+	ch := make(chan Command, 4)
+	nc, err := net.FileConn(r)
+	r.Close()
+	uc, ok := nc.(*net.UnixConn)
+	if err != nil || !ok {
+		if nc != nil {
+			nc.Close()
+		}
+		close(ch)
+		return ch
+	}
 	go func() {
 		defer close(ch)
-		defer r.Close()
-		sc := bufio.NewScanner(r)
-		for sc.Scan() {
-			ch <- sc.Text()
+		defer uc.Close()
+		buf := make([]byte, 4096)
+		oob := make([]byte, unix.CmsgSpace(4))
+		for {
+			n, oobn, _, _, err := uc.ReadMsgUnix(buf, oob)
+			if err != nil || n == 0 && oobn == 0 {
+				return
+			}
+			cmd := Command{Line: strings.TrimSpace(string(buf[:n]))}
+			if cms, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
+				for _, cm := range cms {
+					fds, err := unix.ParseUnixRights(&cm)
+					if err != nil {
+						continue
+					}
+					for _, fd := range fds {
+						if cmd.File == nil {
+							cmd.File = os.NewFile(uintptr(fd), "agent-"+cmd.Line)
+						} else {
+							_ = unix.Close(fd) // one descriptor per command
+						}
+					}
+				}
+			}
+			ch <- cmd
 		}
 	}()
 	return ch

@@ -242,7 +242,7 @@ func (a *Agent) reap() {
 func (a *Agent) startGen(st *runState, cfg *config.Loaded) {
 	n := st.next
 	st.next++
-	g, err := a.spawn(n, cfg)
+	g, err := a.spawn(n, cfg, st.active != nil)
 	if err != nil {
 		a.log.Error("starting generation failed", "generation", n, "err", err)
 		a.failReload(st, fmt.Errorf("generation %d: %w", n, err))
@@ -329,8 +329,13 @@ func (a *Agent) onReady(st *runState, g *generation) {
 	took := g.readyAt.Sub(g.started)
 	if old != nil {
 		old.state = "DRAINING"
-		_ = old.proc.Signal(syscall.SIGTERM)
+		if err := old.drainHotRestart(g); err != nil {
+			a.log.Warn("hand-over not started; the old generation drains without it", "generation", old.n, "err", err)
+		}
 		a.reloadOK.Inc()
+	}
+	if p := g.takePeer(); p != nil {
+		_ = p.Close() // nothing to replace (it died meanwhile)
 	}
 	a.region.SetNote("")
 	a.mu.Lock()
@@ -359,6 +364,9 @@ func (a *Agent) onFailed(st *runState, g *generation, err error) {
 	st.starting = nil
 	g.state = "FAILED"
 	_ = g.proc.Signal(syscall.SIGKILL)
+	if p := g.takePeer(); p != nil {
+		_ = p.Close()
+	}
 	err = fmt.Errorf("generation %d failed to start: %w", g.n, err)
 	if st.active != nil {
 		a.log.Error("hot restart failed; the current generation keeps serving", "generation", g.n, "active", st.active.n, "err", err)
@@ -381,6 +389,9 @@ func (a *Agent) onExit(st *runState, pid int, ws unix.WaitStatus) {
 	delete(st.gens, pid)
 	_ = g.proc.Release()
 	_ = g.control.Close()
+	if p := g.takePeer(); p != nil {
+		_ = p.Close()
+	}
 	how := exitString(ws)
 	switch {
 	case g == st.active:

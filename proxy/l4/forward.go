@@ -35,22 +35,30 @@ type Metrics struct {
 	BytesSent     *stats.Counter // to the downstream client
 	ConnectErrors *stats.Counter
 	IdleTimeouts  *stats.Counter
-	DrainCloses   *stats.Counter
-	Resets        *stats.Counter
-	Active        atomic.Int64 // this generation only
+	// DrainCloses counts connections closed at the drain deadline.
+	DrainCloses *stats.Counter
+	Resets      *stats.Counter
+	// HandedOver counts connections moved to the next generation;
+	// HandoverFailures those a failed send kept here; Adopted those taken
+	// from the previous generation.
+	HandedOver, HandoverFailures, Adopted *stats.Counter
+	Active                                atomic.Int64 // this generation only
 }
 
 // NewMetrics registers the counters of direction d in r.
 func NewMetrics(r *stats.Region, d Direction) *Metrics {
 	l := fmt.Sprintf("{direction=%q}", d)
 	return &Metrics{
-		Connections:   r.Counter("meshlet_proxy_connections_total" + l),
-		BytesReceived: r.Counter("meshlet_proxy_received_bytes_total" + l),
-		BytesSent:     r.Counter("meshlet_proxy_sent_bytes_total" + l),
-		ConnectErrors: r.Counter(fmt.Sprintf("meshlet_proxy_errors_total{direction=%q,kind=\"connect\"}", d)),
-		IdleTimeouts:  r.Counter(fmt.Sprintf("meshlet_proxy_errors_total{direction=%q,kind=\"idle_timeout\"}", d)),
-		Resets:        r.Counter(fmt.Sprintf("meshlet_proxy_errors_total{direction=%q,kind=\"reset\"}", d)),
-		DrainCloses:   r.Counter("meshlet_proxy_drain_closed_connections_total" + l),
+		Connections:      r.Counter("meshlet_proxy_connections_total" + l),
+		BytesReceived:    r.Counter("meshlet_proxy_received_bytes_total" + l),
+		BytesSent:        r.Counter("meshlet_proxy_sent_bytes_total" + l),
+		ConnectErrors:    r.Counter(fmt.Sprintf("meshlet_proxy_errors_total{direction=%q,kind=\"connect\"}", d)),
+		IdleTimeouts:     r.Counter(fmt.Sprintf("meshlet_proxy_errors_total{direction=%q,kind=\"idle_timeout\"}", d)),
+		Resets:           r.Counter(fmt.Sprintf("meshlet_proxy_errors_total{direction=%q,kind=\"reset\"}", d)),
+		DrainCloses:      r.Counter("meshlet_proxy_drain_closed_connections_total" + l),
+		HandedOver:       r.Counter("meshlet_proxy_handed_over_connections_total" + l),
+		Adopted:          r.Counter("meshlet_proxy_adopted_connections_total" + l),
+		HandoverFailures: r.Counter(fmt.Sprintf("meshlet_proxy_errors_total{direction=%q,kind=\"handover\"}", d)),
 	}
 }
 
@@ -60,11 +68,6 @@ type Forwarder struct {
 	Options [2]DirectionOptions // indexed by Direction
 	Metrics [2]*Metrics
 	Log     *slog.Logger
-	// QuietPeriod is how long both directions must be silent before a
-	// draining connection is closed; 0: 1ms (TCP_INFO's resolution). Longer
-	// periods never close connections that are busy but idle between
-	// requests (keep-alive at a few ms per request).
-	QuietPeriod time.Duration
 	// CheckInterval is how often a connection's two sockets are looked at
 	// for a reset nobody is reading (a copy blocked writing to a peer that
 	// reads nothing does not see its own source reset) and for the idle
@@ -81,8 +84,9 @@ func (f *Forwarder) ServeConn(ctx context.Context, c *Conn) {
 
 // Forward connects to c.OrigDst, writes prefix (bytes a sniffing handler
 // already read from the client) and then relays until both directions are
-// done, the connection idles out, the generation drains and the connection
-// goes quiet, or ctx is cancelled. The client is closed on return.
+// done, the connection idles out, it is handed over to the next generation,
+// or ctx is cancelled. The client is closed on return (this process's
+// descriptor: a handed-over connection lives on in the successor).
 func (f *Forwarder) Forward(ctx context.Context, c *Conn, prefix []byte) error {
 	opts := f.Options[c.Direction]
 	m := f.Metrics[c.Direction]
@@ -102,7 +106,16 @@ func (f *Forwarder) Forward(ctx context.Context, c *Conn, prefix []byte) error {
 		}
 		m.BytesReceived.Add(uint64(len(prefix)))
 	}
-	return f.relay(ctx, c, up, prefix, opts, m)
+	return f.relay(ctx, c, &Session{Direction: c.Direction, OrigDst: c.OrigDst, Accepted: c.Accepted, Client: c.Client, Upstream: up})
+}
+
+// Resume continues relaying s, a session handed over by the previous
+// generation, with this Forwarder's settings; c is the connection as this
+// generation serves it (its Client is s.Client), so a later drain can move
+// it on again. Both sockets are closed on return, unless moved.
+func (f *Forwarder) Resume(ctx context.Context, c *Conn, s *Session) error {
+	defer s.Close()
+	return f.relay(ctx, c, s)
 }
 
 func (f *Forwarder) dial(ctx context.Context, opts DirectionOptions, dst netip.AddrPort) (*net.TCPConn, error) {
@@ -124,41 +137,54 @@ func (f *Forwarder) dial(ctx context.Context, opts DirectionOptions, dst netip.A
 	return nc.(*net.TCPConn), nil
 }
 
-// relay copies both ways, each direction with copyConn (read/write through
-// a buffer held only while bytes move; splice(2) once a stream moves in
-// bulk); at EOF the write side of the other connection is shut down
-// (half-close), so protocols that half-close work end to end.
+// relay copies both ways, each direction with pump (read/write through a
+// buffer held only while bytes move; splice(2) once a stream moves in bulk);
+// at EOF the write side of the other connection is shut down (half-close),
+// so protocols that half-close work end to end.
 //
-// While draining, a connection that carries HTTP/1 (judged from the
-// client's first bytes) is closed as soon as it is quiescent between a
-// response and the next request, which HTTP/1.1 allows and clients retry;
-// any other stream runs until it ends or the drain deadline cancels ctx.
-func (f *Forwarder) relay(ctx context.Context, c *Conn, up *net.TCPConn, prefix []byte, opts DirectionOptions, m *Metrics) error {
-	client := c.Client
-	done := make(chan error, 2)
-	var http1 atomic.Bool
-	if prefix != nil {
-		http1.Store(isHTTP1(prefix))
+// When the generation drains and a successor takes connections
+// (Conn.HandOver), the copies are interrupted and the session moves to the
+// successor, whatever the connection carries and however long it lives. No
+// successor (a shutdown drain, a standalone proxy) or a failed hand-over:
+// the connection runs until it ends or the drain deadline cancels ctx.
+func (f *Forwarder) relay(ctx context.Context, c *Conn, s *Session) error {
+	opts := f.Options[s.Direction]
+	m := f.Metrics[s.Direction]
+	client, up := s.Client, s.Upstream
+	type result struct {
+		toUpstream bool
+		r          copied
 	}
-	go func() {
-		if prefix == nil {
-			http1.Store(peekHTTP1(client))
+	done := make(chan result, 2)
+	running := 0
+	start := func() {
+		if !s.ClientDone {
+			running++
+			carry := s.ToUpstream
+			s.ToUpstream = nil
+			go func() {
+				r := pump(up, client, carry)
+				m.BytesReceived.Add(uint64(r.n))
+				if r.err == nil {
+					_ = up.CloseWrite()
+				}
+				done <- result{true, r}
+			}()
 		}
-		n, err := copyConn(up, client)
-		m.BytesReceived.Add(uint64(n))
-		if err == nil {
-			_ = up.CloseWrite()
+		if !s.UpstreamDone {
+			running++
+			carry := s.ToClient
+			s.ToClient = nil
+			go func() {
+				r := pump(client, up, carry)
+				m.BytesSent.Add(uint64(r.n))
+				if r.err == nil {
+					_ = client.CloseWrite()
+				}
+				done <- result{false, r}
+			}()
 		}
-		done <- err
-	}()
-	go func() {
-		n, err := copyConn(client, up)
-		m.BytesSent.Add(uint64(n))
-		if err == nil {
-			_ = client.CloseWrite()
-		}
-		done <- err
-	}()
+	}
 
 	closeBoth := func(reset bool) {
 		if reset {
@@ -180,29 +206,68 @@ func (f *Forwarder) relay(ctx context.Context, c *Conn, up *net.TCPConn, prefix 
 	defer checkTicker.Stop()
 	checkTick := checkTicker.C
 	draining := c.draining
-	var drainTick <-chan time.Time
-	quiet := f.QuietPeriod
-	if quiet == 0 {
-		quiet = time.Millisecond
-	}
-	var firstErr error
-	for pending := 2; pending > 0; {
+	var (
+		firstErr     error
+		interrupting bool // the copies are being stopped for a hand-over
+		failed       bool // a copy failed: the connection is closing
+		cut          bool // closed at the drain deadline
+	)
+	start()
+	for running > 0 {
 		select {
-		case err := <-done:
-			pending--
-			if err != nil && !errors.Is(err, net.ErrClosed) {
+		case res := <-done:
+			running--
+			r := res.r
+			switch {
+			case interrupting && r.interrupted():
+				if res.toUpstream {
+					s.ToUpstream = r.carry
+				} else {
+					s.ToClient = r.carry
+				}
+			case r.err == nil:
+				if res.toUpstream {
+					s.ClientDone = true
+				} else {
+					s.UpstreamDone = true
+				}
+			default:
+				failed = true
+				if errors.Is(r.err, net.ErrClosed) {
+					break
+				}
 				if firstErr == nil {
-					firstErr = err
+					firstErr = r.err
 				}
 				// One side failed (reset): pass the reset on and stop.
-				if errors.Is(err, syscall.ECONNRESET) {
+				if errors.Is(r.err, syscall.ECONNRESET) {
 					m.Resets.Inc()
 					closeBoth(true)
 				} else {
 					closeBoth(false)
 				}
 			}
+			if !interrupting || running > 0 || failed || s.ClientDone && s.UpstreamDone {
+				continue
+			}
+			// Both copies stopped with the connection intact: move it.
+			interrupting = false
+			snd := c.handOver()
+			err := errors.New("no successor")
+			if snd != nil {
+				err = snd.Send(s)
+			}
+			if err == nil {
+				m.HandedOver.Inc()
+				return nil
+			}
+			m.HandoverFailures.Inc()
+			f.Log.Warn("hand-over failed; the connection stays with this generation", "direction", s.Direction, "dst", s.OrigDst, "err", err)
+			_ = client.SetDeadline(time.Time{})
+			_ = up.SetDeadline(time.Time{})
+			start()
 		case <-ctx.Done():
+			cut = true
 			closeBoth(false)
 			ctx = context.Background()
 		case <-checkTick:
@@ -222,47 +287,22 @@ func (f *Forwarder) relay(ctx context.Context, c *Conn, up *net.TCPConn, prefix 
 			}
 		case <-draining:
 			draining = nil
-			t := time.NewTicker(max(quiet/2, 2*time.Millisecond))
-			defer t.Stop()
-			drainTick = t.C
-		case <-drainTick:
-			if http1.Load() && quiescent(client, up, quiet) {
-				m.DrainCloses.Inc()
-				closeBoth(false)
-				drainTick = nil
+			if c.handOver() == nil {
+				continue // served here until it ends or the drain deadline
 			}
+			// A deadline in the past stops both copies at their next
+			// read or write; bytes read and not written come back as
+			// carry, so nothing is lost or duplicated.
+			interrupting = true
+			past := time.Unix(1, 0)
+			_ = client.SetDeadline(past)
+			_ = up.SetDeadline(past)
 		}
+	}
+	if cut {
+		m.DrainCloses.Inc()
 	}
 	return firstErr
-}
-
-// httpMethods are the request-line starts that mark an HTTP/1 connection.
-var httpMethods = []string{"GET ", "HEAD ", "POST ", "PUT ", "DELETE ", "OPTIONS ", "PATCH ", "TRACE ", "CONNECT "}
-
-func isHTTP1(b []byte) bool {
-	for _, m := range httpMethods {
-		if len(b) >= len(m) && string(b[:len(m)]) == m || len(b) < len(m) && len(b) >= 3 && m[:len(b)] == string(b) {
-			return true
-		}
-	}
-	return false
-}
-
-// peekHTTP1 waits for the client's first bytes and looks at them with
-// MSG_PEEK, so nothing is consumed and the copy keeps its splice path.
-func peekHTTP1(c *net.TCPConn) bool {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return false
-	}
-	var buf [8]byte
-	var n int
-	_ = rc.Read(func(fd uintptr) bool {
-		var rerr error
-		n, _, rerr = unix.Recvfrom(int(fd), buf[:], unix.MSG_PEEK)
-		return rerr != unix.EAGAIN
-	})
-	return n > 0 && isHTTP1(buf[:n])
 }
 
 // tcpInfo reads TCP_INFO and the receive queue length of c.
@@ -302,31 +342,4 @@ func idleFor(a, b *net.TCPConn) time.Duration {
 	}
 	ms := min(ia.Last_data_recv, ia.Last_data_sent, ib.Last_data_recv, ib.Last_data_sent)
 	return time.Duration(ms) * time.Millisecond
-}
-
-// quiescent reports whether a connection can be closed during a drain
-// without cutting an exchange: nothing unread in either socket (closing then
-// would send a reset), the server (upstream) spoke after the client did —
-// for request/response protocols such as HTTP/1.1 keep-alive, no request is
-// outstanding — and both sides have been silent for at least quiet. Bytes
-// still in a send queue are delivered before the FIN, so unacknowledged
-// data (the client delays its ACK until its next request) does not matter.
-func quiescent(client, up *net.TCPConn, quiet time.Duration) bool {
-	ic, inqC, ok1 := tcpInfo(client)
-	iu, inqU, ok2 := tcpInfo(up)
-	if !ok1 || !ok2 {
-		return true // already closed
-	}
-	if inqC != 0 || inqU != 0 {
-		return false
-	}
-	q := uint32(quiet / time.Millisecond)
-	if ic.Last_data_recv < q || iu.Last_data_recv < q {
-		return false
-	}
-	// Smaller "last received" = more recent. The upstream must have spoken
-	// after the client's last bytes (TCP_INFO has millisecond resolution, so
-	// a tie counts as after: a response on loopback often comes in the same
-	// millisecond as its request).
-	return iu.Last_data_recv <= ic.Last_data_recv && iu.Data_segs_in > 0
 }

@@ -15,10 +15,12 @@
 //
 // Draining: when the generation starts draining, Conn.Draining() is closed.
 // A handler stops taking new work at its next safe boundary (HTTP/1:
-// `Connection: close` on the next response; HTTP/2: GOAWAY; L4: close once
-// both directions are quiet) and returns. The ctx passed to ServeConn is
-// cancelled at the drain deadline: the handler must then return promptly;
-// the server closes the client connection after ServeConn returns.
+// `Connection: close` on the next response; HTTP/2: GOAWAY) and returns.
+// The L4 passthrough instead hands the established connection to the next
+// generation when there is one (Conn.HandOver; see Session), and otherwise
+// relays it until it ends. The ctx passed to ServeConn is cancelled at the
+// drain deadline: the handler must then return promptly; the server closes
+// the client connection after ServeConn returns.
 package l4
 
 import (
@@ -56,7 +58,19 @@ type Conn struct {
 	// Accepted is when the connection was accepted.
 	Accepted time.Time
 
+	// HandOver, if set, returns where a draining generation moves this
+	// connection (nil: nowhere; it stays until it ends or the drain
+	// deadline). Looked at once Draining is closed.
+	HandOver func() *Sender
+
 	draining <-chan struct{}
+}
+
+func (c *Conn) handOver() *Sender {
+	if c.HandOver == nil {
+		return nil
+	}
+	return c.HandOver()
 }
 
 // NewConn returns a Conn; draining is closed when the generation drains.

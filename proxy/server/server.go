@@ -18,6 +18,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -84,6 +85,10 @@ type Options struct {
 	Gatherer prometheus.Gatherer
 	// OrigDst finds a connection's original destination; nil: origdst.Get.
 	OrigDst func(*net.TCPConn) (netip.AddrPort, error)
+	// Handover, if set, is this generation's end of the hand-over socket
+	// from its predecessor: established connections the predecessor moves
+	// arrive there and are served here (see l4.Session).
+	Handover *net.UnixConn
 	// Version is reported in /server_info.
 	Version string
 	// Log receives the generation's logs; nil: discard.
@@ -102,6 +107,10 @@ type Server struct {
 	errOrigDst  *stats.Counter
 	errOverflow [2]*stats.Counter
 	errAccept   *stats.Counter
+	errRefused  *stats.Counter
+
+	// successor, once set by HandOver, takes the established connections.
+	successor atomic.Pointer[l4.Sender]
 
 	ctx      context.Context // cancelled at the drain deadline
 	cancel   context.CancelFunc
@@ -144,6 +153,7 @@ func New(o Options) (*Server, error) {
 	s.limits = [2]int{c.Inbound.MaxConnections, c.Outbound.MaxConnections}
 	s.errOrigDst = r.Counter(`meshlet_proxy_errors_total{direction="any",kind="original_destination"}`)
 	s.errAccept = r.Counter(`meshlet_proxy_errors_total{direction="any",kind="accept"}`)
+	s.errRefused = r.Counter(`meshlet_proxy_errors_total{direction="any",kind="handover_refused"}`)
 	for _, d := range []l4.Direction{l4.Inbound, l4.Outbound} {
 		s.errOverflow[d] = r.Counter(fmt.Sprintf("meshlet_proxy_errors_total{direction=%q,kind=\"overflow\"}", d))
 	}
@@ -178,6 +188,9 @@ func (s *Server) Start() {
 	}
 	for _, ln := range s.o.Listeners.Outbound {
 		s.acceptLoop(ln, l4.Outbound)
+	}
+	if s.o.Handover != nil {
+		s.receive(s.o.Handover)
 	}
 	s.serveHTTP(s.o.Listeners.Health, s.healthMux())
 	s.serveHTTP(s.o.Listeners.Prometheus, s.promMux())
@@ -254,6 +267,7 @@ func (s *Server) handle(c *net.TCPConn, dir l4.Direction) {
 		drain = s.drainOut
 	}
 	conn := l4.NewConn(c, dir, dst, drain)
+	conn.HandOver = s.successor.Load
 	var h l4.Handler
 	if s.o.Chooser != nil {
 		h = s.o.Chooser(conn)
@@ -262,6 +276,75 @@ func (s *Server) handle(c *net.TCPConn, dir l4.Direction) {
 		h = s.fwd
 	}
 	h.ServeConn(s.ctx, conn)
+}
+
+// receive greets the predecessor on c and serves every connection it hands
+// over until it closes its end. The loop counts as one connection in flight,
+// so a drain of this generation waits for what is still queued in c (and
+// hands it on).
+func (s *Server) receive(c *net.UnixConn) {
+	rcv, err := l4.NewReceiver(c)
+	if err != nil {
+		s.log.Warn("hand-over socket unusable; established connections of the previous generation stay there", "err", err)
+		_ = c.Close()
+		return
+	}
+	s.inflight.Add(1)
+	go func() {
+		defer s.inflight.Add(-1)
+		defer rcv.Close()
+		for {
+			sess, err := rcv.Receive()
+			if errors.Is(err, l4.ErrMalformedSession) {
+				s.log.Error("hand-over message dropped", "err", err)
+				continue
+			}
+			if err != nil {
+				if !errors.Is(err, io.EOF) {
+					s.log.Warn("hand-over socket failed", "err", err)
+				}
+				return
+			}
+			s.conns.Add(1)
+			s.inflight.Add(1)
+			go s.adopt(sess)
+		}
+	}()
+}
+
+// adopt serves a connection handed over by the previous generation: it is
+// counted active here, not as a new connection.
+func (s *Server) adopt(sess *l4.Session) {
+	defer s.conns.Done()
+	defer s.inflight.Add(-1)
+	m := s.metrics[sess.Direction]
+	m.Adopted.Inc()
+	m.Active.Add(1)
+	defer m.Active.Add(-1)
+	drain := s.drainIn
+	if sess.Direction == l4.Outbound {
+		drain = s.drainOut
+	}
+	conn := l4.NewConn(sess.Client, sess.Direction, sess.OrigDst, drain)
+	conn.Accepted = sess.Accepted
+	conn.HandOver = s.successor.Load
+	_ = s.fwd.Resume(s.ctx, conn, sess)
+}
+
+// HandOver drains for a hot restart and moves every established L4
+// connection to the successor listening on c (the other end of its
+// Options.Handover). If the successor does not answer the greeting, the
+// connections stay here until they end or the drain deadline, and the
+// refusal is counted.
+func (s *Server) HandOver(c *net.UnixConn) {
+	snd, err := l4.NewSender(c, 2*time.Second)
+	if err != nil {
+		s.errRefused.Inc()
+		s.log.Error("hand-over impossible; established connections stay until they end or the drain deadline", "err", err)
+	} else if !s.successor.CompareAndSwap(nil, snd) {
+		_ = snd.Close() // a hand-over is already under way
+	}
+	s.Drain(HotRestart)
 }
 
 func isSelf(c *net.TCPConn, dst netip.AddrPort) bool {
@@ -360,13 +443,22 @@ func (s *Server) finish() {
 			s.log.Info("drain deadline reached; closing connections", "inbound", in, "outbound", out)
 			s.cancel()
 			waitTimeout(&s.conns, time.Second)
+			s.closeSuccessor()
 			close(s.closed)
 			return
 		case <-tick.C:
 		}
 	}
 	s.cancel()
+	s.closeSuccessor()
 	close(s.closed)
+}
+
+// closeSuccessor tells the successor that every connection has been sent.
+func (s *Server) closeSuccessor() {
+	if snd := s.successor.Load(); snd != nil {
+		_ = snd.Close()
+	}
 }
 
 func waitTimeout(wg *sync.WaitGroup, d time.Duration) {
