@@ -114,12 +114,21 @@ func TestUserSignalsForwarded(t *testing.T) {
 	send(syscall.SIGUSR2)
 	waitMetric(`meshlet_proxy_signals_total{signal="SIGUSR2"}`, 1)
 	waitMetric(`meshlet_agent_signals_forwarded_total{signal="SIGUSR2"}`, 1)
-	if !strings.Contains(p.out.String(), "signal=SIGUSR2 debug=true") {
+	// The counter moves just before the line is logged.
+	waitLog := func(line string) bool {
+		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+			if strings.Contains(p.out.String(), line) {
+				return true
+			}
+		}
+		return false
+	}
+	if !waitLog("signal=SIGUSR2 debug=true") {
 		t.Errorf("SIGUSR2 did not turn on debug logging")
 	}
 	send(syscall.SIGUSR2)
 	waitMetric(`meshlet_proxy_signals_total{signal="SIGUSR2"}`, 2)
-	if !strings.Contains(p.out.String(), "signal=SIGUSR2 debug=false") {
+	if !waitLog("signal=SIGUSR2 debug=false") {
 		t.Errorf("second SIGUSR2 did not turn debug logging off")
 	}
 	if err := get(p.outbound); err != nil {

@@ -32,7 +32,7 @@ type harness struct {
 	dst      atomic.Value // netip.AddrPort
 }
 
-func listen(t *testing.T) *net.TCPListener {
+func listen(t testing.TB) *net.TCPListener {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -110,7 +110,7 @@ func echo(t *testing.T) (string, <-chan string) {
 	return ln.Addr().String(), remotes
 }
 
-func dial(t *testing.T, addr string) *net.TCPConn {
+func dial(t testing.TB, addr string) *net.TCPConn {
 	t.Helper()
 	c, err := net.Dial("tcp", addr)
 	if err != nil {
@@ -160,20 +160,27 @@ func TestPassthroughHalfCloseAndSource(t *testing.T) {
 }
 
 // rejected asserts the proxy closes a connection to addr without serving
-// it. The reset may arrive before the dial returns.
-func rejected(t *testing.T, addr string) error {
+// it: the read ends with a reset or EOF (the reset may arrive before the
+// dial returns). A read that times out — the connection was kept open —
+// fails the test.
+func rejected(t *testing.T, addr string) {
 	t.Helper()
 	c, err := net.Dial("tcp", addr)
 	if err != nil {
-		return err
+		if !errors.Is(err, syscall.ECONNRESET) {
+			t.Fatalf("dial %s: %v, want a connection that is then closed", addr, err)
+		}
+		return
 	}
 	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-	_, err = c.Read(make([]byte, 1))
-	if err == nil {
-		t.Fatal("connection was served")
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	n, err := c.Read(make([]byte, 1))
+	switch {
+	case err == nil:
+		t.Fatalf("connection was served (%d bytes)", n)
+	case !errors.Is(err, syscall.ECONNRESET) && !errors.Is(err, io.EOF):
+		t.Fatalf("connection not rejected: read ended with %v, want a reset or EOF", err)
 	}
-	return err
 }
 
 func TestConnectRefusedResetsClient(t *testing.T) {
@@ -182,9 +189,7 @@ func TestConnectRefusedResetsClient(t *testing.T) {
 	ln.Close() // nothing listens there any more
 	h := start(t, "", 0)
 	h.to(addr)
-	if err := rejected(t, h.outbound); !errors.Is(err, syscall.ECONNRESET) && !errors.Is(err, io.EOF) {
-		t.Fatalf("read = %v, want reset or EOF", err)
-	}
+	rejected(t, h.outbound)
 	if v := h.counter(`meshlet_proxy_errors_total{direction="outbound",kind="connect"}`); v != 1 {
 		t.Errorf("connect errors = %d", v)
 	}
@@ -289,11 +294,21 @@ func TestSelfDestinationRejected(t *testing.T) {
 	}
 }
 
-// TestDrain: a hot-restart drain closes idle HTTP keep-alive connections
-// promptly, lets a busy stream finish, and stops accepting.
+// TestDrain: a hot-restart drain with no successor to take connections
+// stops accepting and keeps every established connection — a keep-alive
+// connection idle after its response (the server spoke last) and a busy
+// stream — until the client ends it: no silence is taken for a boundary.
+// The client is raw (it never retries) and POSTs a body.
 func TestDrain(t *testing.T) {
 	backend, _ := echo(t)
-	hs := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { fmt.Fprint(w, "ok") })}
+	hs := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		w.Header().Set("Content-Length", fmt.Sprint(len(b)))
+		w.WriteHeader(200)
+		w.(http.Flusher).Flush() // head and body in two writes
+		time.Sleep(5 * time.Millisecond)
+		_, _ = w.Write(b)
+	})}
 	hl := listen(t)
 	go func() { _ = hs.Serve(hl) }()
 	t.Cleanup(func() { hs.Close() })
@@ -303,13 +318,22 @@ func TestDrain(t *testing.T) {
 	h.to(hl.Addr().String())
 	ka := dial(t, h.inbound)
 	br := bufio.NewReader(ka)
-	fmt.Fprint(ka, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-	resp, err := http.ReadResponse(br, nil)
-	if err != nil {
+	post := func(body string) error {
+		fmt.Fprintf(ka, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		if err != nil || string(b) != body {
+			return fmt.Errorf("response body %q, %v; want %q", b, err, body)
+		}
+		return nil
+	}
+	if err := post("before"); err != nil {
 		t.Fatal(err)
 	}
-	_, _ = io.Copy(io.Discard, resp.Body)
-	resp.Body.Close()
 
 	// A stream that keeps talking through the drain.
 	h.to(backend)
@@ -339,13 +363,10 @@ func TestDrain(t *testing.T) {
 	t0 := time.Now()
 	h.srv.Drain(server.HotRestart)
 
-	// The idle keep-alive connection is closed (clean EOF) quickly.
-	_ = ka.SetReadDeadline(time.Now().Add(2 * time.Second))
-	if n, err := br.Read(make([]byte, 1)); err != io.EOF {
-		t.Errorf("idle keep-alive connection: read %d, %v; want EOF", n, err)
-	}
-	if d := time.Since(t0); d > time.Second {
-		t.Errorf("idle connection closed after %v", d)
+	// The idle keep-alive connection stays open and serves the next request.
+	time.Sleep(100 * time.Millisecond)
+	if err := post("after the drain began"); err != nil {
+		t.Errorf("idle keep-alive connection after the drain began: %v", err)
 	}
 	// No new connections are accepted.
 	if c, err := net.DialTimeout("tcp", h.outbound, time.Second); err == nil {
@@ -356,12 +377,19 @@ func TestDrain(t *testing.T) {
 	if err := <-streamErr; err != nil {
 		t.Errorf("stream broken by drain: %v", err)
 	}
+	_ = ka.CloseWrite()
+	if b, err := io.ReadAll(br); err != nil || len(b) != 0 {
+		t.Errorf("keep-alive connection end: %q, %v", b, err)
+	}
 	h.srv.Wait()
 	if d := time.Since(t0); d > 3*time.Second {
-		t.Errorf("drain took %v", d)
+		t.Errorf("drain took %v after every connection ended", d)
 	}
-	if v := h.counter(`meshlet_proxy_drain_closed_connections_total{direction="inbound"}`); v != 1 {
-		t.Errorf("drain-closed inbound = %d", v)
+	if v := h.counter(`meshlet_proxy_drain_closed_connections_total{direction="inbound"}`); v != 0 {
+		t.Errorf("drain-closed inbound = %d, want 0", v)
+	}
+	if v := h.counter(`meshlet_proxy_connections_total{direction="inbound"}`); v != 1 {
+		t.Errorf("inbound connections = %d, want 1 (the client never reconnected)", v)
 	}
 }
 
@@ -427,6 +455,9 @@ func TestDrainDeadline(t *testing.T) {
 	h.srv.Wait()
 	if d := time.Since(t0); d < 250*time.Millisecond || d > 3*time.Second {
 		t.Errorf("drain returned after %v, want about 300ms", d)
+	}
+	if v := h.counter(`meshlet_proxy_drain_closed_connections_total{direction="outbound"}`); v != 1 {
+		t.Errorf("drain-closed outbound = %d, want 1", v)
 	}
 	_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
 	if _, err := io.ReadAll(c); err != nil && !errors.Is(err, syscall.ECONNRESET) {
