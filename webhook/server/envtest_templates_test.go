@@ -109,7 +109,7 @@ func TestEnvtestTemplatesAndOverrides(t *testing.T) {
 			corev1.Container{Name: "app", Image: "nginx:1.27"},
 			corev1.Container{
 				Name: inject.ContainerProxy, Image: inject.ImageAuto,
-				Resources: corev1.ResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("50m")}},
+				Resources:       corev1.ResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("50m")}},
 				SecurityContext: &corev1.SecurityContext{RunAsUser: &uid},
 			})
 		pod := c.podFromDeployment(t, "apps", dep)
