@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"slices"
@@ -292,12 +293,14 @@ func legacyTablePresent(f Family) bool {
 	return slices.Contains(strings.Fields(string(b)), Table)
 }
 
-// hasGlobalIPv6 reports whether the current namespace has a global IPv6
-// address on a non-loopback interface.
-func hasGlobalIPv6() bool {
+// GlobalIPv6 returns the first global IPv6 address on a non-loopback
+// interface of the current network namespace (of the calling thread's, when
+// run inside InNetns). IPv6 capture in auto mode, and the validation probe,
+// depend on it.
+func GlobalIPv6() (netip.Addr, bool) {
 	ifs, err := net.Interfaces()
 	if err != nil {
-		return false
+		return netip.Addr{}, false
 	}
 	for _, ifc := range ifs {
 		if ifc.Flags&net.FlagLoopback != 0 {
@@ -306,11 +309,13 @@ func hasGlobalIPv6() bool {
 		addrs, _ := ifc.Addrs()
 		for _, a := range addrs {
 			if ipn, ok := a.(*net.IPNet); ok && ipn.IP.To4() == nil && ipn.IP.IsGlobalUnicast() {
-				return true
+				if ad, ok := netip.AddrFromSlice(ipn.IP); ok {
+					return ad, true
+				}
 			}
 		}
 	}
-	return false
+	return netip.Addr{}, false
 }
 
 func families(c Config) ([]Family, string) {
@@ -320,7 +325,7 @@ func families(c Config) ([]Family, string) {
 	case IPv6Off:
 		return []Family{IPv4}, "ipv6 off"
 	}
-	if hasGlobalIPv6() {
+	if _, ok := GlobalIPv6(); ok {
 		return []Family{IPv4, IPv6}, "pod has a global IPv6 address"
 	}
 	return []Family{IPv4}, "no global IPv6 address"

@@ -19,24 +19,31 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/meshlet/meshlet/internal/meshports"
 )
 
-// Default values of Options, matching docs/design.md section 2 and 4.
-const (
-	DefaultProxyPort           = "15001"
-	DefaultInboundCapturePort  = "15006"
+// Default values of Options, matching the default rule set of
+// docs/design.md.
+var (
+	DefaultProxyPort           = strconv.Itoa(meshports.Outbound)
+	DefaultInboundCapturePort  = strconv.Itoa(meshports.Inbound)
 	DefaultProxyUID            = "1337"
 	DefaultProxyGID            = "1337"
-	DefaultInterceptionMode    = "REDIRECT"
-	DefaultInboundPorts        = "*"
-	DefaultInboundPortsExclude = "22,15090,15021,15020"
-	DefaultOutboundIPRanges    = "*"
+	DefaultInboundPortsExclude = "22," + joinPorts(meshports.NeverCapturedInbound)
+)
+
+// Defaults of Options that are constants.
+const (
+	DefaultInterceptionMode = "REDIRECT"
+	DefaultInboundPorts     = "*"
+	DefaultOutboundIPRanges = "*"
 
 	// TunnelPort is always excluded from inbound capture (and from the
 	// loopback hairpin), whatever the options say.
-	TunnelPort = 15008
+	TunnelPort = meshports.Tunnel
 	// ValidationPort is the port the capture validation probe dials.
-	ValidationPort = 15002
+	ValidationPort = meshports.ValidationProbe
 )
 
 // Mode is the inbound interception mode.
@@ -47,6 +54,10 @@ type Mode string
 const (
 	ModeRedirect Mode = "REDIRECT"
 	ModeTProxy   Mode = "TPROXY"
+	// ModeNone (Istio's interception mode NONE) means no capture at all:
+	// the injector adds no istio-init and the CNI plugin leaves such a pod
+	// alone. BuildConfig does not take it: there are no rules to build.
+	ModeNone Mode = "NONE"
 )
 
 // IPv6Mode says whether IPv6 rules are applied.
@@ -79,7 +90,8 @@ type Options struct {
 	IPv6                    string // auto (default), on, off
 }
 
-// NewOptions returns the default options: docs/design.md section 4's rule set.
+// NewOptions returns the default options: the default rule set of
+// docs/design.md.
 func NewOptions() Options {
 	return Options{
 		ProxyPort:           DefaultProxyPort,
@@ -117,33 +129,21 @@ type Config struct {
 	OutboundPortsExclude []uint16
 	ExcludeInterfaces    []string
 	IPv6                 IPv6Mode
+
+	// Warnings say what was accepted with an effect the user may not
+	// expect (an inclusion an exclusion overrides, a lower-case mode). They
+	// do not change the rules.
+	Warnings []*OptionError
 }
 
-// FlagNames maps an Options field to the flag that sets it, for messages.
-var flagNames = map[string]string{
-	"ProxyPort":               "--proxy-port (-p)",
-	"InboundCapturePort":      "--inbound-capture-port (-z)",
-	"ProxyUID":                "--proxy-uid (-u)",
-	"ProxyGID":                "--proxy-gid (-g)",
-	"InterceptionMode":        "--interception-mode (-m)",
-	"InboundPorts":            "--inbound-ports (-b)",
-	"InboundPortsExclude":     "--inbound-ports-exclude (-d)",
-	"OutboundIPRanges":        "--outbound-ip-ranges (-i)",
-	"OutboundIPRangesExclude": "--outbound-ip-ranges-exclude (-x)",
-	"OutboundPorts":           "--outbound-ports (-q)",
-	"OutboundPortsExclude":    "--outbound-ports-exclude (-o)",
-	"ExcludeInterfaces":       "--exclude-interfaces (-c)",
-	"IPv6":                    "--ipv6",
-}
-
-// Namer names an option in error messages. The CLI names flags; the CNI
-// plugin names pod annotations.
+// Namer names an option in messages. The CLI names flags; the CNI plugin
+// and the injector name pod annotations or their config keys.
 type Namer func(field string) string
 
-// FlagNamer names options by their meshlet init flag.
+// FlagNamer names options by their `meshlet init` flag.
 func FlagNamer(field string) string {
-	if n, ok := flagNames[field]; ok {
-		return n
+	if opt, ok := OptionByField(field); ok {
+		return opt.Flag()
 	}
 	return field
 }
@@ -151,17 +151,69 @@ func FlagNamer(field string) string {
 // ErrInvalidOptions is wrapped by every BuildConfig error.
 var ErrInvalidOptions = errors.New("invalid capture options")
 
+// OptionError is one problem of one option value: an error when BuildConfig
+// rejects the options, a warning (Config.Warnings) when it accepted them with
+// an effect the user may not expect.
+type OptionError struct {
+	Field   string // the Options field
+	Name    string // the field as the Namer named it (flag, annotation, key)
+	Value   string // the whole value as given
+	Problem string
+}
+
+func (e *OptionError) Error() string { return fmt.Sprintf("%s %q: %s", e.Name, e.Value, e.Problem) }
+
+// OptionErrors returns every *OptionError err carries (BuildConfig joins
+// them), in order.
+func OptionErrors(err error) []*OptionError {
+	var out []*OptionError
+	var walk func(error)
+	walk = func(e error) {
+		if oe, ok := e.(*OptionError); ok { //nolint:errorlint // walking the tree by hand
+			out = append(out, oe)
+			return
+		}
+		switch u := e.(type) { //nolint:errorlint // walking the tree by hand
+		case interface{ Unwrap() []error }:
+			for _, c := range u.Unwrap() {
+				walk(c)
+			}
+		case interface{ Unwrap() error }:
+			if c := u.Unwrap(); c != nil {
+				walk(c)
+			}
+		}
+	}
+	if err != nil {
+		walk(err)
+	}
+	return out
+}
+
 // BuildConfig validates o and converts it into a Config, collecting every
 // problem; each names the flag and the offending value.
 func BuildConfig(o Options) (Config, error) { return BuildConfigNamed(o, FlagNamer) }
 
-// BuildConfigNamed is BuildConfig with problems named by name.
+// BuildConfigNamed is BuildConfig with options named by name.
+//
+// It follows istio-iptables' meaning: where an exclusion and an inclusion
+// overlap, the exclusion wins (the rules put the RETURN first), and an
+// inbound port list naming a port that is never captured (-d's ports, 15008,
+// the proxy's capture ports) leaves it uncaptured. Neither is an error; both
+// are reported in Config.Warnings. Only what cannot work is rejected.
 func BuildConfigNamed(o Options, name Namer) (Config, error) {
 	var errs []error
-	bad := func(field, value, format string, args ...any) {
-		errs = append(errs, fmt.Errorf("%s %q: %s", name(field), value, fmt.Sprintf(format, args...)))
-	}
 	var c Config
+	values := map[string]string{}
+	for _, opt := range OptionSet {
+		values[opt.Field] = opt.Get(o)
+	}
+	bad := func(field, value, format string, args ...any) {
+		errs = append(errs, &OptionError{Field: field, Name: name(field), Value: value, Problem: fmt.Sprintf(format, args...)})
+	}
+	warn := func(field, format string, args ...any) {
+		c.Warnings = append(c.Warnings, &OptionError{Field: field, Name: name(field), Value: values[field], Problem: fmt.Sprintf(format, args...)})
+	}
 
 	c.ProxyPort = parsePort(o.ProxyPort, "ProxyPort", bad)
 	c.InboundCapturePort = parsePort(o.InboundCapturePort, "InboundCapturePort", bad)
@@ -174,36 +226,43 @@ func BuildConfigNamed(o Options, name Namer) (Config, error) {
 	switch m := Mode(strings.ToUpper(strings.TrimSpace(o.InterceptionMode))); m {
 	case ModeRedirect:
 		c.Mode = m
+		if o.InterceptionMode != string(m) {
+			warn("InterceptionMode", "read as %s", m)
+		}
 	case ModeTProxy:
 		bad("InterceptionMode", o.InterceptionMode, "TPROXY is recognised but not yet supported by meshlet; use REDIRECT")
 	default:
-		bad("InterceptionMode", o.InterceptionMode, "must be REDIRECT or TPROXY")
+		bad("InterceptionMode", o.InterceptionMode, "must be REDIRECT (TPROXY is recognised but not yet supported)")
 	}
 
-	// Inbound.
-	if strings.TrimSpace(o.InboundPorts) == "*" {
-		c.InboundAll = true
-	} else {
-		c.InboundPorts = parsePorts(o.InboundPorts, "InboundPorts", bad)
-	}
+	// Inbound. An included port that is also excluded stays uncaptured.
 	c.InboundExclude = []uint16{TunnelPort}
 	for _, p := range parsePorts(o.InboundPortsExclude, "InboundPortsExclude", bad) {
 		if !slices.Contains(c.InboundExclude, p) {
 			c.InboundExclude = append(c.InboundExclude, p)
 		}
 	}
-	for _, p := range c.InboundPorts {
-		switch {
-		case p == TunnelPort:
-			bad("InboundPorts", o.InboundPorts, "port %d is reserved (tunnel) and never captured", p)
-		case slices.Contains(c.InboundExclude, p):
-			bad("InboundPorts", o.InboundPorts, "port %d is also excluded by %s", p, name("InboundPortsExclude"))
-		case p == c.ProxyPort || p == c.InboundCapturePort:
-			bad("InboundPorts", o.InboundPorts, "port %d is a proxy capture port; capturing it would loop", p)
+	if strings.TrimSpace(o.InboundPorts) == "*" {
+		c.InboundAll = true
+	} else {
+		for _, p := range parsePorts(o.InboundPorts, "InboundPorts", bad) {
+			switch {
+			case p == TunnelPort:
+				warn("InboundPorts", "port %d is reserved (tunnel) and never captured", p)
+			case slices.Contains(c.InboundExclude, p) && slices.Contains(meshports.NeverCapturedInbound, p):
+				warn("InboundPorts", "port %d is the sidecar's own (health, status or metrics) and not captured", p)
+			case slices.Contains(c.InboundExclude, p):
+				warn("InboundPorts", "port %d is also excluded by %s, so it is not captured", p, name("InboundPortsExclude"))
+			case p == c.ProxyPort || p == c.InboundCapturePort:
+				warn("InboundPorts", "port %d is a proxy capture port and never captured (it would loop)", p)
+			default:
+				c.InboundPorts = append(c.InboundPorts, p)
+			}
 		}
 	}
 
-	// Outbound ranges.
+	// Outbound ranges: an excluded range wins over an included one and over
+	// the included ports.
 	if strings.TrimSpace(o.OutboundIPRanges) == "*" {
 		c.OutboundAll = true
 	} else {
@@ -211,17 +270,20 @@ func BuildConfigNamed(o Options, name Namer) (Config, error) {
 	}
 	c.OutboundExclude = parseCIDRs(o.OutboundIPRangesExclude, "OutboundIPRangesExclude", bad)
 	for _, p := range c.OutboundRanges {
-		if slices.Contains(c.OutboundExclude, p) {
-			bad("OutboundIPRanges", o.OutboundIPRanges, "range %s is also excluded by %s", p, name("OutboundIPRangesExclude"))
+		for _, x := range c.OutboundExclude {
+			if x.Addr().Is4() == p.Addr().Is4() && x.Bits() <= p.Bits() && x.Contains(p.Addr()) {
+				warn("OutboundIPRanges", "range %s lies inside %s of %s, so it is not captured", p, x, name("OutboundIPRangesExclude"))
+				break
+			}
 		}
 	}
 
-	// Outbound ports.
+	// Outbound ports: an excluded port wins over an included one.
 	c.OutboundPorts = parsePorts(o.OutboundPorts, "OutboundPorts", bad)
 	c.OutboundPortsExclude = parsePorts(o.OutboundPortsExclude, "OutboundPortsExclude", bad)
 	for _, p := range c.OutboundPorts {
 		if slices.Contains(c.OutboundPortsExclude, p) {
-			bad("OutboundPorts", o.OutboundPorts, "port %d is also excluded by %s", p, name("OutboundPortsExclude"))
+			warn("OutboundPorts", "port %d is also excluded by %s, so it is not captured", p, name("OutboundPortsExclude"))
 		}
 	}
 
@@ -232,7 +294,11 @@ func BuildConfigNamed(o Options, name Namer) (Config, error) {
 			continue
 		}
 		if f == "lo" {
-			bad("ExcludeInterfaces", o.ExcludeInterfaces, "excluding lo would bypass the proxy's loopback rules")
+			// istio-iptables takes it (a RETURN for -o lo in nat OUTPUT),
+			// which silently turns off the loopback rules: the proxy's
+			// calls to its own pod no longer reach inbound handling, and
+			// the CNI mode validation probe, which travels over lo, fails.
+			bad("ExcludeInterfaces", o.ExcludeInterfaces, "lo cannot be excluded: the capture's loopback rules (the proxy's calls to its own pod, the CNI validation probe) depend on it")
 			continue
 		}
 		if !slices.Contains(c.ExcludeInterfaces, f) {
@@ -257,6 +323,58 @@ func BuildConfigNamed(o Options, name Namer) (Config, error) {
 		return Config{}, fmt.Errorf("%w: %w", ErrInvalidOptions, errors.Join(errs...))
 	}
 	return c, nil
+}
+
+// Options returns the canonical options that build c again (without its
+// warnings): what the injector passes to `meshlet init`. TunnelPort, which
+// BuildConfig always adds, is left out of InboundPortsExclude.
+func (c Config) Options() Options {
+	o := Options{
+		ProxyPort:               strconv.Itoa(int(c.ProxyPort)),
+		InboundCapturePort:      strconv.Itoa(int(c.InboundCapturePort)),
+		ProxyUID:                joinIDs(c.ProxyUIDs),
+		ProxyGID:                joinIDs(c.ProxyGIDs),
+		InterceptionMode:        string(c.Mode),
+		InboundPorts:            joinPorts(c.InboundPorts),
+		InboundPortsExclude:     joinPorts(slices.DeleteFunc(slices.Clone(c.InboundExclude), func(p uint16) bool { return p == TunnelPort })),
+		OutboundIPRanges:        joinPrefixes(c.OutboundRanges),
+		OutboundIPRangesExclude: joinPrefixes(c.OutboundExclude),
+		OutboundPorts:           joinPorts(c.OutboundPorts),
+		OutboundPortsExclude:    joinPorts(c.OutboundPortsExclude),
+		ExcludeInterfaces:       strings.Join(c.ExcludeInterfaces, ","),
+		IPv6:                    string(c.IPv6),
+	}
+	if c.InboundAll {
+		o.InboundPorts = "*"
+	}
+	if c.OutboundAll {
+		o.OutboundIPRanges = "*"
+	}
+	return o
+}
+
+func joinPorts(ps []uint16) string {
+	s := make([]string, len(ps))
+	for i, p := range ps {
+		s[i] = strconv.Itoa(int(p))
+	}
+	return strings.Join(s, ",")
+}
+
+func joinIDs(ids []uint32) string {
+	s := make([]string, len(ids))
+	for i, id := range ids {
+		s[i] = strconv.FormatUint(uint64(id), 10)
+	}
+	return strings.Join(s, ",")
+}
+
+func joinPrefixes(ps []netip.Prefix) string {
+	s := make([]string, len(ps))
+	for i, p := range ps {
+		s[i] = p.String()
+	}
+	return strings.Join(s, ",")
 }
 
 var ifaceRE = regexp.MustCompile(`^[A-Za-z0-9_.@:+-]{1,15}$`)

@@ -3,6 +3,7 @@ package capture_test
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -15,7 +16,7 @@ import (
 	"time"
 
 	"github.com/meshlet/meshlet/initcni/capture"
-	"github.com/meshlet/meshlet/initcni/origdst"
+	"github.com/meshlet/meshlet/proxy/origdst"
 	"github.com/meshlet/meshlet/test/netlab"
 )
 
@@ -278,8 +279,8 @@ func TestPrivilegedIdempotent(t *testing.T) {
 			if _, err := capture.Apply(ctx, other, tgt); err != nil {
 				t.Fatalf("apply other config: %v", err)
 			}
-			if err := capture.Check(ctx, def, tgt); err == nil {
-				t.Error("Check of the default config passed against other rules")
+			if err := capture.Check(ctx, def, tgt); !errors.Is(err, capture.ErrMismatch) {
+				t.Errorf("Check of the default config against other rules: %v, want ErrMismatch", err)
 			}
 			if _, err := capture.Apply(ctx, def, tgt); err != nil {
 				t.Fatal(err)
@@ -341,10 +342,15 @@ func parallelApplies(t *testing.T, b capture.Backend) {
 			t.Error(err)
 		}
 	}
-	// The host namespace is untouched.
-	out, _ := exec.Command("iptables-save", "-t", "nat").CombinedOutput()
+	// The host namespace is untouched. A failing iptables-save fails the
+	// test: its empty output must not pass as "no rules".
+	cmd := exec.Command("iptables-"+string(b)+"-save", "-t", "nat")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("reading the host namespace's rules: %s: %v: %s", cmd, err, out)
+	}
 	if strings.Contains(string(out), "meshlet:") {
-		t.Errorf("host namespace got meshlet rules")
+		t.Errorf("host namespace got meshlet rules:\n%s", out)
 	}
 }
 

@@ -212,15 +212,17 @@ func Rules(c Config, f Family) RuleSet {
 	owners(false, c.ProxyUIDs)
 	owners(true, c.ProxyGIDs)
 	add(Rule{Chain: ChainOutput, Dst: lo, Target: "RETURN", Comment: "meshlet: localhost not captured"})
-	for _, p := range c.OutboundPorts {
-		add(Rule{Chain: ChainOutput, TCP: true, DPort: p, Target: ChainRedirect,
-			Comment: fmt.Sprintf("meshlet: capture outbound port %d", p)})
-	}
+	// Excluded ranges before included ports, as istio-iptables orders them:
+	// the exclusion wins.
 	for _, p := range c.OutboundExclude {
 		if p.Addr().Is4() != (f == IPv4) {
 			continue
 		}
 		add(Rule{Chain: ChainOutput, Dst: p, Target: "RETURN", Comment: fmt.Sprintf("meshlet: outbound range %s not captured", p)})
+	}
+	for _, p := range c.OutboundPorts {
+		add(Rule{Chain: ChainOutput, TCP: true, DPort: p, Target: ChainRedirect,
+			Comment: fmt.Sprintf("meshlet: capture outbound port %d", p)})
 	}
 	if c.OutboundAll {
 		add(Rule{Chain: ChainOutput, Target: ChainRedirect, Comment: "meshlet: capture all other outbound"})

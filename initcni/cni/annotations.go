@@ -7,41 +7,19 @@ import (
 	"github.com/meshlet/meshlet/initcni/capture"
 )
 
-// Pod annotations (Istio's vocabulary) that shape capture.
+// Pod annotations (Istio's vocabulary) that shape capture, from the capture
+// option set.
 const (
-	AnnotationStatus                  = "sidecar.istio.io/status"
-	AnnotationInterceptionMode        = "sidecar.istio.io/interceptionMode"
-	AnnotationIncludeInboundPorts     = "traffic.sidecar.istio.io/includeInboundPorts"
-	AnnotationExcludeInboundPorts     = "traffic.sidecar.istio.io/excludeInboundPorts"
-	AnnotationIncludeOutboundIPRanges = "traffic.sidecar.istio.io/includeOutboundIPRanges"
-	AnnotationExcludeOutboundIPRanges = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
-	AnnotationIncludeOutboundPorts    = "traffic.sidecar.istio.io/includeOutboundPorts"
-	AnnotationExcludeOutboundPorts    = "traffic.sidecar.istio.io/excludeOutboundPorts"
-	AnnotationExcludeInterfaces       = "traffic.sidecar.istio.io/excludeInterfaces"
+	AnnotationStatus                  = capture.AnnotationStatus
+	AnnotationInterceptionMode        = capture.AnnotationInterceptionMode
+	AnnotationIncludeInboundPorts     = capture.AnnotationIncludeInboundPorts
+	AnnotationExcludeInboundPorts     = capture.AnnotationExcludeInboundPorts
+	AnnotationIncludeOutboundIPRanges = capture.AnnotationIncludeOutboundIPRanges
+	AnnotationExcludeOutboundIPRanges = capture.AnnotationExcludeOutboundIPRanges
+	AnnotationIncludeOutboundPorts    = capture.AnnotationIncludeOutboundPorts
+	AnnotationExcludeOutboundPorts    = capture.AnnotationExcludeOutboundPorts
+	AnnotationExcludeInterfaces       = capture.AnnotationExcludeInterfaces
 )
-
-// annotationFields maps each capture annotation to the Options field it sets.
-var annotationFields = []struct {
-	annotation string
-	field      string
-	set        func(*capture.Options, string)
-}{
-	{AnnotationInterceptionMode, "InterceptionMode", func(o *capture.Options, v string) { o.InterceptionMode = v }},
-	{AnnotationIncludeInboundPorts, "InboundPorts", func(o *capture.Options, v string) { o.InboundPorts = v }},
-	// Added to the configured defaults, as Istio does.
-	{AnnotationExcludeInboundPorts, "InboundPortsExclude", func(o *capture.Options, v string) {
-		if strings.TrimSpace(o.InboundPortsExclude) == "" {
-			o.InboundPortsExclude = v
-		} else if strings.TrimSpace(v) != "" {
-			o.InboundPortsExclude += "," + v
-		}
-	}},
-	{AnnotationIncludeOutboundIPRanges, "OutboundIPRanges", func(o *capture.Options, v string) { o.OutboundIPRanges = v }},
-	{AnnotationExcludeOutboundIPRanges, "OutboundIPRangesExclude", func(o *capture.Options, v string) { o.OutboundIPRangesExclude = v }},
-	{AnnotationIncludeOutboundPorts, "OutboundPorts", func(o *capture.Options, v string) { o.OutboundPorts = v }},
-	{AnnotationExcludeOutboundPorts, "OutboundPortsExclude", func(o *capture.Options, v string) { o.OutboundPortsExclude = v }},
-	{AnnotationExcludeInterfaces, "ExcludeInterfaces", func(o *capture.Options, v string) { o.ExcludeInterfaces = v }},
-}
 
 // Injected reports whether the pod carries the injector's status annotation.
 func Injected(annotations map[string]string) bool {
@@ -49,19 +27,32 @@ func Injected(annotations map[string]string) bool {
 	return ok
 }
 
+// CaptureFor is the plugin's decision for a pod with these annotations:
+// whether its traffic is captured (it carries the injector's status
+// annotation and its interception mode is not NONE), why, and with which
+// Config (ConfigFromAnnotations on top of defaults).
+func CaptureFor(defaults capture.Options, annotations map[string]string) (c capture.Config, captured bool, why string, err error) {
+	if !Injected(annotations) {
+		return capture.Config{}, false, fmt.Sprintf("is not injected (no %s annotation)", AnnotationStatus), nil
+	}
+	if strings.EqualFold(strings.TrimSpace(annotations[AnnotationInterceptionMode]), string(capture.ModeNone)) {
+		return capture.Config{}, false, fmt.Sprintf("has %s=%s: no capture", AnnotationInterceptionMode, capture.ModeNone), nil
+	}
+	c, err = ConfigFromAnnotations(defaults, annotations)
+	if err != nil {
+		return capture.Config{}, false, "", err
+	}
+	return c, true, "is injected", nil
+}
+
 // ConfigFromAnnotations derives the capture Config for a pod from its
-// annotations on top of defaults — the same mapping the injector uses for
-// istio-init's flags. Every invalid value is reported, naming the
-// annotation (or the plugin config key when the default is at fault).
+// annotations on top of defaults — the same mapping (capture.ApplyAnnotations)
+// the injector uses for istio-init's flags. Every invalid value is reported,
+// naming the annotation (or the plugin config key when the default is at
+// fault). The Config's Warnings name the annotation the same way.
 func ConfigFromAnnotations(defaults capture.Options, annotations map[string]string) (capture.Config, error) {
 	o := defaults
-	from := map[string]string{} // field → annotation that set it
-	for _, a := range annotationFields {
-		if v, ok := annotations[a.annotation]; ok {
-			a.set(&o, v)
-			from[a.field] = a.annotation
-		}
-	}
+	from := capture.ApplyAnnotations(&o, annotations)
 	namer := func(field string) string {
 		if a, ok := from[field]; ok {
 			return "annotation " + a

@@ -14,6 +14,8 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"reflect"
+	"strings"
 	"time"
 
 	"github.com/containernetworking/cni/pkg/skel"
@@ -48,35 +50,37 @@ type CaptureDefaults struct {
 	IPv6                    *string `json:"ipv6,omitempty"`
 }
 
+// jsonName is the plugin config key of an Options field.
 func jsonName(field string) string {
-	return map[string]string{
-		"ProxyPort": "proxyPort", "InboundCapturePort": "inboundCapturePort", "ProxyUID": "proxyUID",
-		"ProxyGID": "proxyGID", "InterceptionMode": "interceptionMode", "InboundPorts": "includeInboundPorts",
-		"InboundPortsExclude": "excludeInboundPorts", "OutboundIPRanges": "includeOutboundIPRanges",
-		"OutboundIPRangesExclude": "excludeOutboundIPRanges", "OutboundPorts": "includeOutboundPorts",
-		"OutboundPortsExclude": "excludeOutboundPorts", "ExcludeInterfaces": "excludeInterfaces", "IPv6": "ipv6",
-	}[field]
+	if opt, ok := capture.OptionByField(field); ok {
+		return opt.Key
+	}
+	return field
 }
 
-// Options returns `meshlet init`'s defaults overridden by d.
+// Options returns `meshlet init`'s defaults overridden by d. Each field's
+// JSON key is the Key of a capture option (TestCaptureDefaultsKeys).
 func (d CaptureDefaults) Options() capture.Options {
 	o := capture.NewOptions()
-	for _, p := range []struct {
-		v   *string
-		dst *string
-	}{
-		{d.ProxyPort, &o.ProxyPort}, {d.InboundCapturePort, &o.InboundCapturePort},
-		{d.ProxyUID, &o.ProxyUID}, {d.ProxyGID, &o.ProxyGID}, {d.InterceptionMode, &o.InterceptionMode},
-		{d.IncludeInboundPorts, &o.InboundPorts}, {d.ExcludeInboundPorts, &o.InboundPortsExclude},
-		{d.IncludeOutboundIPRanges, &o.OutboundIPRanges}, {d.ExcludeOutboundIPRanges, &o.OutboundIPRangesExclude},
-		{d.IncludeOutboundPorts, &o.OutboundPorts}, {d.ExcludeOutboundPorts, &o.OutboundPortsExclude},
-		{d.ExcludeInterfaces, &o.ExcludeInterfaces}, {d.IPv6, &o.IPv6},
-	} {
-		if p.v != nil {
-			*p.dst = *p.v
+	v := reflect.ValueOf(d)
+	for i := range v.NumField() {
+		key, _, _ := strings.Cut(v.Type().Field(i).Tag.Get("json"), ",")
+		opt, ok := optionByKey(key)
+		if !ok || v.Field(i).IsNil() {
+			continue
 		}
+		*opt.Ptr(&o) = v.Field(i).Elem().String()
 	}
 	return o
+}
+
+func optionByKey(key string) (capture.Option, bool) {
+	for _, opt := range capture.OptionSet {
+		if opt.Key == key {
+			return opt, true
+		}
+	}
+	return capture.Option{}, false
 }
 
 // PluginConf is the plugin's entry in the conflist.
@@ -225,15 +229,18 @@ func (p *Plugin) decide(args *skel.CmdArgs, conf *PluginConf, log *slog.Logger) 
 	if err != nil {
 		return decision{}, err
 	}
-	if !Injected(ann) {
-		return decision{reason: fmt.Sprintf("pod %s/%s is not injected (no %s annotation)", ns, name, AnnotationStatus)}, nil
-	}
-	c, err := ConfigFromAnnotations(conf.Capture.Options(), ann)
+	c, captured, why, err := CaptureFor(conf.Capture.Options(), ann)
 	if err != nil {
 		return decision{}, fmt.Errorf("pod %s/%s: %w", ns, name, err)
 	}
+	if !captured {
+		return decision{reason: fmt.Sprintf("pod %s/%s %s", ns, name, why)}, nil
+	}
+	for _, w := range c.Warnings {
+		log.Warn("capture option adjusted", "pod", ns+"/"+name, "option", w.Name, "value", w.Value, "effect", w.Problem)
+	}
 	log.Debug("capture config derived", "pod", ns+"/"+name)
-	return decision{capture: true, reason: fmt.Sprintf("pod %s/%s is injected", ns, name), config: c}, nil
+	return decision{capture: true, reason: fmt.Sprintf("pod %s/%s %s", ns, name, why), config: c}, nil
 }
 
 func (p *Plugin) target(conf *PluginConf, netns string, log *slog.Logger) capture.Target {

@@ -30,7 +30,7 @@ import (
 	"time"
 
 	"github.com/meshlet/meshlet/initcni/capture"
-	"github.com/meshlet/meshlet/initcni/origdst"
+	"github.com/meshlet/meshlet/proxy/origdst"
 )
 
 // ErrCaptureNotWorking is returned when the probe connection is not
@@ -77,7 +77,7 @@ func Run(ctx context.Context, c capture.Config, o Options) (Result, error) {
 		o.ProbeAddr = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.6"), capture.ValidationPort)
 	}
 	if !o.ProbeAddr6.IsValid() && c.IPv6 != capture.IPv6Off {
-		if a, ok := globalIPv6(); ok {
+		if a, ok := capture.GlobalIPv6(); ok {
 			o.ProbeAddr6 = netip.AddrPortFrom(a, capture.ValidationPort)
 		}
 	}
@@ -174,27 +174,4 @@ func probe(ctx context.Context, c capture.Config, addr netip.AddrPort, timeout t
 		return a.port, od, nil
 	}
 	return 0, netip.AddrPort{}, fmt.Errorf("%w: probe to %s was not redirected to port %d within %s (%d attempts so far): %v", ErrCaptureNotWorking, addr, c.InboundCapturePort, timeout, *attempts, lastErr)
-}
-
-// globalIPv6 returns the first global IPv6 address on a non-loopback
-// interface of the current namespace.
-func globalIPv6() (netip.Addr, bool) {
-	ifs, err := net.Interfaces()
-	if err != nil {
-		return netip.Addr{}, false
-	}
-	for _, ifc := range ifs {
-		if ifc.Flags&net.FlagLoopback != 0 {
-			continue
-		}
-		addrs, _ := ifc.Addrs()
-		for _, a := range addrs {
-			if ipn, ok := a.(*net.IPNet); ok && ipn.IP.To4() == nil && ipn.IP.IsGlobalUnicast() {
-				if ad, ok := netip.AddrFromSlice(ipn.IP); ok {
-					return ad, true
-				}
-			}
-		}
-	}
-	return netip.Addr{}, false
 }

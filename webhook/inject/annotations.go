@@ -1,5 +1,7 @@
 package inject
 
+import "github.com/meshlet/meshlet/initcni/capture"
+
 // Labels and annotations meshlet reads and writes: Istio's vocabulary.
 const (
 	// LabelNamespaceInjection on a namespace: "enabled" or "disabled".
@@ -11,26 +13,28 @@ const (
 	AnnotationInject = "sidecar.istio.io/inject"
 
 	// AnnotationStatus records what injection added (JSON, see Status).
-	AnnotationStatus = "sidecar.istio.io/status"
+	AnnotationStatus = capture.AnnotationStatus
 	// AnnotationDefaultContainer and AnnotationDefaultLogsContainer point
 	// kubectl at the first app container.
 	AnnotationDefaultContainer     = "kubectl.kubernetes.io/default-container"
 	AnnotationDefaultLogsContainer = "kubectl.kubernetes.io/default-logs-container"
 
-	AnnotationIncludeInboundPorts     = "traffic.sidecar.istio.io/includeInboundPorts"
-	AnnotationExcludeInboundPorts     = "traffic.sidecar.istio.io/excludeInboundPorts"
-	AnnotationIncludeOutboundIPRanges = "traffic.sidecar.istio.io/includeOutboundIPRanges"
-	AnnotationExcludeOutboundIPRanges = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
-	AnnotationIncludeOutboundPorts    = "traffic.sidecar.istio.io/includeOutboundPorts"
-	AnnotationExcludeOutboundPorts    = "traffic.sidecar.istio.io/excludeOutboundPorts"
-	AnnotationExcludeInterfaces       = "traffic.sidecar.istio.io/excludeInterfaces"
+	// The capture annotations are the capture option set's (initcni/capture),
+	// which `meshlet init` and the CNI plugin read too.
+	AnnotationIncludeInboundPorts     = capture.AnnotationIncludeInboundPorts
+	AnnotationExcludeInboundPorts     = capture.AnnotationExcludeInboundPorts
+	AnnotationIncludeOutboundIPRanges = capture.AnnotationIncludeOutboundIPRanges
+	AnnotationExcludeOutboundIPRanges = capture.AnnotationExcludeOutboundIPRanges
+	AnnotationIncludeOutboundPorts    = capture.AnnotationIncludeOutboundPorts
+	AnnotationExcludeOutboundPorts    = capture.AnnotationExcludeOutboundPorts
+	AnnotationExcludeInterfaces       = capture.AnnotationExcludeInterfaces
 
 	AnnotationProxyCPU         = "sidecar.istio.io/proxyCPU"
 	AnnotationProxyMemory      = "sidecar.istio.io/proxyMemory"
 	AnnotationProxyCPULimit    = "sidecar.istio.io/proxyCPULimit"
 	AnnotationProxyMemoryLimit = "sidecar.istio.io/proxyMemoryLimit"
 	AnnotationProxyImage       = "sidecar.istio.io/proxyImage"
-	AnnotationInterceptionMode = "sidecar.istio.io/interceptionMode"
+	AnnotationInterceptionMode = capture.AnnotationInterceptionMode
 	AnnotationNativeSidecar    = "sidecar.istio.io/nativeSidecar"
 	// AnnotationProxyConfig holds a YAML/JSON ProxyConfig fragment; meshlet
 	// reads holdApplicationUntilProxyStarts and terminationDrainDuration.

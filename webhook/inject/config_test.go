@@ -57,7 +57,7 @@ capture:
   includeInboundPorts: "80,99999"
   excludeInboundPorts: "ssh"
   includeOutboundIPRanges: "10.0.0.0/33"
-  excludeOutboundIPRanges: "10.0.0.1"
+  excludeOutboundIPRanges: "10.0.0.1/40"
   includeOutboundPorts: "0"
   excludeOutboundPorts: "-5"
   excludeInterfaces: "a/b"
@@ -66,7 +66,7 @@ capture:
 			`terminationDrainDuration="soon"`, `proxyUID="-1"`, `resources.requests.cpu="lots"`,
 			`resources.requests.memory="2Gi": exceeds resources.limits.memory 1Gi`,
 			`capture.interceptionMode="NAT"`, `capture.includeInboundPorts="80,99999"`, `capture.excludeInboundPorts="ssh"`,
-			`capture.includeOutboundIPRanges="10.0.0.0/33"`, `capture.excludeOutboundIPRanges="10.0.0.1"`,
+			`capture.includeOutboundIPRanges="10.0.0.0/33"`, `capture.excludeOutboundIPRanges="10.0.0.1/40"`,
 			`capture.includeOutboundPorts="0"`, `capture.excludeOutboundPorts="-5"`, `capture.excludeInterfaces="a/b"`,
 		}},
 		{name: "not yaml", doc: "a: [", wantErr: []string{"parsing injection config"}},

@@ -13,6 +13,8 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	"sigs.k8s.io/yaml"
+
+	"github.com/meshlet/meshlet/internal/meshports"
 )
 
 // Namespace is what injection needs to know about the pod's namespace.
@@ -367,8 +369,7 @@ func resolve(pod *corev1.Pod, cfg *Config, opts Options) (params, []string, erro
 	for _, cs := range [][]corev1.Container{pod.Spec.InitContainers, pod.Spec.Containers} {
 		for _, c := range cs {
 			for _, port := range c.Ports {
-				switch port.ContainerPort {
-				case OutboundCapturePort, InboundCapturePort, 15000, StatusPort, HealthPort, PrometheusPort, 15008:
+				if slices.Contains(meshports.Sidecar, port.ContainerPort) {
 					warnings = append(warnings, fmt.Sprintf("container %s declares port %d, which the sidecar uses: the app cannot listen on it", c.Name, port.ContainerPort))
 				}
 			}
@@ -441,66 +442,19 @@ func resolve(pod *corev1.Pod, cfg *Config, opts Options) (params, []string, erro
 		p.resources.Limits = limits
 	}
 
-	// Capture.
-	c := &p.capture
-	pick := func(key, cfgField, cfgValue string, parse func(string) (string, error)) string {
-		if v, ok := ann[key]; ok {
-			s, err := parse(v)
-			if err != nil {
-				bad(key, err.Error())
-			}
-			return s
-		}
-		s, err := parse(cfgValue)
-		if err != nil {
-			cfgBad(cfgField, cfgValue, err)
-		}
-		return s
-	}
-	c.mode = cfg.Capture.InterceptionMode
-	if _, err := parseStrictMode(c.mode); err != nil {
-		cfgBad("capture.interceptionMode", c.mode, err)
-	}
-	if v, ok := ann[AnnotationInterceptionMode]; ok {
-		switch up := strings.ToUpper(strings.TrimSpace(v)); up {
-		case ModeTProxy:
-			bad(AnnotationInterceptionMode, errTProxy.Error())
-		case ModeRedirect, ModeNone:
-			if up != v {
-				warnings = append(warnings, fmt.Sprintf("annotation %s=%q read as %q", AnnotationInterceptionMode, v, up))
-			}
-			c.mode = up
-		default:
-			bad(AnnotationInterceptionMode, "must be REDIRECT or NONE (TPROXY is not supported yet)")
-		}
-	}
-	cc := cfg.Capture
-	c.includeInboundPorts = pick(AnnotationIncludeInboundPorts, "capture.includeInboundPorts", cc.IncludeInboundPorts, parsePortsOrStar)
-	c.includeOutboundIPRanges = pick(AnnotationIncludeOutboundIPRanges, "capture.includeOutboundIPRanges", cc.IncludeOutboundIPRanges, parseCIDRsOrStar)
-	c.excludeOutboundIPRanges = pick(AnnotationExcludeOutboundIPRanges, "capture.excludeOutboundIPRanges", cc.ExcludeOutboundIPRanges, parseCIDRs)
-	c.includeOutboundPorts = pick(AnnotationIncludeOutboundPorts, "capture.includeOutboundPorts", cc.IncludeOutboundPorts, parsePorts)
-	c.excludeOutboundPorts = pick(AnnotationExcludeOutboundPorts, "capture.excludeOutboundPorts", cc.ExcludeOutboundPorts, parsePorts)
-	c.excludeInterfaces = pick(AnnotationExcludeInterfaces, "capture.excludeInterfaces", cc.ExcludeInterfaces, parseInterfaces)
-	// excludeInboundPorts: the configured list, plus the annotation's, plus
-	// the proxy's own ports.
-	base, err := parsePorts(cc.ExcludeInboundPorts)
-	if err != nil {
-		cfgBad("capture.excludeInboundPorts", cc.ExcludeInboundPorts, err)
-	}
-	var extra string
-	if v, ok := ann[AnnotationExcludeInboundPorts]; ok {
-		if extra, err = parsePorts(v); err != nil {
-			bad(AnnotationExcludeInboundPorts, err.Error())
-		}
-	}
-	c.excludeInboundPorts = mergePorts(splitList(base), splitList(extra), proxyPorts)
+	// Capture: initcni/capture's builder decides, as for `meshlet init`.
+	var capErrs []error
+	var capWarnings []string
+	p.capture, capWarnings, capErrs = resolveCapture(ann, cfg)
+	errs = append(errs, capErrs...)
+	warnings = append(warnings, capWarnings...)
 
 	// Templates.
 	if p.plan, err = selectTemplates(ann, cfg); err != nil {
 		errs = append(errs, err)
 	}
 	_, p.templatesFromAnnotation = ann[AnnotationTemplates]
-	p.captureOn = p.plan.capture && c.mode != ModeNone
+	p.captureOn = p.plan.capture && p.capture.mode != ModeNone
 
 	if len(errs) > 0 {
 		sort.SliceStable(errs, func(i, j int) bool { return errKey(errs[i]) < errKey(errs[j]) })
@@ -725,15 +679,9 @@ func apply(pod *corev1.Pod, cfg *Config, p params) ([]string, error) {
 	switch {
 	case cfg.CNI.Enabled && p.captureOn:
 		// The CNI plugin reads the effective capture settings from here.
-		c := p.capture
-		setAnn(AnnotationInterceptionMode, c.mode)
-		setAnn(AnnotationIncludeInboundPorts, c.includeInboundPorts)
-		setAnn(AnnotationExcludeInboundPorts, c.excludeInboundPorts)
-		setAnn(AnnotationIncludeOutboundIPRanges, c.includeOutboundIPRanges)
-		setAnn(AnnotationExcludeOutboundIPRanges, c.excludeOutboundIPRanges)
-		setAnn(AnnotationIncludeOutboundPorts, c.includeOutboundPorts)
-		setAnn(AnnotationExcludeOutboundPorts, c.excludeOutboundPorts)
-		setAnn(AnnotationExcludeInterfaces, c.excludeInterfaces)
+		for _, kv := range p.capture.annotations() {
+			setAnn(kv[0], kv[1])
+		}
 	case cfg.CNI.Enabled:
 		// No capture for this pod: tell the CNI plugin so.
 		setAnn(AnnotationInterceptionMode, ModeNone)

@@ -220,7 +220,7 @@ func TestCaptureArgsFromAnnotations(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := []string{"init", "-p", "15001", "-z", "15006", "-u", "1337", "-g", "1337", "-m", "REDIRECT",
-		"-i", "10.0.0.0/8,fd00::/8", "-x", "10.96.0.1/32", "-b", "8080,9090", "-d", "22,8081,15020,15090,15021",
+		"-i", "10.0.0.0/8,fd00::/8", "-x", "10.96.0.1/32", "-b", "8080,9090", "-d", "22,15090,15021,15020,8081",
 		"-q", "443", "-o", "3306,5432", "-c", "eth1,net1"}
 	initC := out.Spec.InitContainers[len(out.Spec.InitContainers)-1]
 	if initC.Name != ContainerInit || !slices.Equal(initC.Args, want) {

@@ -122,8 +122,13 @@ func execPlugin(t *testing.T, dir, verb, netns string, args [][2]string, conf []
 func hasMeshletRules(t *testing.T, ns *netlab.NS) bool {
 	t.Helper()
 	for _, b := range []string{"nft", "legacy"} {
+		// A failing iptables-save fails the test: its empty output must not
+		// pass as "no rules".
 		out, err := ns.Run(exec.Command("iptables-"+b+"-save", "-t", "nat"), -1, -1)
-		if err == nil && strings.Contains(string(out), "meshlet:") {
+		if err != nil {
+			t.Fatalf("iptables-%s-save in %s: %v: %s", b, ns.Name, err, out)
+		}
+		if strings.Contains(string(out), "meshlet:") {
 			return true
 		}
 	}

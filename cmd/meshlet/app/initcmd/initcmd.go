@@ -27,48 +27,24 @@ const (
 	ExitValidationFailed = 4 // --validate: capture does not work
 )
 
-// CaptureFlag describes one capture option: istio-iptables' short flag, our
-// long name and env-var form.
-type CaptureFlag struct {
-	Short, Long, Env, Usage string
-	field                   func(*capture.Options) *string
-}
-
-// CaptureFlags lists the capture options in istio-iptables order.
-var CaptureFlags = []CaptureFlag{
-	{"p", "proxy-port", "MESHLET_PROXY_PORT", "port the proxy captures outbound traffic on", func(o *capture.Options) *string { return &o.ProxyPort }},
-	{"z", "inbound-capture-port", "MESHLET_INBOUND_CAPTURE_PORT", "port the proxy captures inbound traffic on", func(o *capture.Options) *string { return &o.InboundCapturePort }},
-	{"u", "proxy-uid", "MESHLET_PROXY_UID", "UID(s) of the proxy, never captured (comma list)", func(o *capture.Options) *string { return &o.ProxyUID }},
-	{"g", "proxy-gid", "MESHLET_PROXY_GID", "GID(s) of the proxy, never captured (comma list)", func(o *capture.Options) *string { return &o.ProxyGID }},
-	{"m", "interception-mode", "MESHLET_INTERCEPTION_MODE", "inbound interception mode: REDIRECT (TPROXY is not yet supported)", func(o *capture.Options) *string { return &o.InterceptionMode }},
-	{"b", "inbound-ports", "MESHLET_INBOUND_PORTS", `inbound ports to capture: "*" all, "" none, or a comma list`, func(o *capture.Options) *string { return &o.InboundPorts }},
-	{"d", "inbound-ports-exclude", "MESHLET_INBOUND_PORTS_EXCLUDE", "inbound ports not captured with -b \"*\" (15008 always added)", func(o *capture.Options) *string { return &o.InboundPortsExclude }},
-	{"i", "outbound-ip-ranges", "MESHLET_OUTBOUND_IP_RANGES", `outbound IP ranges to capture: "*" all, "" none, or a CIDR list`, func(o *capture.Options) *string { return &o.OutboundIPRanges }},
-	{"x", "outbound-ip-ranges-exclude", "MESHLET_OUTBOUND_IP_RANGES_EXCLUDE", "outbound IP ranges never captured (CIDR list)", func(o *capture.Options) *string { return &o.OutboundIPRangesExclude }},
-	{"q", "outbound-ports", "MESHLET_OUTBOUND_PORTS", "outbound ports captured whatever the destination (comma list)", func(o *capture.Options) *string { return &o.OutboundPorts }},
-	{"o", "outbound-ports-exclude", "MESHLET_OUTBOUND_PORTS_EXCLUDE", "outbound ports never captured (comma list)", func(o *capture.Options) *string { return &o.OutboundPortsExclude }},
-	{"c", "exclude-interfaces", "MESHLET_EXCLUDE_INTERFACES", "interfaces whose traffic is never captured (comma list)", func(o *capture.Options) *string { return &o.ExcludeInterfaces }},
-	{"", "ipv6", "MESHLET_IPV6", "IPv6 rules: auto (when the pod has a global IPv6 address), on, off", func(o *capture.Options) *string { return &o.IPv6 }},
-}
-
-// AddCaptureFlags registers the capture flags on fs, bound to o (whose
-// current values are the defaults).
+// AddCaptureFlags registers a flag for every option of capture.OptionSet on
+// fs, bound to o (whose current values are the defaults).
 func AddCaptureFlags(fs *pflag.FlagSet, o *capture.Options) {
-	for _, f := range CaptureFlags {
-		p := f.field(o)
-		fs.StringVarP(p, f.Long, f.Short, *p, f.Usage+" (env "+f.Env+")")
+	for _, opt := range capture.OptionSet {
+		p := opt.Ptr(o)
+		fs.StringVarP(p, opt.Long, opt.Short, *p, opt.Usage+" (env "+opt.Env+")")
 	}
 }
 
 // ApplyEnv sets every capture option whose flag was not given from its
 // environment variable, when that is set (set to "" counts: it means none).
 func ApplyEnv(fs *pflag.FlagSet, o *capture.Options, lookup func(string) (string, bool)) {
-	for _, f := range CaptureFlags {
-		if fs.Changed(f.Long) {
+	for _, opt := range capture.OptionSet {
+		if fs.Changed(opt.Long) {
 			continue
 		}
-		if v, ok := lookup(f.Env); ok {
-			*f.field(o) = v
+		if v, ok := lookup(opt.Env); ok {
+			*opt.Ptr(o) = v
 		}
 	}
 }
@@ -143,6 +119,9 @@ func run(cmd *cobra.Command, streams cli.Streams, fp *flagpole) error {
 	}
 	if len(errs) > 0 {
 		return &cli.ExitError{Code: ExitInvalidOptions, Err: errors.Join(errs...)}
+	}
+	for _, w := range cfg.Warnings {
+		log.Warn("capture option adjusted", "option", w.Name, "value", w.Value, "effect", w.Problem)
 	}
 	switch {
 	case fp.dryRun:

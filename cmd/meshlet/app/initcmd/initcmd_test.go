@@ -100,7 +100,7 @@ func TestInvalidOptionsExit2(t *testing.T) {
 		want []string
 	}{
 		{[]string{"-m", "TPROXY"}, []string{"--interception-mode (-m)", "not yet supported"}},
-		{[]string{"-p", "x", "-i", "300.0.0.0/8", "-b", "80,15008"}, []string{"(-p)", "(-i)", "(-b)"}},
+		{[]string{"-p", "x", "-i", "300.0.0.0/8", "-b", "80,http", "-c", "lo"}, []string{"(-p)", "(-i)", "(-b)", "(-c)"}},
 		{[]string{"--iptables-backend", "iptables"}, []string{"--iptables-backend"}},
 		{[]string{"--dry-run", "--cleanup"}, []string{"exclude each other"}},
 	} {
