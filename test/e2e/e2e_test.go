@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -464,59 +465,148 @@ func scrape(ctx context.Context, pod *corev1.Pod, metric string, want ...string)
 	return sum, string(body), nil
 }
 
-// assertTrafficThroughSidecars checks that the client's calls succeed and
-// that the client's proxy counted outbound and the server's proxy inbound
-// connections, growing while the client runs.
+// trafficSnapshot is what the demo client and both sidecars had counted at
+// one moment: the client's calls (from its log: one line per attempt) and the
+// sidecars' connection and error counters.
+type trafficSnapshot struct {
+	calls, failures int     // client: attempts made, attempts that failed
+	out, in         float64 // meshlet_proxy_connections_total: client outbound, server inbound
+	outErr, inErr   float64 // meshlet_proxy_errors_total of the client's and the server's sidecar
+}
+
+// clientLine is one line of the demo client: "ok 200 attempt=N server=…" or
+// "error attempt=N …".
+var clientLine = regexp.MustCompile(`^(ok 200|error) attempt=(\d+)\b`)
+
+// countClientCalls counts the attempts and failures in the client's whole
+// log, checking that every attempt is there once, in order (a restarted
+// client would start again at 1).
+func countClientCalls(log string) (calls, failures int, err error) {
+	for _, l := range strings.Split(strings.TrimSpace(log), "\n") {
+		if l == "" {
+			continue
+		}
+		m := clientLine.FindStringSubmatch(l)
+		if m == nil {
+			return 0, 0, fmt.Errorf("unexpected client line %q", l)
+		}
+		n, _ := strconv.Atoi(m[2])
+		if n != calls+1 {
+			return 0, 0, fmt.Errorf("client line %q follows attempt %d (client restarted?)", l, calls)
+		}
+		calls = n
+		if m[1] == "error" {
+			failures++
+		}
+	}
+	return calls, failures, nil
+}
+
+// takeTrafficSnapshot reads both sidecars' counters, the client's log, and
+// the counters again; it fails when the counters moved meanwhile (a call was
+// made while reading), so the log and the counters describe the same calls.
+func takeTrafficSnapshot(ctx context.Context, ns string, client, server *corev1.Pod) (trafficSnapshot, error) {
+	counters := func() (s trafficSnapshot, err error) {
+		var body string
+		if s.out, body, err = scrape(ctx, client, "meshlet_proxy_connections_total", `direction="outbound"`); err != nil {
+			return s, fmt.Errorf("client sidecar: %w", err)
+		}
+		if s.outErr, _, err = scrape(ctx, client, "meshlet_proxy_errors_total"); err != nil {
+			return s, fmt.Errorf("client sidecar: %w", err)
+		}
+		if !strings.Contains(body, "meshlet_proxy_errors_total") || !strings.Contains(body, "meshlet_proxy_connections_total") {
+			return s, fmt.Errorf("client sidecar exports no connection or error counters:\n%.2000s", body)
+		}
+		if s.in, body, err = scrape(ctx, server, "meshlet_proxy_connections_total", `direction="inbound"`); err != nil {
+			return s, fmt.Errorf("server sidecar: %w", err)
+		}
+		if s.inErr, _, err = scrape(ctx, server, "meshlet_proxy_errors_total"); err != nil {
+			return s, fmt.Errorf("server sidecar: %w", err)
+		}
+		if !strings.Contains(body, "meshlet_proxy_errors_total") || !strings.Contains(body, "meshlet_proxy_connections_total") {
+			return s, fmt.Errorf("server sidecar exports no connection or error counters:\n%.2000s", body)
+		}
+		return s, nil
+	}
+	before, err := counters()
+	if err != nil {
+		return before, err
+	}
+	out, err := kc.Kubectl(ctx, nil, "logs", "-n", ns, client.Name, "-c", "client")
+	if err != nil {
+		return before, err
+	}
+	after, err := counters()
+	if err != nil {
+		return before, err
+	}
+	if before != after {
+		return before, fmt.Errorf("counters moved while reading (%+v → %+v)", before, after)
+	}
+	after.calls, after.failures, err = countClientCalls(string(out))
+	return after, err
+}
+
+// assertTrafficThroughSidecars checks that the demo client's calls succeed
+// and are all counted by both sidecars: over a window of at least ten calls,
+// every call made is exactly one outbound connection of the client's sidecar
+// and one inbound connection of the server's (the client opens a new
+// connection per call and is the only caller), no call fails, and neither
+// sidecar counts an error.
 func assertTrafficThroughSidecars(t *testing.T, ctx context.Context, ns string) {
 	t.Helper()
 	client := runningPod(t, ctx, ns, "app=client")
 	server := runningPod(t, ctx, ns, "app=echo")
+	// The window starts once the client has succeeded: before the echo
+	// server is up, its first calls may fail (that is not the mesh's doing).
+	var s1 trafficSnapshot
 	if err := cluster.WaitFor(ctx, 60*time.Second, "successful client calls", func(ctx context.Context) error {
-		out, err := kc.Kubectl(ctx, nil, "logs", "-n", ns, client.Name, "-c", "client", "--tail=5")
+		out, err := kc.Kubectl(ctx, nil, "logs", "-n", ns, client.Name, "-c", "client", "--tail=1")
 		if err != nil {
 			return err
 		}
-		lines := strings.Split(strings.TrimSpace(string(out)), "\n")
-		if last := lines[len(lines)-1]; !strings.HasPrefix(last, "ok 200") {
+		if last := strings.TrimSpace(string(out)); !strings.HasPrefix(last, "ok 200") {
 			return fmt.Errorf("last client line: %q", last)
 		}
-		return nil
+		s1, err = takeTrafficSnapshot(ctx, ns, client, server)
+		return err
 	}); err != nil {
 		t.Fatal(err)
 	}
-	const metric = "meshlet_proxy_connections_total"
-	var out1, in1 float64
-	if err := cluster.WaitFor(ctx, 30*time.Second, "proxy metrics", func(ctx context.Context) error {
-		var body string
+	const window = 10
+	var s2 trafficSnapshot
+	if err := cluster.WaitFor(ctx, 90*time.Second, "client calls counted by both sidecars", func(ctx context.Context) error {
 		var err error
-		if out1, body, err = scrape(ctx, client, metric, `direction="outbound"`); err != nil || out1 == 0 {
-			return fmt.Errorf("client outbound connections %v (%v):\n%.2000s", out1, err, body)
-		}
-		if in1, body, err = scrape(ctx, server, metric, `direction="inbound"`); err != nil || in1 == 0 {
-			return fmt.Errorf("server inbound connections %v (%v):\n%.2000s", in1, err, body)
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
-	// The counters keep growing with the client's calls (one per second).
-	if err := cluster.WaitFor(ctx, 30*time.Second, "growing proxy metrics", func(ctx context.Context) error {
-		out2, _, err := scrape(ctx, client, metric, `direction="outbound"`)
-		if err != nil {
+		if s2, err = takeTrafficSnapshot(ctx, ns, client, server); err != nil {
 			return err
 		}
-		in2, _, err := scrape(ctx, server, metric, `direction="inbound"`)
-		if err != nil {
-			return err
+		calls := s2.calls - s1.calls
+		if calls < window {
+			return fmt.Errorf("%d calls since the window started, want %d", calls, window)
 		}
-		if out2 <= out1 || in2 <= in1 {
-			return fmt.Errorf("outbound %v→%v inbound %v→%v", out1, out2, in1, in2)
+		var errs []error
+		if f := s2.failures - s1.failures; f != 0 {
+			errs = append(errs, fmt.Errorf("%d of %d client calls failed", f, calls))
 		}
-		return nil
+		if d := s2.out - s1.out; d != float64(calls) {
+			errs = append(errs, fmt.Errorf("client sidecar counted %v outbound connections for %d calls", d, calls))
+		}
+		if d := s2.in - s1.in; d != float64(calls) {
+			errs = append(errs, fmt.Errorf("server sidecar counted %v inbound connections for %d calls", d, calls))
+		}
+		if d := s2.outErr - s1.outErr; d != 0 {
+			errs = append(errs, fmt.Errorf("client sidecar counted %v errors during %d calls", d, calls))
+		}
+		if d := s2.inErr - s1.inErr; d != 0 {
+			errs = append(errs, fmt.Errorf("server sidecar counted %v errors during %d calls", d, calls))
+		}
+		return errors.Join(errs...)
 	}); err != nil {
-		t.Error(err)
+		t.Errorf("%v (window %+v → %+v)", err, s1, s2)
+		return
 	}
-	t.Logf("client proxy outbound connections ≥ %v, server proxy inbound connections ≥ %v", out1, in1)
+	t.Logf("%d client calls, all ok, each one outbound connection of the client sidecar and one inbound connection of the server sidecar, no sidecar errors (window %+v → %+v)",
+		s2.calls-s1.calls, s1, s2)
 }
 
 // assertInjectMatchesWebhook creates the same pod twice: through the webhook
