@@ -4,14 +4,18 @@
 # running as UID 1337, measured in the same run against direct (no proxy),
 # haproxy (1 thread) and nginx (1 worker, upstream keep-alive).
 #   1. L4: default config (pure passthrough) vs haproxy L4 and nginx L7.
-#   2. Hot restart: RESTARTS reloads under load, failed requests counted.
+#   2. Hot restart: RESTARTS reloads under load; any failed request or failed
+#      reload fails the run (exit 1, after the report is written).
 #   3. L7: the agents reload with an `l7:` config (ports declared http/grpc,
 #      a service routing the server's address to a cluster) and HTTP/1.1 and
 #      gRPC (fortio grpc ping) are measured vs direct, nginx and haproxy.
 # Writes a markdown report (default docs/benchmarks.md). Needs root, jq,
 # haproxy, nginx-light (installed with apt-get when missing); fortio is
 # installed into a cache dir on first use.
-# Cleans up its network namespaces and processes on any exit.
+# Cleans up its network namespaces and processes on any exit. Exits non-zero
+# when anything measured failed (a fortio run that failed or saw errors, a
+# failed reload or request in the hot-restart soak), so `make bench` never
+# reports success over errors; the report says what failed.
 #
 #   sudo flock /tmp/meshlet-bench.lock test/bench/fortio.sh       # full run (~7 min)
 #   QPS=1000 CONNS=16 DUR=10s RESTARTS=100 OUT=/tmp/b.md test/bench/fortio.sh
@@ -31,9 +35,14 @@ FORTIO_VERSION=v1.63.0
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/meshlet/fortio
 
 if [ "$(id -u)" != 0 ]; then
-  echo "fortio bench: skipped: needs root (network namespaces, iptables)" >&2
-  exit 0
+  echo "fortio bench: needs root (network namespaces, iptables): run it as root (sudo make bench)" >&2
+  exit 1
 fi
+
+# FAILURES collects what went wrong; the run goes on (the report is still
+# written, saying so) and exits 1 at the end.
+FAILURES=()
+fail() { FAILURES+=("$*"); echo "fortio bench: FAIL: $*" >&2; }
 
 # One measurement at a time on the shared cores: take /tmp/meshlet-bench.lock
 # unless an ancestor (e.g. `flock /tmp/meshlet-bench.lock make bench`) holds it.
@@ -276,7 +285,7 @@ measure() { # NAME
   load "$name" 3000 2s || true # warm-up
   pids=$(proxy_pids "$name")
   t0=$(cpu_ticks $pids); h0=$(host_busy); s0=$(date +%s.%N)
-  load "$name" "$QPS" "$DUR" || echo "fortio failed for $name (see $WORK/$name-$QPS.log)" >&2
+  load "$name" "$QPS" "$DUR" || fail "fortio exited with $? for $name at $QPS qps (see $WORK/$name-$QPS.log)"
   t1=$(cpu_ticks $pids); h1=$(host_busy); s1=$(date +%s.%N)
   # Busy CPUs of the whole machine during the run: fortio + proxies, and
   # whatever else runs (other users' builds); a high value flags a noisy row.
@@ -286,6 +295,7 @@ measure() { # NAME
   n=$(jq '.DurationHistogram.Count' "$f")
   ok=200; [ "${KIND[$name]}" = grpc ] && ok=SERVING
   ERR[$name]=$(jq --arg ok "$ok" '[.RetCodes | to_entries[] | select(.key != $ok) | .value] | add // 0' "$f")
+  [ "${ERR[$name]}" = 0 ] || fail "$name: ${ERR[$name]} of $n requests at $QPS qps failed"
   CPU[$name]=$(awk -v d=$((t1 - t0)) -v hz="$HZ" -v n="$n" 'BEGIN { printf "%.3f", (d / hz) / (n / 1000) }')
   # Proxy memory: meshlet proxy generations (not agents); haproxy/nginx all processes.
   mem=$(for p in $pids; do case $name in *meshlet*) if is_generation "$p"; then echo "$p"; fi ;; *) echo "$p" ;; esac; done)
@@ -293,7 +303,7 @@ measure() { # NAME
   PSS[$name]=$(smaps_kb Pss $mem)
   ANON[$name]=$(smaps_kb Anonymous $mem)
   echo "run $name max qps" >&2
-  load "$name" 0 "$MAXDUR" || echo "fortio failed for $name max qps (see $WORK/$name-0.log)" >&2
+  load "$name" 0 "$MAXDUR" || fail "fortio exited with $? for $name at max qps (see $WORK/$name-0.log)"
   MAXQ[$name]=$(jq '.ActualQPS | floor' "$WORK/$name-0.json")
 }
 
@@ -308,16 +318,28 @@ ip netns exec "$C" "$FORTIO" load -qps "$QPS" -c "$CONNS" -t "${hr_secs}s" -payl
 fpid=$!
 sleep 1
 : >"$WORK/reload-times"
+HR_RELOAD_FAIL=0
 for i in $(seq "$RESTARTS"); do
   ns=$S; [ $((i % 2)) = 0 ] && ns=$C
-  ip netns exec "$ns" curl -s -o /dev/null -w '%{time_total}\n' -X POST http://127.0.0.1:15020/reload >>"$WORK/reload-times" || true
+  # POST /reload answers once the new generation serves, 500 with the reason
+  # when it does not.
+  if t=$(ip netns exec "$ns" curl -sS --fail-with-body -o "$WORK/reload.out" -w '%{time_total}' \
+    -X POST http://127.0.0.1:15020/reload 2>"$WORK/reload.err"); then
+    echo "$t" >>"$WORK/reload-times"
+  else
+    HR_RELOAD_FAIL=$((HR_RELOAD_FAIL + 1))
+    echo "reload $i of the $ns sidecar failed: $(cat "$WORK/reload.err" "$WORK/reload.out" 2>/dev/null)" >&2
+  fi
   sleep 0.3
 done
-wait $fpid || echo "fortio exited with $? (see $WORK/hotrestart.log)" >&2
+wait $fpid || fail "fortio exited with $? during the hot-restart soak (see $WORK/hotrestart.log)"
 HR_TOTAL=$(jq '.DurationHistogram.Count' "$WORK/hotrestart.json")
 HR_OK=$(jq '.RetCodes["200"] // 0' "$WORK/hotrestart.json")
 HR_FAIL=$((HR_TOTAL - HR_OK))
-read -r HR_MED HR_P90 HR_MAX < <(sort -n "$WORK/reload-times" | awk '{a[NR]=$1} END {printf "%.1f %.1f %.1f\n", a[int((NR+1)/2)]*1000, a[int(NR*0.9)]*1000, a[NR]*1000}')
+[ "$HR_FAIL" = 0 ] || fail "hot-restart soak: $HR_FAIL of $HR_TOTAL requests failed"
+[ "$HR_RELOAD_FAIL" = 0 ] || fail "hot-restart soak: $HR_RELOAD_FAIL of $RESTARTS reloads failed"
+[ "$HR_TOTAL" -gt 0 ] || fail "hot-restart soak: no request completed"
+read -r HR_MED HR_P90 HR_MAX < <(sort -n "$WORK/reload-times" | awk '{a[NR]=$1} END {if (NR == 0) {print "- - -"; exit} printf "%.1f %.1f %.1f\n", a[int((NR+1)/2)]*1000, a[int(NR*0.9)]*1000, a[NR]*1000}')
 GENS=$(ip netns exec "$S" curl -s http://127.0.0.1:15020/server_info | jq .activeGeneration)
 GENC=$(ip netns exec "$C" curl -s http://127.0.0.1:15020/server_info | jq .activeGeneration)
 
@@ -470,8 +492,20 @@ table() { # BASELINE PATHS...
   echo "$RESTARTS reloads (POST /reload, alternating server and client sidecar, 0.3 s apart) during"
   echo "${hr_secs} s of $QPS qps through both sidecars (L4 config, before the L7 section):"
   echo
-  echo "| requests | failed (non-200 or socket error) | reload → new generation serving: median / p90 / max ms | final generations (server, client) |"
-  echo "|---|---|---|---|"
-  echo "| $HR_TOTAL | $HR_FAIL | $HR_MED / $HR_P90 / $HR_MAX | $GENS, $GENC |"
+  echo "| requests | failed (non-200 or socket error) | failed reloads | reload → new generation serving: median / p90 / max ms | final generations (server, client) |"
+  echo "|---|---|---|---|---|"
+  echo "| $HR_TOTAL | $HR_FAIL | $HR_RELOAD_FAIL | $HR_MED / $HR_P90 / $HR_MAX | $GENS, $GENC |"
+  if [ ${#FAILURES[@]} -gt 0 ]; then
+    echo
+    echo "## FAILED"
+    echo
+    echo "This run saw errors; its numbers are not a valid measurement:"
+    echo
+    for f in "${FAILURES[@]}"; do echo "- $f"; done
+  fi
 } >"$OUT.tmp" && mv "$OUT.tmp" "$OUT"
 cat "$OUT"
+if [ ${#FAILURES[@]} -gt 0 ]; then
+  echo "fortio bench: FAILED (${#FAILURES[@]} problems, listed above and in $OUT)" >&2
+  exit 1
+fi
