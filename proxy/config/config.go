@@ -24,8 +24,6 @@ import (
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
-
-	"github.com/meshlet/meshlet/proxy/l7"
 )
 
 // APIVersion and Kind identify the document.
@@ -52,7 +50,7 @@ type Config struct {
 	// L7 turns on HTTP/gRPC traffic management (package l7): when present,
 	// ports not declared tcp are served (or first detected) as HTTP. Absent:
 	// pure L4 passthrough.
-	L7 *l7.Config `json:"l7,omitempty"`
+	L7 *L7 `json:"l7,omitempty"`
 }
 
 // Direction holds the L4 settings of one traffic direction.
@@ -84,7 +82,7 @@ type Loaded struct {
 	// Raw is the document as given.
 	Raw []byte
 	// Files are the absolute paths of every file the configuration reads
-	// (the l7 clusters' TLS certificates and keys; see l7.Config.Files),
+	// (the l7 clusters' TLS certificates and keys; see L7.Files),
 	// sorted, each once. The agent watches them.
 	Files []string
 	// Hash identifies the configuration in effect, shown in /server_info:

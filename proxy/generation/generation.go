@@ -142,7 +142,7 @@ func Run(ctx context.Context, o Options) error {
 	if so.Stats == nil {
 		so.Stats = stats.NewPrivate()
 	}
-	var engine *l7.Proxy
+	var engine *l7.Engine
 	var choose l4.Chooser
 	if cfg.L7 != nil {
 		engine, err = l7.New(*cfg.L7, l7.Options{Logger: log})

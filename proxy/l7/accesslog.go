@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"sync"
 	"time"
+
+	"github.com/meshlet/meshlet/proxy/config"
 )
 
 // accessLogger writes one JSON object per request (sampled), in the spirit
@@ -19,7 +21,7 @@ type accessLogger struct {
 	w       io.Writer
 }
 
-func newAccessLogger(cfg AccessLog, w io.Writer) *accessLogger {
+func newAccessLogger(cfg config.AccessLog, w io.Writer) *accessLogger {
 	rate := 1.0
 	if cfg.SampleRate != nil {
 		rate = *cfg.SampleRate

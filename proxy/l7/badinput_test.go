@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
+
+	"github.com/meshlet/meshlet/proxy/config"
 )
 
 func rawExchange(t *testing.T, addr, req string) (*http.Response, error) {
@@ -122,7 +124,7 @@ func TestHTTP2RapidReset(t *testing.T) {
 		case <-r.Context().Done():
 		}
 	})
-	tp := startProxy(t, Config{}, be.addr, Outbound)
+	tp := startProxy(t, config.L7{}, be.addr, Outbound)
 	var ms runtime.MemStats
 	runtime.GC()
 	runtime.ReadMemStats(&ms)
@@ -175,7 +177,7 @@ func TestHTTP2RapidReset(t *testing.T) {
 func TestWebSocketUpgradePassthrough(t *testing.T) {
 	t.Parallel()
 	be := startBackend(t, "ws", wsEcho)
-	tp := startProxy(t, Config{}, be.addr, Outbound)
+	tp := startProxy(t, config.L7{}, be.addr, Outbound)
 	checkWebSocketEcho(t, tp.addr, "ws")
 }
 

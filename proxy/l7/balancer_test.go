@@ -7,6 +7,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/meshlet/meshlet/proxy/config"
 )
 
 // TestBalancersUnderSkew: one endpoint is fast, one is 40ms slow. Round
@@ -21,7 +23,7 @@ func TestBalancersUnderSkew(t *testing.T) {
 		io.WriteString(w, "slow")
 	})
 	share := map[string]float64{}
-	for _, lb := range []string{LBRoundRobin, LBLeastRequest, LBPeakEWMA} {
+	for _, lb := range []string{config.LBRoundRobin, config.LBLeastRequest, config.LBPeakEWMA} {
 		cfg := mustLoad(t, fmt.Sprintf(`
 services: [{name: s, hosts: [s], routes: [{name: r, destinations: [{cluster: c}]}]}]
 clusters:
@@ -49,15 +51,15 @@ clusters:
 		share[lb] = float64(counts["fast"]) / float64(workers*per)
 	}
 	t.Logf("fast endpoint share: %v", share)
-	if s := share[LBRoundRobin]; s < 0.4 || s > 0.6 {
+	if s := share[config.LBRoundRobin]; s < 0.4 || s > 0.6 {
 		t.Errorf("round robin fast share %.2f; want ≈0.5", s)
 	}
-	if share[LBLeastRequest] < 0.6 {
-		t.Errorf("least request fast share %.2f; want > 0.6", share[LBLeastRequest])
+	if share[config.LBLeastRequest] < 0.6 {
+		t.Errorf("least request fast share %.2f; want > 0.6", share[config.LBLeastRequest])
 	}
 	// Quiet machine: ≈0.97. On a loaded one the fast endpoint is slowed
 	// too and the share drops (0.80 seen); it stays far above RR's 0.5.
-	if share[LBPeakEWMA] < 0.75 || share[LBPeakEWMA] < share[LBRoundRobin] {
-		t.Errorf("peak EWMA fast share %.2f; want > 0.75", share[LBPeakEWMA])
+	if share[config.LBPeakEWMA] < 0.75 || share[config.LBPeakEWMA] < share[config.LBRoundRobin] {
+		t.Errorf("peak EWMA fast share %.2f; want > 0.75", share[config.LBPeakEWMA])
 	}
 }

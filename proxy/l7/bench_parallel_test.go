@@ -14,6 +14,8 @@ import (
 	"time"
 
 	testpb "google.golang.org/grpc/interop/grpc_testing"
+
+	"github.com/meshlet/meshlet/proxy/config"
 )
 
 // BenchmarkHTTP1Parallel measures throughput with 16 concurrent keep-alive
@@ -48,7 +50,7 @@ func BenchmarkHTTP1Parallel(b *testing.B) {
 		run(b, tp.addr)
 	})
 	b.Run("l7-2hops", func(b *testing.B) {
-		server := startProxy(b, Config{}, be.addr, Inbound)
+		server := startProxy(b, config.L7{}, be.addr, Inbound)
 		// The client sidecar's cluster endpoint is the server sidecar.
 		client := startProxy(b, benchRoutedConfig(b, server.addr), "127.0.0.1:80", Outbound)
 		run(b, client.addr)
@@ -136,7 +138,7 @@ func BenchmarkGRPCParallel(b *testing.B) {
 	}
 	b.Run("direct", func(b *testing.B) { run(b, addr) })
 	b.Run("l7-2hops", func(b *testing.B) {
-		server := startProxy(b, Config{}, addr, Inbound)
+		server := startProxy(b, config.L7{}, addr, Inbound)
 		client := startProxy(b, benchRoutedConfig(b, server.addr), "127.0.0.1:80", Outbound)
 		run(b, client.addr)
 	})

@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	testpb "google.golang.org/grpc/interop/grpc_testing"
+
+	"github.com/meshlet/meshlet/proxy/config"
 )
 
 // The benchmarks measure one request at a time over a keep-alive connection
@@ -25,7 +27,7 @@ func benchBackend(b *testing.B) *backend {
 	})
 }
 
-func benchRoutedConfig(b *testing.B, addr string) Config {
+func benchRoutedConfig(b *testing.B, addr string) config.L7 {
 	return mustLoad(b, fmt.Sprintf(`
 services:
 - name: s
@@ -69,7 +71,7 @@ func BenchmarkHTTP1(b *testing.B) {
 	be := benchBackend(b)
 	b.Run("direct", func(b *testing.B) { runHTTP(b, h1Client(), "http://"+be.addr+"/", "s") })
 	b.Run("passthrough", func(b *testing.B) {
-		tp := startProxy(b, Config{}, be.addr, Outbound)
+		tp := startProxy(b, config.L7{}, be.addr, Outbound)
 		runHTTP(b, h1Client(), "http://"+tp.addr+"/", "s")
 	})
 	b.Run("routed", func(b *testing.B) {

@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/meshlet/meshlet/proxy/config"
 )
 
 // BenchmarkUpstreamTLS: one proxy hop to an HTTP/1.1 upstream, plain text
@@ -24,7 +26,7 @@ func BenchmarkUpstreamTLS(b *testing.B) {
 	}
 	plain := startBackend(b, "bench", h)
 	secure := startTLSBackend(b, "bench", ca.issue(b, "server", false, "127.0.0.1"), nil, h)
-	config := func(addr, tlsYAML string) Config {
+	config := func(addr, tlsYAML string) config.L7 {
 		return mustLoad(b, fmt.Sprintf(`
 services:
 - name: s
@@ -75,7 +77,7 @@ func BenchmarkUpstreamTLSHandshake(b *testing.B) {
 	cert := ca.issue(b, "server", false, "127.0.0.1")
 	full := startTLSBackend(b, "full", cert, func(c *tls.Config) { c.SessionTicketsDisabled = true })
 	resumed := startTLSBackend(b, "resumed", cert, nil)
-	cl := Cluster{Name: "c", Endpoints: []Endpoint{{Address: "127.0.0.1:1"}}, TLS: &UpstreamTLS{Mode: TLSSimple, CACertificates: ca.pem}}
+	cl := config.Cluster{Name: "c", Endpoints: []config.Endpoint{{Address: "127.0.0.1:1"}}, TLS: &config.UpstreamTLS{Mode: config.TLSSimple, CACertificates: ca.pem}}
 	ut, errs := buildUpstreamTLS(&cl, "tls")
 	if len(errs) > 0 {
 		b.Fatal(errs)

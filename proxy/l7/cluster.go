@@ -12,6 +12,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/meshlet/meshlet/proxy/config"
 )
 
 // endpoint is one upstream address and its load/health state, shared by all
@@ -131,7 +133,7 @@ func (p *pool) pick(lb string, skip *endpoint) *endpoint {
 		return cand[0]
 	}
 	switch lb {
-	case LBLeastRequest, LBPeakEWMA:
+	case config.LBLeastRequest, config.LBPeakEWMA:
 		// Power of two choices.
 		i := rand.IntN(len(cand))
 		j := rand.IntN(len(cand) - 1)
@@ -139,7 +141,7 @@ func (p *pool) pick(lb string, skip *endpoint) *endpoint {
 			j++
 		}
 		a, b := cand[i], cand[j]
-		if lb == LBLeastRequest {
+		if lb == config.LBLeastRequest {
 			if b.inflight.Load() < a.inflight.Load() {
 				return b
 			}
@@ -158,11 +160,11 @@ func (p *pool) pick(lb string, skip *endpoint) *endpoint {
 // original-destination passthrough).
 type cluster struct {
 	name     string
-	cfg      Cluster
+	cfg      config.Cluster
 	lb       string
 	all      pool
 	subsets  map[string]*pool
-	outlier  *OutlierDetection
+	outlier  *config.OutlierDetection
 	h1, h2   *http.Transport
 	direct   *h1Transport // HTTP/1.1 fast path (small bodies, no upgrade)
 	tls      *upstreamTLS // nil: plain text
@@ -197,7 +199,7 @@ func (e *connectError) Unwrap() error { return e.err }
 // sidecar dials from 127.0.0.6) from outbound.
 type DialFunc func(ctx context.Context, dir Direction, network, addr string) (net.Conn, error)
 
-func newCluster(cfg Cluster, dir Direction, dial DialFunc, m *clusterMetrics, ut *upstreamTLS) *cluster {
+func newCluster(cfg config.Cluster, dir Direction, dial DialFunc, m *clusterMetrics, ut *upstreamTLS) *cluster {
 	c := &cluster{
 		name:    cfg.Name,
 		cfg:     cfg,
@@ -211,7 +213,7 @@ func newCluster(cfg Cluster, dir Direction, dial DialFunc, m *clusterMetrics, ut
 		byKey:   map[string]*endpoint{},
 	}
 	if c.lb == "" {
-		c.lb = LBRoundRobin
+		c.lb = config.LBRoundRobin
 	}
 	if c.proto == "" {
 		c.proto = "auto"
@@ -229,7 +231,7 @@ func newCluster(cfg Cluster, dir Direction, dial DialFunc, m *clusterMetrics, ut
 	return c
 }
 
-func newTransports(pc ConnectionPool, dir Direction, dial DialFunc, m *clusterMetrics, eps []Endpoint, ut *upstreamTLS) (h1, h2 *http.Transport, direct *h1Transport) {
+func newTransports(pc config.ConnectionPool, dir Direction, dial DialFunc, m *clusterMetrics, eps []config.Endpoint, ut *upstreamTLS) (h1, h2 *http.Transport, direct *h1Transport) {
 	idle := pc.MaxIdlePerEndpoint
 	if idle == 0 {
 		idle = 64

@@ -16,6 +16,8 @@ import (
 	"google.golang.org/grpc/codes"
 	testpb "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/status"
+
+	"github.com/meshlet/meshlet/proxy/config"
 )
 
 // TestDrainHTTP1: the in-flight request finishes with Connection: close and
@@ -28,7 +30,7 @@ func TestDrainHTTP1(t *testing.T) {
 		time.Sleep(300 * time.Millisecond)
 		io.WriteString(w, "slow done")
 	})
-	tp := startProxy(t, Config{}, be.addr, Outbound)
+	tp := startProxy(t, config.L7{}, be.addr, Outbound)
 	c, err := net.Dial("tcp", tp.addr)
 	if err != nil {
 		t.Fatal(err)
@@ -70,7 +72,7 @@ func TestDrainHTTP2GoAwayKeepsStream(t *testing.T) {
 		time.Sleep(300 * time.Millisecond)
 		io.WriteString(w, "h2 done")
 	})
-	tp := startProxy(t, Config{}, be.addr, Outbound)
+	tp := startProxy(t, config.L7{}, be.addr, Outbound)
 	c, err := net.Dial("tcp", tp.addr)
 	if err != nil {
 		t.Fatal(err)
@@ -126,7 +128,7 @@ func TestDrainHTTP2GoAwayKeepsStream(t *testing.T) {
 func TestDrainGRPCStreamMidFlight(t *testing.T) {
 	t.Parallel()
 	_, addr, _ := startGRPC(t, "echo")
-	tp := startProxy(t, Config{}, addr, Outbound)
+	tp := startProxy(t, config.L7{}, addr, Outbound)
 	cc := grpcConn(t, tp.addr, "echo")
 	bs, err := testpb.NewTestServiceClient(cc).FullDuplexCall(t.Context())
 	if err != nil {

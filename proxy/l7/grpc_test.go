@@ -18,6 +18,8 @@ import (
 	testpb "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+
+	"github.com/meshlet/meshlet/proxy/config"
 )
 
 // echoServer is grpc-go's interop TestService, answering from the request.
@@ -129,7 +131,7 @@ clusters:
   endpoints: [{address: %q}]
 `, addr))
 	for _, tc := range []struct{ engine, port string }{ // declared grpc, and detected; both HTTP/2 engines
-		{H2Frames, "7070"}, {H2Frames, "7071"}, {H2NetHTTP, "7070"}, {H2NetHTTP, "7071"},
+		{config.H2Frames, "7070"}, {config.H2Frames, "7071"}, {config.H2NetHTTP, "7070"}, {config.H2NetHTTP, "7071"},
 	} {
 		port := tc.port
 		t.Run(tc.engine+"/port"+port, func(t *testing.T) {

@@ -67,7 +67,7 @@ const (
 
 // h1ServerConn is one downstream connection served by the codec.
 type h1ServerConn struct {
-	p   *Proxy
+	p   *Engine
 	d   *dirServer
 	tc  *trackedConn
 	br  *bufio.Reader
@@ -99,7 +99,7 @@ type h1ServerConn struct {
 
 // serveH1 serves c with the codec until it closes, or returns the
 // connection net/http must go on serving (its unread bytes replayed).
-func (p *Proxy) serveH1(ctx context.Context, tc *trackedConn, d *dirServer) net.Conn {
+func (p *Engine) serveH1(ctx context.Context, tc *trackedConn, d *dirServer) net.Conn {
 	ctx, cancel := context.WithCancel(context.WithValue(ctx, connKey{}, tc))
 	c := &h1ServerConn{p: p, d: d, tc: tc, ctx: ctx, cancel: cancel, hdr: make(http.Header, 16)}
 	c.tmpl = (&http.Request{}).WithContext(ctx)

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/meshlet/meshlet/proxy/config"
 )
 
 // codecBackend answers by path: /echo echoes method, path, query, Host and
@@ -209,7 +211,7 @@ func TestH1CodecClientGoneCancelsUpstream(t *testing.T) {
 			io.WriteString(w, "slow")
 		}
 	})
-	tp := startProxy(t, Config{}, be.addr, Outbound)
+	tp := startProxy(t, config.L7{}, be.addr, Outbound)
 
 	c, err := net.Dial("tcp", tp.addr)
 	if err != nil {
@@ -259,7 +261,7 @@ func TestH1CodecClientGoneCancelsUpstream(t *testing.T) {
 func TestH1CodecDrainClosesIdle(t *testing.T) {
 	t.Parallel()
 	be := codecBackend(t)
-	tp := startProxy(t, Config{}, be.addr, Inbound)
+	tp := startProxy(t, config.L7{}, be.addr, Inbound)
 	idle, err := net.Dial("tcp", tp.addr)
 	if err != nil {
 		t.Fatal(err)

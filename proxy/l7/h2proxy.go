@@ -17,6 +17,7 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 
+	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/sniff"
 )
 
@@ -33,13 +34,7 @@ import (
 // needs nothing it lacks (see h2Supported); other connections stay on the
 // net/http path.
 
-// Values of Config.HTTP2Forwarder.
-const (
-	H2Frames  = "frames"
-	H2NetHTTP = "nethttp"
-)
-
-// h2state is the Proxy's frame-forwarder state.
+// h2state is the Engine's frame-forwarder state.
 type h2state struct {
 	on      bool
 	inOK    bool            // inbound connections qualify
@@ -58,9 +53,9 @@ type h2state struct {
 // initH2 decides, per port, whether the frame forwarder may serve it: every
 // route of every service on the port (and the passthrough) must be
 // supported by it.
-func (p *Proxy) initH2() {
+func (p *Engine) initH2() {
 	h := &p.h2
-	h.on = p.cfg.HTTP2Forwarder != H2NetHTTP
+	h.on = p.cfg.HTTP2Forwarder != config.H2NetHTTP
 	h.outMax.Store(h2OutMax)
 	h.maxHdr = uint32(orInt(p.cfg.Limits.MaxHeaderBytes, 64<<10))
 	h.maxStr = orU32(p.cfg.Limits.MaxConcurrentStreams, 250)
@@ -113,7 +108,7 @@ func h2ClusterOK(c *cluster) bool {
 
 // h2Serves reports whether an HTTP/2 connection to port (in dir) is served
 // by the frame forwarder.
-func (p *Proxy) h2Serves(port uint16, dir Direction) bool {
+func (p *Engine) h2Serves(port uint16, dir Direction) bool {
 	h := &p.h2
 	if !h.on {
 		return false
@@ -131,7 +126,7 @@ func (p *Proxy) h2Serves(port uint16, dir Direction) bool {
 // connection the forwarder may take (res is the detection result, or nil
 // on a declared port, where the preface is peeked here). It returns the
 // connection to use otherwise (peeked bytes are replayed).
-func (p *Proxy) serveMaybeH2(ctx context.Context, c net.Conn, res *sniff.Result, dst netip.AddrPort, dir Direction) (net.Conn, bool) {
+func (p *Engine) serveMaybeH2(ctx context.Context, c net.Conn, res *sniff.Result, dst netip.AddrPort, dir Direction) (net.Conn, bool) {
 	if !p.h2Serves(dst.Port(), dir) {
 		return c, false
 	}
@@ -177,7 +172,7 @@ func peekPreface(c net.Conn, wait time.Duration) (net.Conn, bool) {
 // h2pool.mu → h2up.mu.
 type h2down struct {
 	h2conn
-	p       *Proxy
+	p       *Engine
 	dst     netip.AddrPort
 	dir     Direction
 	remote  string
@@ -192,7 +187,7 @@ type h2down struct {
 }
 
 // serveH2 serves one HTTP/2 connection until it ends.
-func (p *Proxy) serveH2(ctx context.Context, nc net.Conn, dst netip.AddrPort, dir Direction) {
+func (p *Engine) serveH2(ctx context.Context, nc net.Conn, dst netip.AddrPort, dir Direction) {
 	p.h2.served.Add(1)
 	d := &h2down{p: p, dst: dst, dir: dir, streams: map[uint32]*h2stream{}, lastUse: time.Now()}
 	d.init(nc, p.h2.maxHdr)
@@ -1066,7 +1061,7 @@ func (s *h2stream) responseFields(in []hpack.HeaderField) []hpack.HeaderField {
 }
 
 // h2HeaderOps applies header operations to a field list.
-func h2HeaderOps(in []hpack.HeaderField, ops *HeaderOps) []hpack.HeaderField {
+func h2HeaderOps(in []hpack.HeaderField, ops *config.HeaderOps) []hpack.HeaderField {
 	drop := func(name string) bool {
 		for _, k := range ops.Remove {
 			if strings.EqualFold(k, name) {

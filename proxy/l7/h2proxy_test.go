@@ -21,30 +21,32 @@ import (
 	testpb "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+
+	"github.com/meshlet/meshlet/proxy/config"
 )
 
 // requireEngine checks which HTTP/2 engine served the proxy's connections.
 func requireEngine(t testing.TB, tp *testProxy, engine string) {
 	t.Helper()
 	n := tp.h2.served.Load()
-	if engine == H2Frames && n == 0 {
+	if engine == config.H2Frames && n == 0 {
 		t.Errorf("no connection went through the frame forwarder")
 	}
-	if engine == H2NetHTTP && n != 0 {
+	if engine == config.H2NetHTTP && n != 0 {
 		t.Errorf("%d connections went through the frame forwarder; want net/http", n)
 	}
 }
 
 // framesProxy starts a proxy with the frame forwarder on.
-func framesProxy(t testing.TB, cfg Config, dst string, dir Direction) *testProxy {
+func framesProxy(t testing.TB, cfg config.L7, dst string, dir Direction) *testProxy {
 	t.Helper()
-	cfg.HTTP2Forwarder = H2Frames
+	cfg.HTTP2Forwarder = config.H2Frames
 	tp := startProxy(t, cfg, dst, dir)
-	t.Cleanup(func() { requireEngine(t, tp, H2Frames) })
+	t.Cleanup(func() { requireEngine(t, tp, config.H2Frames) })
 	return tp
 }
 
-func routedTo(t testing.TB, addr, extra string) Config {
+func routedTo(t testing.TB, addr, extra string) config.L7 {
 	return mustLoad(t, fmt.Sprintf(`
 services:
 - name: echo
@@ -102,7 +104,7 @@ clusters:
 	if !p.h2Serves(82, Inbound) {
 		t.Error("inbound is always served by the frame forwarder")
 	}
-	cfg.HTTP2Forwarder = H2NetHTTP
+	cfg.HTTP2Forwarder = config.H2NetHTTP
 	p2, err := New(cfg, Options{AccessLog: io.Discard})
 	if err != nil {
 		t.Fatal(err)
@@ -111,7 +113,7 @@ clusters:
 	if p2.h2Serves(81, Outbound) || p2.h2Serves(81, Inbound) {
 		t.Error("http2Forwarder: nethttp still uses the frame forwarder")
 	}
-	if _, err := Load([]byte("http2Forwarder: fast\n")); err == nil || !strings.Contains(err.Error(), `http2Forwarder: "fast"`) {
+	if _, err := config.ParseL7([]byte("http2Forwarder: fast\n")); err == nil || !strings.Contains(err.Error(), `http2Forwarder: "fast"`) {
 		t.Errorf("bad http2Forwarder: %v", err)
 	}
 }
@@ -121,7 +123,7 @@ clusters:
 func TestH2FramesLargeMessagesTwoHops(t *testing.T) {
 	t.Parallel()
 	_, addr, _ := startGRPC(t, "echo")
-	server := framesProxy(t, Config{}, addr, Inbound)
+	server := framesProxy(t, config.L7{}, addr, Inbound)
 	client := framesProxy(t, routedTo(t, server.addr, ""), "127.0.0.1:80", Outbound)
 	tc := testpb.NewTestServiceClient(grpcConn(t, client.addr, "echo"))
 	big := bytes.Repeat([]byte("0123456789abcdef"), 3<<20/16)
@@ -158,7 +160,7 @@ func TestH2FramesH2CBodies(t *testing.T) {
 		io.Copy(w, r.Body)
 		w.Header().Set("X-Got-Trailer", r.Trailer.Get("X-Req-Trailer")) // request trailers arrive after the body
 	})
-	tp := framesProxy(t, Config{}, be.addr, Outbound)
+	tp := framesProxy(t, config.L7{}, be.addr, Outbound)
 	c := h2cClient()
 	body := bytes.Repeat([]byte("b"), 1500<<10)
 	req, _ := http.NewRequest(http.MethodPut, "http://"+tp.addr+"/up", bytes.NewReader(body))
@@ -213,7 +215,7 @@ func TestH2FramesClientCancelReachesUpstream(t *testing.T) {
 	testpb.RegisterTestServiceServer(gs, srv)
 	go gs.Serve(ln)
 	t.Cleanup(gs.Stop)
-	tp := framesProxy(t, Config{}, ln.Addr().String(), Outbound)
+	tp := framesProxy(t, config.L7{}, ln.Addr().String(), Outbound)
 	tc := testpb.NewTestServiceClient(grpcConn(t, tp.addr, "echo"))
 	ctx, cancel := context.WithCancel(t.Context())
 	errc := make(chan error, 1)
@@ -246,7 +248,7 @@ func TestH2FramesUpstreamReset(t *testing.T) {
 		}
 		panic(http.ErrAbortHandler) // net/http resets the stream
 	})
-	tp := framesProxy(t, Config{}, be.addr, Outbound)
+	tp := framesProxy(t, config.L7{}, be.addr, Outbound)
 	c := h2cClient()
 	if code, _, _ := get(t, c, tp.addr, "app", "/early"); code != http.StatusBadGateway {
 		t.Fatalf("reset before headers: %d, want 502", code)
@@ -271,7 +273,7 @@ func TestH2FramesUpstreamReset(t *testing.T) {
 func TestH2FramesDrainNoLoss(t *testing.T) {
 	t.Parallel()
 	es, addr, _ := startGRPC(t, "echo")
-	tp := framesProxy(t, Config{}, addr, Outbound)
+	tp := framesProxy(t, config.L7{}, addr, Outbound)
 	cc := grpcConn(t, tp.addr, "echo")
 	tc := testpb.NewTestServiceClient(cc)
 	const n = 16
@@ -473,7 +475,7 @@ func TestH2FramesRapidResetGoAway(t *testing.T) {
 		case <-r.Context().Done():
 		}
 	})
-	tp := framesProxy(t, Config{}, be.addr, Outbound)
+	tp := framesProxy(t, config.L7{}, be.addr, Outbound)
 	r := dialRawH2(t, tp.addr)
 	for i := 0; i < 1000; i++ {
 		id := uint32(2*i + 1)
@@ -498,7 +500,7 @@ func TestH2FramesRapidResetGoAway(t *testing.T) {
 func TestH2FramesMalformed(t *testing.T) {
 	t.Parallel()
 	be := startBackend(t, "app", nil)
-	tp := framesProxy(t, Config{}, be.addr, Outbound)
+	tp := framesProxy(t, config.L7{}, be.addr, Outbound)
 	cases := []struct {
 		name string
 		send func(r *rawH2)
@@ -568,7 +570,7 @@ func TestH2FramesMalformed(t *testing.T) {
 		// The upstream does not read: its window fills, then ours (the
 		// client ignores our window).
 		slow := startBackend(t, "slow", func(w http.ResponseWriter, r *http.Request) { time.Sleep(3 * time.Second) })
-		tp := framesProxy(t, Config{}, slow.addr, Outbound)
+		tp := framesProxy(t, config.L7{}, slow.addr, Outbound)
 		r := dialRawH2(t, tp.addr)
 		r.headers(t, 1, false)
 		chunk := make([]byte, 16384)
@@ -628,7 +630,7 @@ func FuzzH2Frames(f *testing.F) {
 	be := startBackend(f, "app", nil)
 	// Not framesProxy: with -fuzz the inputs run in worker processes, so
 	// this process's proxy may serve nothing.
-	tp := startProxy(f, Config{HTTP2Forwarder: H2Frames}, be.addr, Outbound)
+	tp := startProxy(f, config.L7{HTTP2Forwarder: config.H2Frames}, be.addr, Outbound)
 	f.Fuzz(func(t *testing.T, data []byte) {
 		c, err := net.Dial("tcp", tp.addr)
 		if err != nil {
@@ -647,7 +649,7 @@ func FuzzH2Frames(f *testing.F) {
 func TestH2FramesPoolsDropped(t *testing.T) {
 	t.Parallel()
 	be := startBackend(t, "a", nil)
-	tp := framesProxy(t, Config{}, be.addr, Outbound)
+	tp := framesProxy(t, config.L7{}, be.addr, Outbound)
 	c := h2cClient()
 	if code, _, _ := get(t, c, tp.addr, "a", "/"); code != 200 {
 		t.Fatalf("first backend: %d", code)
@@ -675,7 +677,7 @@ func TestH2FramesPoolsDropped(t *testing.T) {
 func TestH2FramesPingFloodNotReading(t *testing.T) {
 	t.Parallel()
 	be := startBackend(t, "app", nil)
-	tp := framesProxy(t, Config{}, be.addr, Outbound)
+	tp := framesProxy(t, config.L7{}, be.addr, Outbound)
 	tp.h2.outMax.Store(64 << 10)
 	c, err := net.Dial("tcp", tp.addr)
 	if err != nil {

@@ -24,7 +24,7 @@ type h2poolKey struct {
 // first connection with room under the server's MAX_CONCURRENT_STREAMS; when
 // none has room one more is dialed (one dial at a time; streams wait for it).
 type h2pool struct {
-	p       *Proxy
+	p       *Engine
 	key     h2poolKey
 	dir     Direction
 	mu      sync.Mutex
@@ -39,7 +39,7 @@ type h2waiter struct {
 	attempt int
 }
 
-func (p *Proxy) h2pool(cl *cluster, addr string, dir Direction) *h2pool {
+func (p *Engine) h2pool(cl *cluster, addr string, dir Direction) *h2pool {
 	key := h2poolKey{cl, addr}
 	if v, ok := p.h2.pools.Load(key); ok {
 		return v.(*h2pool)
@@ -548,7 +548,7 @@ func (u *h2up) teardown(err error) {
 }
 
 // drainH2 sends GOAWAY on the direction's frame-forwarded connections.
-func (p *Proxy) drainH2(dir Direction) {
+func (p *Engine) drainH2(dir Direction) {
 	p.h2.conns.Range(func(k, _ any) bool {
 		if d := k.(*h2down); d.dir == dir {
 			d.goAway(http2.ErrCodeNo)
@@ -558,7 +558,7 @@ func (p *Proxy) drainH2(dir Direction) {
 }
 
 // closeH2 closes every frame-forwarded connection at once.
-func (p *Proxy) closeH2() {
+func (p *Engine) closeH2() {
 	p.h2.conns.Range(func(k, _ any) bool { k.(*h2down).nc.Close(); return true })
 	p.h2.pools.Range(func(_, v any) bool {
 		pl := v.(*h2pool)

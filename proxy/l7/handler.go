@@ -13,6 +13,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/meshlet/meshlet/proxy/config"
 )
 
 // reqState travels with a request through ReverseProxy to the router.
@@ -52,7 +54,7 @@ func (b *downstreamBody) Read(p []byte) (int, error) {
 type stateKey struct{}
 
 // ServeHTTP routes one downstream request.
-func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+func (p *Engine) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	tc, _ := r.Context().Value(connKey{}).(*trackedConn)
 	var dst netip.AddrPort
@@ -271,7 +273,7 @@ func formatGRPCTimeout(d time.Duration) string {
 
 var retryCache sync.Map // *Route → *retryPolicy
 
-func compileRetryCached(r *Route) *retryPolicy {
+func compileRetryCached(r *config.Route) *retryPolicy {
 	if v, ok := retryCache.Load(r); ok {
 		return v.(*retryPolicy)
 	}
@@ -280,7 +282,7 @@ func compileRetryCached(r *Route) *retryPolicy {
 	return rp
 }
 
-func applyRewrite(r *http.Request, rt *route, rw *Rewrite, host string) {
+func applyRewrite(r *http.Request, rt *route, rw *config.Rewrite, host string) {
 	if rw.URI != "" {
 		path := r.URL.Path
 		replaced := false
@@ -302,7 +304,7 @@ func applyRewrite(r *http.Request, rt *route, rw *Rewrite, host string) {
 	}
 }
 
-func applyHeaderOps(h http.Header, ops *HeaderOps) {
+func applyHeaderOps(h http.Header, ops *config.HeaderOps) {
 	for _, k := range ops.Remove {
 		h.Del(k)
 	}
@@ -316,7 +318,7 @@ func applyHeaderOps(h http.Header, ops *HeaderOps) {
 
 // mirror sends a copy of r to the route's mirror cluster, fire and forget.
 // Bodies are mirrored only when small enough to buffer.
-func (p *Proxy) mirror(r *http.Request, rt *route) *http.Request {
+func (p *Engine) mirror(r *http.Request, rt *route) *http.Request {
 	var body []byte
 	if r.Body != nil && r.Body != http.NoBody {
 		if r.ContentLength < 0 || r.ContentLength > defaultMaxReplayBody {
@@ -367,7 +369,7 @@ func removeHopHeaders(h http.Header) {
 
 // localReply answers without an upstream: HTTP status for HTTP, a
 // trailers-only gRPC status for gRPC (HTTP 200, like Envoy).
-func (p *Proxy) localReply(w *responseWriter, r *http.Request, status, grpcCode int, msg string) {
+func (p *Engine) localReply(w *responseWriter, r *http.Request, status, grpcCode int, msg string) {
 	if isGRPC(r) {
 		h := w.Header()
 		h.Set("Content-Type", "application/grpc")
@@ -385,7 +387,7 @@ func (p *Proxy) localReply(w *responseWriter, r *http.Request, status, grpcCode 
 
 // errorHandler maps a failed forward to a local reply (before any response
 // byte was sent) and a response flag.
-func (p *Proxy) errorHandler(w http.ResponseWriter, r *http.Request, err error) {
+func (p *Engine) errorHandler(w http.ResponseWriter, r *http.Request, err error) {
 	st, _ := r.Context().Value(stateKey{}).(*reqState)
 	rw, _ := w.(*responseWriter)
 	status, code, flag, msg := http.StatusBadGateway, 14, "UC", "upstream connection reset"
@@ -477,7 +479,7 @@ func grpcStatus(h http.Header) string {
 	return ""
 }
 
-func (p *Proxy) finish(w *responseWriter, r *http.Request, st *reqState, dir Direction, start time.Time) {
+func (p *Engine) finish(w *responseWriter, r *http.Request, st *reqState, dir Direction, start time.Time) {
 	d := time.Since(start)
 	status := w.status
 	if status == 0 {

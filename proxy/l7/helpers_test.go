@@ -15,13 +15,14 @@ import (
 	"time"
 
 	"github.com/meshlet/meshlet/internal/proctest"
+	"github.com/meshlet/meshlet/proxy/config"
 )
 
-// testProxy runs a Proxy behind a real loopback listener. Every accepted
+// testProxy runs a Engine behind a real loopback listener. Every accepted
 // connection is handed to ServeConn with a fixed original destination, the
 // way the proxy's capture listener would after SO_ORIGINAL_DST.
 type testProxy struct {
-	*Proxy
+	*Engine
 	addr string
 	log  *proctest.SyncBuf
 	dst  atomic.Pointer[netip.AddrPort]
@@ -29,7 +30,7 @@ type testProxy struct {
 	ln   net.Listener
 }
 
-func startProxy(t testing.TB, cfg Config, dst string, dir Direction, opts ...func(*Options)) *testProxy {
+func startProxy(t testing.TB, cfg config.L7, dst string, dir Direction, opts ...func(*Options)) *testProxy {
 	t.Helper()
 	tp := &testProxy{log: &proctest.SyncBuf{}, dir: dir}
 	o := Options{AccessLog: tp.log, Dial: loopbackOnly(t)}
@@ -40,7 +41,7 @@ func startProxy(t testing.TB, cfg Config, dst string, dir Direction, opts ...fun
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}
-	tp.Proxy = p
+	tp.Engine = p
 	tp.setDst(dst)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -151,9 +152,9 @@ func get(t testing.TB, c *http.Client, proxyAddr, host, path string, hdr ...stri
 	return resp.StatusCode, resp.Header, strings.TrimSpace(string(b))
 }
 
-func mustLoad(t testing.TB, y string) Config {
+func mustLoad(t testing.TB, y string) config.L7 {
 	t.Helper()
-	c, err := Load([]byte(y))
+	c, err := config.ParseL7([]byte(y))
 	if err != nil {
 		t.Fatalf("Load: %v\n%s", err, y)
 	}

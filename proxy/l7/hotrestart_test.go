@@ -103,7 +103,7 @@ clusters:
 		if err != nil {
 			t.Fatal(err)
 		}
-		cfg, err := l7.Load([]byte(yaml))
+		cfg, err := config.ParseL7([]byte(yaml))
 		if err != nil {
 			t.Fatal(err)
 		}

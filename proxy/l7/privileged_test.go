@@ -107,7 +107,7 @@ func TestPrivilegedL7ThroughCapture(t *testing.T) {
 	serveNamed(t, client, "10.213.1.1:9001", "v2")
 	serveNamed(t, pod, ":8080", "app")
 
-	cfg, err := l7.Load([]byte(`
+	cfg, err := config.ParseL7([]byte(`
 ports: [{port: 9000, name: http-reviews}, {port: 8080, name: http-app}]
 accessLog: {enabled: true}
 services:

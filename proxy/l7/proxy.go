@@ -27,6 +27,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/sniff"
 )
 
@@ -68,9 +69,9 @@ type Options struct {
 	netHTTPOnly bool
 }
 
-// Proxy is the L7 engine. It is safe for concurrent use.
-type Proxy struct {
-	cfg      Config
+// Engine is the L7 engine. It is safe for concurrent use.
+type Engine struct {
+	cfg      config.L7
 	opts     Options
 	log      *slog.Logger
 	dirs     [2]*dirServer // indexed by Direction
@@ -115,7 +116,7 @@ var _ http.RoundTripper = (*router)(nil)
 
 // New validates cfg and builds the engine. Background work (DNS refresh,
 // health checks) starts here and stops in Close / at the end of Drain.
-func New(cfg Config, opts Options) (*Proxy, error) {
+func New(cfg config.L7, opts Options) (*Engine, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -135,14 +136,14 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	p := &Proxy{cfg: cfg, opts: opts, log: opts.Logger, m: newMetrics(), clusters: map[string]*cluster{}, portProto: map[uint16]string{}}
+	p := &Engine{cfg: cfg, opts: opts, log: opts.Logger, m: newMetrics(), clusters: map[string]*cluster{}, portProto: map[uint16]string{}}
 	p.dialFromOpt = dialFromOpt
 	p.dial.Store(&opts.Dial)
 	p.detector = sniff.NewDetector(sniff.Options{Timeout: cfg.Detection.Timeout.D})
 	p.alog = newAccessLogger(cfg.AccessLog, opts.AccessLog)
 
 	for _, pc := range cfg.Ports {
-		proto, _ := PortProtocol(pc)
+		proto, _ := config.PortProtocol(pc)
 		p.portProto[pc.Port] = proto
 	}
 	for i := range cfg.Clusters {
@@ -161,12 +162,12 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 		}
 		p.clusters[c.Name] = newCluster(c, Outbound, p.dialUpstream, p.m.cluster(c.Name), ut)
 	}
-	p.inbound = newCluster(Cluster{Name: "inbound", Pool: cfg.Inbound.Pool}, Inbound, p.dialUpstream, p.m.cluster("inbound"), nil)
-	p.passthrough = newCluster(Cluster{Name: "passthrough", Pool: cfg.Passthrough.Pool}, Outbound, p.dialUpstream, p.m.cluster("passthrough"), nil)
-	p.inboundRoute = &route{cfg: &Route{Name: "inbound", Timeout: cfg.Inbound.Timeout}, key: "inbound",
+	p.inbound = newCluster(config.Cluster{Name: "inbound", Pool: cfg.Inbound.Pool}, Inbound, p.dialUpstream, p.m.cluster("inbound"), nil)
+	p.passthrough = newCluster(config.Cluster{Name: "passthrough", Pool: cfg.Passthrough.Pool}, Outbound, p.dialUpstream, p.m.cluster("passthrough"), nil)
+	p.inboundRoute = &route{cfg: &config.Route{Name: "inbound", Timeout: cfg.Inbound.Timeout}, key: "inbound",
 		dests: []destination{{cluster: p.inbound}}, metrics: map[*cluster]*routeMetrics{}}
 	p.inboundRoute.metrics[p.inbound] = p.m.route("inbound", "inbound", "inbound")
-	p.passRoute = &route{cfg: &Route{Name: "passthrough", Timeout: cfg.Passthrough.Timeout}, key: "passthrough",
+	p.passRoute = &route{cfg: &config.Route{Name: "passthrough", Timeout: cfg.Passthrough.Timeout}, key: "passthrough",
 		dests: []destination{{cluster: p.passthrough}}, metrics: map[*cluster]*routeMetrics{}}
 	p.passRoute.metrics[p.passthrough] = p.m.route("outbound", "passthrough", "passthrough")
 
@@ -194,8 +195,8 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 		for _, pc := range s.Ports {
 			cs.ports[pc.Port] = true
 			if _, declared := p.portProto[pc.Port]; !declared {
-				proto, _ := PortProtocol(pc)
-				if proto != ProtoAuto {
+				proto, _ := config.PortProtocol(pc)
+				if proto != config.ProtoAuto {
 					p.portProto[pc.Port] = proto
 				}
 			}
@@ -341,7 +342,7 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 
 // Close stops background work and closes every connection at once. Use
 // Drain for a graceful stop.
-func (p *Proxy) Close() error {
+func (p *Engine) Close() error {
 	p.bgCancel()
 	var err error
 	for _, d := range p.dirs {
@@ -362,7 +363,7 @@ func (p *Proxy) Close() error {
 	return err
 }
 
-func (p *Proxy) allClusters() []*cluster {
+func (p *Engine) allClusters() []*cluster {
 	out := []*cluster{p.inbound, p.passthrough}
 	for _, k := range sortedKeys(p.clusters) {
 		out = append(out, p.clusters[k])
@@ -375,7 +376,7 @@ func (p *Proxy) allClusters() []*cluster {
 // carries Connection: close, idle connections are closed), HTTP/2
 // connections get GOAWAY, upgraded connections run until they end. When ctx
 // ends first, the remaining connections are closed and ctx's error returned.
-func (p *Proxy) Drain(ctx context.Context) error {
+func (p *Engine) Drain(ctx context.Context) error {
 	p.StartDrain(Inbound)
 	p.StartDrain(Outbound)
 	var err error
@@ -392,7 +393,7 @@ func (p *Proxy) Drain(ctx context.Context) error {
 // new connections of that direction are refused, HTTP/1 connections close
 // at their next response boundary, HTTP/2 connections get GOAWAY. The
 // generation server's shutdown drain stops inbound first and outbound later.
-func (p *Proxy) StartDrain(dir Direction) {
+func (p *Engine) StartDrain(dir Direction) {
 	d := p.dirs[dir]
 	d.once.Do(func() {
 		d.draining.Store(true)
@@ -423,16 +424,16 @@ func (d *dirServer) wait(ctx context.Context) error {
 // Protocol returns the protocol configured for a destination port (http,
 // http2, grpc, tcp, or auto when it must be detected). The proxy uses it to
 // decide which ports go to ServeConn.
-func (p *Proxy) Protocol(port uint16) string {
+func (p *Engine) Protocol(port uint16) string {
 	if v, ok := p.portProto[port]; ok {
 		return v
 	}
-	return ProtoAuto
+	return config.ProtoAuto
 }
 
 // Collectors returns the engine's Prometheus collectors (requests, latency,
 // retries, breaker overflows, ejections, faults, protocol detection).
-func (p *Proxy) Collectors() []prometheus.Collector {
+func (p *Engine) Collectors() []prometheus.Collector {
 	return append(p.m.collectors(), p.detector.Collectors()...)
 }
 
@@ -440,14 +441,14 @@ func (p *Proxy) Collectors() []prometheus.Collector {
 // and returns when it is closed. Ports declared tcp go to Options.TCP; ports
 // declared HTTP are served as HTTP/1.1 or HTTP/2 (by preface); other ports
 // are detected from their first bytes.
-func (p *Proxy) ServeConn(ctx context.Context, c net.Conn, dst netip.AddrPort, dir Direction) {
+func (p *Engine) ServeConn(ctx context.Context, c net.Conn, dst netip.AddrPort, dir Direction) {
 	proto := p.Protocol(dst.Port())
-	if proto == ProtoTCP {
+	if proto == config.ProtoTCP {
 		p.serveTCP(ctx, c, dst, dir)
 		return
 	}
 	var det *sniff.Result
-	if proto == ProtoAuto {
+	if proto == config.ProtoAuto {
 		res, sc := p.detector.Detect(c)
 		if res.Protocol == sniff.TCP {
 			p.serveTCP(ctx, sc, dst, dir)
@@ -463,7 +464,7 @@ func (p *Proxy) ServeConn(ctx context.Context, c net.Conn, dst netip.AddrPort, d
 // serveHTTP serves an HTTP/1.1 or HTTP/2 (prior knowledge) connection until
 // it closes or ctx ends: with the HTTP/1.1 codec while its requests are in
 // the shape the codec takes, then (or at once, for HTTP/2) with net/http.
-func (p *Proxy) serveHTTP(ctx context.Context, c net.Conn, dst netip.AddrPort, dir Direction) {
+func (p *Engine) serveHTTP(ctx context.Context, c net.Conn, dst netip.AddrPort, dir Direction) {
 	d := p.dirs[dir]
 	if d.draining.Load() {
 		c.Close()
@@ -491,7 +492,7 @@ func (p *Proxy) serveHTTP(ctx context.Context, c net.Conn, dst netip.AddrPort, d
 	}
 }
 
-func (p *Proxy) serveTCP(ctx context.Context, c net.Conn, dst netip.AddrPort, dir Direction) {
+func (p *Engine) serveTCP(ctx context.Context, c net.Conn, dst netip.AddrPort, dir Direction) {
 	if p.opts.TCP != nil {
 		p.opts.TCP(ctx, c, dst, dir)
 		return
@@ -519,7 +520,7 @@ func (p *Proxy) serveTCP(ctx context.Context, c net.Conn, dst netip.AddrPort, di
 	<-errc
 }
 
-func (p *Proxy) dialUpstream(ctx context.Context, dir Direction, network, addr string) (net.Conn, error) {
+func (p *Engine) dialUpstream(ctx context.Context, dir Direction, network, addr string) (net.Conn, error) {
 	return (*p.dial.Load())(ctx, dir, network, addr)
 }
 

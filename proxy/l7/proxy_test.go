@@ -10,13 +10,15 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+
+	"github.com/meshlet/meshlet/proxy/config"
 )
 
 func TestPassthroughHTTP1AndH2C(t *testing.T) {
 	t.Parallel()
 	be := startBackend(t, "app", nil)
 	for _, dir := range []Direction{Outbound, Inbound} {
-		tp := startProxy(t, Config{AccessLog: AccessLog{Enabled: true}}, be.addr, dir)
+		tp := startProxy(t, config.L7{AccessLog: config.AccessLog{Enabled: true}}, be.addr, dir)
 		for name, c := range map[string]*http.Client{"h1": h1Client(), "h2c": h2cClient()} {
 			for i := 0; i < 3; i++ { // keep-alive / multiplexed reuse
 				code, h, body := get(t, c, tp.addr, "anything.example:80", "/p")
@@ -47,7 +49,7 @@ func TestChunkedAndKeepAliveRaw(t *testing.T) {
 		w.(http.Flusher).Flush()
 		w.Header().Set("X-Sum", fmt.Sprint(len(b)))
 	})
-	tp := startProxy(t, Config{}, be.addr, Outbound)
+	tp := startProxy(t, config.L7{}, be.addr, Outbound)
 	c, err := net.Dial("tcp", tp.addr)
 	if err != nil {
 		t.Fatal(err)
@@ -161,8 +163,8 @@ func TestForwardingHeadersPassThrough(t *testing.T) {
 	hdrs := []string{"X-Forwarded-For", "203.0.113.7, 10.0.0.1", "Forwarded", "for=203.0.113.7;proto=https",
 		"X-Forwarded-Proto", "https", "X-Forwarded-Host", "shop.example"}
 	routed := mustLoad(t, oneClusterConfig("    headers: {request: {set: {x-route: r}}}", "  protocol: auto", be.addr))
-	for _, engine := range []string{H2Frames, H2NetHTTP} {
-		for name, cfg := range map[string]Config{"inbound": {}, "routed": routed} {
+	for _, engine := range []string{config.H2Frames, config.H2NetHTTP} {
+		for name, cfg := range map[string]config.L7{"inbound": {}, "routed": routed} {
 			cfg.HTTP2Forwarder = engine
 			dir, host := Inbound, "app"
 			if name == "routed" {
@@ -187,8 +189,8 @@ func TestQueryPassesUnchanged(t *testing.T) {
 	t.Parallel()
 	be := startBackend(t, "app", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, r.URL.RawQuery) })
 	const q = "a=1;b=2&c=%3B&d"
-	for _, engine := range []string{H2Frames, H2NetHTTP} {
-		tp := startProxy(t, Config{HTTP2Forwarder: engine}, be.addr, Inbound)
+	for _, engine := range []string{config.H2Frames, config.H2NetHTTP} {
+		tp := startProxy(t, config.L7{HTTP2Forwarder: engine}, be.addr, Inbound)
 		for proto, c := range map[string]*http.Client{"h1": h1Client(), "h2c": h2cClient()} {
 			if code, _, body := get(t, c, tp.addr, "app", "/p?"+q); code != 200 || body != q {
 				t.Errorf("%s %s: %d %q; want %q", engine, proto, code, body, q)
@@ -204,8 +206,8 @@ func TestRequestID(t *testing.T) {
 	t.Parallel()
 	be := startBackend(t, "app", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, r.Header.Get("X-Request-Id")) })
 	uuid4 := regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$`)
-	for _, engine := range []string{H2Frames, H2NetHTTP} {
-		tp := startProxy(t, Config{HTTP2Forwarder: engine, AccessLog: AccessLog{Enabled: true}}, be.addr, Inbound)
+	for _, engine := range []string{config.H2Frames, config.H2NetHTTP} {
+		tp := startProxy(t, config.L7{HTTP2Forwarder: engine, AccessLog: config.AccessLog{Enabled: true}}, be.addr, Inbound)
 		for proto, c := range map[string]*http.Client{"h1": h1Client(), "h2c": h2cClient()} {
 			_, _, id1 := get(t, c, tp.addr, "app", "/")
 			_, _, id2 := get(t, c, tp.addr, "app", "/")

@@ -8,14 +8,9 @@ import (
 	"strconv"
 	"sync"
 	"time"
-)
 
-// Retry conditions (Envoy's x-envoy-retry-on / grpc-retry-on names).
-var retryConditions = map[string]struct{}{
-	"5xx": {}, "gateway-error": {}, "connect-failure": {}, "reset": {}, "refused-stream": {},
-	"retriable-status-codes": {}, "cancelled": {}, "deadline-exceeded": {}, "internal": {},
-	"resource-exhausted": {}, "unavailable": {},
-}
+	"github.com/meshlet/meshlet/proxy/config"
+)
 
 // retryPolicy is a compiled RetryPolicy.
 type retryPolicy struct {
@@ -33,7 +28,7 @@ type retryPolicy struct {
 
 const defaultMaxReplayBody = 64 << 10
 
-func compileRetry(rp *RetryPolicy) *retryPolicy {
+func compileRetry(rp *config.RetryPolicy) *retryPolicy {
 	// attempts 0 with a per-try timeout: no retry, but the one try is
 	// still bounded (as Envoy's per_try_timeout with num_retries 0).
 	if rp == nil || rp.Attempts == 0 && rp.PerTryTimeout.D == 0 {
@@ -136,7 +131,7 @@ type budgetBucket struct {
 	reqs, retries float64
 }
 
-func newRetryBudget(b *RetryBudget) *retryBudget {
+func newRetryBudget(b *config.RetryBudget) *retryBudget {
 	if b == nil {
 		return nil
 	}

@@ -7,6 +7,8 @@ import (
 	"net/netip"
 	"regexp"
 	"strings"
+
+	"github.com/meshlet/meshlet/proxy/config"
 )
 
 // strMatcher is a compiled StringMatch.
@@ -16,7 +18,7 @@ type strMatcher struct {
 	present       bool
 }
 
-func compileStr(m StringMatch) strMatcher {
+func compileStr(m config.StringMatch) strMatcher {
 	s := strMatcher{exact: m.Exact, prefix: m.Prefix, present: m.Present}
 	if m.Regex != "" {
 		s.re = regexp.MustCompile("^(?:" + m.Regex + ")$") // validated; full match like Envoy
@@ -82,7 +84,7 @@ type destination struct {
 
 // route is a compiled Route.
 type route struct {
-	cfg      *Route
+	cfg      *config.Route
 	key      string // service/route, the metric and log label
 	matchers []matcher
 	dests    []destination
@@ -121,7 +123,7 @@ func (r *route) pickDest() *destination {
 
 // service is a compiled Service.
 type service struct {
-	cfg      *Service
+	cfg      *config.Service
 	exact    map[string]bool
 	suffixes []string // from "*.example.com": ".example.com"
 	any      bool

@@ -14,7 +14,7 @@ import (
 // router is ReverseProxy's transport: it admits the request through the
 // cluster's circuit breaker, picks endpoints, retries, and feeds outlier
 // detection and the balancers.
-type router struct{ p *Proxy }
+type router struct{ p *Engine }
 
 func (rt *router) RoundTrip(req *http.Request) (*http.Response, error) {
 	st, _ := req.Context().Value(stateKey{}).(*reqState)

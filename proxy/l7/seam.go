@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/l4"
 	"github.com/meshlet/meshlet/proxy/sniff"
 )
@@ -17,14 +18,14 @@ import (
 //
 // Unless Options.Dial was given, upstream connections are then dialled like
 // fwd dials (ForwarderDial). Call Chooser before serving.
-func (p *Proxy) Chooser(fwd *l4.Forwarder) l4.Chooser {
+func (p *Engine) Chooser(fwd *l4.Forwarder) l4.Chooser {
 	if fwd != nil && !p.dialFromOpt {
 		d := ForwarderDial(fwd)
 		p.dial.Store(&d)
 	}
 	h := &seamHandler{p: p, fwd: fwd}
 	return func(c *l4.Conn) l4.Handler {
-		if p.Protocol(c.OrigDst.Port()) == ProtoTCP {
+		if p.Protocol(c.OrigDst.Port()) == config.ProtoTCP {
 			return nil
 		}
 		return h
@@ -57,7 +58,7 @@ func ForwarderDial(fwd *l4.Forwarder) DialFunc {
 }
 
 type seamHandler struct {
-	p   *Proxy
+	p   *Engine
 	fwd *l4.Forwarder
 }
 
@@ -89,7 +90,7 @@ func (h *seamHandler) ServeConn(ctx context.Context, c *l4.Conn) {
 	}()
 	var conn net.Conn = c.Client
 	var det *sniff.Result
-	if h.p.Protocol(c.OrigDst.Port()) == ProtoAuto {
+	if h.p.Protocol(c.OrigDst.Port()) == config.ProtoAuto {
 		res, sc := h.p.detector.Detect(c.Client)
 		if res.Protocol == sniff.TCP {
 			if h.fwd != nil {

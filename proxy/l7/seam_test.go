@@ -60,7 +60,7 @@ func TestThroughGenerationServer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := l7.Load([]byte("detection: {timeout: 200ms}"))
+	cfg, err := config.ParseL7([]byte("detection: {timeout: 200ms}"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -36,6 +36,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/meshlet/meshlet/internal/proctest"
+	"github.com/meshlet/meshlet/proxy/config"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
@@ -1004,7 +1005,7 @@ func TestTLSConfigErrors(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			_, err := Load([]byte(tc.yaml))
+			_, err := config.ParseL7([]byte(tc.yaml))
 			if err == nil {
 				t.Fatalf("accepted:\n%s", tc.yaml)
 			}
@@ -1016,13 +1017,13 @@ func TestTLSConfigErrors(t *testing.T) {
 		})
 	}
 	// The same checks run in New (a Config built in code, not loaded).
-	cfg := Config{Clusters: []Cluster{{Name: "a", Endpoints: []Endpoint{{Address: "127.0.0.1:443"}}, TLS: &UpstreamTLS{Mode: TLSSimple, CACertificates: missing}}}}
+	cfg := config.L7{Clusters: []config.Cluster{{Name: "a", Endpoints: []config.Endpoint{{Address: "127.0.0.1:443"}}, TLS: &config.UpstreamTLS{Mode: config.TLSSimple, CACertificates: missing}}}}
 	if _, err := New(cfg, Options{}); err == nil || !strings.Contains(err.Error(), "clusters[0].tls.caCertificates") {
 		t.Errorf("New with a missing CA file: %v", err)
 	}
 	good := mustLoad(t, cluster(fmt.Sprintf("{mode: MUTUAL, caCertificates: %q, clientCertificate: %q, privateKey: %q, sni: a.example, subjectAltNames: [spiffe://x/y], minProtocolVersion: TLSV1_3}",
 		ca.pem, client.certPath, client.keyPath)))
-	if tl := good.Clusters[0].TLS; tl == nil || tl.Mode != TLSMutual || tl.SubjectAltNames[0] != "spiffe://x/y" {
+	if tl := good.Clusters[0].TLS; tl == nil || tl.Mode != config.TLSMutual || tl.SubjectAltNames[0] != "spiffe://x/y" {
 		t.Errorf("parsed %+v", tl)
 	}
 }
@@ -1035,7 +1036,7 @@ func FuzzUpstreamTLSConfig(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, tlsYAML string) {
-		cfg, err := Load([]byte("clusters: [{name: a, endpoints: [{address: '127.0.0.1:443'}], tls: " + tlsYAML + "}]"))
+		cfg, err := config.ParseL7([]byte("clusters: [{name: a, endpoints: [{address: '127.0.0.1:443'}], tls: " + tlsYAML + "}]"))
 		if err != nil {
 			return
 		}

@@ -16,6 +16,8 @@ import (
 	"net"
 	"slices"
 	"time"
+
+	"github.com/meshlet/meshlet/internal/certpem"
 )
 
 // Keys of the certificate Secret. The layout is cert-manager's (ca.crt,
@@ -139,32 +141,10 @@ func encodeKey(key *ecdsa.PrivateKey) ([]byte, error) {
 	return pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: der}), nil
 }
 
-// ParseCertificates returns every CERTIFICATE block of a PEM bundle, in order.
-func ParseCertificates(bundle []byte) ([]*x509.Certificate, error) {
-	var out []*x509.Certificate
-	rest := bundle
-	for {
-		var block *pem.Block
-		block, rest = pem.Decode(rest)
-		if block == nil {
-			break
-		}
-		if block.Type != "CERTIFICATE" {
-			continue
-		}
-		c, err := x509.ParseCertificate(block.Bytes)
-		if err != nil {
-			return nil, fmt.Errorf("parsing certificate: %w", err)
-		}
-		out = append(out, c)
-	}
-	return out, nil
-}
-
 // parseAuthority reads the newest CA (the first certificate of bundle) and
 // its key, and checks that they belong together.
 func parseAuthority(bundle, keyPEM []byte) (*Authority, error) {
-	cas, err := ParseCertificates(bundle)
+	cas, err := certpem.ParseCertificates(bundle)
 	if err != nil {
 		return nil, err
 	}
@@ -198,14 +178,14 @@ func encodeBundle(certs []*x509.Certificate) []byte {
 // the CAs in caBundle at time now and is valid for dnsName. It is what the API
 // server checks when it calls the webhook, so readiness uses it.
 func Verify(certPEM, caBundle []byte, dnsName string, now time.Time) error {
-	leafs, err := ParseCertificates(certPEM)
+	leafs, err := certpem.ParseCertificates(certPEM)
 	if err != nil {
 		return err
 	}
 	if len(leafs) == 0 {
 		return errors.New("no serving certificate")
 	}
-	cas, err := ParseCertificates(caBundle)
+	cas, err := certpem.ParseCertificates(caBundle)
 	if err != nil {
 		return fmt.Errorf("caBundle: %w", err)
 	}

@@ -8,6 +8,8 @@ import (
 	"net"
 	"slices"
 	"time"
+
+	"github.com/meshlet/meshlet/internal/certpem"
 )
 
 // Policy says what the webhook's certificates must look like.
@@ -81,7 +83,7 @@ func Plan(data map[string][]byte, now time.Time, p Policy, published func(*x509.
 		return out, true, "created CA and serving certificate", nil
 	}
 
-	bundle, _ := ParseCertificates(data[KeyCABundle]) // parsed once already by parseAuthority
+	bundle, _ := certpem.ParseCertificates(data[KeyCABundle]) // parsed once already by parseAuthority
 	// Drop expired CAs (never the newest, checked above).
 	kept := slices.DeleteFunc(slices.Clone(bundle), func(c *x509.Certificate) bool { return !now.Before(c.NotAfter) })
 	var reasons []string
@@ -122,7 +124,7 @@ func servingNeedsIssue(crtPEM, keyPEM []byte, bundle []*x509.Certificate, ca *Au
 	if _, err := tls.X509KeyPair(crtPEM, keyPEM); err != nil {
 		return true, "missing or unreadable"
 	}
-	leafs, err := ParseCertificates(crtPEM)
+	leafs, err := certpem.ParseCertificates(crtPEM)
 	if err != nil || len(leafs) == 0 {
 		return true, "missing or unreadable"
 	}

@@ -5,6 +5,8 @@ import (
 	"crypto/x509"
 	"testing"
 	"time"
+
+	"github.com/meshlet/meshlet/internal/certpem"
 )
 
 var testPolicy = Policy{DNSNames: []string{"meshlet-webhook.meshlet-system.svc"}, CAValidity: 30 * time.Hour, CertValidity: 3 * time.Hour}
@@ -75,7 +77,7 @@ func TestPlanRotatesCAInTwoPhases(t *testing.T) {
 	if !changed {
 		t.Fatal("CA due: want a change")
 	}
-	bundle, _ := ParseCertificates(phase1[KeyCABundle])
+	bundle, _ := certpem.ParseCertificates(phase1[KeyCABundle])
 	if len(bundle) != 2 {
 		t.Fatalf("phase 1 bundle has %d CAs, want new+old (%s)", len(bundle), reason)
 	}
@@ -97,7 +99,7 @@ func TestPlanRotatesCAInTwoPhases(t *testing.T) {
 	}
 	// Once the old CA expires it leaves the bundle.
 	phase3, changed, _ := mustPlan(t, phase2, now.Add(31*time.Hour), always)
-	if b, _ := ParseCertificates(phase3[KeyCABundle]); !changed || len(b) != 1 {
+	if b, _ := certpem.ParseCertificates(phase3[KeyCABundle]); !changed || len(b) != 1 {
 		t.Fatalf("expired old CA: want it dropped, bundle has %d", len(b))
 	}
 }

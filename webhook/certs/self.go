@@ -48,6 +48,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/util/retry"
+
+	"github.com/meshlet/meshlet/internal/certpem"
 )
 
 // Source provides the webhook's serving certificate.
@@ -326,7 +328,7 @@ func (s *SelfIssued) publishedCheck(ctx context.Context) (func(*x509.Certificate
 			return nil, fmt.Errorf("reading mutatingwebhookconfiguration %s: %w", name, err)
 		}
 		for _, wh := range cfg.Webhooks {
-			cas, _ := ParseCertificates(wh.ClientConfig.CABundle)
+			cas, _ := certpem.ParseCertificates(wh.ClientConfig.CABundle)
 			bundles = append(bundles, cas)
 		}
 	}

@@ -1,4 +1,4 @@
-package l7
+package config
 
 import (
 	"bytes"
@@ -16,11 +16,11 @@ import (
 	"sigs.k8s.io/yaml"
 )
 
-// Config is the L7 part of the proxy configuration (YAML; unknown fields are
+// L7 is the L7 part of the proxy configuration (YAML; unknown fields are
 // errors). The proxy's config file embeds it under `l7:`. Its shape borrows
 // Istio's VirtualService (services, routes) and DestinationRule (clusters,
 // subsets, traffic policy) ideas in meshlet's own schema.
-type Config struct {
+type L7 struct {
 	// Ports declares the protocol of destination ports (Kubernetes
 	// appProtocol, Istio port-name prefixes, or an explicit protocol).
 	// Ports not declared here (or by a service) are detected from their first bytes.
@@ -339,18 +339,18 @@ func (d *Duration) UnmarshalJSON(b []byte) error {
 // MarshalJSON writes the duration string.
 func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(d.D.String()) }
 
-// Load parses YAML (or JSON) strictly — unknown fields and duplicate keys
+// ParseL7 parses YAML (or JSON) strictly — unknown fields and duplicate keys
 // are errors — and validates it.
-func Load(data []byte) (Config, error) {
-	var c Config
+func ParseL7(data []byte) (L7, error) {
+	var c L7
 	if len(bytes.TrimSpace(data)) == 0 {
 		return c, nil
 	}
 	if err := yaml.UnmarshalStrict(data, &c); err != nil {
-		return Config{}, fmt.Errorf("parsing l7 config: %w", err)
+		return L7{}, fmt.Errorf("parsing l7 config: %w", err)
 	}
 	if err := c.Validate(); err != nil {
-		return Config{}, err
+		return L7{}, err
 	}
 	return c, nil
 }
@@ -413,7 +413,7 @@ func PortProtocol(p PortConfig) (string, error) {
 // the TLS files (caCertificates, clientCertificate, privateKey) of every
 // cluster — sorted, each once. The agent watches them and folds their
 // contents into the config hash, so a rotated certificate is a hot restart.
-func (c *Config) Files() []string {
+func (c *L7) Files() []string {
 	var files []string
 	for _, cl := range c.Clusters {
 		if t := cl.TLS; t != nil {
@@ -430,7 +430,7 @@ func (c *Config) Files() []string {
 
 // Validate checks everything and returns all problems, each naming the field
 // and value.
-func (c *Config) Validate() error {
+func (c *L7) Validate() error {
 	var errs []error
 	bad := func(field string, format string, a ...any) {
 		errs = append(errs, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, a...)))
@@ -541,7 +541,7 @@ func (c *Config) Validate() error {
 			}
 		}
 		if cl.TLS != nil {
-			_, tlsErrs := buildUpstreamTLS(cl, f+".tls")
+			_, tlsErrs := cl.LoadTLS(f + ".tls")
 			errs = append(errs, tlsErrs...)
 		}
 		if h := cl.HealthCheck; h != nil {
@@ -807,6 +807,19 @@ func validToken(s string) bool {
 		}
 	}
 	return true
+}
+
+// Values of L7.HTTP2Forwarder.
+const (
+	H2Frames  = "frames"
+	H2NetHTTP = "nethttp"
+)
+
+// Retry conditions (Envoy's x-envoy-retry-on / grpc-retry-on names).
+var retryConditions = map[string]struct{}{
+	"5xx": {}, "gateway-error": {}, "connect-failure": {}, "reset": {}, "refused-stream": {},
+	"retriable-status-codes": {}, "cancelled": {}, "deadline-exceeded": {}, "internal": {},
+	"resource-exhausted": {}, "unavailable": {},
 }
 
 // Load balancer names.

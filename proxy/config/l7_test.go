@@ -1,11 +1,9 @@
-package l7
+package config
 
 import (
 	"slices"
 	"strings"
 	"testing"
-
-	"github.com/meshlet/meshlet/internal/proctest"
 )
 
 const validConfig = `
@@ -41,14 +39,14 @@ accessLog: {enabled: true, sampleRate: 0.5}
 
 func TestLoadValid(t *testing.T) {
 	t.Parallel()
-	c, err := Load([]byte(validConfig))
+	c, err := ParseL7([]byte(validConfig))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if c.Services[0].Routes[0].Timeout.D.String() != "2s" || c.Clusters[0].DNS.Refresh.D.String() != "10s" {
 		t.Fatalf("durations not parsed: %+v", c.Services[0].Routes[0].Timeout)
 	}
-	empty, err := Load(nil)
+	empty, err := ParseL7(nil)
 	if err != nil || len(empty.Services) != 0 {
 		t.Fatalf("empty config: %v", err)
 	}
@@ -106,7 +104,7 @@ func TestLoadErrorsNameFieldAndValue(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			_, err := Load([]byte(tt.yaml))
+			_, err := ParseL7([]byte(tt.yaml))
 			if err == nil {
 				t.Fatalf("no error for %q", tt.yaml)
 			}
@@ -145,44 +143,12 @@ func TestPortProtocol(t *testing.T) {
 	}
 }
 
-// FuzzLoad: arbitrary input never panics; whatever loads also validates and
-// builds an engine.
-func FuzzLoad(f *testing.F) {
-	f.Add([]byte(validConfig))
-	f.Add([]byte("services: [{name: s, hosts: ['*'], routes: [{name: r, destinations: [{cluster: a}]}]}]\nclusters: [{name: a, endpoints: [{address: '127.0.0.1:1'}]}]"))
-	f.Add([]byte("ports: [{port: 1, name: grpc-}]"))
-	f.Add([]byte("{detection: {timeout: 1}}"))
-	f.Add([]byte("clusters: [{name: a, endpoints: [{address: '[::1]:80'}], subsets: [{name: x, labels: {a: b}}]}]"))
-	f.Add([]byte("- a\n- b"))
-	f.Add([]byte("services: [{name: s, addresses: ['::/0'], routes: [{name: r, match: [{headers: {x: {present: true}}}], destinations: [{cluster: a}]}]}]\nclusters: [{name: a, endpoints: [{address: '127.0.0.1:1'}]}]"))
-	f.Fuzz(func(t *testing.T, data []byte) {
-		c, err := Load(data)
-		if err != nil {
-			return
-		}
-		if err := c.Validate(); err != nil {
-			t.Fatalf("loaded config fails Validate: %v", err)
-		}
-		// No DNS clusters here: New would resolve names (tests resolve nothing).
-		for _, cl := range c.Clusters {
-			if cl.DNS != nil || cl.HealthCheck != nil {
-				return
-			}
-		}
-		p, err := New(c, Options{AccessLog: &proctest.SyncBuf{}})
-		if err != nil {
-			t.Fatalf("New after valid Load: %v", err)
-		}
-		p.Close()
-	})
-}
-
 // TestConfigFiles: Files lists the TLS files of every cluster, sorted, each
 // once (a CA shared by two clusters, a cluster without TLS, a TLS block
 // without a CA).
 func TestConfigFiles(t *testing.T) {
 	t.Parallel()
-	c := Config{Clusters: []Cluster{
+	c := L7{Clusters: []Cluster{
 		{Name: "b", TLS: &UpstreamTLS{Mode: TLSMutual, CACertificates: "/etc/certs/ca.pem", ClientCertificate: "/etc/certs/tls.crt", PrivateKey: "/etc/certs/tls.key"}},
 		{Name: "plain"},
 		{Name: "a", TLS: &UpstreamTLS{Mode: TLSSimple, CACertificates: "/etc/certs/ca.pem"}},
@@ -193,7 +159,7 @@ func TestConfigFiles(t *testing.T) {
 	if got := c.Files(); !slices.Equal(got, want) {
 		t.Errorf("Files() = %q, want %q", got, want)
 	}
-	if got := (&Config{}).Files(); len(got) != 0 {
+	if got := (&L7{}).Files(); len(got) != 0 {
 		t.Errorf("Files() of an empty config = %q", got)
 	}
 }
