@@ -430,7 +430,15 @@ func (c *L7) Files() []string {
 
 // Validate checks everything and returns all problems, each naming the field
 // and value.
-func (c *L7) Validate() error {
+func (c *L7) Validate() error { return c.validate(false) }
+
+// ValidateDynamic is Validate for a configuration that arrives in parts at
+// run time (the engine's Update, fed by a control plane): a route or mirror
+// may name a cluster the configuration does not define yet. The engine
+// answers requests routed to it 503 with response flag NC, as Envoy does.
+func (c *L7) ValidateDynamic() error { return c.validate(true) }
+
+func (c *L7) validate(missingClustersOK bool) error {
 	var errs []error
 	bad := func(field string, format string, a ...any) {
 		errs = append(errs, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, a...)))
@@ -580,7 +588,9 @@ func (c *L7) Validate() error {
 	checkDest := func(field, cluster, subset string) {
 		cl := clusters[cluster]
 		if cl == nil {
-			bad(field+".cluster", "%q is not a defined cluster", cluster)
+			if !missingClustersOK {
+				bad(field+".cluster", "%q is not a defined cluster", cluster)
+			}
 			return
 		}
 		if subset == "" {

@@ -65,7 +65,7 @@ func (l *accessLogger) log(r *http.Request, st *reqState, dir Direction, status 
 	}
 	if st.dest != nil {
 		b = append(b, `,"cluster":`...)
-		b = strconv.AppendQuote(b, st.dest.cluster.name)
+		b = strconv.AppendQuote(b, st.dest.name)
 	}
 	if st.upstream != "" {
 		b = append(b, `,"upstream":`...)

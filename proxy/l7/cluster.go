@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -176,8 +177,44 @@ type cluster struct {
 	maxConns int
 	m        *clusterMetrics
 
-	epMu  sync.Mutex
-	byKey map[string]*endpoint
+	epMu   sync.Mutex
+	byKey  map[string]*endpoint
+	static []config.Endpoint // the static endpoints in use (config or UpdateEndpoints)
+
+	stop context.CancelFunc // ends the cluster's background work (nil: none started)
+}
+
+// staticEndpoints returns the static endpoints the cluster serves.
+func (c *cluster) staticEndpoints() []config.Endpoint {
+	c.epMu.Lock()
+	defer c.epMu.Unlock()
+	return c.static
+}
+
+// setStatic replaces the static endpoints (validated addresses).
+func (c *cluster) setStatic(eps []config.Endpoint) {
+	addrs := make([]netip.AddrPort, 0, len(eps))
+	labels := make(map[netip.AddrPort]map[string]string, len(eps))
+	for _, e := range eps {
+		ap := netip.MustParseAddrPort(e.Address) // validated
+		addrs = append(addrs, ap)
+		labels[ap] = e.Labels
+	}
+	c.setEndpoints(addrs, labels)
+	c.epMu.Lock()
+	c.static = slices.Clone(eps)
+	c.epMu.Unlock()
+}
+
+// retire stops the background work of a cluster an Update replaced and
+// closes its idle upstream connections; requests still using it finish.
+func (c *cluster) retire() {
+	if c.stop != nil {
+		c.stop()
+	}
+	c.h1.CloseIdleConnections()
+	c.h2.CloseIdleConnections()
+	c.direct.close()
 }
 
 // Errors the router reports (mapped to status codes and access-log flags).
@@ -220,14 +257,7 @@ func newCluster(cfg config.Cluster, dir Direction, dial DialFunc, m *clusterMetr
 	}
 	c.maxConns = cfg.Pool.MaxConnections
 	c.h1, c.h2, c.direct = newTransports(cfg.Pool, dir, dial, m, cfg.Endpoints, ut)
-	eps := make([]netip.AddrPort, 0, len(cfg.Endpoints))
-	labels := map[netip.AddrPort]map[string]string{}
-	for _, e := range cfg.Endpoints {
-		ap := netip.MustParseAddrPort(e.Address) // validated
-		eps = append(eps, ap)
-		labels[ap] = e.Labels
-	}
-	c.setEndpoints(eps, labels)
+	c.setStatic(cfg.Endpoints)
 	return c
 }
 

@@ -244,7 +244,7 @@ clusters:
   healthCheck: {type: grpc, serviceName: echo, interval: 50ms, timeout: 1s, unhealthyThreshold: 1, healthyThreshold: 2}
 `, addrA, addrB))
 	tp := startProxy(t, cfg, "127.0.0.1:80", Outbound)
-	b := tp.clusters["echo"].all.list()[1]
+	b := tp.tab.Load().clusters["echo"].all.list()[1]
 	waitUntil(t, func() bool { return b.unhealthy.Load() })
 	tc := testpb.NewTestServiceClient(grpcConn(t, tp.addr, "echo"))
 	calls := func(n int) map[string]int {

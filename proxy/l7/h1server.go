@@ -134,7 +134,7 @@ func (p *Engine) serveH1(ctx context.Context, tc *trackedConn, d *dirServer) net
 // serveOne reads and answers one request. It returns the connection to hand
 // to net/http, or done when the connection is finished.
 func (c *h1ServerConn) serveOne() (handoff net.Conn, done bool) {
-	lim := c.p.cfg.Limits
+	lim := c.p.lim
 	// Idle: wait for the first byte of the next request. A draining
 	// direction closes idle connections; a request already buffered
 	// (pipelined) is still served, with Connection: close.

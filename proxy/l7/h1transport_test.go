@@ -64,7 +64,7 @@ func TestDirectH1PoolReuseAndStaleConnection(t *testing.T) {
 	if n := conns.Load(); n != 1 {
 		t.Fatalf("20 sequential requests used %d upstream connections; want 1 (pooled)", n)
 	}
-	d := tp.clusters["c"].direct
+	d := tp.tab.Load().clusters["c"].direct
 	d.mu.Lock()
 	idle := len(d.hosts[be.addr].idle)
 	d.mu.Unlock()
@@ -172,7 +172,7 @@ func TestDirectH1BadUpstream(t *testing.T) {
 			t.Fatalf("request %d: %d; want 502", i, code)
 		}
 	}
-	d := tp.clusters["c"].direct
+	d := tp.tab.Load().clusters["c"].direct
 	if n := accepted.Load(); n != 4 {
 		t.Fatalf("upstream accepted %d connections for 4 requests; want 4 (a failed connection is never reused)", n)
 	}

@@ -36,12 +36,8 @@ import (
 
 // h2state is the Engine's frame-forwarder state.
 type h2state struct {
-	on      bool
-	inOK    bool            // inbound connections qualify
-	anyOK   bool            // ports without a port-specific service qualify
-	ports   map[uint16]bool // ports with port-specific services
-	conns   sync.Map        // *h2down → struct{}
-	pools   sync.Map        // h2poolKey → *h2pool
+	conns   sync.Map // *h2down → struct{}
+	pools   sync.Map // h2poolKey → *h2pool
 	maxHdr  uint32
 	maxStr  uint32
 	hdrWait time.Duration
@@ -50,21 +46,34 @@ type h2state struct {
 	outMax  atomic.Int64 // bytes waiting for a peer before it is disconnected (h2OutMax; tests lower it)
 }
 
-// initH2 decides, per port, whether the frame forwarder may serve it: every
-// route of every service on the port (and the passthrough) must be
-// supported by it.
+// h2gate says, per port, whether the frame forwarder may serve a table's
+// connections.
+type h2gate struct {
+	on    bool
+	inOK  bool            // inbound connections qualify
+	anyOK bool            // ports without a port-specific service qualify
+	ports map[uint16]bool // ports with port-specific services
+}
+
+// initH2 sets the frame forwarder's limits.
 func (p *Engine) initH2() {
 	h := &p.h2
-	h.on = p.cfg.HTTP2Forwarder != config.H2NetHTTP
 	h.outMax.Store(h2OutMax)
-	h.maxHdr = uint32(orInt(p.cfg.Limits.MaxHeaderBytes, 64<<10))
-	h.maxStr = orU32(p.cfg.Limits.MaxConcurrentStreams, 250)
-	h.hdrWait = orDur(p.cfg.Limits.ReadHeaderTimeout.D, 10*time.Second)
-	h.idle = orDur(p.cfg.Limits.IdleTimeout.D, 5*time.Minute)
-	h.inOK = h2ClusterOK(p.inbound)
-	h.anyOK = h2ClusterOK(p.passthrough)
+	h.maxHdr = uint32(orInt(p.lim.MaxHeaderBytes, 64<<10))
+	h.maxStr = orU32(p.lim.MaxConcurrentStreams, 250)
+	h.hdrWait = orDur(p.lim.ReadHeaderTimeout.D, 10*time.Second)
+	h.idle = orDur(p.lim.IdleTimeout.D, 5*time.Minute)
+}
+
+// newH2Gate decides, per port, whether the frame forwarder may serve it:
+// every route of every service on the port (and the passthrough) must be
+// supported by it.
+func newH2Gate(t *table) h2gate {
+	h := h2gate{on: t.cfg.HTTP2Forwarder != config.H2NetHTTP}
+	h.inOK = h2ClusterOK(t.inbound)
+	h.anyOK = h2ClusterOK(t.passthrough)
 	h.ports = map[uint16]bool{}
-	for _, s := range p.services {
+	for _, s := range t.services {
 		ok := true
 		for _, r := range s.routes {
 			ok = ok && h2RouteOK(r)
@@ -84,15 +93,17 @@ func (p *Engine) initH2() {
 	for port, ok := range h.ports {
 		h.ports[port] = ok && h.anyOK
 	}
+	return h
 }
 
-// h2RouteOK: mirroring stays on the net/http path (it copies whole requests).
+// h2RouteOK: mirroring stays on the net/http path (it copies whole
+// requests). A destination without a cluster is answered locally (NC).
 func h2RouteOK(r *route) bool {
 	if r.mirror != nil {
 		return false
 	}
 	for _, d := range r.dests {
-		if !h2ClusterOK(d.cluster) {
+		if d.cluster != nil && !h2ClusterOK(d.cluster) {
 			return false
 		}
 	}
@@ -109,7 +120,7 @@ func h2ClusterOK(c *cluster) bool {
 // h2Serves reports whether an HTTP/2 connection to port (in dir) is served
 // by the frame forwarder.
 func (p *Engine) h2Serves(port uint16, dir Direction) bool {
-	h := &p.h2
+	h := &p.tab.Load().h2
 	if !h.on {
 		return false
 	}
@@ -621,6 +632,8 @@ type h2stream struct {
 func (s *h2stream) open(f *http2.MetaHeadersFrame, fs *flushSet) {
 	d := s.d
 	p := d.p
+	t := p.tab.Load()
+	s.st.tab = t
 	var method, path, authority string
 	for _, hf := range f.PseudoFields() {
 		switch hf.Name {
@@ -669,8 +682,8 @@ func (s *h2stream) open(f *http2.MetaHeadersFrame, fs *flushSet) {
 	host := hostOnly(authority)
 	var rt *route
 	if d.dir == Inbound {
-		rt = p.inboundRoute
-	} else if svc := findService(p.services, host, d.dst); svc != nil {
+		rt = t.inboundRoute
+	} else if svc := findService(t.services, host, d.dst); svc != nil {
 		for _, cand := range svc.routes {
 			if _, ok := cand.matches(r, host); ok {
 				rt = cand
@@ -683,7 +696,16 @@ func (s *h2stream) open(f *http2.MetaHeadersFrame, fs *flushSet) {
 			return
 		}
 	} else {
-		rt = p.passRoute
+		rt = t.passRoute
+	}
+	if !h2RouteOK(rt) {
+		// An Update since the connection was accepted routes this request
+		// where the forwarder cannot follow (TLS, HTTP/1.1 upstream,
+		// mirroring, connection limits): refuse it unprocessed and end the
+		// connection, so the client retries on a new one, served by the
+		// path the new table chooses.
+		s.refuse(fs)
+		return
 	}
 	s.st.route = rt
 	cfg := rt.cfg
@@ -700,9 +722,7 @@ func (s *h2stream) open(f *http2.MetaHeadersFrame, fs *flushSet) {
 		s.timer = time.AfterFunc(timeout, s.onTimeout)
 	}
 	s.st.dest = rt.pickDest()
-	if cfg.Retries != nil {
-		s.st.retry = compileRetryCached(cfg)
-	}
+	s.st.retry = rt.retry
 	if rw := cfg.Rewrite; rw != nil {
 		applyRewrite(r, rt, rw, host)
 	}
@@ -752,6 +772,12 @@ func (s *h2stream) afterDelay(fs *flushSet) {
 		}
 	}
 	cl := s.st.dest.cluster
+	if cl == nil {
+		s.st.flags = addFlag(s.st.flags, "NC")
+		s.d.p.m.noCluster.Inc()
+		s.localReply(http.StatusServiceUnavailable, 14, "no cluster "+strconv.Quote(s.st.dest.name), fs)
+		return
+	}
 	s.cl = cl
 	s.pl = cl.pool(s.st.dest.subset)
 	if cl.name == "inbound" || cl.name == "passthrough" {
@@ -765,6 +791,24 @@ func (s *h2stream) afterDelay(fs *flushSet) {
 	}
 	s.counted = true
 	s.dispatch(fs)
+}
+
+// refuse resets a new stream with REFUSED_STREAM (it was not processed, so
+// the client may retry it anywhere) and sends GOAWAY naming the streams
+// before it, so the client opens a new connection (d.mu held).
+func (s *h2stream) refuse(fs *flushSet) {
+	d := s.d
+	delete(d.streams, s.id)
+	s.closed = true
+	if !d.goaway {
+		d.goaway = true
+		_ = d.fr.WriteGoAway(max(s.id, 2)-2, http2.ErrCodeNo, nil)
+	}
+	_ = d.fr.WriteRSTStream(s.id, http2.ErrCodeRefusedStream)
+	fs.add(&d.h2conn)
+	if len(d.streams) == 0 {
+		d.closeSoon()
+	}
 }
 
 // upstreamHeaders builds the request header list for the upstream from the
@@ -1466,7 +1510,7 @@ func (s *h2stream) finish(fs *flushSet) {
 		if s.st.grpc {
 			gs = s.grpcStatus
 		}
-		p.alog.log(s.req, &s.st, d.dir, status, gs, s.bytes, dur, s.start)
+		s.st.tab.alog.log(s.req, &s.st, d.dir, status, gs, s.bytes, dur, s.start)
 	}
 	s.reqQ, s.respQ, s.replay = nil, nil, nil
 	if (d.goaway || d.peerGA) && len(d.streams) == 0 {

@@ -10,7 +10,6 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -19,6 +18,7 @@ import (
 
 // reqState travels with a request through ReverseProxy to the router.
 type reqState struct {
+	tab      *table // the table the request started on
 	route    *route
 	dest     *destination
 	retry    *retryPolicy
@@ -74,15 +74,16 @@ func (p *Engine) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// share.
 		r.Header["X-Request-Id"] = []string{newRequestID()}
 	}
-	st := &reqState{dst: dst, grpc: isGRPC(r)}
+	t := p.tab.Load()
+	st := &reqState{tab: t, dst: dst, grpc: isGRPC(r)}
 	st.rw.ResponseWriter = w
 	rw := &st.rw
 
 	host := hostOnly(r.Host)
 	var rt *route
 	if dir == Inbound {
-		rt = p.inboundRoute
-	} else if svc := findService(p.services, host, dst); svc != nil {
+		rt = t.inboundRoute
+	} else if svc := findService(t.services, host, dst); svc != nil {
 		for _, cand := range svc.routes {
 			if _, ok := cand.matches(r, host); ok {
 				rt = cand
@@ -96,7 +97,7 @@ func (p *Engine) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	} else {
-		rt = p.passRoute
+		rt = t.passRoute
 	}
 	st.route = rt
 	cfg := rt.cfg
@@ -144,9 +145,14 @@ func (p *Engine) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 
 	st.dest = rt.pickDest()
-	if cfg.Retries != nil {
-		st.retry = compileRetryCached(cfg)
+	if st.dest.cluster == nil {
+		st.flags = addFlag(st.flags, "NC")
+		p.m.noCluster.Inc()
+		p.localReply(rw, r, http.StatusServiceUnavailable, 14, "no cluster "+strconv.Quote(st.dest.name))
+		p.finish(rw, r, st, dir, start)
+		return
 	}
+	st.retry = rt.retry
 	if rw2 := cfg.Rewrite; rw2 != nil {
 		r = r.Clone(ctx)
 		applyRewrite(r, rt, rw2, host)
@@ -271,17 +277,6 @@ func formatGRPCTimeout(d time.Duration) string {
 	return strconv.FormatInt(int64(d/time.Millisecond)+1, 10) + "m"
 }
 
-var retryCache sync.Map // *Route → *retryPolicy
-
-func compileRetryCached(r *config.Route) *retryPolicy {
-	if v, ok := retryCache.Load(r); ok {
-		return v.(*retryPolicy)
-	}
-	rp := compileRetry(r.Retries)
-	retryCache.Store(r, rp)
-	return rp
-}
-
 func applyRewrite(r *http.Request, rt *route, rw *config.Rewrite, host string) {
 	if rw.URI != "" {
 		path := r.URL.Path
@@ -351,7 +346,7 @@ func (p *Engine) mirror(r *http.Request, rt *route) *http.Request {
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		st := &reqState{dest: &destination{cluster: cl, subset: m.Subset}}
+		st := &reqState{dest: &destination{cluster: cl, name: cl.name, subset: m.Subset}}
 		resp, err := (&router{p: p}).RoundTrip(shadow.WithContext(context.WithValue(ctx, stateKey{}, st)))
 		if err == nil {
 			_, _ = io.Copy(io.Discard, resp.Body)
@@ -505,5 +500,5 @@ func (p *Engine) finish(w *responseWriter, r *http.Request, st *reqState, dir Di
 	} else {
 		p.m.noRoute.Inc()
 	}
-	p.alog.log(r, st, dir, status, gs, w.bytes, d, start)
+	st.tab.alog.log(r, st, dir, status, gs, w.bytes, d, start)
 }

@@ -25,6 +25,7 @@ type metrics struct {
 	endpoints   *prometheus.GaugeVec
 	faults      *prometheus.CounterVec
 	noRoute     prometheus.Counter
+	noCluster   prometheus.Counter
 	handoffs    *prometheus.CounterVec
 	mu          sync.Mutex
 	clusters    map[string]*clusterMetrics
@@ -67,6 +68,8 @@ func newMetrics() *metrics {
 		Help: "Endpoints known per cluster."}, []string{"cluster"})
 	m.noRoute = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshlet_l7_no_route_total",
 		Help: "Requests that matched a service but none of its routes (404)."})
+	m.noCluster = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshlet_l7_no_cluster_total",
+		Help: "Requests whose route names a cluster the configuration does not define (503, flag NC)."})
 	m.handoffs = cv("meshlet_l7_downstream_handoffs_total", "Downstream connections the HTTP/1.1 codec handed to "+
 		"net/http's server, by what the request needed: http2, http1.0, upgrade, expect, transfer_encoding, "+
 		"large_body, large_head, other (malformed or unusual requests, answered by net/http).", "reason")
@@ -75,7 +78,7 @@ func newMetrics() *metrics {
 
 func (m *metrics) collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.requests, m.duration, m.retries, m.budgetOut, m.overflow, m.ejections,
-		m.connFail, m.tlsFail, m.hcFail, m.dnsFail, m.mirrored, m.faults, m.endpoints, m.noRoute, m.handoffs}
+		m.connFail, m.tlsFail, m.hcFail, m.dnsFail, m.mirrored, m.faults, m.endpoints, m.noRoute, m.noCluster, m.handoffs}
 }
 
 func (m *metrics) cluster(name string) *clusterMetrics {
@@ -98,6 +101,15 @@ func (m *metrics) cluster(name string) *clusterMetrics {
 	}
 	m.clusters[name] = c
 	return c
+}
+
+// dropCluster forgets the gauge of a cluster an Update removed (its
+// counters stay: they never go back).
+func (m *metrics) dropCluster(name string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.endpoints.DeleteLabelValues(name)
+	delete(m.clusters, name)
 }
 
 func (m *metrics) route(dir, route, cluster string) *routeMetrics {

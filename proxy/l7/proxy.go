@@ -7,12 +7,33 @@
 // HTTP/1.1 requests are parsed by the package's own codec (h1server.go) and
 // sent upstream by its own client (h1transport.go); everything else
 // (HTTP/2, upgrades, streamed bodies, malformed input) by net/http.
+//
+// # Configuration at run time
+//
+// New compiles a config.L7 (package proxy/config holds the schema and its
+// validation) into an immutable table of services, routes, clusters and
+// endpoints. The engine holds the table behind an atomic pointer, and two
+// methods replace it while traffic flows, without a hot restart:
+//
+//	func (e *Engine) Update(cfg config.L7) error
+//	func (e *Engine) UpdateEndpoints(cluster string, endpoints []config.Endpoint) error
+//
+// Update validates the whole configuration (config.L7.ValidateDynamic),
+// compiles it and swaps it in; on error the running table stays and the
+// error names every bad field and value. Requests in flight finish on the
+// table they started with, new requests take the new one, and no downstream
+// connection is closed. Clusters whose settings are unchanged apart from
+// their static endpoints are carried over with their upstream pools,
+// balancer, outlier-detection and health state. A route may name a cluster
+// the configuration does not define (a control plane may send routes before
+// clusters): such requests are answered 503 with response flag NC.
+// UpdateEndpoints replaces one cluster's endpoints only (the cheap path for
+// endpoint churn). Limits and detection configure the downstream servers
+// and change only with a new proxy generation.
 package l7
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -20,7 +41,6 @@ import (
 	"net/http/httputil"
 	"net/netip"
 	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -71,26 +91,28 @@ type Options struct {
 
 // Engine is the L7 engine. It is safe for concurrent use.
 type Engine struct {
-	cfg      config.L7
-	opts     Options
-	log      *slog.Logger
-	dirs     [2]*dirServer // indexed by Direction
-	rp       *httputil.ReverseProxy
-	detector *sniff.Detector
-	m        *metrics
-	alog     *accessLogger
+	// lim and detection are fixed for the engine's life (the downstream
+	// servers and the detector are built from them); Update refuses to
+	// change them.
+	lim       config.Limits
+	detection config.Detection
+	opts      Options
+	log       *slog.Logger
+	dirs      [2]*dirServer // indexed by Direction
+	rp        *httputil.ReverseProxy
+	detector  *sniff.Detector
+	m         *metrics
 
-	services     []*service
-	clusters     map[string]*cluster
-	portProto    map[uint16]string
-	inbound      *cluster
-	passthrough  *cluster
-	inboundRoute *route
-	passRoute    *route
+	// tab is the compiled route/cluster table requests start on (see
+	// Update); updMu serializes Update and UpdateEndpoints.
+	tab     atomic.Pointer[table]
+	updMu   sync.Mutex
+	retired []*cluster // clusters replaced by an Update, closed by Close
 
 	dial        atomic.Pointer[DialFunc]
 	dialFromOpt bool
 
+	bg       context.Context // background work (DNS, health checks); ends in Close
 	bgCancel context.CancelFunc
 	bgWG     sync.WaitGroup
 	hijacked sync.Map // *trackedConn → struct{} (upgraded connections)
@@ -116,6 +138,7 @@ var _ http.RoundTripper = (*router)(nil)
 
 // New validates cfg and builds the engine. Background work (DNS refresh,
 // health checks) starts here and stops in Close / at the end of Drain.
+// Update replaces the route/cluster table later.
 func New(cfg config.L7, opts Options) (*Engine, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -136,112 +159,17 @@ func New(cfg config.L7, opts Options) (*Engine, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	p := &Engine{cfg: cfg, opts: opts, log: opts.Logger, m: newMetrics(), clusters: map[string]*cluster{}, portProto: map[uint16]string{}}
+	p := &Engine{lim: cfg.Limits, detection: cfg.Detection, opts: opts, log: opts.Logger, m: newMetrics()}
 	p.dialFromOpt = dialFromOpt
 	p.dial.Store(&opts.Dial)
 	p.detector = sniff.NewDetector(sniff.Options{Timeout: cfg.Detection.Timeout.D})
-	p.alog = newAccessLogger(cfg.AccessLog, opts.AccessLog)
-
-	for _, pc := range cfg.Ports {
-		proto, _ := config.PortProtocol(pc)
-		p.portProto[pc.Port] = proto
+	p.bg, p.bgCancel = context.WithCancel(context.Background())
+	t, fresh, err := p.compile(cfg, nil)
+	if err != nil {
+		p.bgCancel()
+		return nil, err
 	}
-	for i := range cfg.Clusters {
-		c := cfg.Clusters[i]
-		// Validate read the TLS files; read again here, a file that changed
-		// in between is still an error naming the field.
-		ut, errs := buildUpstreamTLS(&c, fmt.Sprintf("clusters[%d].tls", i))
-		if len(errs) > 0 {
-			return nil, errors.Join(errs...)
-		}
-		if ut != nil {
-			ut.log, ut.m = p.log, p.m.cluster(c.Name)
-			if c.TLS.InsecureSkipVerify {
-				p.log.Warn("upstream TLS certificates are not verified (insecureSkipVerify)", "cluster", c.Name)
-			}
-		}
-		p.clusters[c.Name] = newCluster(c, Outbound, p.dialUpstream, p.m.cluster(c.Name), ut)
-	}
-	p.inbound = newCluster(config.Cluster{Name: "inbound", Pool: cfg.Inbound.Pool}, Inbound, p.dialUpstream, p.m.cluster("inbound"), nil)
-	p.passthrough = newCluster(config.Cluster{Name: "passthrough", Pool: cfg.Passthrough.Pool}, Outbound, p.dialUpstream, p.m.cluster("passthrough"), nil)
-	p.inboundRoute = &route{cfg: &config.Route{Name: "inbound", Timeout: cfg.Inbound.Timeout}, key: "inbound",
-		dests: []destination{{cluster: p.inbound}}, metrics: map[*cluster]*routeMetrics{}}
-	p.inboundRoute.metrics[p.inbound] = p.m.route("inbound", "inbound", "inbound")
-	p.passRoute = &route{cfg: &config.Route{Name: "passthrough", Timeout: cfg.Passthrough.Timeout}, key: "passthrough",
-		dests: []destination{{cluster: p.passthrough}}, metrics: map[*cluster]*routeMetrics{}}
-	p.passRoute.metrics[p.passthrough] = p.m.route("outbound", "passthrough", "passthrough")
-
-	for i := range cfg.Services {
-		s := &cfg.Services[i]
-		cs := &service{cfg: s, exact: map[string]bool{}, ports: map[uint16]bool{}}
-		for _, h := range s.Hosts {
-			h = strings.ToLower(h)
-			switch {
-			case h == "*":
-				cs.any = true
-			case strings.HasPrefix(h, "*."):
-				cs.suffixes = append(cs.suffixes, h[1:])
-			default:
-				cs.exact[h] = true
-			}
-		}
-		for _, a := range s.Addresses {
-			if ip, err := netip.ParseAddr(a); err == nil {
-				cs.addrs = append(cs.addrs, netip.PrefixFrom(ip.Unmap(), ip.Unmap().BitLen()))
-			} else {
-				cs.addrs = append(cs.addrs, netip.MustParsePrefix(a).Masked())
-			}
-		}
-		for _, pc := range s.Ports {
-			cs.ports[pc.Port] = true
-			if _, declared := p.portProto[pc.Port]; !declared {
-				proto, _ := config.PortProtocol(pc)
-				if proto != config.ProtoAuto {
-					p.portProto[pc.Port] = proto
-				}
-			}
-		}
-		for j := range s.Routes {
-			r := &s.Routes[j]
-			cr := &route{cfg: r, key: s.Name + "/" + r.Name, metrics: map[*cluster]*routeMetrics{}}
-			for _, m := range r.Match {
-				var cm matcher
-				cm.method = m.Method
-				if m.URI != nil {
-					sm := compileStr(*m.URI)
-					cm.uri = &sm
-				}
-				if m.Authority != nil {
-					sm := compileStr(*m.Authority)
-					cm.authority = &sm
-				}
-				for name, hm := range m.Headers {
-					cm.headers = append(cm.headers, headerMatcher{name: http.CanonicalHeaderKey(name), m: compileStr(hm)})
-				}
-				cr.matchers = append(cr.matchers, cm)
-			}
-			for _, d := range r.Destinations {
-				cl := p.clusters[d.Cluster]
-				w := uint64(d.Weight)
-				if len(r.Destinations) == 1 && w == 0 {
-					w = 1
-				}
-				cr.dests = append(cr.dests, destination{cluster: cl, subset: d.Subset, weight: w})
-				cr.total += w
-				if cr.metrics[cl] == nil {
-					cr.metrics[cl] = p.m.route("outbound", cr.key, cl.name)
-				}
-			}
-			if r.Retries != nil {
-				cr.budget = newRetryBudget(r.Retries.Budget)
-			}
-			if r.Mirror != nil {
-				cr.mirror = p.clusters[r.Mirror.Cluster]
-			}
-			cs.routes = append(cs.routes, cr)
-		}
-		p.services = append(p.services, cs)
-	}
+	p.tab.Store(t)
 
 	p.initH2()
 	p.rp = &httputil.ReverseProxy{
@@ -269,7 +197,7 @@ func New(cfg config.L7, opts Options) (*Engine, error) {
 	var protos http.Protocols
 	protos.SetHTTP1(true)
 	protos.SetUnencryptedHTTP2(true)
-	lim := cfg.Limits
+	lim := p.lim
 	newSrv := func() *http.Server {
 		return &http.Server{
 			Handler:           p,
@@ -308,36 +236,44 @@ func New(cfg config.L7, opts Options) (*Engine, error) {
 		go func() { _ = d.srv.Serve(d.ln) }()
 	}
 
-	bg, cancel := context.WithCancel(context.Background())
-	p.bgCancel = cancel
+	p.startBackground(fresh)
+	return p, nil
+}
+
+// startBackground starts the DNS refresh and health checks of clusters
+// and waits for the first resolution of their names, so the first requests
+// have endpoints; a failure is logged, not fatal (the name may appear
+// later).
+func (p *Engine) startBackground(clusters []*cluster) {
 	var ready []chan error
-	for _, name := range sortedKeys(p.clusters) {
-		c := p.clusters[name]
+	for _, c := range clusters {
+		if c.cfg.DNS == nil && c.cfg.HealthCheck == nil {
+			continue
+		}
+		ctx, stop := context.WithCancel(p.bg)
+		c.stop = stop
 		if c.cfg.DNS != nil {
 			ch := make(chan error, 1)
 			ready = append(ready, ch)
 			p.bgWG.Add(1)
 			go func() {
 				defer p.bgWG.Done()
-				c.resolve(bg, p.opts.Resolver, func(err error) { ch <- err })
+				c.resolve(ctx, p.opts.Resolver, func(err error) { ch <- err })
 			}()
 		}
 		if c.cfg.HealthCheck != nil {
 			p.bgWG.Add(1)
 			go func() {
 				defer p.bgWG.Done()
-				c.healthCheck(bg, p.dialUpstream)
+				c.healthCheck(ctx, p.dialUpstream)
 			}()
 		}
 	}
-	// Wait for the first resolution so the first requests have endpoints;
-	// a failure is logged, not fatal (the name may appear later).
 	for _, ch := range ready {
 		if err := <-ch; err != nil {
 			p.log.Warn("dns cluster not resolved yet", "err", err)
 		}
 	}
-	return p, nil
 }
 
 // Close stops background work and closes every connection at once. Use
@@ -363,12 +299,12 @@ func (p *Engine) Close() error {
 	return err
 }
 
+// allClusters returns the clusters of the current table and those retired
+// by updates.
 func (p *Engine) allClusters() []*cluster {
-	out := []*cluster{p.inbound, p.passthrough}
-	for _, k := range sortedKeys(p.clusters) {
-		out = append(out, p.clusters[k])
-	}
-	return out
+	p.updMu.Lock()
+	defer p.updMu.Unlock()
+	return append(p.tab.Load().allClusters(), p.retired...)
 }
 
 // Drain stops taking new requests gracefully and waits for in-flight ones:
@@ -425,7 +361,7 @@ func (d *dirServer) wait(ctx context.Context) error {
 // http2, grpc, tcp, or auto when it must be detected). The proxy uses it to
 // decide which ports go to ServeConn.
 func (p *Engine) Protocol(port uint16) string {
-	if v, ok := p.portProto[port]; ok {
+	if v, ok := p.tab.Load().portProto[port]; ok {
 		return v
 	}
 	return config.ProtoAuto

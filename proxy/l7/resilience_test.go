@@ -187,7 +187,7 @@ func TestCircuitBreakerOpensAndRecovers(t *testing.T) {
 			c := h1Client()
 			var wg sync.WaitGroup
 			codes := make(chan int, 2)
-			cl := tp.clusters["c"]
+			cl := tp.tab.Load().clusters["c"]
 			for i := 0; i < 2; i++ {
 				wg.Add(1)
 				go func() {
@@ -262,7 +262,7 @@ func TestOutlierEjectionAndReturn(t *testing.T) {
 	}
 	bad.Store(false)
 	// Back after the ejection interval (time-based, so no fixed sleep races a busy machine).
-	ep := tp.clusters["c"].all.list()[1]
+	ep := tp.tab.Load().clusters["c"].all.list()[1]
 	waitUntil(t, func() bool { return ep.available(time.Now()) })
 	before = flaky.count.Load()
 	for i := 0; i < 10; i++ {
@@ -287,14 +287,14 @@ func TestActiveHealthCheck(t *testing.T) {
 	cfg := mustLoad(t, oneClusterConfig("", "  healthCheck: {path: /healthz, interval: 50ms, unhealthyThreshold: 1, healthyThreshold: 1}", a.addr, b.addr))
 	tp := startProxy(t, cfg, "127.0.0.1:80", Outbound)
 	c := h1Client()
-	waitUntil(t, func() bool { return tp.clusters["c"].all.list()[1].unhealthy.Load() })
+	waitUntil(t, func() bool { return tp.tab.Load().clusters["c"].all.list()[1].unhealthy.Load() })
 	for i := 0; i < 20; i++ {
 		if code, h, body := get(t, c, tp.addr, "s", "/"); h.Get("X-Backend") != "a" {
 			t.Fatalf("request %d: %d %q from %q; want endpoint a only (b is unhealthy)", i, code, body, h.Get("X-Backend"))
 		}
 	}
 	healthy.Store(true)
-	waitUntil(t, func() bool { return !tp.clusters["c"].all.list()[1].unhealthy.Load() })
+	waitUntil(t, func() bool { return !tp.tab.Load().clusters["c"].all.list()[1].unhealthy.Load() })
 	seen := map[string]bool{}
 	for i := 0; i < 10; i++ {
 		_, h, _ := get(t, c, tp.addr, "s", "/")

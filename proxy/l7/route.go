@@ -77,7 +77,8 @@ func (m *matcher) match(r *http.Request, host string) bool {
 }
 
 type destination struct {
-	cluster *cluster
+	cluster *cluster // nil: the configuration does not define it (503 NC)
+	name    string   // the cluster's name
 	subset  string
 	weight  uint64
 }
@@ -89,6 +90,7 @@ type route struct {
 	matchers []matcher
 	dests    []destination
 	total    uint64
+	retry    *retryPolicy // nil: no retries and no per-try timeout
 	budget   *retryBudget
 	mirror   *cluster
 	metrics  map[*cluster]*routeMetrics

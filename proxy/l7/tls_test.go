@@ -284,7 +284,7 @@ func TestTLSSimpleHTTP1FastPath(t *testing.T) {
 	if n := be.conns.Load(); n != 1 {
 		t.Errorf("upstream accepted %d connections for 20 sequential requests, want 1 (keep-alive reuse)", n)
 	}
-	d := tp.clusters["api"].direct
+	d := tp.tab.Load().clusters["api"].direct
 	d.mu.Lock()
 	idle := 0
 	if h := d.hosts[be.addr]; h != nil {
@@ -382,7 +382,7 @@ clusters:
   tls: {mode: SIMPLE, caCertificates: %q, sni: echo.internal}
   healthCheck: {type: grpc, serviceName: echo, interval: 50ms, timeout: 1s, unhealthyThreshold: 1, healthyThreshold: 1}
 `, ln.Addr().String(), ca.pem)), "127.0.0.1:7070", Outbound)
-	ep := tp.clusters["echo"].all.list()[0]
+	ep := tp.tab.Load().clusters["echo"].all.list()[0]
 	hs.SetServingStatus("echo", healthpb.HealthCheckResponse_SERVING)
 	client := testpb.NewTestServiceClient(grpcConn(t, tp.addr, "echo"))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -935,7 +935,7 @@ clusters:
   endpoints: [{address: %q}]
   tls: {mode: SIMPLE, caCertificates: %q}
 `, good.addr, untrusted.addr, ca.pem, shadow.addr, ca.pem)), good.addr, Outbound)
-	eps := tp.clusters["api"].all.list()
+	eps := tp.tab.Load().clusters["api"].all.list()
 	waitUntil(t, func() bool { return eps[1].unhealthy.Load() && good.healthz.Load() >= 2 })
 	if eps[0].unhealthy.Load() {
 		t.Fatal("the endpoint with a trusted certificate failed its health check")

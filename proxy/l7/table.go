@@ -1,0 +1,309 @@
+package l7
+
+import (
+	"errors"
+	"fmt"
+	"net/http"
+	"net/netip"
+	"reflect"
+	"slices"
+	"strings"
+
+	"github.com/meshlet/meshlet/proxy/config"
+)
+
+// table is one compiled configuration: services with their routes, the
+// clusters they send to, port protocols, the frame forwarder's gating and
+// the access log policy. A table never changes once built; Update builds a
+// new one and swaps it in. A request looks the table up once, when it
+// starts, and keeps it to its end.
+type table struct {
+	cfg          config.L7
+	services     []*service
+	clusters     map[string]*cluster
+	portProto    map[uint16]string
+	inbound      *cluster
+	passthrough  *cluster
+	inboundRoute *route
+	passRoute    *route
+	alog         *accessLogger
+	h2           h2gate
+}
+
+// allClusters returns every cluster of t (inbound and passthrough first,
+// then by name).
+func (t *table) allClusters() []*cluster {
+	out := []*cluster{t.inbound, t.passthrough}
+	for _, k := range sortedKeys(t.clusters) {
+		out = append(out, t.clusters[k])
+	}
+	return out
+}
+
+// Update replaces the engine's route and cluster table with one compiled
+// from cfg, atomically:
+//
+//   - cfg is validated as a whole first (config.L7.ValidateDynamic: as
+//     Validate, except that a route may name a cluster cfg does not define;
+//     such requests are answered 503 with response flag NC). On any error
+//     the current table stays and the error names each bad field and value.
+//   - Requests in flight finish on the table they started with; new
+//     requests use the new one. No downstream connection is closed.
+//   - A cluster that keeps its name and its settings apart from its static
+//     endpoints keeps its state: upstream connection pools, balancer and
+//     outlier-detection state of the endpoints that remain, health checks,
+//     circuit-breaker counts. Its endpoint list is replaced as
+//     UpdateEndpoints does. Any other cluster is built anew; the clusters
+//     it replaces stop their background work and their idle upstream
+//     connections are closed (busy ones finish their requests).
+//   - Limits and detection configure the downstream servers and cannot
+//     change without a new proxy generation: a change is an error.
+//
+// Update is safe to call concurrently with traffic and with itself.
+func (p *Engine) Update(cfg config.L7) error {
+	if err := cfg.ValidateDynamic(); err != nil {
+		return err
+	}
+	var errs []error
+	if !reflect.DeepEqual(cfg.Limits, p.lim) {
+		errs = append(errs, fmt.Errorf("limits: %+v differs from the running %+v; limits change only with a new proxy generation (hot restart)", cfg.Limits, p.lim))
+	}
+	if !reflect.DeepEqual(cfg.Detection, p.detection) {
+		errs = append(errs, fmt.Errorf("detection.timeout: %v differs from the running %v; detection changes only with a new proxy generation (hot restart)", cfg.Detection.Timeout.D, p.detection.Timeout.D))
+	}
+	if len(errs) > 0 {
+		return errors.Join(errs...)
+	}
+	p.updMu.Lock()
+	defer p.updMu.Unlock()
+	old := p.tab.Load()
+	t, fresh, err := p.compile(cfg, old)
+	if err != nil {
+		return err
+	}
+	p.tab.Store(t)
+	// Clusters retired earlier: close what went idle since; forget those no
+	// request uses any more.
+	live := p.retired[:0]
+	for _, c := range p.retired {
+		c.retire()
+		if c.active.Load() > 0 {
+			live = append(live, c)
+		}
+	}
+	clear(p.retired[len(live):])
+	p.retired = live
+	// Clusters of the old table that the new one does not carry over.
+	kept := map[*cluster]bool{}
+	for _, c := range t.allClusters() {
+		kept[c] = true
+	}
+	for _, c := range old.allClusters() {
+		if !kept[c] {
+			c.retire()
+			p.retired = append(p.retired, c)
+			if _, still := t.clusters[c.name]; !still {
+				p.m.dropCluster(c.name)
+			}
+		}
+	}
+	p.startBackground(fresh)
+	p.log.Info("l7 table updated", "services", len(t.services), "clusters", len(t.clusters), "new_clusters", len(fresh))
+	return nil
+}
+
+// UpdateEndpoints replaces the static endpoints of one cluster of the
+// current table, keeping the load and outlier state of endpoints that stay
+// (the cheap path for endpoint churn, like EDS). The cluster must exist and
+// must not be a dns cluster; addresses are ip:port. On error nothing
+// changes. A later Update with the cluster's settings unchanged keeps the
+// endpoints it names.
+func (p *Engine) UpdateEndpoints(cluster string, endpoints []config.Endpoint) error {
+	addrs := make([]netip.AddrPort, 0, len(endpoints))
+	labels := make(map[netip.AddrPort]map[string]string, len(endpoints))
+	var errs []error
+	for i, e := range endpoints {
+		ap, err := netip.ParseAddrPort(e.Address)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("clusters[%s].endpoints[%d].address: %q is not ip:port", cluster, i, e.Address))
+			continue
+		}
+		addrs = append(addrs, ap)
+		labels[ap] = e.Labels
+	}
+	if len(errs) > 0 {
+		return errors.Join(errs...)
+	}
+	p.updMu.Lock()
+	defer p.updMu.Unlock()
+	c := p.tab.Load().clusters[cluster]
+	switch {
+	case c == nil:
+		return fmt.Errorf("cluster %q: not defined in the running configuration", cluster)
+	case c.cfg.DNS != nil:
+		return fmt.Errorf("cluster %q: a dns cluster's endpoints come from its name (%s)", cluster, c.cfg.DNS.Name)
+	}
+	c.setEndpoints(addrs, labels)
+	return nil
+}
+
+// compile builds a table from a validated cfg. Clusters of old (nil for the
+// first table) whose settings are unchanged apart from their static
+// endpoints are carried over; fresh lists the clusters built anew, whose
+// background work the caller starts once the table is in use.
+func (p *Engine) compile(cfg config.L7, old *table) (t *table, fresh []*cluster, err error) {
+	t = &table{cfg: cfg, clusters: map[string]*cluster{}, portProto: map[uint16]string{}}
+	t.alog = newAccessLogger(cfg.AccessLog, p.opts.AccessLog)
+	for _, pc := range cfg.Ports {
+		proto, _ := config.PortProtocol(pc)
+		t.portProto[pc.Port] = proto
+	}
+	for i := range cfg.Clusters {
+		c := cfg.Clusters[i]
+		if prev := old.cluster(c.Name); prev != nil && compatible(&prev.cfg, &c) {
+			if c.DNS == nil && !slices.EqualFunc(prev.staticEndpoints(), c.Endpoints, endpointEqual) {
+				prev.setStatic(c.Endpoints)
+			}
+			t.clusters[c.Name] = prev
+			continue
+		}
+		// Validate read the TLS files; read again here, a file that changed
+		// in between is still an error naming the field.
+		ut, errs := buildUpstreamTLS(&c, fmt.Sprintf("clusters[%d].tls", i))
+		if len(errs) > 0 {
+			for _, f := range fresh {
+				f.retire()
+			}
+			return nil, nil, errors.Join(errs...)
+		}
+		if ut != nil {
+			ut.log, ut.m = p.log, p.m.cluster(c.Name)
+			if c.TLS.InsecureSkipVerify {
+				p.log.Warn("upstream TLS certificates are not verified (insecureSkipVerify)", "cluster", c.Name)
+			}
+		}
+		nc := newCluster(c, Outbound, p.dialUpstream, p.m.cluster(c.Name), ut)
+		t.clusters[c.Name] = nc
+		fresh = append(fresh, nc)
+	}
+	orig := func(name string, pol config.ConnectionPool, dir Direction, prev *cluster) *cluster {
+		if prev != nil && reflect.DeepEqual(prev.cfg.Pool, pol) {
+			return prev
+		}
+		return newCluster(config.Cluster{Name: name, Pool: pol}, dir, p.dialUpstream, p.m.cluster(name), nil)
+	}
+	var oldIn, oldPass *cluster
+	if old != nil {
+		oldIn, oldPass = old.inbound, old.passthrough
+	}
+	t.inbound = orig("inbound", cfg.Inbound.Pool, Inbound, oldIn)
+	t.passthrough = orig("passthrough", cfg.Passthrough.Pool, Outbound, oldPass)
+	t.inboundRoute = &route{cfg: &config.Route{Name: "inbound", Timeout: cfg.Inbound.Timeout}, key: "inbound",
+		dests: []destination{{cluster: t.inbound, name: "inbound"}}, metrics: map[*cluster]*routeMetrics{}}
+	t.inboundRoute.metrics[t.inbound] = p.m.route("inbound", "inbound", "inbound")
+	t.passRoute = &route{cfg: &config.Route{Name: "passthrough", Timeout: cfg.Passthrough.Timeout}, key: "passthrough",
+		dests: []destination{{cluster: t.passthrough, name: "passthrough"}}, metrics: map[*cluster]*routeMetrics{}}
+	t.passRoute.metrics[t.passthrough] = p.m.route("outbound", "passthrough", "passthrough")
+
+	for i := range cfg.Services {
+		s := &t.cfg.Services[i]
+		cs := &service{cfg: s, exact: map[string]bool{}, ports: map[uint16]bool{}}
+		for _, h := range s.Hosts {
+			h = strings.ToLower(h)
+			switch {
+			case h == "*":
+				cs.any = true
+			case strings.HasPrefix(h, "*."):
+				cs.suffixes = append(cs.suffixes, h[1:])
+			default:
+				cs.exact[h] = true
+			}
+		}
+		for _, a := range s.Addresses {
+			if ip, err := netip.ParseAddr(a); err == nil {
+				cs.addrs = append(cs.addrs, netip.PrefixFrom(ip.Unmap(), ip.Unmap().BitLen()))
+			} else {
+				cs.addrs = append(cs.addrs, netip.MustParsePrefix(a).Masked())
+			}
+		}
+		for _, pc := range s.Ports {
+			cs.ports[pc.Port] = true
+			if _, declared := t.portProto[pc.Port]; !declared {
+				proto, _ := config.PortProtocol(pc)
+				if proto != config.ProtoAuto {
+					t.portProto[pc.Port] = proto
+				}
+			}
+		}
+		for j := range s.Routes {
+			cs.routes = append(cs.routes, p.compileRoute(t, s.Name, &s.Routes[j]))
+		}
+		t.services = append(t.services, cs)
+	}
+	t.h2 = newH2Gate(t)
+	return t, fresh, nil
+}
+
+// compileRoute builds the runtime form of one route of service svc.
+func (p *Engine) compileRoute(t *table, svc string, r *config.Route) *route {
+	cr := &route{cfg: r, key: svc + "/" + r.Name, metrics: map[*cluster]*routeMetrics{}}
+	for _, m := range r.Match {
+		var cm matcher
+		cm.method = m.Method
+		if m.URI != nil {
+			sm := compileStr(*m.URI)
+			cm.uri = &sm
+		}
+		if m.Authority != nil {
+			sm := compileStr(*m.Authority)
+			cm.authority = &sm
+		}
+		for name, hm := range m.Headers {
+			cm.headers = append(cm.headers, headerMatcher{name: http.CanonicalHeaderKey(name), m: compileStr(hm)})
+		}
+		cr.matchers = append(cr.matchers, cm)
+	}
+	for _, d := range r.Destinations {
+		cl := t.clusters[d.Cluster] // nil: not (yet) defined, answered 503 NC
+		w := uint64(d.Weight)
+		if len(r.Destinations) == 1 && w == 0 {
+			w = 1
+		}
+		cr.dests = append(cr.dests, destination{cluster: cl, name: d.Cluster, subset: d.Subset, weight: w})
+		cr.total += w
+		if cl != nil && cr.metrics[cl] == nil {
+			cr.metrics[cl] = p.m.route("outbound", cr.key, cl.name)
+		}
+	}
+	if r.Retries != nil {
+		cr.retry = compileRetry(r.Retries)
+		cr.budget = newRetryBudget(r.Retries.Budget)
+	}
+	if r.Mirror != nil {
+		cr.mirror = t.clusters[r.Mirror.Cluster]
+	}
+	return cr
+}
+
+// cluster returns the cluster named name (nil t: none).
+func (t *table) cluster(name string) *cluster {
+	if t == nil {
+		return nil
+	}
+	return t.clusters[name]
+}
+
+// compatible reports whether a cluster built from a can serve b: every
+// setting equal apart from the static endpoints (a dns cluster's static
+// endpoints feed its resolver, so they must be equal too).
+func compatible(a, b *config.Cluster) bool {
+	x, y := *a, *b
+	if x.DNS == nil && y.DNS == nil {
+		x.Endpoints, y.Endpoints = nil, nil
+	}
+	return reflect.DeepEqual(x, y)
+}
+
+func endpointEqual(a, b config.Endpoint) bool {
+	return a.Address == b.Address && reflect.DeepEqual(a.Labels, b.Labels)
+}
