@@ -1377,7 +1377,7 @@ func (s *h2stream) fail(err error, fs *flushSet) {
 		status, code, flag, msg = http.StatusServiceUnavailable, 14, "UO", err.Error()
 	case errors.Is(err, errNoEndpoint):
 		status, code, flag, msg = http.StatusServiceUnavailable, 14, "UH", err.Error()
-	case errors.Is(err, errRouteTimeout), errors.Is(err, errPerTryTimeout):
+	case errors.Is(err, errRouteTimeout), errors.Is(err, errPerTryTimeout), s.st.pastDeadline():
 		status, code, flag, msg = http.StatusGatewayTimeout, 4, "UT", "upstream request timeout"
 	case errors.As(err, &ce):
 		status, code, flag, msg = http.StatusServiceUnavailable, 14, "UF", "upstream connect error"

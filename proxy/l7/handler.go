@@ -36,6 +36,14 @@ type reqState struct {
 	body downstreamBody
 }
 
+// pastDeadline reports whether the request's deadline has passed: an
+// upstream that reset the stream then did so because of the deadline it
+// was given (grpc-timeout), possibly an instant before the proxy's own
+// timer fired, and the answer is a timeout, not a reset.
+func (st *reqState) pastDeadline() bool {
+	return !st.deadline.IsZero() && !time.Now().Before(st.deadline)
+}
+
 // downstreamBody records request body read errors (malformed chunking,
 // client reset) to tell downstream faults from upstream ones.
 type downstreamBody struct {
@@ -395,7 +403,8 @@ func (p *Engine) errorHandler(w http.ResponseWriter, r *http.Request, err error)
 		w.Header().Set("X-Meshlet-Overflow", "true")
 	case errors.Is(err, errNoEndpoint):
 		status, code, flag, msg = http.StatusServiceUnavailable, 14, "UH", err.Error()
-	case errors.Is(context.Cause(r.Context()), errRouteTimeout), errors.Is(err, errRouteTimeout), errors.Is(err, errPerTryTimeout):
+	case errors.Is(context.Cause(r.Context()), errRouteTimeout), errors.Is(err, errRouteTimeout), errors.Is(err, errPerTryTimeout),
+		st != nil && st.pastDeadline():
 		status, code, flag, msg = http.StatusGatewayTimeout, 4, "UT", "upstream request timeout"
 	case errors.As(err, &ce):
 		status, code, flag, msg = http.StatusServiceUnavailable, 14, "UF", "upstream connect error"
