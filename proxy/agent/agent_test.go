@@ -12,6 +12,8 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -131,20 +133,91 @@ func httpBackend(t *testing.T) string {
 	return serveBackend(t, ln)
 }
 
-// serveBackend serves httpBackend's protocol on ln: HTTP/1.1 answering
-// 1 KiB, or, for a connection starting with 'S', an echo of the stream.
+// accepted counts the connections each backend (by address) accepted.
+var accepted sync.Map // string → *atomic.Int64
+
+func acceptedBy(addr string) int64 {
+	v, ok := accepted.Load(addr)
+	if !ok {
+		return 0
+	}
+	return v.(*atomic.Int64).Load()
+}
+
+// serveBackend serves httpBackend's protocol on ln: a GET is answered by
+// net/http (1 KiB); a POST by a server that writes the head, pauses 1-50ms
+// and writes the body (an echo of the request body) apart; a connection
+// starting with 'S' is an echo stream, 'E' a stream of numbered events every
+// 10ms, 'D' a database-like exchange (query, answer in two writes, idle
+// until the next query: the server speaks last). Every accepted connection
+// is counted (acceptedBy).
 func serveBackend(t *testing.T, ln net.Listener) string {
 	t.Helper()
+	n := &atomic.Int64{}
+	accepted.Store(ln.Addr().String(), n)
 	proctest.ServeBackend(t, ln, 1, func(first []byte, c *net.TCPConn, br *bufio.Reader) bool {
-		if first[0] != 'S' {
+		n.Add(1)
+		switch first[0] {
+		case 'S':
+			defer c.Close()
+			_, _ = io.Copy(c, br)
+			_ = c.CloseWrite()
+		case 'P':
+			defer c.Close()
+			splitHTTP(c, br)
+		case 'E':
+			defer c.Close()
+			for i := 0; ; i++ {
+				if _, err := fmt.Fprintf(c, "data: %d\n\n", i); err != nil {
+					return true
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		case 'D':
+			defer c.Close()
+			for i := 0; ; i++ {
+				q, err := br.ReadString('\n')
+				if err != nil {
+					return true
+				}
+				time.Sleep(time.Duration(1+i%5) * time.Millisecond)
+				fmt.Fprintf(c, "ROWS %d\n", len(q))
+				time.Sleep(time.Duration(1+i%7) * time.Millisecond)
+				fmt.Fprintf(c, "%s", q)
+			}
+		default:
 			return false
 		}
-		defer c.Close()
-		_, _ = io.Copy(c, br)
-		_ = c.CloseWrite()
 		return true
 	})
 	return ln.Addr().String()
+}
+
+// splitHTTP answers HTTP/1.1 POSTs on c, echoing the body: status line and
+// headers in one write, a pause of 1-50ms, the body in another.
+func splitHTTP(c *net.TCPConn, br *bufio.Reader) {
+	for i := 0; ; i++ {
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			return
+		}
+		body, err := io.ReadAll(req.Body)
+		if err != nil {
+			return
+		}
+		closing := req.Close
+		conn := ""
+		if closing {
+			conn = "Connection: close\r\n"
+		}
+		if _, err := fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n", len(body), conn); err != nil {
+			return
+		}
+		time.Sleep(time.Duration(1+(i*7)%50) * time.Millisecond)
+		if _, err := c.Write(body); err != nil || closing {
+			return
+		}
+	}
 }
 
 // waitCleanExit waits up to within for the agent to exit with status 0;

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -17,16 +18,24 @@ import (
 )
 
 // load pushes constant traffic through addr (a capture listener forwarding
-// to httpBackend): HTTP/1.1 keep-alive, HTTP/1.1 new connections, and long
-// raw TCP streams. Every failure is recorded.
+// to a serveBackend backend) with clients that never retry: every attempt
+// counts, a failed one is a failure. Keep-alive clients POST on one
+// connection for the whole run (the backend writes head and body apart);
+// new-connection clients POST with Connection: close; long-lived clients
+// hold one connection each for the whole run: an echo stream, a stream of
+// events, and a database-like exchange idle between queries. Every dial is
+// counted, so a reconnect shows.
 type load struct {
-	addr              string
-	dial              func(ctx context.Context, network, addr string) (net.Conn, error)
-	stop              chan struct{}
-	wg                sync.WaitGroup
-	ok, streams, fail atomic.Int64
-	mu                sync.Mutex
-	errs              []string
+	addr                       string
+	dial                       func(ctx context.Context, network, addr string) (net.Conn, error)
+	idle                       time.Duration // between database queries
+	stop                       chan struct{}
+	wg                         sync.WaitGroup
+	ok, streams, fail, opened  atomic.Int64
+	events, queries, longLived atomic.Int64
+	streamClients              int
+	mu                         sync.Mutex
+	errs                       []string
 }
 
 func startLoad(addr string, keepAlive, newConn, streams int) *load {
@@ -34,58 +43,107 @@ func startLoad(addr string, keepAlive, newConn, streams int) *load {
 }
 
 // startLoadVia is startLoad with a dialer (for example one inside a
-// network namespace).
+// network namespace). streams long-lived clients alternate echo, events and
+// database.
 func startLoadVia(dial func(ctx context.Context, network, addr string) (net.Conn, error), addr string, keepAlive, newConn, streams int) *load {
-	l := &load{addr: addr, dial: dial, stop: make(chan struct{})}
+	l := &load{addr: addr, dial: dial, stop: make(chan struct{}), idle: 200 * time.Millisecond}
 	for i := 0; i < keepAlive; i++ {
-		l.run(func() error { return l.http(true) })
+		l.long(l.keepAlive)
 	}
 	for i := 0; i < newConn; i++ {
-		l.run(func() error { return l.http(false) })
+		l.wg.Add(1)
+		go func() {
+			defer l.wg.Done()
+			for !l.stopped() {
+				if err := l.oneShot(); err != nil {
+					l.failed(err)
+				}
+			}
+		}()
 	}
+	l.streamClients = streams
+	kinds := []func(net.Conn) error{l.echoStream, l.eventStream, l.database}
 	for i := 0; i < streams; i++ {
-		l.run(l.stream)
+		l.long(kinds[i%len(kinds)])
 	}
 	return l
 }
 
-func (l *load) run(fn func() error) {
+func (l *load) stopped() bool {
+	select {
+	case <-l.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+func (l *load) failed(err error) {
+	l.fail.Add(1)
+	l.mu.Lock()
+	if len(l.errs) < 20 {
+		l.errs = append(l.errs, err.Error())
+	}
+	l.mu.Unlock()
+}
+
+func (l *load) connect() (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := l.dial(ctx, "tcp", l.addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial: %w", err)
+	}
+	l.opened.Add(1)
+	return c, nil
+}
+
+// long runs fn on one connection for the whole load; the connection must
+// survive every hot restart.
+func (l *load) long(fn func(net.Conn) error) {
 	l.wg.Add(1)
+	l.longLived.Add(1)
 	go func() {
 		defer l.wg.Done()
-		for {
-			select {
-			case <-l.stop:
-				return
-			default:
-			}
-			if err := fn(); err != nil {
-				l.fail.Add(1)
-				l.mu.Lock()
-				if len(l.errs) < 20 {
-					l.errs = append(l.errs, err.Error())
-				}
-				l.mu.Unlock()
-			}
+		c, err := l.connect()
+		if err != nil {
+			l.failed(err)
+			return
+		}
+		defer c.Close()
+		if err := fn(c); err != nil {
+			l.failed(err)
 		}
 	}()
 }
 
-var clients sync.Map
+func post(c net.Conn, br *bufio.Reader, body []byte, closing bool) error {
+	conn := ""
+	if closing {
+		conn = "Connection: close\r\n"
+	}
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := fmt.Fprintf(c, "POST / HTTP/1.1\r\nHost: backend\r\nContent-Length: %d\r\n%s\r\n%s", len(body), conn, body); err != nil {
+		return fmt.Errorf("writing request: %w", err)
+	}
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		return fmt.Errorf("reading response: %w", err)
+	}
+	got, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != 200 || !bytes.Equal(got, body) {
+		return fmt.Errorf("response %d, %d of %d bytes, %v", resp.StatusCode, len(got), len(body), err)
+	}
+	return nil
+}
 
-func (l *load) http(keepAlive bool) error {
-	key := fmt.Sprintf("%p-%v", l, keepAlive)
-	v, _ := clients.LoadOrStore(key, &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: l.dial, DisableKeepAlives: !keepAlive, MaxIdleConnsPerHost: 4}})
-	c := v.(*http.Client)
-	for i := 0; i < 20; i++ {
-		resp, err := c.Get("http://" + l.addr + "/")
-		if err != nil {
-			return err
-		}
-		n, err := io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
-		if err != nil || n != 1024 || resp.StatusCode != 200 {
-			return fmt.Errorf("response %d, %d bytes, %v", resp.StatusCode, n, err)
+func (l *load) keepAlive(c net.Conn) error {
+	br := bufio.NewReader(c)
+	for i := 0; !l.stopped(); i++ {
+		body := bytes.Repeat([]byte{byte('a' + i%26)}, 64+(i*97)%4000)
+		if err := post(c, br, body, false); err != nil {
+			return fmt.Errorf("keep-alive request %d: %w", i, err)
 		}
 		l.ok.Add(1)
 		time.Sleep(2 * time.Millisecond)
@@ -93,20 +151,30 @@ func (l *load) http(keepAlive bool) error {
 	return nil
 }
 
-// stream holds one TCP connection for about a second, echoing chunks.
-func (l *load) stream() error {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := l.dial(ctx, "tcp", l.addr)
+func (l *load) oneShot() error {
+	c, err := l.connect()
 	if err != nil {
-		return fmt.Errorf("stream dial: %w", err)
+		return err
 	}
 	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(15 * time.Second))
+	br := bufio.NewReader(c)
+	if err := post(c, br, []byte("one shot"), true); err != nil {
+		return fmt.Errorf("new-connection request: %w", err)
+	}
+	if rest, err := io.ReadAll(br); err != nil || len(rest) != 0 {
+		return fmt.Errorf("new-connection end: %d bytes, %v", len(rest), err)
+	}
+	l.ok.Add(1)
+	return nil
+}
+
+// echoStream echoes 1 KiB chunks every 20ms, then half-closes.
+func (l *load) echoStream(c net.Conn) error {
 	br := bufio.NewReader(c)
 	chunk := bytes.Repeat([]byte("S"), 1024)
 	buf := make([]byte, len(chunk))
-	for i := 0; i < 50; i++ {
+	for i := 0; !l.stopped(); i++ {
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
 		if _, err := c.Write(chunk); err != nil {
 			return fmt.Errorf("stream write %d: %w", i, err)
 		}
@@ -123,26 +191,98 @@ func (l *load) stream() error {
 	return nil
 }
 
+// eventStream reads numbered events: each exactly once, in order.
+func (l *load) eventStream(c net.Conn) error {
+	if _, err := c.Write([]byte("E")); err != nil {
+		return err
+	}
+	br := bufio.NewReader(c)
+	for i := 0; !l.stopped(); i++ {
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		line, err := br.ReadString('\n')
+		if err == nil {
+			_, err = br.ReadString('\n')
+		}
+		if err != nil || line != fmt.Sprintf("data: %d\n", i) {
+			return fmt.Errorf("event %d: %q, %v", i, line, err)
+		}
+		l.events.Add(1)
+	}
+	l.streams.Add(1)
+	return nil
+}
+
+// database sends a query, reads the answer (two writes), and idles.
+func (l *load) database(c net.Conn) error {
+	br := bufio.NewReader(c)
+	for i := 0; !l.stopped(); i++ {
+		q := fmt.Sprintf("DB SELECT %d FROM t\n", i) // 'D' picks the protocol
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.WriteString(c, q); err != nil {
+			return fmt.Errorf("query %d: %w", i, err)
+		}
+		head, err := br.ReadString('\n')
+		var rows string
+		if err == nil {
+			rows, err = br.ReadString('\n')
+		}
+		if err != nil || head != fmt.Sprintf("ROWS %d\n", len(q)) || rows != q {
+			return fmt.Errorf("query %d: %q %q, %v", i, head, rows, err)
+		}
+		l.queries.Add(1)
+		select {
+		case <-l.stop:
+		case <-time.After(l.idle):
+		}
+	}
+	l.streams.Add(1)
+	return nil
+}
+
 func (l *load) finish(t *testing.T) {
 	t.Helper()
 	close(l.stop)
 	l.wg.Wait()
-	t.Logf("load: %d requests, %d streams completed, %d failures", l.ok.Load(), l.streams.Load(), l.fail.Load())
+	t.Logf("load: %d requests, %d events, %d queries, %d long-lived streams completed, %d connections opened, %d failures",
+		l.ok.Load(), l.events.Load(), l.queries.Load(), l.streams.Load(), l.opened.Load(), l.fail.Load())
 	if n := l.fail.Load(); n != 0 {
 		t.Errorf("%d failures under load, first: %q", n, l.errs)
 	}
+	if done := l.streams.Load(); done != int64(l.streamClients) {
+		t.Errorf("%d of %d long-lived streams completed", done, l.streamClients)
+	}
 }
 
-// TestHotRestartSoak: constant keep-alive, new-connection and long-stream
-// load through the outbound listener while the configuration changes N
-// times by each route (POST /reload, SIGHUP, file change) and one bad config in the middle. Zero failures; never
-// more than two generations; counters carried across generations.
+// soakRestarts is the number of hot restarts in the soaks:
+// MESHLET_SOAK_RESTARTS, or 9 (the benchmark run uses 100).
+func soakRestarts(t *testing.T) int {
+	if v := os.Getenv("MESHLET_SOAK_RESTARTS"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			t.Fatalf("MESHLET_SOAK_RESTARTS: invalid value %q", v)
+		}
+		return n
+	}
+	return 9
+}
+
+// TestHotRestartSoak: constant load through the outbound listener —
+// keep-alive and new-connection POSTs answered in two writes, an echo
+// stream, an event stream and a database-like connection idle between
+// queries, by clients that never retry — while the configuration changes N
+// times by each route (POST /reload, SIGHUP, file change), with one bad
+// config in the middle. Zero failures; every long-lived connection survives
+// every restart (connections opened = connections the backend accepted =
+// the proxy's connections counter, which carries across generations);
+// never more than two generations.
 func TestHotRestartSoak(t *testing.T) {
 	if testing.Short() {
 		t.Skip("soak: skipped under -short")
 	}
-	p := startAgent(t, httpBackend(t), "--drain-duration=5s")
-	l := startLoad(p.outbound, 4, 2, 3)
+	backend := httpBackend(t)
+	p := startAgent(t, backend, "--drain-duration=1s")
+	before := p.metric(t, `meshlet_proxy_connections_total{direction="outbound"}`)
+	l := startLoad(p.outbound, 4, 2, 6)
 
 	var maxGens atomic.Int64
 	watchDone := make(chan struct{})
@@ -161,8 +301,7 @@ func TestHotRestartSoak(t *testing.T) {
 	}()
 
 	time.Sleep(300 * time.Millisecond)
-	before := p.metric(t, `meshlet_proxy_connections_total{direction="outbound"}`)
-	const n = 9
+	n := soakRestarts(t)
 	for i := 0; i < n; i++ {
 		switch i % 3 {
 		case 0:
@@ -178,7 +317,7 @@ func TestHotRestartSoak(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		time.Sleep(400 * time.Millisecond)
+		time.Sleep(300 * time.Millisecond)
 		if i == 4 {
 			// A bad config mid-soak: rejected, the generation keeps serving.
 			if err := os.WriteFile(p.configPath, []byte("apiVersion: meshlet.io/v1alpha1\nkind: ProxyConfig\ninbound:\n  maxConnections: -1\n"), 0o644); err != nil {
@@ -208,14 +347,30 @@ func TestHotRestartSoak(t *testing.T) {
 	if m := maxGens.Load(); m > 2 {
 		t.Errorf("saw %d live generations, want at most 2", m)
 	}
+	opened := l.opened.Load()
+	if got := acceptedBy(backend); got != opened {
+		t.Errorf("backend accepted %d connections, clients opened %d (a connection was re-made behind the client)", got, opened)
+	}
 	after := p.metric(t, `meshlet_proxy_connections_total{direction="outbound"}`)
-	if after <= before {
-		t.Errorf("connections counter went from %v to %v across generations", before, after)
+	if after-before != float64(opened) {
+		t.Errorf("connections counter went from %v to %v across generations; clients opened %d", before, after, opened)
+	}
+	for name, want := range map[string]float64{
+		`meshlet_proxy_drain_closed_connections_total{direction="outbound"}`:  0,
+		`meshlet_proxy_errors_total{direction="outbound",kind="handover"}`:    0,
+		`meshlet_proxy_errors_total{direction="any",kind="handover_refused"}`: 0,
+	} {
+		if v := p.metric(t, name); v != want {
+			t.Errorf("%s = %v, want %v", name, v, want)
+		}
+	}
+	if v := p.metric(t, `meshlet_proxy_handed_over_connections_total{direction="outbound"}`); v < float64(info.ActiveGeneration-1) {
+		t.Errorf("handed-over connections = %v over %d generations", v, info.ActiveGeneration)
 	}
 	if v := p.metric(t, `meshlet_agent_reloads_total{result="failure"}`); v < 1 {
 		t.Errorf("reload failures = %v, want ≥ 1", v)
 	}
-	if l.streams.Load() == 0 || l.ok.Load() < 100 {
-		t.Errorf("too little load went through: %d requests, %d streams", l.ok.Load(), l.streams.Load())
+	if l.ok.Load() < 100 || l.events.Load() == 0 || l.queries.Load() == 0 {
+		t.Errorf("too little load went through: %d requests, %d events, %d queries", l.ok.Load(), l.events.Load(), l.queries.Load())
 	}
 }
