@@ -91,8 +91,24 @@ type Options struct {
 	Handover *net.UnixConn
 	// Version is reported in /server_info.
 	Version string
+	// Dynamic, when set, is the configuration the generation receives at
+	// run time (the xDS client): /healthz/ready answers 503 until it is
+	// ready, /server_info and /config_dump include it.
+	Dynamic Dynamic
 	// Log receives the generation's logs; nil: discard.
 	Log *slog.Logger
+}
+
+// Dynamic is configuration received at run time, as the admin and health
+// endpoints show it.
+type Dynamic interface {
+	// Ready returns nil once a complete configuration serves, else why not.
+	Ready() error
+	// Info is added to /server_info as "dynamic".
+	Info() any
+	// ConfigDump returns Envoy's admin.v3.ConfigDump JSON ({"configs":
+	// [...]}); includeEDS adds the endpoints, as Envoy's ?include_eds.
+	ConfigDump(includeEDS bool) ([]byte, error)
 }
 
 // Server is a running generation.
@@ -495,6 +511,12 @@ func (s *Server) healthMux() http.Handler {
 			http.Error(w, "draining", http.StatusServiceUnavailable)
 			return
 		}
+		if d := s.o.Dynamic; d != nil {
+			if err := d.Ready(); err != nil {
+				http.Error(w, err.Error(), http.StatusServiceUnavailable)
+				return
+			}
+		}
 		fmt.Fprintln(w, "ready")
 	})
 	return mux
@@ -561,6 +583,9 @@ type ServerInfo struct {
 		Inbound  int64 `json:"inbound"`
 		Outbound int64 `json:"outbound"`
 	} `json:"activeConnections"`
+	// Dynamic is the run-time configuration's state (Options.Dynamic),
+	// e.g. the xDS client's source, connection, versions and last NACK.
+	Dynamic any `json:"dynamic,omitempty"`
 }
 
 // Info returns the current /server_info document.
@@ -576,6 +601,9 @@ func (s *Server) Info() ServerInfo {
 		LastReloadError: s.o.Stats.Note(),
 	}
 	si.ActiveConnections.Inbound, si.ActiveConnections.Outbound = s.Active()
+	if s.o.Dynamic != nil {
+		si.Dynamic = s.o.Dynamic.Info()
+	}
 	return si
 }
 
@@ -599,16 +627,34 @@ func (s *Server) adminMux() http.Handler {
 		in, out := s.Active()
 		fmt.Fprintf(w, "meshlet_proxy_active_connections{direction=\"inbound\"}: %d\nmeshlet_proxy_active_connections{direction=\"outbound\"}: %d\n", in, out)
 	})
-	mux.HandleFunc("/config_dump", func(w http.ResponseWriter, _ *http.Request) {
+	mux.HandleFunc("/config_dump", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
+		doc := struct {
+			// Configs is Envoy's shape (admin.v3.ConfigDump) for the
+			// run-time configuration, when there is one.
+			Configs    json.RawMessage `json:"configs,omitempty"`
+			Generation int             `json:"generation"`
+			ConfigHash string          `json:"configHash"`
+			Effective  config.Config   `json:"effective"`
+			Raw        string          `json:"raw"`
+		}{Generation: s.o.Generation, ConfigHash: s.o.Config.Hash, Effective: s.o.Config.Config, Raw: string(s.o.Config.Raw)}
+		if d := s.o.Dynamic; d != nil {
+			b, err := d.ConfigDump(r.URL.Query().Has("include_eds"))
+			var dump struct {
+				Configs json.RawMessage `json:"configs"`
+			}
+			if err == nil {
+				err = json.Unmarshal(b, &dump)
+			}
+			if err != nil {
+				http.Error(w, fmt.Sprintf("config dump: %v", err), http.StatusInternalServerError)
+				return
+			}
+			doc.Configs = dump.Configs
+		}
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
-		_ = enc.Encode(struct {
-			Generation int           `json:"generation"`
-			ConfigHash string        `json:"configHash"`
-			Effective  config.Config `json:"effective"`
-			Raw        string        `json:"raw"`
-		}{s.o.Generation, s.o.Config.Hash, s.o.Config.Config, string(s.o.Config.Raw)})
+		_ = enc.Encode(doc)
 	})
 	return mux
 }

@@ -22,10 +22,6 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 )
 
-// DefaultAddress is the chart's discovery Service (plain-text xDS on
-// istiod's port 15010).
-const DefaultAddress = "meshlet-discovery.meshlet-system.svc:15010"
-
 // Protocol selects the xDS variant.
 type Protocol string
 
@@ -104,7 +100,8 @@ type Client struct {
 	ready     chan struct{}    // closed once a complete configuration serves
 	readyOnce sync.Once
 
-	persist chan resources
+	resGen  uint64        // counts accepted states (persistence)
+	persist chan struct{} // a new state to persist
 }
 
 // New checks o and returns a client; nothing is sent until Run.
@@ -137,7 +134,7 @@ func New(o Options) (*Client, error) {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
 	c := &Client{o: o, log: o.Log, res: newResources(), source: SourceNone, nacks: map[string]*nack{},
-		ready: make(chan struct{}), persist: make(chan resources, 1)}
+		ready: make(chan struct{}), persist: make(chan struct{}, 1)}
 	return c, nil
 }
 
@@ -358,7 +355,7 @@ func (c *Client) handle(r *response, snd sender, subs map[string][]string) error
 			delete(next.entries, n)
 		}
 	}
-	var errs []string
+	var errs, got []string
 	rejected := map[string]*anypb.Any{}
 	for _, x := range r.resources {
 		e, err := decode(r.typeURL, x.raw, x.version, r.received)
@@ -379,6 +376,7 @@ func (c *Client) handle(r *response, snd sender, subs map[string][]string) error
 			e.updated = old.updated // unchanged in this SotW response
 		}
 		next.entries[e.name] = e
+		got = append(got, e.name)
 	}
 	var tbl *table
 	if len(errs) == 0 {
@@ -387,15 +385,24 @@ func (c *Client) handle(r *response, snd sender, subs map[string][]string) error
 		prev := c.tbl
 		c.mu.Unlock()
 		tbl = assemble(c.o.Base, cand, prev)
-		if err := c.o.Engine.Apply(tbl.cfg); err != nil {
+		apply := c.o.Engine.Apply
+		if r.typeURL == EndpointType {
+			apply = func(engineConfig) error { return applyTable(c.o.Engine, prev, tbl) }
+		}
+		if err := apply(tbl.cfg); err != nil {
 			errs = append(errs, fmt.Sprintf("%s update rejected by the engine: %v", shortType(r.typeURL), strings.ReplaceAll(err.Error(), "\n", "; ")))
+			for _, n := range got {
+				rejected[n] = next.entries[n].raw
+			}
 		} else {
 			applied := time.Now()
 			c.mu.Lock()
 			c.res, c.tbl, c.lastApply = cand, tbl, applied
+			c.resGen++
 			c.source = SourceControlPlane
 			delete(c.nacks, r.typeURL)
 			c.mu.Unlock()
+			c.queuePersist()
 			c.o.Metrics.applied(r.typeURL, applied.Sub(r.received), applied)
 			c.log.Debug("xDS update applied", "type", shortType(r.typeURL), "version", r.version, "resources", len(r.resources),
 				"removed", len(r.removed), "took", applied.Sub(r.received))
@@ -405,7 +412,6 @@ func (c *Client) handle(r *response, snd sender, subs map[string][]string) error
 					c.log.Info("first complete configuration from the control plane applied", "clusters", len(tbl.cfg.Clusters), "services", len(tbl.cfg.Services))
 				})
 			}
-			c.queuePersist(cand)
 		}
 	}
 	if len(errs) > 0 {

@@ -11,13 +11,13 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 )
 
-// ConfigDump returns the xDS resources in Envoy's /config_dump shape: an
+// Dump returns the xDS resources in Envoy's /config_dump shape: an
 // admin.v3.ConfigDump whose configs are a ClustersConfigDump, a
 // ListenersConfigDump, a RoutesConfigDump and (with includeEDS, as Envoy's
 // ?include_eds) an EndpointsConfigDump, each resource with its version and
 // last update time; a rejected update shows as the error_state of the
 // resources it carried (details: the NACK message).
-func (c *Client) ConfigDump(includeEDS bool) *adminv3.ConfigDump {
+func (c *Client) Dump(includeEDS bool) *adminv3.ConfigDump {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	ts := timestamppb.New
@@ -106,8 +106,10 @@ func (c *Client) ConfigDump(includeEDS bool) *adminv3.ConfigDump {
 	return &adminv3.ConfigDump{Configs: configs}
 }
 
-// ConfigDumpJSON is ConfigDump as Envoy prints it (protojson, proto field
-// names).
-func (c *Client) ConfigDumpJSON(includeEDS bool) ([]byte, error) {
-	return protojson.MarshalOptions{UseProtoNames: true, Indent: "  "}.Marshal(c.ConfigDump(includeEDS))
+// ConfigDump is Dump as Envoy prints it (protojson, proto field names).
+func (c *Client) ConfigDump(includeEDS bool) ([]byte, error) {
+	return protojson.MarshalOptions{UseProtoNames: true}.Marshal(c.Dump(includeEDS))
 }
+
+// Info is Status, for the generation's /server_info.
+func (c *Client) Info() any { return c.Status() }

@@ -24,33 +24,39 @@ import (
 // over the old one, so a reader never sees half of it.
 const stateMagic = "meshlet-xds-state v1"
 
-func (c *Client) queuePersist(r resources) {
+func (c *Client) queuePersist() {
 	if c.o.StateFile == "" {
 		return
 	}
-	select { // keep only the newest
-	case <-c.persist:
-	default:
+	select {
+	case c.persist <- struct{}{}:
+	default: // one is pending; it writes the newest state
 	}
-	c.persist <- r
 }
 
-// persistLoop writes queued states until ctx ends, then the last queued one.
+// persistLoop writes the accepted state whenever it changed, until ctx
+// ends; then once more if it changed since the last write.
 func (c *Client) persistLoop(ctx context.Context) {
+	var written uint64
+	write := func() {
+		c.mu.Lock()
+		r, gen := c.res, c.resGen
+		c.mu.Unlock()
+		if gen == written {
+			return
+		}
+		if err := writeState(c.o.StateFile, r, time.Now()); err != nil {
+			c.log.Error("persisting the xDS configuration", "file", c.o.StateFile, "err", err)
+			return
+		}
+		written = gen
+	}
 	for {
 		select {
-		case r := <-c.persist:
-			if err := writeState(c.o.StateFile, r, time.Now()); err != nil {
-				c.log.Error("persisting the xDS configuration", "file", c.o.StateFile, "err", err)
-			}
+		case <-c.persist:
+			write()
 		case <-ctx.Done():
-			select {
-			case r := <-c.persist:
-				if err := writeState(c.o.StateFile, r, time.Now()); err != nil {
-					c.log.Error("persisting the xDS configuration", "file", c.o.StateFile, "err", err)
-				}
-			default:
-			}
+			write()
 			return
 		}
 	}
