@@ -28,6 +28,7 @@ import (
 	"github.com/meshlet/meshlet/proxy/l7"
 	"github.com/meshlet/meshlet/proxy/server"
 	"github.com/meshlet/meshlet/proxy/stats"
+	"github.com/meshlet/meshlet/proxy/xds"
 )
 
 // Options configure a generation. NewOptions returns the defaults.
@@ -51,6 +52,9 @@ type Options struct {
 	Log io.Writer
 	// Version is reported in /server_info.
 	Version string
+	// XDS, when its address is set, configures the L7 engine from the
+	// discovery server (package xds) on top of the configuration file.
+	XDS xds.Settings
 }
 
 // NewOptions returns the defaults: generation 1, a 5s drain, the standard
@@ -144,8 +148,12 @@ func Run(ctx context.Context, o Options) error {
 	}
 	var engine *l7.Engine
 	var choose l4.Chooser
-	if cfg.L7 != nil {
-		engine, err = l7.New(*cfg.L7, l7.Options{Logger: log})
+	if cfg.L7 != nil || o.XDS.Enabled() {
+		base := config.L7{}
+		if cfg.L7 != nil {
+			base = *cfg.L7
+		}
+		engine, err = l7.New(base, l7.Options{Logger: log})
 		if err != nil {
 			err = fmt.Errorf("%w: %w", ErrConfig, err)
 			agent.ReportFailure(ready, err)
@@ -158,6 +166,15 @@ func Run(ctx context.Context, o Options) error {
 		}
 		so.Gatherer = reg
 		so.Chooser = func(c *l4.Conn) l4.Handler { return choose(c) }
+		if o.XDS.Enabled() {
+			xc, stop, err := xds.StartGeneration(log, o.XDS, base, engine, reg)
+			if err != nil {
+				agent.ReportFailure(ready, err)
+				return err
+			}
+			defer stop()
+			so.Dynamic = xc
+		}
 	}
 	srv, err := server.New(so)
 	if err != nil {

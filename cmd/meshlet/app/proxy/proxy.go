@@ -16,13 +16,15 @@ import (
 	"github.com/meshlet/meshlet/cmd/meshlet/app/version"
 	"github.com/meshlet/meshlet/proxy/agent"
 	"github.com/meshlet/meshlet/proxy/generation"
+	"github.com/meshlet/meshlet/proxy/xds"
 )
 
 // flagpole holds the flags: the options themselves, and the flags that need
 // converting.
 type flagpole struct {
-	opts       generation.Options
-	staticDest string
+	opts        generation.Options
+	staticDest  string
+	xdsProtocol string
 }
 
 // New returns the `meshlet proxy` command.
@@ -63,6 +65,7 @@ The agent forwards SIGUSR1 and SIGUSR2 it receives to its generations.`,
 	fl.StringVar(&o.AdminAddr, "admin-addr", d.AdminAddr, "admin listener when not inherited (empty: none)")
 	fl.StringVar(&f.staticDest, "static-destination", "", "testing: forward connections that were not redirected to this address instead of rejecting them")
 	fl.BoolVarP(&o.Verbose, "verbose", "v", false, "debug logging")
+	registerXDS(fl, &o.XDS, &f.xdsProtocol)
 	return cmd
 }
 
@@ -78,6 +81,12 @@ func run(ctx context.Context, streams cli.Streams, f *flagpole) error {
 			return &cli.ExitError{Code: 2, Err: err}
 		}
 		o.StaticDestination = dst
+	}
+	switch p := xds.Protocol(f.xdsProtocol); p {
+	case xds.Auto, xds.Delta, xds.SotW:
+		o.XDS.Protocol = p
+	default:
+		return &cli.ExitError{Code: 2, Err: fmt.Errorf("--xds-protocol: invalid value %q: must be delta or sotw (empty: delta, falling back to sotw)", f.xdsProtocol)}
 	}
 	err := generation.Run(ctx, o)
 	if errors.Is(err, generation.ErrConfig) {

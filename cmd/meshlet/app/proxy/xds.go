@@ -1,0 +1,32 @@
+package proxy
+
+import (
+	"os"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"github.com/meshlet/meshlet/proxy/xds"
+)
+
+// Environment variables of the xDS flags (the injector sets them on the
+// sidecar; generations inherit the agent's environment).
+const (
+	envDiscoveryAddress = "MESHLET_DISCOVERY_ADDRESS"
+	envXDSStateFile     = "MESHLET_XDS_STATE_FILE"
+)
+
+// registerXDS adds the xDS flags, defaulting from the environment.
+func registerXDS(fl *pflag.FlagSet, s *xds.Settings, protocol *string) {
+	fl.StringVar(&s.Address, "discovery-address", os.Getenv(envDiscoveryAddress),
+		"xDS discovery server host:port (env "+envDiscoveryAddress+"); empty: the static configuration only")
+	state := os.Getenv(envXDSStateFile)
+	if state == "" {
+		state = "/var/run/meshlet/xds-state"
+	}
+	fl.StringVar(&s.StateFile, "xds-state-file", state,
+		"where the last applied xDS configuration is kept, in the pod's runtime volume (env "+envXDSStateFile+"); empty: not kept")
+	fl.StringVar(protocol, "xds-protocol", "", "xDS variant: delta or sotw; empty: delta, falling back to sotw")
+	fl.DurationVar(&s.InitialWait, "xds-initial-wait", 5*time.Second,
+		"how long a generation waits for its first complete xDS configuration before it serves (not ready) anyway")
+}
