@@ -50,6 +50,12 @@ type Authority struct {
 
 // NewAuthority creates a self-signed CA valid from now for validity.
 func NewAuthority(now time.Time, validity time.Duration) (*Authority, []byte, []byte, error) {
+	return NewAuthorityFor(now, validity, pkix.Name{CommonName: fmt.Sprintf("meshlet-webhook-ca@%d", now.Unix()), Organization: []string{"meshlet"}})
+}
+
+// NewAuthorityFor creates a self-signed ECDSA P-256 CA with subject, valid
+// from now for validity, and returns it with its certificate and key PEM.
+func NewAuthorityFor(now time.Time, validity time.Duration, subject pkix.Name) (*Authority, []byte, []byte, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("generating CA key: %w", err)
@@ -60,7 +66,7 @@ func NewAuthority(now time.Time, validity time.Duration) (*Authority, []byte, []
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial,
-		Subject:               pkix.Name{CommonName: fmt.Sprintf("meshlet-webhook-ca@%d", now.Unix()), Organization: []string{"meshlet"}},
+		Subject:               subject,
 		NotBefore:             now.Add(-backdate(validity)),
 		NotAfter:              now.Add(validity),
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature | x509.KeyUsageCRLSign,
