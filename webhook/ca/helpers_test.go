@@ -327,7 +327,9 @@ func (p testPKI) cacerts() map[string][]byte {
 
 func spiffe(ns, sa string) string { return fmt.Sprintf("spiffe://cluster.local/ns/%s/sa/%s", ns, sa) }
 
-func pkixName(cn string) pkix.Name { return pkix.Name{CommonName: cn, Organization: []string{"meshlet test"}} }
+func pkixName(cn string) pkix.Name {
+	return pkix.Name{CommonName: cn, Organization: []string{"meshlet test"}}
+}
 
 // csrWithDNS returns a CSR asking for a DNS SAN.
 func csrWithDNS(t testing.TB, name string) []byte {
