@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"time"
 
+	"github.com/meshlet/meshlet/internal/certpem"
 	"github.com/meshlet/meshlet/webhook/certs"
 )
 
@@ -90,7 +91,7 @@ func ParseSecret(source string, data map[string][]byte, now time.Time) (*Authori
 	if pa.Cert.KeyUsage != 0 && pa.Cert.KeyUsage&x509.KeyUsageCertSign == 0 {
 		return fail(KeyCACert, errors.New("certificate may not sign certificates (key usage lacks certSign)"))
 	}
-	roots, err := certs.ParseCertificates(data[KeyRootCert])
+	roots, err := certpem.ParseCertificates(data[KeyRootCert])
 	if err != nil {
 		return fail(KeyRootCert, err)
 	}
@@ -100,7 +101,7 @@ func ParseSecret(source string, data map[string][]byte, now time.Time) (*Authori
 		}
 		roots = []*x509.Certificate{pa.Cert}
 	}
-	chain, err := certs.ParseCertificates(data[KeyCertChain])
+	chain, err := certpem.ParseCertificates(data[KeyCertChain])
 	if err != nil {
 		return fail(KeyCertChain, err)
 	}

@@ -14,7 +14,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	"github.com/meshlet/meshlet/webhook/certs"
+	"github.com/meshlet/meshlet/internal/certpem"
 )
 
 // TestCreateCertificateWithTokenReview: a sidecar's projected token (audience
@@ -156,7 +156,7 @@ func TestSelfSignedRootRace(t *testing.T) {
 	if err != nil {
 		t.Fatalf("reading %s: %v", SelfSignedSecretName, err)
 	}
-	stored, err := certs.ParseCertificates(sec.Data[KeyCACert])
+	stored, err := certpem.ParseCertificates(sec.Data[KeyCACert])
 	if err != nil || len(stored) != 1 {
 		t.Fatalf("stored root: %d certificates, %v", len(stored), err)
 	}

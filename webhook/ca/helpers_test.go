@@ -34,6 +34,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/utils/ptr"
 
+	"github.com/meshlet/meshlet/internal/certpem"
 	"github.com/meshlet/meshlet/webhook/certs"
 )
 
@@ -233,7 +234,7 @@ func parseChain(t testing.TB, resp *securityv1alpha1.IstioCertificateResponse) [
 	t.Helper()
 	var out []*x509.Certificate
 	for i, p := range resp.GetCertChain() {
-		cs, err := certs.ParseCertificates([]byte(p))
+		cs, err := certpem.ParseCertificates([]byte(p))
 		if err != nil || len(cs) != 1 {
 			t.Fatalf("cert_chain[%d]: %d certificates, %v", i, len(cs), err)
 		}
