@@ -582,6 +582,7 @@ type h2stream struct {
 	start time.Time
 	hdrs  []hpack.HeaderField // request headers for the upstream (no grpc-timeout)
 	genID string              // x-request-id generated here (the client sent none)
+	dc    decision            // the request's decision (request.go)
 
 	cl      *cluster
 	pl      *pool
@@ -659,10 +660,7 @@ func (s *h2stream) open(f *http2.MetaHeadersFrame, fs *flushSet) {
 			authority = hf.Value
 		}
 	}
-	if _, ok := hdr["X-Request-Id"]; !ok {
-		s.genID = newRequestID()
-		hdr["X-Request-Id"] = []string{s.genID}
-	}
+	s.genID = ensureRequestID(hdr)
 	u, err := url.ParseRequestURI(path)
 	r := &http.Request{Method: method, Proto: "HTTP/2.0", ProtoMajor: 2, Header: hdr, Host: authority, RemoteAddr: d.remote, RequestURI: path}
 	s.req = r
@@ -680,25 +678,8 @@ func (s *h2stream) open(f *http2.MetaHeadersFrame, fs *flushSet) {
 	r.URL = u
 
 	host := hostOnly(authority)
-	var rt *route
-	if d.dir == Inbound {
-		rt = t.inboundRoute
-	} else if svc := findService(t.services, host, d.dst); svc != nil {
-		for _, cand := range svc.routes {
-			if _, ok := cand.matches(r, host); ok {
-				rt = cand
-				break
-			}
-		}
-		if rt == nil {
-			s.st.flags = "NR"
-			s.localReply(http.StatusNotFound, 12, "no route matched", fs)
-			return
-		}
-	} else {
-		rt = t.passRoute
-	}
-	if !h2RouteOK(rt) {
+	rt := t.match(r, host, d.dir, d.dst)
+	if rt != nil && !h2RouteOK(rt) {
 		// An Update since the connection was accepted routes this request
 		// where the forwarder cannot follow (TLS, HTTP/1.1 upstream,
 		// mirroring, connection limits): refuse it unprocessed and end the
@@ -707,77 +688,41 @@ func (s *h2stream) open(f *http2.MetaHeadersFrame, fs *flushSet) {
 		s.refuse(fs)
 		return
 	}
-	s.st.route = rt
-	cfg := rt.cfg
-
-	// Deadline: the route timeout, shortened by a client's grpc-timeout.
-	timeout := cfg.Timeout.D
-	if s.st.grpc {
-		if gt, ok := parseGRPCTimeout(hdr.Get("Grpc-Timeout")); ok && (timeout == 0 || gt < timeout) {
-			timeout = gt
-		}
+	s.dc = p.decide(rt, r, s.st.grpc)
+	dc := &s.dc
+	s.st.route, s.st.dest, s.st.retry, s.st.flags = dc.route, dc.dest, dc.retry, dc.flags
+	if dc.reply == nil {
+		dc.prepare(r, host)
+		s.hdrs = s.upstreamHeaders(method, regular)
 	}
-	if timeout > 0 {
-		s.st.deadline = s.start.Add(timeout)
-		s.timer = time.AfterFunc(timeout, s.onTimeout)
-	}
-	s.st.dest = rt.pickDest()
-	s.st.retry = rt.retry
-	if rw := cfg.Rewrite; rw != nil {
-		applyRewrite(r, rt, rw, host)
-	}
-	if h := cfg.Headers; h != nil {
-		applyHeaderOps(r.Header, &h.Request)
-	}
-	rt.budgetDeposit()
-	s.hdrs = s.upstreamHeaders(method, regular)
-
-	if fl := cfg.Fault; fl != nil {
-		if dl := fl.Delay; dl != nil && hit(dl.Percent) {
-			s.st.flags = addFlag(s.st.flags, "DI")
-			rt.faultMetric(p.m, "delay")
-			s.waiting = true
-			time.AfterFunc(dl.Fixed.D, func() {
-				fs := &flushSet{}
-				d.mu.Lock()
-				if !s.closed {
-					s.waiting = false
-					s.afterDelay(fs)
-				}
-				d.mu.Unlock()
-				fs.flush()
-			})
-			return
-		}
+	if dc.delay > 0 {
+		s.waiting = true
+		time.AfterFunc(dc.delay, func() {
+			fs := &flushSet{}
+			d.mu.Lock()
+			if !s.closed {
+				s.waiting = false
+				s.afterDelay(fs)
+			}
+			d.mu.Unlock()
+			fs.flush()
+		})
+		return
 	}
 	s.afterDelay(fs)
 }
 
-// afterDelay applies a fault abort or dispatches the request (d.mu held).
+// afterDelay answers locally or dispatches the request (d.mu held).
 func (s *h2stream) afterDelay(fs *flushSet) {
-	rt := s.st.route
-	if fl := rt.cfg.Fault; fl != nil {
-		if a := fl.Abort; a != nil && hit(a.Percent) {
-			s.st.flags = addFlag(s.st.flags, "FI")
-			rt.faultMetric(s.d.p.m, "abort")
-			status, code := a.HTTPStatus, 14
-			if a.GRPCStatus != nil {
-				code = *a.GRPCStatus
-			}
-			if status == 0 {
-				status = http.StatusServiceUnavailable
-			}
-			s.localReply(status, code, "fault filter abort", fs)
-			return
-		}
-	}
-	cl := s.st.dest.cluster
-	if cl == nil {
-		s.st.flags = addFlag(s.st.flags, "NC")
-		s.d.p.m.noCluster.Inc()
-		s.localReply(http.StatusServiceUnavailable, 14, "no cluster "+strconv.Quote(s.st.dest.name), fs)
+	if a := s.dc.reply; a != nil {
+		s.localReply(a.status, a.grpcCode, a.msg, fs)
 		return
 	}
+	if timeout := s.dc.timeout; timeout > 0 {
+		s.st.deadline = time.Now().Add(timeout)
+		s.timer = time.AfterFunc(timeout, s.onTimeout)
+	}
+	cl := s.st.dest.cluster
 	s.cl = cl
 	s.pl = cl.pool(s.st.dest.subset)
 	if cl.name == "inbound" || cl.name == "passthrough" {
@@ -1495,11 +1440,7 @@ func (s *h2stream) finish(fs *flushSet) {
 	}
 	dur := now.Sub(s.start)
 	if s.st.route != nil {
-		var cl *cluster
-		if s.st.dest != nil {
-			cl = s.st.dest.cluster
-		}
-		if rm := s.st.route.metricsFor(p.m, d.dir, cl); rm != nil {
+		if rm := s.st.route.metricsFor(p.m, d.dir, s.st.metricsCluster()); rm != nil {
 			rm.observe(status, dur)
 		}
 	} else if strings.Contains(s.st.flags, "NR") {

@@ -77,101 +77,44 @@ func (p *Engine) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			}
 		}()
 	}
-	if _, ok := r.Header["X-Request-Id"]; !ok {
-		// As Envoy: every request carries an id the access logs of all hops
-		// share.
-		r.Header["X-Request-Id"] = []string{newRequestID()}
-	}
+	ensureRequestID(r.Header)
 	t := p.tab.Load()
 	st := &reqState{tab: t, dst: dst, grpc: isGRPC(r)}
 	st.rw.ResponseWriter = w
 	rw := &st.rw
 
 	host := hostOnly(r.Host)
-	var rt *route
-	if dir == Inbound {
-		rt = t.inboundRoute
-	} else if svc := findService(t.services, host, dst); svc != nil {
-		for _, cand := range svc.routes {
-			if _, ok := cand.matches(r, host); ok {
-				rt = cand
-				break
-			}
-		}
-		if rt == nil {
-			st.flags = "NR"
-			p.localReply(rw, r, http.StatusNotFound, 12, "no route matched") // UNIMPLEMENTED
-			p.finish(rw, r, st, dir, start)
-			return
-		}
-	} else {
-		rt = t.passRoute
-	}
-	st.route = rt
-	cfg := rt.cfg
-
-	if f := cfg.Fault; f != nil {
-		if d := f.Delay; d != nil && hit(d.Percent) {
-			st.flags = addFlag(st.flags, "DI")
-			rt.faultMetric(p.m, "delay")
-			t := time.NewTimer(d.Fixed.D)
-			select {
-			case <-t.C:
-			case <-r.Context().Done():
-				t.Stop()
-			}
-		}
-		if a := f.Abort; a != nil && hit(a.Percent) {
-			st.flags = addFlag(st.flags, "FI")
-			rt.faultMetric(p.m, "abort")
-			status, code := a.HTTPStatus, 14
-			if a.GRPCStatus != nil {
-				code = *a.GRPCStatus
-			}
-			if status == 0 {
-				status = http.StatusServiceUnavailable
-			}
-			p.localReply(rw, r, status, code, "fault filter abort")
-			p.finish(rw, r, st, dir, start)
-			return
+	rt := t.match(r, host, dir, dst)
+	dc := p.decide(rt, r, st.grpc)
+	st.route, st.dest, st.retry, st.flags = dc.route, dc.dest, dc.retry, dc.flags
+	if dc.delay > 0 {
+		t := time.NewTimer(dc.delay)
+		select {
+		case <-t.C:
+		case <-r.Context().Done():
+			t.Stop()
 		}
 	}
-
-	// Deadline: the route timeout, shortened by a client's grpc-timeout.
-	ctx := r.Context()
-	timeout := cfg.Timeout.D
-	if st.grpc {
-		if gt, ok := parseGRPCTimeout(r.Header.Get("Grpc-Timeout")); ok && (timeout == 0 || gt < timeout) {
-			timeout = gt
-		}
-	}
-	if timeout > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeoutCause(ctx, timeout, errRouteTimeout)
-		defer cancel()
-		st.deadline = time.Now().Add(timeout)
-	}
-
-	st.dest = rt.pickDest()
-	if st.dest.cluster == nil {
-		st.flags = addFlag(st.flags, "NC")
-		p.m.noCluster.Inc()
-		p.localReply(rw, r, http.StatusServiceUnavailable, 14, "no cluster "+strconv.Quote(st.dest.name))
+	if a := dc.reply; a != nil {
+		p.localReply(rw, r, a.status, a.grpcCode, a.msg)
 		p.finish(rw, r, st, dir, start)
 		return
 	}
-	st.retry = rt.retry
-	if rw2 := cfg.Rewrite; rw2 != nil {
+	ctx := r.Context()
+	if dc.timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeoutCause(ctx, dc.timeout, errRouteTimeout)
+		defer cancel()
+		st.deadline = time.Now().Add(dc.timeout)
+	}
+	cfg := rt.cfg
+	if cfg.Rewrite != nil {
 		r = r.Clone(ctx)
-		applyRewrite(r, rt, rw2, host)
 	}
-	if h := cfg.Headers; h != nil {
-		applyHeaderOps(r.Header, &h.Request)
-	}
+	dc.prepare(r, host)
 	if rt.mirror != nil && hit(orPct(cfg.Mirror.Percent)) {
 		r = p.mirror(r, rt)
 	}
-	rt.budgetDeposit()
 	if r.Body != nil && r.Body != http.NoBody {
 		// Remember a downstream body error so it is answered 400, not 502.
 		st.body = downstreamBody{ReadCloser: r.Body, st: st}
@@ -492,12 +435,7 @@ func (p *Engine) finish(w *responseWriter, r *http.Request, st *reqState, dir Di
 			status = http.StatusOK
 		}
 	}
-	var cl *cluster
-	if st.dest != nil {
-		cl = st.dest.cluster
-	} else if st.route != nil && len(st.route.dests) > 0 {
-		cl = st.route.dests[0].cluster // answered locally (fault abort) before a pick
-	}
+	cl := st.metricsCluster()
 	var gs string
 	if st.grpc {
 		gs = grpcStatus(w.Header())

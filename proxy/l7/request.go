@@ -1,0 +1,152 @@
+package l7
+
+import (
+	"net/http"
+	"net/netip"
+	"strconv"
+	"time"
+)
+
+// The per-request decision: every path that serves HTTP — net/http's
+// server (ServeHTTP), the HTTP/1.1 codec (which calls ServeHTTP) and the
+// HTTP/2 frame forwarder — takes a request through the same steps, in
+// Envoy's filter order:
+//
+//  1. x-request-id: kept, or generated (ensureRequestID, when the request
+//     arrives, so even a malformed request's log line has one);
+//  2. route choice (table.match): inbound, a service's first matching
+//     route, or passthrough; a service without a matching route is 404 NR;
+//  3. fault injection (the fault filter runs before the router): a delay,
+//     then an abort answered locally (FI);
+//  4. the router: the deadline (route timeout, shortened by a client's
+//     grpc-timeout), the weighted destination, 503 NC for a cluster the
+//     configuration does not define, the retry policy, and a deposit in the
+//     route's retry budget — only for a request that goes upstream, so
+//     fault aborts and local answers do not earn retries for others;
+//  5. request rewrites and header operations (decision.prepare).
+//
+// Forwarding headers (Forwarded, X-Forwarded-*) pass through unchanged on
+// every path. What differs per path is only how it waits (a blocked
+// goroutine or a timer) and how it writes the answer.
+
+// decision is the outcome of decide for one request.
+type decision struct {
+	route   *route        // nil: no route matched (reply says 404 NR)
+	dest    *destination  // nil when answered locally before the router
+	retry   *retryPolicy  // nil: one try without a per-try timeout
+	timeout time.Duration // the request's deadline from when it goes upstream; 0: none
+	delay   time.Duration // injected delay before anything else; 0: none
+	reply   *localAnswer  // answer locally (after the delay) instead of forwarding
+	flags   string        // Envoy response flags so far (NR, DI, FI, NC)
+}
+
+// localAnswer is a reply the engine makes without an upstream: an HTTP
+// status, or for gRPC a trailers-only status with grpcCode.
+type localAnswer struct {
+	status   int
+	grpcCode int
+	msg      string
+}
+
+// ensureRequestID gives a request without x-request-id a random UUIDv4 (as
+// Envoy does), so the access logs of every hop share it. It returns the id
+// generated, "" when the request had one.
+func ensureRequestID(h http.Header) string {
+	if _, ok := h["X-Request-Id"]; ok {
+		return ""
+	}
+	id := newRequestID()
+	h["X-Request-Id"] = []string{id}
+	return id
+}
+
+// match chooses the route of a request to dst in direction dir; nil means
+// a service claimed the request but none of its routes matched.
+func (t *table) match(r *http.Request, host string, dir Direction, dst netip.AddrPort) *route {
+	if dir == Inbound {
+		return t.inboundRoute
+	}
+	svc := findService(t.services, host, dst)
+	if svc == nil {
+		return t.passRoute
+	}
+	for _, cand := range svc.routes {
+		if _, ok := cand.matches(r, host); ok {
+			return cand
+		}
+	}
+	return nil
+}
+
+// decide takes a request on route rt (nil: none matched) through fault
+// injection and the router's decisions. It counts what it decides (fault
+// and no-cluster metrics, the retry budget deposit); the caller waits the
+// delay, then answers reply or forwards.
+func (p *Engine) decide(rt *route, r *http.Request, grpc bool) decision {
+	if rt == nil {
+		return decision{flags: "NR", reply: &localAnswer{http.StatusNotFound, 12, "no route matched"}} // UNIMPLEMENTED
+	}
+	dc := decision{route: rt}
+	cfg := rt.cfg
+	if f := cfg.Fault; f != nil {
+		if d := f.Delay; d != nil && hit(d.Percent) {
+			dc.flags = addFlag(dc.flags, "DI")
+			rt.faultMetric(p.m, "delay")
+			dc.delay = d.Fixed.D
+		}
+		if a := f.Abort; a != nil && hit(a.Percent) {
+			dc.flags = addFlag(dc.flags, "FI")
+			rt.faultMetric(p.m, "abort")
+			ans := &localAnswer{a.HTTPStatus, 14, "fault filter abort"}
+			if a.GRPCStatus != nil {
+				ans.grpcCode = *a.GRPCStatus
+			}
+			if ans.status == 0 {
+				ans.status = http.StatusServiceUnavailable
+			}
+			dc.reply = ans
+			return dc
+		}
+	}
+	dc.timeout = cfg.Timeout.D
+	if grpc {
+		if gt, ok := parseGRPCTimeout(r.Header.Get("Grpc-Timeout")); ok && (dc.timeout == 0 || gt < dc.timeout) {
+			dc.timeout = gt
+		}
+	}
+	dc.dest = rt.pickDest()
+	if dc.dest.cluster == nil {
+		dc.flags = addFlag(dc.flags, "NC")
+		p.m.noCluster.Inc()
+		dc.reply = &localAnswer{http.StatusServiceUnavailable, 14, "no cluster " + strconv.Quote(dc.dest.name)}
+		return dc
+	}
+	dc.retry = rt.retry
+	rt.budgetDeposit()
+	return dc
+}
+
+// prepare applies the route's request rewrites and header operations to r
+// (a request that is forwarded).
+func (dc *decision) prepare(r *http.Request, host string) {
+	cfg := dc.route.cfg
+	if rw := cfg.Rewrite; rw != nil {
+		applyRewrite(r, dc.route, rw, host)
+	}
+	if h := cfg.Headers; h != nil {
+		applyHeaderOps(r.Header, &h.Request)
+	}
+}
+
+// metricsCluster is the cluster a finished request is counted under: its
+// destination's, or for a request answered before a destination was picked
+// (fault abort) the route's first.
+func (st *reqState) metricsCluster() *cluster {
+	if st.dest != nil {
+		return st.dest.cluster
+	}
+	if st.route != nil && len(st.route.dests) > 0 {
+		return st.route.dests[0].cluster
+	}
+	return nil
+}
