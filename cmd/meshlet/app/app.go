@@ -14,6 +14,7 @@ import (
 	"github.com/meshlet/meshlet/cmd/meshlet/app/agent"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/cli"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/cni"
+	"github.com/meshlet/meshlet/cmd/meshlet/app/discovery"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/grpcbootstrap"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/initcmd"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/inject"
@@ -74,6 +75,7 @@ func Run(ctx context.Context, args []string, streams cli.Streams) error {
 		proxy.New(streams),
 		webhook.New(streams),
 		grpcbootstrap.New(streams),
+		discovery.New(streams),
 	)
 	return root.ExecuteContext(ctx)
 }

@@ -88,9 +88,7 @@ type builder struct {
 
 // ForProxy builds the resources of one proxy.
 func (m *Mesh) ForProxy(p Proxy) *Resources {
-	if pod := m.pods[p.Namespace+"/"+p.Name]; pod != nil && len(pod.Labels) > 0 {
-		p.Labels = pod.Labels
-	}
+	p.Labels = m.proxyLabels(&p)
 	b := &builder{m: m, p: &p, grpc: p.Generator == GeneratorGRPC, sidecar: m.sidecarFor(&p),
 		clusters: map[string]*clusterv3.Cluster{}, cla: map[string]*endpointv3.ClusterLoadAssignment{}}
 	var visibleSvcs []*service
@@ -147,6 +145,34 @@ func (m *Mesh) ForProxy(p Proxy) *Resources {
 	slices.SortFunc(out.Listeners, func(a, b *listenerv3.Listener) int { return strings.Compare(a.Name, b.Name) })
 	slices.SortFunc(out.Routes, func(a, b *routev3.RouteConfiguration) int { return strings.Compare(a.Name, b.Name) })
 	return out
+}
+
+func (m *Mesh) proxyLabels(p *Proxy) map[string]string {
+	if pod := m.pods[p.Namespace+"/"+p.Name]; pod != nil && len(pod.Labels) > 0 {
+		return pod.Labels
+	}
+	return p.Labels
+}
+
+// Key returns a string that is equal for two proxies exactly when ForProxy
+// builds the same resources for them: the output depends on the proxy's
+// namespace, generator, labels and the inbound ports Services send to its
+// IP, not on its name. Callers build once per key.
+func (m *Mesh) Key(p Proxy) string {
+	var sb strings.Builder
+	sb.WriteString(p.Namespace)
+	sb.WriteByte(0)
+	sb.WriteString(p.Generator)
+	lbls := m.proxyLabels(&p)
+	for _, k := range slices.Sorted(maps.Keys(lbls)) {
+		fmt.Fprintf(&sb, "\x00%s=%s", k, lbls[k])
+	}
+	sb.WriteByte(1)
+	in := m.inbound[p.IP]
+	for _, port := range slices.Sorted(maps.Keys(in)) {
+		fmt.Fprintf(&sb, "%d/%s,", port, in[port])
+	}
+	return sb.String()
 }
 
 func (b *builder) registryOnly() bool {
@@ -242,18 +268,7 @@ func (b *builder) outboundListener() *listenerv3.Listener {
 // inboundListener has one filter chain per port of the proxy's own pod that
 // a visible Service sends traffic to.
 func (b *builder) inboundListener(svcs []*service) *listenerv3.Listener {
-	ports := map[uint32]string{}
-	for _, s := range b.m.ordered { // inbound is about who selects us, not whom we may call
-		for _, sp := range s.ports {
-			for _, ep := range s.endpoints[sp.number] {
-				if ep.address == b.p.IP && s.kube {
-					if old, ok := ports[ep.port]; !ok || old == "" {
-						ports[ep.port] = sp.protocol
-					}
-				}
-			}
-		}
-	}
+	ports := b.m.inbound[b.p.IP]
 	_ = svcs
 	l := &listenerv3.Listener{
 		Name: VirtualInbound, Address: sockAddr("0.0.0.0", InboundPort), UseOriginalDst: wrapperspb.Bool(true),

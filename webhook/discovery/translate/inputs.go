@@ -82,6 +82,7 @@ type Warning struct {
 	Kind      string
 	Namespace string
 	Name      string
+	UID       string
 	// Reason is UnsupportedField or InvalidField.
 	Reason string
 	// Message names the field and value.

@@ -29,6 +29,9 @@ type Mesh struct {
 	sidecars []*networkingv1.Sidecar
 	pods     map[string]*corev1.Pod // "ns/name"
 	podByIP  map[string]*corev1.Pod
+	// inbound maps a pod IP to the target ports Services send to it, with
+	// their protocol.
+	inbound  map[string]map[uint32]string
 	warnings []Warning
 }
 
@@ -67,7 +70,7 @@ type boundVS struct {
 func (m *Mesh) Warnings() []Warning { return m.warnings }
 
 func (m *Mesh) warn(obj metav1.Object, kind, reason, format string, a ...any) {
-	m.warnings = append(m.warnings, Warning{Kind: kind, Namespace: obj.GetNamespace(), Name: obj.GetName(),
+	m.warnings = append(m.warnings, Warning{Kind: kind, Namespace: obj.GetNamespace(), Name: obj.GetName(), UID: string(obj.GetUID()),
 		Reason: reason, Message: fmt.Sprintf(format, a...)})
 }
 
@@ -94,8 +97,24 @@ func Compile(in *Inputs) *Mesh {
 	for _, se := range sortedObjs(in.ServiceEntries) {
 		m.addServiceEntry(se)
 	}
+	m.inbound = map[string]map[uint32]string{}
 	for _, s := range m.services {
 		m.ordered = append(m.ordered, s)
+		if !s.kube {
+			continue
+		}
+		for _, sp := range s.ports {
+			for _, ep := range s.endpoints[sp.number] {
+				ports := m.inbound[ep.address]
+				if ports == nil {
+					ports = map[uint32]string{}
+					m.inbound[ep.address] = ports
+				}
+				if old, ok := ports[ep.port]; !ok || old == "" || sp.protocol != "" && sp.protocol < old {
+					ports[ep.port] = sp.protocol
+				}
+			}
+		}
 	}
 	slices.SortFunc(m.ordered, func(a, b *service) int { return strings.Compare(a.host, b.host) })
 	for _, vs := range sortedObjs(in.VirtualServices) {
