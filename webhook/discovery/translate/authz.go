@@ -430,7 +430,9 @@ func (w *ruleWriter) policy(tcp bool) *rbacv3.Policy {
 }
 
 func permAny() *rbacv3.Permission { return &rbacv3.Permission{Rule: &rbacv3.Permission_Any{Any: true}} }
-func prinAny() *rbacv3.Principal  { return &rbacv3.Principal{Identifier: &rbacv3.Principal_Any{Any: true}} }
+func prinAny() *rbacv3.Principal {
+	return &rbacv3.Principal{Identifier: &rbacv3.Principal_Any{Any: true}}
+}
 
 func andPerms(rules []*rbacv3.Permission) *rbacv3.Permission {
 	if len(rules) == 0 {
