@@ -46,3 +46,16 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+
+{{/* The control plane: one values key (inject.discoveryAddress, host:port) gives the injected
+     discovery address, the discovery Service's name (the host's first label) and its xDS port. */}}
+{{- define "meshlet.discovery" -}}{{ include "meshlet.fullname" . }}-discovery{{- end -}}
+{{- define "meshlet.discoveryAddress" -}}{{ .Values.inject.discoveryAddress | default (printf "istiod.%s.svc:15010" .Release.Namespace) }}{{- end -}}
+{{- define "meshlet.discoveryService" -}}{{ index (splitList "." (first (splitList ":" (include "meshlet.discoveryAddress" .)))) 0 }}{{- end -}}
+{{- define "meshlet.discoveryPort" -}}{{ last (splitList ":" (include "meshlet.discoveryAddress" .)) }}{{- end -}}
+
+{{- define "meshlet.discoverySelector" -}}
+app.kubernetes.io/name: meshlet
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: discovery
+{{- end -}}
