@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 	istioclient "istio.io/client-go/pkg/clientset/versioned"
 	"k8s.io/client-go/kubernetes"
@@ -34,6 +35,7 @@ type flagpole struct {
 	domain, rootNamespace string
 	debounce, debounceMax time.Duration
 	verbose               int
+	ca                    caFlags
 }
 
 // env is what the command reads from its surroundings (tests replace it).
@@ -76,11 +78,18 @@ cannot be translated get a Warning Event naming the field; the others keep being
 			if err != nil {
 				return err
 			}
+			if opts.Registry == nil {
+				opts.Registry = prometheus.NewRegistry() // shared with the CA
+			}
+			caOpts, caOn, err := f.ca.options(e.getenv, opts.Kube, opts.Registry, log)
+			if err != nil {
+				return err
+			}
 			srv, err := server.New(opts)
 			if err != nil {
 				return err
 			}
-			return srv.Run(cmd.Context())
+			return runWithCA(cmd.Context(), srv.Run, caOpts, caOn)
 		},
 	}
 	fl := cmd.Flags()
@@ -93,6 +102,7 @@ cannot be translated get a Warning Event naming the field; the others keep being
 	fl.DurationVar(&f.debounce, "debounce", server.DefaultDebounce, "quiet time after a change before pushing (Istio's PILOT_DEBOUNCE_AFTER)")
 	fl.DurationVar(&f.debounceMax, "debounce-max", server.DefaultDebounceMax, "push a continuous burst of changes at least this often (PILOT_DEBOUNCE_MAX)")
 	fl.CountVarP(&f.verbose, "verbose", "v", "log every push (-v)")
+	f.ca.register(fl)
 	return cmd, f
 }
 
