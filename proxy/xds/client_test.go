@@ -12,9 +12,9 @@ import (
 )
 
 var reviews = mesh{
-	host: "reviews.shop.svc.cluster.local", port: 9080, vip: "10.96.0.10",
-	subsets: map[string][]string{"v1": {"127.0.0.1:10001"}, "v2": {"127.0.0.1:10002"}},
-	weights: map[string]uint32{"v1": 90, "v2": 10},
+	Host: "reviews.shop.svc.cluster.local", Port: 9080, VIP: "10.96.0.10",
+	Subsets: map[string][]string{"v1": {"127.0.0.1:10001"}, "v2": {"127.0.0.1:10002"}},
+	Weights: map[string]uint32{"v1": 90, "v2": 10},
 }
 
 // TestSubscribeAndApply: against a real go-control-plane ADS server, over
@@ -26,9 +26,9 @@ func TestSubscribeAndApply(t *testing.T) {
 	for _, p := range []Protocol{Delta, SotW} {
 		t.Run(string(p), func(t *testing.T) {
 			srv := startCP(t, "")
-			srv.set(t, "1", reviews.resources())
+			srv.Set(t, "1", reviews.Resources())
 			eng := newRecorder()
-			c, _ := runClient(t, Options{Address: srv.addr, Engine: eng, Protocol: p})
+			c, _ := runClient(t, Options{Address: srv.Addr, Engine: eng, Protocol: p})
 			select {
 			case <-c.ReadyC():
 			case <-time.After(10 * time.Second):
@@ -46,7 +46,7 @@ func TestSubscribeAndApply(t *testing.T) {
 				t.Errorf("addresses %v ports %v", svc.Addresses, svc.Ports)
 			}
 			d := svc.Routes[0].Destinations
-			if len(d) != 2 || d[0].Weight != 90 || d[1].Weight != 10 || d[0].Cluster != reviews.clusterName("v1") {
+			if len(d) != 2 || d[0].Weight != 90 || d[1].Weight != 10 || d[0].Cluster != reviews.ClusterName("v1") {
 				t.Errorf("destinations %+v", d)
 			}
 			for _, cl := range cfg.Clusters {
@@ -69,16 +69,16 @@ func TestNACKKeepsConfig(t *testing.T) {
 	for _, p := range []Protocol{Delta, SotW} {
 		t.Run(string(p), func(t *testing.T) {
 			srv := startCP(t, "")
-			srv.set(t, "1", reviews.resources())
+			srv.Set(t, "1", reviews.Resources())
 			eng := newRecorder()
-			c, _ := runClient(t, Options{Address: srv.addr, Engine: eng, Protocol: p})
+			c, _ := runClient(t, Options{Address: srv.Addr, Engine: eng, Protocol: p})
 			<-c.ReadyC()
-			bad := reviews.resources()
+			bad := reviews.Resources()
 			bad[resource.ClusterType][0].(*clusterv3.Cluster).LbPolicy = clusterv3.Cluster_RING_HASH
-			srv.set(t, "2", bad)
+			srv.Set(t, "2", bad)
 			want := "Cluster outbound|9080|v1|reviews.shop.svc.cluster.local: lb_policy: RING_HASH is not supported"
 			waitFor(t, "the NACK at the server", 5*time.Second, func() bool {
-				for _, m := range srv.nackMessages() {
+				for _, m := range srv.NACKs() {
 					if strings.Contains(m, want) {
 						return true
 					}
@@ -94,12 +94,12 @@ func TestNACKKeepsConfig(t *testing.T) {
 			if st := c.Status(); st.LastNACK["cds"].Message == "" || !strings.Contains(st.LastNACK["cds"].Message, want) {
 				t.Errorf("status lastNack %+v", st.LastNACK)
 			}
-			good := reviews.resources()
+			good := reviews.Resources()
 			good[resource.ClusterType][0].(*clusterv3.Cluster).LbPolicy = clusterv3.Cluster_LEAST_REQUEST
-			srv.set(t, "3", good)
+			srv.Set(t, "3", good)
 			waitFor(t, "version 3 applied", 5*time.Second, func() bool {
 				for _, cl := range eng.last().Clusters {
-					if cl.Name == reviews.clusterName("v1") && cl.LoadBalancer == "least_request" {
+					if cl.Name == reviews.ClusterName("v1") && cl.LoadBalancer == "least_request" {
 						return true
 					}
 				}
@@ -117,11 +117,11 @@ func TestNACKKeepsConfig(t *testing.T) {
 // arrive it is.
 func TestWarming(t *testing.T) {
 	srv := startCP(t, "")
-	rs := reviews.resources()
+	rs := reviews.Resources()
 	delete(rs, resource.EndpointType)
-	srv.set(t, "1", rs)
+	srv.Set(t, "1", rs)
 	eng := newRecorder()
-	c, _ := runClient(t, Options{Address: srv.addr, Engine: eng, Protocol: Delta})
+	c, _ := runClient(t, Options{Address: srv.Addr, Engine: eng, Protocol: Delta})
 	waitFor(t, "a first, warming configuration", 5*time.Second, func() bool {
 		return len(c.Status().WarmingClusters) == 2 && len(eng.last().Services) == 1
 	})
@@ -131,7 +131,7 @@ func TestWarming(t *testing.T) {
 	if cfg := eng.last(); len(cfg.Clusters) != 0 || len(cfg.Services) != 1 {
 		t.Fatalf("warming clusters in the table: %+v", cfg.Clusters)
 	}
-	srv.set(t, "2", reviews.resources())
+	srv.Set(t, "2", reviews.Resources())
 	select {
 	case <-c.ReadyC():
 	case <-time.After(5 * time.Second):
@@ -151,13 +151,13 @@ func TestPersistedConfig(t *testing.T) {
 		t.Run(string(p), func(t *testing.T) {
 			state := filepath.Join(t.TempDir(), "xds-state")
 			srv := startCP(t, "")
-			srv.set(t, "1", reviews.resources())
+			srv.Set(t, "1", reviews.Resources())
 			eng := newRecorder()
-			c, stop := runClient(t, Options{Address: srv.addr, Engine: eng, Protocol: p, StateFile: state})
+			c, stop := runClient(t, Options{Address: srv.Addr, Engine: eng, Protocol: p, StateFile: state})
 			<-c.ReadyC()
 			stop() // writes the last state
-			addr := srv.addr
-			srv.stop()
+			addr := srv.Addr
+			srv.Stop()
 
 			eng2 := newRecorder()
 			c2, err := New(Options{Address: addr, Node: testIdentity.Node(), Engine: eng2, Protocol: p, StateFile: state,
@@ -178,8 +178,8 @@ func TestPersistedConfig(t *testing.T) {
 			// The control plane comes back on the same address with a new split.
 			srv2 := startCP(t, addr)
 			m := reviews
-			m.weights = map[string]uint32{"v1": 50, "v2": 50}
-			srv2.set(t, "2", m.resources())
+			m.Weights = map[string]uint32{"v1": 50, "v2": 50}
+			srv2.Set(t, "2", m.Resources())
 			ctx, cancel := context.WithCancel(context.Background())
 			done := make(chan struct{})
 			go func() { _ = c2.Run(ctx); close(done) }()

@@ -261,8 +261,8 @@ func share(rs []result, after time.Time, backend string) (float64, int) {
 func canary(t testing.TB, w1, w2 uint32) (mesh, *backend, *backend) {
 	v1, v2 := startBackend(t, "v1"), startBackend(t, "v2")
 	m := reviews
-	m.subsets = map[string][]string{"v1": {v1.addr}, "v2": {v2.addr}}
-	m.weights = map[string]uint32{"v1": w1, "v2": w2}
+	m.Subsets = map[string][]string{"v1": {v1.addr}, "v2": {v2.addr}}
+	m.Weights = map[string]uint32{"v1": w1, "v2": w2}
 	return m, v1, v2
 }
 
@@ -278,8 +278,8 @@ func TestTrafficSplit(t *testing.T) {
 		t.Run(string(p), func(t *testing.T) {
 			m, _, _ := canary(t, 90, 10)
 			srv := startCP(t, "")
-			srv.set(t, "1", m.resources())
-			px := startProxy(t, Options{Address: srv.addr, Protocol: p}, "10.96.0.10:9080")
+			srv.Set(t, "1", m.Resources())
+			px := startProxy(t, Options{Address: srv.Addr, Protocol: p}, "10.96.0.10:9080")
 			if err := px.client.WaitReady(context.Background(), 10*time.Second); err != nil {
 				t.Fatal(err)
 			}
@@ -321,16 +321,16 @@ func TestTrafficSplit(t *testing.T) {
 func TestWeightChangeUnderLoad(t *testing.T) {
 	m, _, _ := canary(t, 90, 10)
 	srv := startCP(t, "")
-	srv.set(t, "1", m.resources())
-	px := startProxy(t, Options{Address: srv.addr}, "10.96.0.10:9080")
+	srv.Set(t, "1", m.Resources())
+	px := startProxy(t, Options{Address: srv.Addr}, "10.96.0.10:9080")
 	if err := px.client.WaitReady(context.Background(), 10*time.Second); err != nil {
 		t.Fatal(err)
 	}
 	l := startLoad(px.addr, 8)
 	time.Sleep(300 * time.Millisecond)
-	m.weights = map[string]uint32{"v1": 10, "v2": 90}
+	m.Weights = map[string]uint32{"v1": 10, "v2": 90}
 	pushed := time.Now()
-	srv.set(t, "2", m.resources())
+	srv.Set(t, "2", m.Resources())
 	waitApplied(t, px.client, "version 2 of the routes", func(s Status) bool { return s.Versions["rds"] == "2" })
 	applied := time.Now()
 	t.Logf("snapshot set → route update serving: %v", applied.Sub(pushed))
@@ -353,23 +353,23 @@ func TestEndpointsScaleUnderLoad(t *testing.T) {
 	for _, p := range []Protocol{Delta, SotW} {
 		t.Run(string(p), func(t *testing.T) {
 			m, v1, _ := canary(t, 100, 0)
-			delete(m.weights, "v2")
-			delete(m.subsets, "v2")
+			delete(m.Weights, "v2")
+			delete(m.Subsets, "v2")
 			extra := []*backend{startBackend(t, "v1"), startBackend(t, "v1")}
 			srv := startCP(t, "")
-			srv.set(t, "1", m.resources())
-			px := startProxy(t, Options{Address: srv.addr, Protocol: p}, "10.96.0.10:9080")
+			srv.Set(t, "1", m.Resources())
+			px := startProxy(t, Options{Address: srv.Addr, Protocol: p}, "10.96.0.10:9080")
 			if err := px.client.WaitReady(context.Background(), 10*time.Second); err != nil {
 				t.Fatal(err)
 			}
 			l := startLoad(px.addr, 8)
 			time.Sleep(200 * time.Millisecond)
-			m.subsets = map[string][]string{"v1": {v1.addr, extra[0].addr, extra[1].addr}}
-			srv.set(t, "2", m.resources())
+			m.Subsets = map[string][]string{"v1": {v1.addr, extra[0].addr, extra[1].addr}}
+			srv.Set(t, "2", m.Resources())
 			waitFor(t, "three endpoints", 5*time.Second, func() bool { return edsVersions(px.client) == 3 })
 			waitFor(t, "traffic on the new endpoints", 5*time.Second, func() bool { return extra[0].hits.Load() > 20 && extra[1].hits.Load() > 20 })
-			m.subsets = map[string][]string{"v1": {extra[1].addr}}
-			srv.set(t, "3", m.resources())
+			m.Subsets = map[string][]string{"v1": {extra[1].addr}}
+			srv.Set(t, "3", m.Resources())
 			waitFor(t, "one endpoint", 5*time.Second, func() bool { return edsVersions(px.client) == 1 })
 			time.Sleep(300 * time.Millisecond)
 			h0, h1 := v1.hits.Load(), extra[0].hits.Load()
@@ -390,7 +390,7 @@ func TestEndpointsScaleUnderLoad(t *testing.T) {
 func edsVersions(c *Client) int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	e := c.res[EndpointType].entries[reviews.clusterName("v1")]
+	e := c.res[EndpointType].entries[reviews.ClusterName("v1")]
 	if e == nil {
 		return 0
 	}
@@ -403,14 +403,14 @@ func edsVersions(c *Client) int {
 func TestControlPlaneGone(t *testing.T) {
 	m, _, _ := canary(t, 90, 10)
 	srv := startCP(t, "")
-	srv.set(t, "1", m.resources())
-	px := startProxy(t, Options{Address: srv.addr}, "10.96.0.10:9080")
+	srv.Set(t, "1", m.Resources())
+	px := startProxy(t, Options{Address: srv.Addr}, "10.96.0.10:9080")
 	if err := px.client.WaitReady(context.Background(), 10*time.Second); err != nil {
 		t.Fatal(err)
 	}
 	l := startLoad(px.addr, 4)
 	time.Sleep(200 * time.Millisecond)
-	srv.stop()
+	srv.Stop()
 	waitApplied(t, px.client, "disconnected", func(s Status) bool { return !s.Connected })
 	stopped := time.Now()
 	time.Sleep(700 * time.Millisecond)
@@ -433,15 +433,15 @@ func TestRestartWithControlPlaneDown(t *testing.T) {
 	state := filepath.Join(t.TempDir(), "xds-state")
 	m, _, _ := canary(t, 90, 10)
 	srv := startCP(t, "")
-	srv.set(t, "1", m.resources())
-	px := startProxy(t, Options{Address: srv.addr, StateFile: state}, "10.96.0.10:9080")
+	srv.Set(t, "1", m.Resources())
+	px := startProxy(t, Options{Address: srv.Addr, StateFile: state}, "10.96.0.10:9080")
 	if err := px.client.WaitReady(context.Background(), 10*time.Second); err != nil {
 		t.Fatal(err)
 	}
 	px.stop()
-	srv.stop()
+	srv.Stop()
 
-	px2 := startProxy(t, Options{Address: srv.addr, StateFile: state}, "10.96.0.10:9080")
+	px2 := startProxy(t, Options{Address: srv.Addr, StateFile: state}, "10.96.0.10:9080")
 	if err := px2.client.Ready(); err != nil {
 		t.Fatalf("not ready from the persisted config: %v", err)
 	}
@@ -463,16 +463,16 @@ func TestRestartWithControlPlaneDown(t *testing.T) {
 func TestEngineNACK(t *testing.T) {
 	m, _, _ := canary(t, 90, 10)
 	srv := startCP(t, "")
-	srv.set(t, "1", m.resources())
-	px := startProxy(t, Options{Address: srv.addr}, "10.96.0.10:9080")
+	srv.Set(t, "1", m.Resources())
+	px := startProxy(t, Options{Address: srv.Addr}, "10.96.0.10:9080")
 	if err := px.client.WaitReady(context.Background(), 10*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	bad := m.resources()
+	bad := m.Resources()
 	bad[resource.RouteType] = []types.Resource{withRetryOn(bad[resource.RouteType][0], "sometimes")}
-	srv.set(t, "2", bad)
+	srv.Set(t, "2", bad)
 	waitFor(t, "the NACK at the server", 5*time.Second, func() bool {
-		for _, msg := range srv.nackMessages() {
+		for _, msg := range srv.NACKs() {
 			if strings.Contains(msg, "RouteConfiguration update rejected by the engine") && strings.Contains(msg, `unknown condition "sometimes"`) {
 				return true
 			}

@@ -1,6 +1,8 @@
 package xds
 
 import (
+	"github.com/meshlet/meshlet/proxy/xds/xdstest"
+
 	"strings"
 	"testing"
 	"time"
@@ -21,7 +23,7 @@ import (
 // translate to passes the engine's own validation.
 func TestTranslationIsValidEngineConfig(t *testing.T) {
 	r := newResources()
-	for typ, list := range reviews.resources() {
+	for typ, list := range reviews.Resources() {
 		for _, m := range list {
 			a, _ := anypb.New(m)
 			e, err := decode(typ, a, "1", time.Now())
@@ -45,13 +47,13 @@ func TestTranslationIsValidEngineConfig(t *testing.T) {
 // resource and the field path, in the contract's format.
 func TestNACKMessages(t *testing.T) {
 	route := func(edit func(r *routev3.Route)) proto.Message {
-		rc := reviews.resources()[resource.RouteType][0].(*routev3.RouteConfiguration)
+		rc := reviews.Resources()[resource.RouteType][0].(*routev3.RouteConfiguration)
 		rc = proto.Clone(rc).(*routev3.RouteConfiguration)
 		edit(rc.VirtualHosts[0].Routes[0])
 		return rc
 	}
 	clusterWith := func(edit func(c *clusterv3.Cluster)) proto.Message {
-		c := edsCluster(reviews.clusterName("v1"))
+		c := xdstest.EDSCluster(reviews.ClusterName("v1"))
 		edit(c)
 		return c
 	}
@@ -86,13 +88,13 @@ func TestNACKMessages(t *testing.T) {
 			r.GetRoute().RequestMirrorPolicies = []*routev3.RouteAction_RequestMirrorPolicy{{Cluster: "a"}, {Cluster: "b"}}
 		}), "virtual_hosts[0].routes[0].route.request_mirror_policies: 2 policies; only one is supported"},
 		{"deprecated fault percent", RouteType, route(func(r *routev3.Route) {
-			r.TypedPerFilterConfig = map[string]*anypb.Any{filterFault: mustAny(&faultv3.HTTPFault{MaxActiveFaults: wrapperspb.UInt32(1)})}
+			r.TypedPerFilterConfig = map[string]*anypb.Any{filterFault: xdstest.MustAny(&faultv3.HTTPFault{MaxActiveFaults: wrapperspb.UInt32(1)})}
 		}), `virtual_hosts[0].routes[0].typed_per_filter_config["envoy.filters.http.fault"].max_active_faults: not supported`},
 		{"unknown typed config", RouteType, route(func(r *routev3.Route) {
-			r.TypedPerFilterConfig = map[string]*anypb.Any{filterFault: mustAny(&corev3.Node{})}
+			r.TypedPerFilterConfig = map[string]*anypb.Any{filterFault: xdstest.MustAny(&corev3.Node{})}
 		}), "typed config type.googleapis.com/envoy.config.core.v3.Node is not supported"},
 		{"endpoint weight", EndpointType, func() proto.Message {
-			c := cla("x", "127.0.0.1:1")
+			c := xdstest.CLA("x", "127.0.0.1:1")
 			c.Endpoints[0].LbEndpoints[0].LoadBalancingWeight = wrapperspb.UInt32(3)
 			return c
 		}(), "ClusterLoadAssignment x: endpoints[0].lb_endpoints[0].load_balancing_weight: 3: endpoint weights are not supported (1 only)"},
