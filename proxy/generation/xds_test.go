@@ -1,0 +1,154 @@
+package generation_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meshlet/meshlet/internal/proctest"
+	"github.com/meshlet/meshlet/proxy/generation"
+	"github.com/meshlet/meshlet/proxy/xds"
+	"github.com/meshlet/meshlet/proxy/xds/xdstest"
+)
+
+func backend(t *testing.T, name string) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		fmt.Fprint(w, name)
+	})}
+	go func() { _ = hs.Serve(ln) }()
+	t.Cleanup(func() { _ = hs.Close() })
+	return ln.Addr().String()
+}
+
+func get(url string) (int, string) {
+	c := &http.Client{Timeout: 3 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// TestGenerationXDS runs a proxy generation in xDS mode whose discovery
+// server is not up yet: it serves, answers /healthz/ready 503 saying why;
+// once the server comes up with a 90/10 canary it becomes ready, routes
+// real traffic accordingly, and /config_dump and /server_info show the
+// xDS resources and the client's state.
+func TestGenerationXDS(t *testing.T) {
+	for k, v := range map[string]string{"POD_NAME": "client-0", "POD_NAMESPACE": "shop", "INSTANCE_IP": "127.0.0.1", "SERVICE_ACCOUNT": "client"} {
+		t.Setenv(k, v)
+	}
+	id, _ := xds.IdentityFromEnv(func(k string) string {
+		return map[string]string{"POD_NAME": "client-0", "POD_NAMESPACE": "shop", "INSTANCE_IP": "127.0.0.1"}[k]
+	}, nil)
+	cpAddr := proctest.FreePort(t)
+	o := generation.NewOptions()
+	o.OutboundAddr, o.InboundAddr = proctest.FreePort(t), ""
+	o.HealthAddr, o.PrometheusAddr, o.AdminAddr = proctest.FreePort(t), proctest.FreePort(t), proctest.FreePort(t)
+	// A loopback "VIP": nothing listens there, so a request the routes
+	// miss fails instead of leaving the machine.
+	o.StaticDestination = netip.MustParseAddrPort("127.0.0.77:9080")
+	o.DrainDuration = time.Second
+	o.Log = &proctest.SyncBuf{}
+	o.XDS = xds.Settings{Address: cpAddr, StateFile: t.TempDir() + "/xds-state", InitialWait: 200 * time.Millisecond}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- generation.Run(ctx, o) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("generation: %v", err)
+		}
+	})
+
+	var code int
+	var body string
+	deadline := time.Now().Add(10 * time.Second)
+	for code, body = get("http://" + o.HealthAddr + "/healthz/ready"); code != http.StatusServiceUnavailable; code, body = get("http://" + o.HealthAddr + "/healthz/ready") {
+		if time.Now().After(deadline) {
+			t.Fatalf("health before the control plane: %d %q", code, body)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if !strings.Contains(body, "no complete configuration") {
+		t.Errorf("not-ready reason %q", body)
+	}
+
+	srv := xdstest.StartServer(t, cpAddr, id.NodeID())
+	m := xdstest.Mesh{Host: "reviews.shop.svc.cluster.local", Port: 9080, VIP: "127.0.0.77",
+		Subsets: map[string][]string{"v1": {backend(t, "v1")}, "v2": {backend(t, "v2")}},
+		Weights: map[string]uint32{"v1": 90, "v2": 10}}
+	srv.Set(t, "1", m.Resources())
+	for code, body = get("http://" + o.HealthAddr + "/healthz/ready"); code != http.StatusOK; code, body = get("http://" + o.HealthAddr + "/healthz/ready") {
+		if time.Now().After(deadline) {
+			t.Fatalf("not ready after the control plane came up: %d %q", code, body)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+
+	got := map[string]int{}
+	c := &http.Client{Timeout: 3 * time.Second}
+	for range 500 {
+		req, _ := http.NewRequest(http.MethodPost, "http://"+o.OutboundAddr+"/", strings.NewReader("x"))
+		req.Host = "reviews.shop.svc.cluster.local:9080"
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		got[string(b)]++
+	}
+	if got["v1"]+got["v2"] != 500 || got["v2"] < 25 || got["v2"] > 80 {
+		t.Errorf("split %v; want v2 ≈ 50 of 500", got)
+	}
+
+	_, dump := get("http://" + o.AdminAddr + "/config_dump?include_eds")
+	var cd struct {
+		Configs []map[string]any `json:"configs"`
+	}
+	if err := json.Unmarshal([]byte(dump), &cd); err != nil {
+		t.Fatalf("config_dump: %v", err)
+	}
+	var types []string
+	for _, c := range cd.Configs {
+		types = append(types, fmt.Sprint(c["@type"]))
+	}
+	if want := "type.googleapis.com/envoy.admin.v3.ClustersConfigDump type.googleapis.com/envoy.admin.v3.ListenersConfigDump type.googleapis.com/envoy.admin.v3.RoutesConfigDump type.googleapis.com/envoy.admin.v3.EndpointsConfigDump"; strings.Join(types, " ") != want {
+		t.Errorf("config_dump types %v", types)
+	}
+	if !strings.Contains(dump, `"name":"outbound|9080|v2|reviews.shop.svc.cluster.local"`) && !strings.Contains(dump, `"name": "outbound|9080|v2|reviews.shop.svc.cluster.local"`) {
+		t.Errorf("config_dump lacks the v2 cluster")
+	}
+	_, info := get("http://" + o.AdminAddr + "/server_info")
+	var si struct {
+		Dynamic xds.Status `json:"dynamic"`
+	}
+	if err := json.Unmarshal([]byte(info), &si); err != nil {
+		t.Fatal(err)
+	}
+	if s := si.Dynamic; !s.Connected || s.Source != xds.SourceControlPlane || !s.Ready || s.Versions["rds"] != "1" {
+		t.Errorf("server_info dynamic %+v", s)
+	}
+	_, prom := get("http://" + o.PrometheusAddr + "/stats/prometheus")
+	for _, want := range []string{"meshlet_xds_connected 1", `meshlet_xds_updates_total{result="applied",type="cds"}`, "meshlet_xds_push_to_applied_seconds_count"} {
+		if !strings.Contains(prom, want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+}
