@@ -3,9 +3,12 @@ package netlab_test
 import (
 	"bytes"
 	"io"
+	"net"
 	"os"
 	"os/exec"
+	"runtime"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/meshlet/meshlet/test/netlab"
@@ -43,10 +46,19 @@ func TestPrivilegedVethTrafficAndProcesses(t *testing.T) {
 		}
 	}
 
-	// The host namespace must not see the pod's address.
+	// The pod namespace has the pod's address; the host namespace has
+	// neither the addresses nor the veth ends, and no thread of this
+	// process was left in a lab namespace by Listen, Dial or Do (Go reuses
+	// threads: a leaked one would run later code in the wrong namespace).
 	if _, err := os.Stat(pod.Path); err != nil {
 		t.Fatal(err)
 	}
+	for range 16 {
+		if err := pod.Do(func() error { return nil }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	checkHostNamespace(t, []string{"10.211.250.", "fd00:211:250:"}, []string{"c0", "p0"})
 	out, err := pod.Run(exec.Command("ip", "-o", "addr", "show", "p0"), -1, -1)
 	if err != nil || !strings.Contains(string(out), "10.211.250.2/24") {
 		t.Fatalf("ip addr in pod: %v %s", err, out)
@@ -58,5 +70,69 @@ func TestPrivilegedVethTrafficAndProcesses(t *testing.T) {
 	out, err = pod.Run(exec.Command("id", "-g"), 1337, 1337)
 	if err != nil || string(bytes.TrimSpace(out)) != "1337" {
 		t.Fatalf("id -g as 1337: %v %q", err, out)
+	}
+}
+
+// checkHostNamespace asserts, from many goroutines each locked to an OS
+// thread, that the thread is in the process's (host) network namespace and
+// that neither those address prefixes nor those links exist there; then
+// that `ip -o addr` run from this process agrees.
+func checkHostNamespace(t *testing.T, prefixes, links []string) {
+	t.Helper()
+	host, err := os.Readlink("/proc/self/ns/net")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var (
+		wg   sync.WaitGroup
+		mu   sync.Mutex
+		seen = map[string]bool{}
+	)
+	report := func(msg string) {
+		mu.Lock()
+		defer mu.Unlock()
+		if !seen[msg] {
+			seen[msg] = true
+			t.Error(msg)
+		}
+	}
+	for range 32 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
+			if ns, err := os.Readlink("/proc/thread-self/ns/net"); err != nil || ns != host {
+				report("a thread is in network namespace " + ns + ", not the host's " + host)
+				return
+			}
+			addrs, err := net.InterfaceAddrs()
+			if err != nil {
+				report(err.Error())
+				return
+			}
+			for _, a := range addrs {
+				for _, p := range prefixes {
+					if strings.HasPrefix(a.String(), p) {
+						report("the host namespace has the lab address " + a.String())
+					}
+				}
+			}
+			for _, l := range links {
+				if _, err := net.InterfaceByName(l); err == nil {
+					report("the host namespace has the lab link " + l)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	out, err := exec.Command("ip", "-o", "addr").CombinedOutput()
+	if err != nil {
+		t.Fatalf("ip -o addr in the host namespace: %v: %s", err, out)
+	}
+	for _, p := range prefixes {
+		if strings.Contains(string(out), " "+p) {
+			t.Errorf("ip -o addr in the host namespace shows %s*:\n%s", p, out)
+		}
 	}
 }
