@@ -6,15 +6,20 @@ import (
 	"errors"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 
 	"github.com/spf13/cobra"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/meshlet/meshlet/cmd/meshlet/app/cli"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/initcmd"
 	"github.com/meshlet/meshlet/initcni/capture"
+	"github.com/meshlet/meshlet/initcni/capture/capturetest"
 	"github.com/meshlet/meshlet/test/netlab"
+	"github.com/meshlet/meshlet/webhook/inject"
 )
 
 // TestMain doubles as `meshlet` for child processes: with MLCAP_MESHLET=1
@@ -44,6 +49,61 @@ func runInit(ctx context.Context, args []string, out, errw *bytes.Buffer) error 
 
 func exitCode(err error) int { return cli.ExitCode(err, &bytes.Buffer{}) }
 
+// emittedArgs injects a pod with the given annotations (default config, CNI
+// mode or not) and returns the capture flags of its istio-init (or
+// istio-validation) container: what `meshlet init` really receives. It
+// returns nil when the pod is refused or gets no such container.
+func emittedArgs(t *testing.T, cni bool, ann map[string]string) []string {
+	t.Helper()
+	cfg := inject.DefaultConfig()
+	cfg.CNI.Enabled = cni
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "app", Namespace: "default", Annotations: ann},
+		Spec:       corev1.PodSpec{Containers: []corev1.Container{{Name: "app", Image: "app:1"}}},
+	}
+	out, _, err := inject.Inject(pod, inject.Namespace{Name: "default"}, &cfg, inject.Options{AutoNativeSidecar: true})
+	if err != nil {
+		return nil
+	}
+	for _, c := range out.Spec.InitContainers {
+		if c.Name != inject.ContainerInit && c.Name != inject.ContainerValidation {
+			continue
+		}
+		if len(c.Args) == 0 || c.Args[0] != "init" {
+			t.Fatalf("%s args %q do not start with init", c.Name, c.Args)
+		}
+		return slices.DeleteFunc(slices.Clone(c.Args[1:]), func(a string) bool { return a == "--validate" })
+	}
+	return nil
+}
+
+// TestPrivilegedInitEmittedArgs applies, in a fresh namespace each, the
+// istio-init arguments the injector emits for the annotation sets that
+// used to be admitted and then refused (includeInboundPorts naming the
+// sidecar's ports, overlapping inclusions and exclusions): the real
+// `meshlet init` must install and read back the rules (exit 0), and a
+// refused set must have been refused at admission.
+func TestPrivilegedInitEmittedArgs(t *testing.T) {
+	netlab.Require(t)
+	admitted := 0
+	for _, ann := range capturetest.Seeds {
+		args := emittedArgs(t, false, ann)
+		if args == nil {
+			continue
+		}
+		admitted++
+		ns := netlab.NewNS(t, "mlcap-")
+		var out, errb bytes.Buffer
+		if err := runInit(t.Context(), append(args, "--netns", ns.Path), &out, &errb); err != nil {
+			t.Errorf("annotations %q: admitted, but meshlet init %q fails (exit %d): %v\n%s", ann, args, exitCode(err), err, errb.String())
+		}
+	}
+	t.Logf("%d of %d seed sets admitted and applied", admitted, len(capturetest.Seeds))
+	if admitted < len(capturetest.Seeds)/2 {
+		t.Errorf("only %d of %d seed annotation sets admitted", admitted, len(capturetest.Seeds))
+	}
+}
+
 func renderDefault(t *testing.T) string {
 	t.Helper()
 	c, err := capture.BuildConfig(capture.NewOptions())
@@ -61,8 +121,8 @@ func TestDryRun(t *testing.T) {
 		env  map[string]string
 	}{
 		{"bare", nil, nil},
-		{"injector args", strings.Fields(`-p 15001 -z 15006 -u 1337 -g 1337 -m REDIRECT -i * -b * -d 22,15090,15021,15020`), nil},
-		{"injector args with empty -x", append(strings.Fields(`-p 15001 -z 15006 -u 1337 -g 1337 -m REDIRECT -i * -b * -d 22,15090,15021,15020`), "-x", ""), nil},
+		{"istio-init args the injector emits", emittedArgs(t, false, nil), nil},
+		{"istio-validation args the injector emits", emittedArgs(t, true, nil), nil},
 		{"long names", []string{"--proxy-port=15001", "--inbound-capture-port=15006", "--inbound-ports=*", "--outbound-ip-ranges-exclude="}, nil},
 		{"env forms", nil, map[string]string{"MESHLET_PROXY_UID": "1337", "MESHLET_INBOUND_PORTS_EXCLUDE": "22,15090,15021,15020"}},
 		{"flag wins over env", []string{"-p", "15001"}, map[string]string{"MESHLET_PROXY_PORT": "1"}},
@@ -122,7 +182,7 @@ func TestPrivilegedInitApplyCleanup(t *testing.T) {
 	netlab.Require(t)
 	ns := netlab.NewNS(t, "mlcap-")
 	var out, errb bytes.Buffer
-	args := strings.Fields(`-p 15001 -z 15006 -u 1337 -g 1337 -m REDIRECT -i * -b * -d 22,15090,15021,15020 --netns ` + ns.Path)
+	args := append(emittedArgs(t, false, nil), "--netns", ns.Path)
 	for range 2 { // an init container restart converges
 		if err := runInit(t.Context(), args, &out, &errb); err != nil {
 			t.Fatalf("%v\n%s", err, errb.String())
@@ -173,8 +233,8 @@ func TestPrivilegedValidate(t *testing.T) {
 	} else if !strings.Contains(msg, "originalDst=127.0.0.6:15002") {
 		t.Errorf("validate did not report the original destination: %s", msg)
 	}
-	// Same flags as the injector gives istio-init.
-	if code, msg := run(captured, 1337, 1337, strings.Fields("-p 15001 -z 15006 -u 1337 -g 1337 -m REDIRECT -i * -b * -d 22,15090,15021,15020")...); code != 0 {
+	// The flags the injector gives istio-validation.
+	if code, msg := run(captured, 1337, 1337, emittedArgs(t, true, nil)...); code != 0 {
 		t.Errorf("validate with injector flags: exit %d: %s", code, msg)
 	}
 	// Dual stack: the pod has a global IPv6 address, so both families are
