@@ -202,14 +202,25 @@ func BuildConfig(o Options) (Config, error) { return BuildConfigNamed(o, FlagNam
 // the proxy's capture ports) leaves it uncaptured. Neither is an error; both
 // are reported in Config.Warnings. Only what cannot work is rejected.
 func BuildConfigNamed(o Options, name Namer) (Config, error) {
+	return BuildConfigShowing(o, name, nil)
+}
+
+// BuildConfigShowing is BuildConfigNamed where messages show, for the fields
+// in shown, that value instead of the option's (the CNI plugin shows an
+// annotation as the pod carries it, not merged with the defaults it adds
+// to).
+func BuildConfigShowing(o Options, name Namer, shown map[string]string) (Config, error) {
 	var errs []error
 	var c Config
 	values := map[string]string{}
 	for _, opt := range OptionSet {
 		values[opt.Field] = opt.Get(o)
 	}
-	bad := func(field, value, format string, args ...any) {
-		errs = append(errs, &OptionError{Field: field, Name: name(field), Value: value, Problem: fmt.Sprintf(format, args...)})
+	for f, v := range shown {
+		values[f] = v
+	}
+	bad := func(field, _, format string, args ...any) {
+		errs = append(errs, &OptionError{Field: field, Name: name(field), Value: values[field], Problem: fmt.Sprintf(format, args...)})
 	}
 	warn := func(field, format string, args ...any) {
 		c.Warnings = append(c.Warnings, &OptionError{Field: field, Name: name(field), Value: values[field], Problem: fmt.Sprintf(format, args...)})

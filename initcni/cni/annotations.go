@@ -59,7 +59,13 @@ func ConfigFromAnnotations(defaults capture.Options, annotations map[string]stri
 		}
 		return "plugin config capture." + jsonName(field)
 	}
-	c, err := capture.BuildConfigNamed(o, namer)
+	// Messages show an annotation's value as the pod carries it, not merged
+	// with the defaults it adds to.
+	shown := map[string]string{}
+	for field, a := range from {
+		shown[field] = annotations[a]
+	}
+	c, err := capture.BuildConfigShowing(o, namer, shown)
 	if err != nil {
 		return capture.Config{}, fmt.Errorf("pod capture annotations: %w", err)
 	}

@@ -222,39 +222,3 @@ func TestInClusterKubeconfig(t *testing.T) {
 		}
 	}
 }
-
-// TestInjectorAnnotationsMatchValidationFlags: in CNI mode the injector
-// writes the effective capture annotations on the pod and gives the
-// istio-validation container the same values as flags (webhook/inject's
-// cni golden case). The plugin must derive the very rules the flags mean.
-func TestInjectorAnnotationsMatchValidationFlags(t *testing.T) {
-	t.Parallel()
-	ann := map[string]string{
-		AnnotationStatus:                  `{"initContainers":["istio-validation","istio-proxy"]}`,
-		AnnotationInterceptionMode:        "REDIRECT",
-		AnnotationExcludeOutboundPorts:    "3306",
-		AnnotationExcludeInboundPorts:     "22,15090,15021,15020",
-		AnnotationExcludeInterfaces:       "",
-		AnnotationExcludeOutboundIPRanges: "",
-		AnnotationIncludeInboundPorts:     "*",
-		AnnotationIncludeOutboundIPRanges: "*",
-		AnnotationIncludeOutboundPorts:    "",
-	}
-	fromAnn, err := ConfigFromAnnotations(CaptureDefaults{}.Options(), ann)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// -p 15001 -z 15006 -u 1337 -g 1337 -m REDIRECT -i * -x "" -b * -d 22,15090,15021,15020 -q "" -o 3306 -c ""
-	o := capture.Options{ProxyPort: "15001", InboundCapturePort: "15006", ProxyUID: "1337", ProxyGID: "1337",
-		InterceptionMode: "REDIRECT", OutboundIPRanges: "*", OutboundIPRangesExclude: "", InboundPorts: "*",
-		InboundPortsExclude: "22,15090,15021,15020", OutboundPorts: "", OutboundPortsExclude: "3306", ExcludeInterfaces: ""}
-	fromFlags, err := capture.BuildConfig(o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, f := range []capture.Family{capture.IPv4, capture.IPv6} {
-		if d := capture.Diff(capture.Rules(fromFlags, f).Lines(), capture.Rules(fromAnn, f).Lines()); d != "" {
-			t.Errorf("%s: annotations and flags disagree:\n%s", f, d)
-		}
-	}
-}
