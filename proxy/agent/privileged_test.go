@@ -1,6 +1,7 @@
 package agent_test
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"net"
@@ -31,6 +32,7 @@ type podLab struct {
 	agentOut            *proctest.SyncBuf
 	agentExited         chan error
 	configPath          string
+	backends            []string // serveBackend keys of the app and the upstream
 }
 
 func newPodLab(t *testing.T, subnet int, agentArgs ...string) *podLab {
@@ -60,7 +62,7 @@ func newPodLab(t *testing.T, subnet int, agentArgs ...string) *podLab {
 		if err != nil {
 			t.Fatal(err)
 		}
-		serveBackend(t, ln)
+		l.backends = append(l.backends, serveBackend(t, ln))
 	}
 	dir, err := os.MkdirTemp("", "mlpx-agent-")
 	if err != nil {
@@ -152,9 +154,9 @@ func TestPrivilegedCaptureSoak(t *testing.T) {
 
 	// Inbound passthrough arrives from 127.0.0.6 / ::6 (the app sees it).
 	loads := []*load{
-		startLoadVia(l.clientDial, l.podIP+":8080", 3, 2, 2),
+		startLoadVia(l.clientDial, l.podIP+":8080", 3, 2, 3),
 		startLoadVia(l.clientDial, "["+l.podIP6+"]:8080", 1, 1, 1),
-		startLoadVia(l.podDial, l.clientIP+":9000", 2, 1, 1),
+		startLoadVia(l.podDial, l.clientIP+":9000", 2, 1, 3),
 		startLoadVia(l.podDial, "["+l.clientIP6+"]:9000", 1, 0, 1),
 	}
 	time.Sleep(300 * time.Millisecond)
@@ -176,13 +178,33 @@ func TestPrivilegedCaptureSoak(t *testing.T) {
 		time.Sleep(300 * time.Millisecond)
 	}
 	time.Sleep(300 * time.Millisecond)
+	var opened int64
 	for _, ld := range loads {
 		ld.finish(t)
+		opened += ld.opened.Load()
+	}
+	if got := acceptedBy(l.backends[0]) + acceptedBy(l.backends[1]); got != opened {
+		t.Errorf("backends accepted %d connections, clients opened %d", got, opened)
 	}
 	_, body := l.get(t, "http://"+l.podIP+":15090/stats/prometheus")
 	for _, want := range []string{`meshlet_proxy_connections_total{direction="inbound"}`, `meshlet_proxy_connections_total{direction="outbound"}`} {
 		if !strings.Contains(body, want) || strings.Contains(body, want+" 0\n") {
 			t.Errorf("metrics lack traffic for %s", want)
+		}
+	}
+	for _, zero := range []string{
+		`meshlet_proxy_drain_closed_connections_total{direction="inbound"} 0`,
+		`meshlet_proxy_drain_closed_connections_total{direction="outbound"} 0`,
+		`meshlet_proxy_errors_total{direction="inbound",kind="handover"} 0`,
+		`meshlet_proxy_errors_total{direction="outbound",kind="handover"} 0`,
+	} {
+		if !strings.Contains(body, zero+"\n") {
+			t.Errorf("want %s in the metrics", zero)
+		}
+	}
+	for _, moved := range []string{`meshlet_proxy_handed_over_connections_total{direction="inbound"}`, `meshlet_proxy_handed_over_connections_total{direction="outbound"}`} {
+		if !strings.Contains(body, moved) || strings.Contains(body, moved+" 0\n") {
+			t.Errorf("no connection handed over: %s", moved)
 		}
 	}
 	if strings.Contains(body, `kind="original_destination"} 0`) == false {
@@ -209,13 +231,16 @@ func TestPrivilegedCaptureSoak(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: l.clientDial, DisableKeepAlives: true}}
-			resp, err := c.Get("http://" + l.podIP + ":8080/")
+			c, err := l.clientDial(context.Background(), "tcp", l.podIP+":8080")
 			if err != nil {
 				errs <- err
 				return
 			}
-			resp.Body.Close()
+			defer c.Close()
+			body := []byte("after kill -9")
+			if err := post(c, bufio.NewReader(c), body, true); err != nil {
+				errs <- err
+			}
 		}()
 	}
 	wg.Wait()

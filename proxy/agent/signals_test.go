@@ -212,8 +212,10 @@ func TestCrashQueuedConnectionsServed(t *testing.T) {
 			t.Errorf("round %d: generation %d not replaced", round, pid)
 		}
 	}
+	// The second crash came soon after the first restart: it waits out the
+	// first backoff step.
 	if !strings.Contains(p.out.String(), fmt.Sprintf("in=%s", 200*time.Millisecond)) {
-		t.Logf("note: no 200ms backoff seen in the log")
+		t.Errorf("second restart did not wait out the 200ms crash backoff; log:\n%s", p.out.String())
 	}
 }
 
