@@ -36,6 +36,10 @@ type adsClient struct {
 	cond  *sync.Cond
 	state map[string]*typeView
 	err   error
+	// nacked are the versions this client rejected, by type; repeats counts
+	// responses that sent one of them again.
+	nacked  map[string]map[string]bool
+	repeats int
 	// nack, if set, decides whether to reject a response (non-empty message).
 	nack func(typeURL string, resp *discoverygrpc.DiscoveryResponse) string
 }
@@ -70,7 +74,8 @@ func dialADS(t testing.TB, addr string, node *corev3.Node, nack func(string, *di
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &adsClient{t: t, conn: conn, stream: stream, node: node, state: map[string]*typeView{}, nack: nack}
+	c := &adsClient{t: t, conn: conn, stream: stream, node: node, state: map[string]*typeView{}, nack: nack,
+		nacked: map[string]map[string]bool{}}
 	c.cond = sync.NewCond(&c.mu)
 	t.Cleanup(func() { cancel(); conn.Close() })
 	for _, typ := range []string{resourcev3.ClusterType, resourcev3.ListenerType} {
@@ -115,7 +120,14 @@ func (c *adsClient) loop() {
 		}
 		req := &discoverygrpc.DiscoveryRequest{TypeUrl: typ, ResponseNonce: resp.GetNonce(), ResourceNames: v.names}
 		var follow *discoverygrpc.DiscoveryRequest
+		if c.nacked[typ][resp.GetVersionInfo()] {
+			c.repeats++
+		}
 		if reject != "" {
+			if c.nacked[typ] == nil {
+				c.nacked[typ] = map[string]bool{}
+			}
+			c.nacked[typ][resp.GetVersionInfo()] = true
 			req.VersionInfo = v.version
 			req.ErrorDetail = &rpcstatus.Status{Code: 3, Message: reject}
 		} else {
@@ -263,4 +275,10 @@ func (c *adsClient) totalResponses() int {
 		n += v.responses
 	}
 	return n
+}
+
+func (c *adsClient) repeatedNACKed() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.repeats
 }

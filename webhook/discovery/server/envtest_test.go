@@ -351,6 +351,9 @@ func TestEnvtestADS(t *testing.T) {
 			rds := findType(st, client.node.GetId(), resourcev3.RouteType)
 			return rds != nil && rds.State == StateSynced && rds.Error == ""
 		})
+		if n := client.repeatedNACKed(); n > 0 {
+			t.Fatalf("the server sent a rejected version again %d times (NACK loop)", n)
+		}
 	})
 
 	t.Run("only affected proxies are pushed", func(t *testing.T) {
