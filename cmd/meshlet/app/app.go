@@ -19,6 +19,7 @@ import (
 	"github.com/meshlet/meshlet/cmd/meshlet/app/initcmd"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/inject"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/proxy"
+	"github.com/meshlet/meshlet/cmd/meshlet/app/proxystatus"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/version"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/webhook"
 	cnipkg "github.com/meshlet/meshlet/initcni/cni"
@@ -76,6 +77,7 @@ func Run(ctx context.Context, args []string, streams cli.Streams) error {
 		webhook.New(streams),
 		grpcbootstrap.New(streams),
 		discovery.New(streams),
+		proxystatus.New(streams),
 	)
 	return root.ExecuteContext(ctx)
 }
