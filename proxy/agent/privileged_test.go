@@ -101,6 +101,14 @@ func newPodLab(t *testing.T, subnet int, agentArgs ...string) *podLab {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+	// The generation serves 15021 a moment before the agent has taken its
+	// readiness report: wait for the agent too.
+	for !l.info(t).Ready {
+		if time.Now().After(deadline) {
+			t.Fatalf("agent not ready:\n%s", l.agentOut.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	return l
 }
 
