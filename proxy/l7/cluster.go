@@ -104,7 +104,7 @@ func (p *pool) list() []*endpoint {
 // unhealthy endpoints unless none is left (then all are candidates — Envoy's
 // panic mode — so a fully failing cluster still gets traffic and recovers).
 // skip is avoided if possible (the previous attempt's endpoint on retry).
-func (p *pool) pick(lb string, skip *endpoint) *endpoint {
+func (p *pool) pick(lb string, skip *endpoint, now time.Time) *endpoint {
 	eps := p.list()
 	switch len(eps) {
 	case 0:
@@ -112,7 +112,6 @@ func (p *pool) pick(lb string, skip *endpoint) *endpoint {
 	case 1:
 		return eps[0]
 	}
-	now := time.Now()
 	var buf [32]*endpoint
 	cand := buf[:0]
 	for _, e := range eps {
@@ -181,7 +180,16 @@ type cluster struct {
 	byKey  map[string]*endpoint
 	static []config.Endpoint // the static endpoints in use (config or UpdateEndpoints)
 
-	stop context.CancelFunc // ends the cluster's background work (nil: none started)
+	stop  context.CancelFunc // ends the cluster's background work (nil: none started)
+	clock func() time.Time   // outlier ejection time (nil: time.Now; tests move it)
+}
+
+// now is the time outlier ejections are measured in.
+func (c *cluster) now() time.Time {
+	if c.clock != nil {
+		return c.clock()
+	}
+	return time.Now()
 }
 
 // staticEndpoints returns the static endpoints the cluster serves.
@@ -466,7 +474,7 @@ func (c *cluster) record(e *endpoint, o outcome) {
 	e.outMu.Lock()
 	e.ejections++
 	d := min(base*time.Duration(e.ejections), max(maxT, base))
-	e.ejectedUntil = time.Now().Add(d)
+	e.ejectedUntil = c.now().Add(d)
 	e.ejected.Store(true)
 	e.consec5xx, e.consecGw, e.consecConn = 0, 0, 0
 	e.outMu.Unlock()

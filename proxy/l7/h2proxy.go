@@ -805,7 +805,7 @@ func (s *h2stream) dispatch(fs *flushSet) {
 	var ep *endpoint
 	if s.pl == nil {
 		ep = cl.origDst(s.d.dst)
-	} else if ep = s.pl.pick(cl.lb, s.last); ep == nil {
+	} else if ep = s.pl.pick(cl.lb, s.last, cl.now()); ep == nil {
 		s.fail(errNoEndpoint, fs)
 		return
 	}

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -631,16 +632,57 @@ func FuzzH2Frames(f *testing.F) {
 	// Not framesProxy: with -fuzz the inputs run in worker processes, so
 	// this process's proxy may serve nothing.
 	tp := startProxy(f, config.L7{HTTP2Forwarder: config.H2Frames}, be.addr, Outbound)
+	// A normal request on a new connection, which the forwarder must serve
+	// after every input; its client's connection is closed afterwards.
+	normal := func(t testing.TB) {
+		t.Helper()
+		c := h2cClient()
+		defer c.CloseIdleConnections()
+		if code, h, _ := get(t, c, tp.addr, "app", "/"); code != 200 || h.Get("X-Proto") != "HTTP/2.0" {
+			t.Fatalf("normal request after the input: %d over %q, want 200 over HTTP/2.0", code, h.Get("X-Proto"))
+		}
+	}
+	// The baseline: the goroutines of a proxy that served one normal
+	// request (its pooled upstream connection included).
+	normal(f)
+	served := tp.h2.served.Load()
+	baseline := 0 // measured by the first input, in the goroutine inputs run in
 	f.Fuzz(func(t *testing.T, data []byte) {
+		if baseline == 0 {
+			baseline = runtime.NumGoroutine()
+			for settled := 0; settled < 3; { // goroutines of earlier tests may still be ending
+				time.Sleep(50 * time.Millisecond)
+				if n := runtime.NumGoroutine(); n != baseline {
+					baseline, settled = n, 0
+				} else {
+					settled++
+				}
+			}
+		}
 		c, err := net.Dial("tcp", tp.addr)
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer c.Close()
 		h2Handshake(t, c)
 		c.Write(data)
 		c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
 		io.Copy(io.Discard, c)
+		c.Close()
+		normal(t)
+		if n := tp.h2.served.Load(); n < served+2 {
+			t.Fatalf("the frame forwarder served %d of the input's and the normal request's connections, want both", n-served)
+		}
+		served = tp.h2.served.Load()
+		// Every goroutine the input's connection started ends.
+		deadline := time.Now().Add(5 * time.Second)
+		for runtime.NumGoroutine() > baseline {
+			if time.Now().After(deadline) {
+				buf := make([]byte, 1<<20)
+				t.Fatalf("%d goroutines 5s after the input's connection closed, baseline %d:\n%s",
+					runtime.NumGoroutine(), baseline, buf[:runtime.Stack(buf, true)])
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
 	})
 }
 

@@ -87,6 +87,8 @@ type Options struct {
 	// netHTTPOnly serves every connection with net/http's server, without
 	// the HTTP/1.1 codec (h1server.go); tests compare the two.
 	netHTTPOnly bool
+	// clock replaces time.Now for outlier ejection intervals (tests).
+	clock func() time.Time
 }
 
 // Engine is the L7 engine. It is safe for concurrent use.

@@ -225,6 +225,10 @@ func TestCircuitBreakerOpensAndRecovers(t *testing.T) {
 	}
 }
 
+// TestOutlierEjectionAndReturn: three consecutive 5xx eject an endpoint
+// for baseEjectionTime, during which it gets no request, and it returns
+// once that time has passed. The engine's clock is the test's, so however
+// slow the machine, the ejection neither ends early nor needs waiting for.
 func TestOutlierEjectionAndReturn(t *testing.T) {
 	t.Parallel()
 	var bad atomic.Bool
@@ -237,8 +241,10 @@ func TestOutlierEjectionAndReturn(t *testing.T) {
 		}
 		io.WriteString(w, "recovered")
 	})
-	cfg := mustLoad(t, oneClusterConfig("", "  outlierDetection: {consecutive5xx: 3, baseEjectionTime: 2s, maxEjectionPercent: 50}", good.addr, flaky.addr))
-	tp := startProxy(t, cfg, "127.0.0.1:80", Outbound)
+	var skew atomic.Int64 // how far the test moved the engine's clock
+	clock := func() time.Time { return time.Now().Add(time.Duration(skew.Load())) }
+	cfg := mustLoad(t, oneClusterConfig("", "  outlierDetection: {consecutive5xx: 3, baseEjectionTime: 30s, maxEjectionPercent: 50}", good.addr, flaky.addr))
+	tp := startProxy(t, cfg, "127.0.0.1:80", Outbound, func(o *Options) { o.clock = clock })
 	c := h1Client()
 	// Round robin: the flaky endpoint gets every other request until 3 consecutive 5xx.
 	for i := 0; i < 6; i++ {
@@ -248,12 +254,8 @@ func TestOutlierEjectionAndReturn(t *testing.T) {
 		t.Fatalf("ejections = %v, want 1", v)
 	}
 	before := flaky.count.Load()
-	ejectedAt := time.Now()
 	for i := 0; i < 30; i++ {
 		if code, _, _ := get(t, c, tp.addr, "s", "/"); code != 200 {
-			if time.Since(ejectedAt) > 1500*time.Millisecond {
-				t.Skipf("machine too slow: 30 requests took %v of the 2s ejection", time.Since(ejectedAt))
-			}
 			t.Fatalf("request %d during ejection got %d", i, code)
 		}
 	}
@@ -261,15 +263,19 @@ func TestOutlierEjectionAndReturn(t *testing.T) {
 		t.Fatalf("ejected endpoint got %d requests", got)
 	}
 	bad.Store(false)
-	// Back after the ejection interval (time-based, so no fixed sleep races a busy machine).
-	ep := tp.tab.Load().clusters["c"].all.list()[1]
-	waitUntil(t, func() bool { return ep.available(time.Now()) })
+	skew.Store(int64(29 * time.Second))
+	get(t, c, tp.addr, "s", "/")
+	get(t, c, tp.addr, "s", "/")
+	if got := flaky.count.Load() - before; got != 0 {
+		t.Fatalf("endpoint back after 29s of a 30s ejection: %d requests", got)
+	}
+	skew.Store(int64(31 * time.Second))
 	before = flaky.count.Load()
 	for i := 0; i < 10; i++ {
 		get(t, c, tp.addr, "s", "/")
 	}
-	if got := flaky.count.Load() - before; got < 3 {
-		t.Fatalf("endpoint did not return after the ejection interval: %d requests", got)
+	if got := flaky.count.Load() - before; got != 5 {
+		t.Fatalf("endpoint got %d of 10 round-robin requests after the ejection interval, want 5", got)
 	}
 }
 

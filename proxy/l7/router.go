@@ -44,7 +44,7 @@ func (rt *router) RoundTrip(req *http.Request) (*http.Response, error) {
 		var ep *endpoint
 		if pl == nil {
 			ep = cl.origDst(st.dst)
-		} else if ep = pl.pick(cl.lb, last); ep == nil {
+		} else if ep = pl.pick(cl.lb, last, cl.now()); ep == nil {
 			cl.active.Add(-1) // release the circuit breaker slot
 			return nil, errNoEndpoint
 		}

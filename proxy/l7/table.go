@@ -183,6 +183,7 @@ func (p *Engine) compile(cfg config.L7, old *table) (t *table, fresh []*cluster,
 			}
 		}
 		nc := newCluster(c, Outbound, p.dialUpstream, p.m.cluster(c.Name), ut)
+		nc.clock = p.opts.clock
 		t.clusters[c.Name] = nc
 		fresh = append(fresh, nc)
 	}
