@@ -15,7 +15,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	securityv1alpha1 "istio.io/api/security/v1alpha1"
-	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
@@ -180,29 +181,30 @@ func (c *CA) Start(ctx context.Context) error {
 }
 
 // watchSecrets reloads the signing material whenever cacerts or
-// istio-ca-secret changes (a plug-in CA added, replaced or removed).
+// istio-ca-secret changes (a plug-in CA added, replaced or removed). Each
+// Secret is watched by name (a field selector), so the RBAC can name them.
 func (c *CA) watchSecrets(ctx context.Context) error {
-	f := informers.NewSharedInformerFactoryWithOptions(c.opts.Client, 10*time.Minute, informers.WithNamespace(c.opts.Namespace))
-	inf := f.Core().V1().Secrets().Informer()
 	kick := make(chan struct{}, 1)
-	onChange := func(obj any) {
-		if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
-			obj = t.Obj
-		}
-		if s, ok := obj.(*corev1.Secret); ok && (s.Name == PluginSecretName || s.Name == SelfSignedSecretName) {
-			select {
-			case kick <- struct{}{}:
-			default:
-			}
+	onChange := func(any) {
+		select {
+		case kick <- struct{}{}:
+		default:
 		}
 	}
-	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc: onChange, UpdateFunc: func(_, n any) { onChange(n) }, DeleteFunc: onChange,
-	}); err != nil {
-		return fmt.Errorf("watching secrets in %s: %w", c.opts.Namespace, err)
+	for _, name := range []string{PluginSecretName, SelfSignedSecretName} {
+		f := informers.NewSharedInformerFactoryWithOptions(c.opts.Client, 10*time.Minute, informers.WithNamespace(c.opts.Namespace),
+			informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+				o.FieldSelector = fields.OneTermEqualSelector("metadata.name", name).String()
+			}))
+		inf := f.Core().V1().Secrets().Informer()
+		if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+			AddFunc: onChange, UpdateFunc: func(_, n any) { onChange(n) }, DeleteFunc: onChange,
+		}); err != nil {
+			return fmt.Errorf("watching secret %s/%s: %w", c.opts.Namespace, name, err)
+		}
+		f.Start(ctx.Done())
+		defer f.Shutdown()
 	}
-	f.Start(ctx.Done())
-	defer f.Shutdown()
 	for {
 		select {
 		case <-ctx.Done():
