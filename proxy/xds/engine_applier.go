@@ -2,7 +2,6 @@ package xds
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"slices"
 	"time"
@@ -55,32 +54,24 @@ func applyTable(a Applier, prev, tbl *table) error {
 	return nil
 }
 
-// sameShape reports whether a and b have the same clusters (apart from
-// their endpoints) and the same services, ports and static parts.
+// sameShape reports whether b was built from the same clusters,
+// listeners and route configurations as a (only endpoints differ) and
+// holds the same clusters.
 func sameShape(a, b *table) bool {
-	if len(a.clusters) != len(b.clusters) || len(a.cfg.Clusters) != len(b.cfg.Clusters) ||
-		len(a.cfg.Services) != len(b.cfg.Services) || len(a.routes) != len(b.routes) {
+	for _, t := range []string{ClusterType, ListenerType, RouteType} {
+		if a.src[t] != b.src[t] {
+			return false
+		}
+	}
+	if len(a.clusters) != len(b.clusters) || len(a.warmingRoutes) != len(b.warmingRoutes) {
 		return false
 	}
-	for name, c := range b.clusters {
-		o := a.clusters[name]
-		if o == nil {
-			return false
-		}
-		x, y := *o, *c
-		x.Endpoints, y.Endpoints = nil, nil
-		if !jsonEqual(x, y) {
+	for name := range b.clusters {
+		if a.clusters[name] == nil {
 			return false
 		}
 	}
-	for rn, svcs := range b.routes {
-		old, ok := a.routes[rn]
-		// Route configurations are shared slices when unchanged.
-		if !ok || len(old) != len(svcs) || len(svcs) > 0 && &old[0] != &svcs[0] {
-			return false
-		}
-	}
-	return slices.EqualFunc(a.cfg.Ports, b.cfg.Ports, func(x, y portConfig) bool { return x == y })
+	return true
 }
 
 func endpointEqual(x, y endpoint) bool {
@@ -93,12 +84,6 @@ func endpointEqual(x, y endpoint) bool {
 		}
 	}
 	return true
-}
-
-func jsonEqual(a, b any) bool {
-	x, err1 := json.Marshal(a)
-	y, err2 := json.Marshal(b)
-	return err1 == nil && err2 == nil && string(x) == string(y)
 }
 
 // WaitReady waits until a complete configuration serves, ctx ends or d

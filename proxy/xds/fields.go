@@ -3,6 +3,7 @@ package xds
 import (
 	"fmt"
 	"sort"
+	"strconv"
 	"strings"
 
 	"google.golang.org/protobuf/proto"
@@ -16,89 +17,134 @@ import (
 // "/*" accepts its whole subtree (metadata, config sources). Any typed
 // config (google.protobuf.Any) on an accepted path is decoded and walked
 // under the same path, so its fields are listed like nested ones, e.g.
-// "filter_chains.filters.typed_config.rds.route_config_name".
-type schema map[string]bool
+// "filter_chains.filters.typed_config.rds.route_config_name". The paths
+// are compiled into a tree, walked once per resource without building
+// strings; a path is spelled out only for a field that is refused.
+type schema = *schemaNode
+
+type schemaNode struct {
+	subtree  bool // accept everything below
+	children map[protoreflect.Name]*schemaNode
+}
 
 func newSchema(paths ...string) schema {
-	s := schema{}
+	root := &schemaNode{}
 	for _, p := range paths {
 		subtree := strings.HasSuffix(p, "/*")
-		p = strings.TrimSuffix(p, "/*")
-		// Every parent of a listed field is walked into.
-		for i := range len(p) {
-			if p[i] == '.' && !s[p[:i]] {
-				s[p[:i]] = false
+		n := root
+		for _, part := range strings.Split(strings.TrimSuffix(p, "/*"), ".") {
+			if n.children == nil {
+				n.children = map[protoreflect.Name]*schemaNode{}
 			}
+			c := n.children[protoreflect.Name(part)]
+			if c == nil {
+				c = &schemaNode{}
+				n.children[protoreflect.Name(part)] = c
+			}
+			n = c
 		}
-		s[p] = s[p] || subtree
+		n.subtree = n.subtree || subtree
 	}
-	return s
+	return root
 }
 
 // anyTypes are the typed configs the proxy understands, by type URL.
 var anyTypes = map[string]bool{}
 
+// pathElem is one step of the path to a field, spelled out on error only.
+type pathElem struct {
+	parent *pathElem
+	name   protoreflect.Name
+	index  int    // list index, or -1
+	key    string // map key (quoted), or ""
+}
+
+func (p *pathElem) String() string {
+	if p == nil {
+		return "(resource)"
+	}
+	var parts []*pathElem
+	for e := p; e != nil; e = e.parent {
+		parts = append(parts, e)
+	}
+	var b strings.Builder
+	for i := len(parts) - 1; i >= 0; i-- {
+		e := parts[i]
+		if e.name != "" {
+			if b.Len() > 0 {
+				b.WriteByte('.')
+			}
+			b.WriteString(string(e.name))
+		}
+		switch {
+		case e.index >= 0:
+			b.WriteString("[" + strconv.Itoa(e.index) + "]")
+		case e.key != "":
+			b.WriteString("[" + e.key + "]")
+		}
+	}
+	return b.String()
+}
+
 // check walks every set field of m and returns one error per field the
 // schema does not list (path with indices and map keys, so the message
 // points at the exact field), and per unknown protobuf field.
-func (s schema) check(m proto.Message) []string {
+func (s *schemaNode) check(m proto.Message) []string {
 	var errs []string
-	s.walk(m.ProtoReflect(), "", "", &errs)
+	s.walk(m.ProtoReflect(), nil, &errs)
 	sort.Strings(errs)
 	return errs
 }
 
-func (s schema) walk(m protoreflect.Message, key, shown string, errs *[]string) {
+func (s *schemaNode) walk(m protoreflect.Message, at *pathElem, errs *[]string) {
 	if len(m.GetUnknown()) > 0 {
-		*errs = append(*errs, fmt.Sprintf("%s: unknown fields (a newer schema than this proxy knows)", orRoot(shown)))
+		*errs = append(*errs, fmt.Sprintf("%s: unknown fields (a newer schema than this proxy knows)", at))
 	}
 	if m.Descriptor().FullName() == "google.protobuf.Any" {
 		a, ok := m.Interface().(*anypb.Any)
 		if !ok {
 			return
 		}
+		if !anyTypes[a.GetTypeUrl()] {
+			*errs = append(*errs, fmt.Sprintf("%s: typed config %s is not supported", at, a.GetTypeUrl()))
+			return
+		}
 		inner, err := a.UnmarshalNew()
 		if err != nil {
-			*errs = append(*errs, fmt.Sprintf("%s: typed config %s cannot be decoded: %v", orRoot(shown), a.GetTypeUrl(), err))
+			*errs = append(*errs, fmt.Sprintf("%s: typed config %s cannot be decoded: %v", at, a.GetTypeUrl(), err))
 			return
 		}
-		if !anyTypes[a.GetTypeUrl()] {
-			*errs = append(*errs, fmt.Sprintf("%s: typed config %s is not supported", orRoot(shown), a.GetTypeUrl()))
-			return
-		}
-		s.walk(inner.ProtoReflect(), key, shown, errs)
+		s.walk(inner.ProtoReflect(), at, errs)
 		return
 	}
 	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
-		name := string(fd.Name())
-		k := join(key, name)
-		sh := join(shown, name)
-		subtree, ok := s[k]
-		if !ok {
-			*errs = append(*errs, fmt.Sprintf("%s: not supported", sh))
+		child := s.children[fd.Name()]
+		if child == nil {
+			*errs = append(*errs, fmt.Sprintf("%s: not supported", &pathElem{parent: at, name: fd.Name(), index: -1}))
 			return true
 		}
-		if subtree || fd.Kind() != protoreflect.MessageKind && fd.Kind() != protoreflect.GroupKind {
+		if child.subtree || fd.Kind() != protoreflect.MessageKind && fd.Kind() != protoreflect.GroupKind {
 			return true
 		}
 		switch {
 		case fd.IsList():
 			l := v.List()
 			for i := 0; i < l.Len(); i++ {
-				s.walk(l.Get(i).Message(), k, fmt.Sprintf("%s[%d]", sh, i), errs)
+				child.walk(l.Get(i).Message(), &pathElem{parent: at, name: fd.Name(), index: i}, errs)
 			}
 		case fd.IsMap():
+			if fd.MapValue().Kind() != protoreflect.MessageKind {
+				return true
+			}
 			v.Map().Range(func(mk protoreflect.MapKey, mv protoreflect.Value) bool {
-				if fd.MapValue().Kind() == protoreflect.MessageKind {
-					s.walk(mv.Message(), k, fmt.Sprintf("%s[%q]", sh, mk.String()), errs)
-				}
+				child.walk(mv.Message(), &pathElem{parent: at, name: fd.Name(), index: -1, key: strconv.Quote(mk.String())}, errs)
 				return true
 			})
 		default:
 			if isWellKnownLeaf(fd.Message().FullName()) {
 				return true
 			}
-			s.walk(v.Message(), k, sh, errs)
+			child.walk(v.Message(), &pathElem{parent: at, name: fd.Name(), index: -1}, errs)
 		}
 		return true
 	})
@@ -121,11 +167,4 @@ func join(a, b string) string {
 		return b
 	}
 	return a + "." + b
-}
-
-func orRoot(s string) string {
-	if s == "" {
-		return "(resource)"
-	}
-	return s
 }

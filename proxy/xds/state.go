@@ -126,6 +126,8 @@ type table struct {
 	warmingRoutes   []string
 	// seen: clusters and listeners were received at least once.
 	seen bool
+	// src is what the table was built from.
+	src resources
 }
 
 // complete reports whether clusters and listeners were received and
@@ -143,7 +145,7 @@ func (t *table) complete() bool {
 // endpoints, and a route to them answers 503 either way.
 func assemble(base engineConfig, r resources, prev *table) *table {
 	t := &table{cfg: base, clusters: map[string]*cluster{}, routes: map[string][]service{},
-		seen: r[ClusterType].received && r[ListenerType].received}
+		seen: r[ClusterType].received && r[ListenerType].received, src: r}
 	t.cfg.Clusters = slices.Clip(base.Clusters)
 	t.cfg.Services = slices.Clip(base.Services)
 	t.cfg.Ports = slices.Clip(base.Ports)
