@@ -233,4 +233,3 @@ func proxyPSS(b *testing.B, bin string, services int) float64 {
 	b.Fatal("no Pss in smaps_rollup")
 	return 0
 }
-
