@@ -19,6 +19,7 @@ import (
 	"github.com/meshlet/meshlet/cmd/meshlet/app/initcmd"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/inject"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/proxy"
+	"github.com/meshlet/meshlet/cmd/meshlet/app/proxyconfig"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/proxystatus"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/version"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/webhook"
@@ -77,6 +78,7 @@ func Run(ctx context.Context, args []string, streams cli.Streams) error {
 		webhook.New(streams),
 		grpcbootstrap.New(streams),
 		discovery.New(streams),
+		proxyconfig.New(streams),
 		proxystatus.New(streams),
 	)
 	return root.ExecuteContext(ctx)
