@@ -7,23 +7,9 @@ import (
 	"github.com/meshlet/meshlet/initcni/capture"
 )
 
-// Pod annotations (Istio's vocabulary) that shape capture, from the capture
-// option set.
-const (
-	AnnotationStatus                  = capture.AnnotationStatus
-	AnnotationInterceptionMode        = capture.AnnotationInterceptionMode
-	AnnotationIncludeInboundPorts     = capture.AnnotationIncludeInboundPorts
-	AnnotationExcludeInboundPorts     = capture.AnnotationExcludeInboundPorts
-	AnnotationIncludeOutboundIPRanges = capture.AnnotationIncludeOutboundIPRanges
-	AnnotationExcludeOutboundIPRanges = capture.AnnotationExcludeOutboundIPRanges
-	AnnotationIncludeOutboundPorts    = capture.AnnotationIncludeOutboundPorts
-	AnnotationExcludeOutboundPorts    = capture.AnnotationExcludeOutboundPorts
-	AnnotationExcludeInterfaces       = capture.AnnotationExcludeInterfaces
-)
-
 // Injected reports whether the pod carries the injector's status annotation.
 func Injected(annotations map[string]string) bool {
-	_, ok := annotations[AnnotationStatus]
+	_, ok := annotations[capture.AnnotationStatus]
 	return ok
 }
 
@@ -33,10 +19,10 @@ func Injected(annotations map[string]string) bool {
 // Config (ConfigFromAnnotations on top of defaults).
 func CaptureFor(defaults capture.Options, annotations map[string]string) (c capture.Config, captured bool, why string, err error) {
 	if !Injected(annotations) {
-		return capture.Config{}, false, fmt.Sprintf("is not injected (no %s annotation)", AnnotationStatus), nil
+		return capture.Config{}, false, fmt.Sprintf("is not injected (no %s annotation)", capture.AnnotationStatus), nil
 	}
-	if strings.EqualFold(strings.TrimSpace(annotations[AnnotationInterceptionMode]), string(capture.ModeNone)) {
-		return capture.Config{}, false, fmt.Sprintf("has %s=%s: no capture", AnnotationInterceptionMode, capture.ModeNone), nil
+	if strings.EqualFold(strings.TrimSpace(annotations[capture.AnnotationInterceptionMode]), string(capture.ModeNone)) {
+		return capture.Config{}, false, fmt.Sprintf("has %s=%s: no capture", capture.AnnotationInterceptionMode, capture.ModeNone), nil
 	}
 	c, err = ConfigFromAnnotations(defaults, annotations)
 	if err != nil {

@@ -17,14 +17,14 @@ func TestConfigFromAnnotations(t *testing.T) {
 	t.Parallel()
 	def := capture.NewOptions()
 	c, err := ConfigFromAnnotations(def, map[string]string{
-		AnnotationIncludeInboundPorts:     "*",
-		AnnotationExcludeInboundPorts:     "8081,9090",
-		AnnotationIncludeOutboundIPRanges: "10.96.0.0/12",
-		AnnotationExcludeOutboundIPRanges: "10.96.0.10/32",
-		AnnotationIncludeOutboundPorts:    "443",
-		AnnotationExcludeOutboundPorts:    "5432",
-		AnnotationExcludeInterfaces:       "net1",
-		AnnotationInterceptionMode:        "REDIRECT",
+		capture.AnnotationIncludeInboundPorts:     "*",
+		capture.AnnotationExcludeInboundPorts:     "8081,9090",
+		capture.AnnotationIncludeOutboundIPRanges: "10.96.0.0/12",
+		capture.AnnotationExcludeOutboundIPRanges: "10.96.0.10/32",
+		capture.AnnotationIncludeOutboundPorts:    "443",
+		capture.AnnotationExcludeOutboundPorts:    "5432",
+		capture.AnnotationExcludeInterfaces:       "net1",
+		capture.AnnotationInterceptionMode:        "REDIRECT",
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -47,7 +47,7 @@ func TestConfigFromAnnotations(t *testing.T) {
 		t.Error("no annotations does not give the default rules")
 	}
 	// includeInboundPorts "" turns inbound capture off.
-	c, err = ConfigFromAnnotations(def, map[string]string{AnnotationIncludeInboundPorts: ""})
+	c, err = ConfigFromAnnotations(def, map[string]string{capture.AnnotationIncludeInboundPorts: ""})
 	if err != nil || c.InboundAll || len(c.InboundPorts) != 0 {
 		t.Errorf("empty includeInboundPorts: %v %+v", err, c)
 	}
@@ -56,13 +56,13 @@ func TestConfigFromAnnotations(t *testing.T) {
 func TestConfigFromAnnotationsRejects(t *testing.T) {
 	t.Parallel()
 	_, err := ConfigFromAnnotations(capture.NewOptions(), map[string]string{
-		AnnotationExcludeOutboundIPRanges: "10.0.0.0/40",
-		AnnotationInterceptionMode:        "TPROXY",
+		capture.AnnotationExcludeOutboundIPRanges: "10.0.0.0/40",
+		capture.AnnotationInterceptionMode:        "TPROXY",
 	})
 	if err == nil {
 		t.Fatal("accepted")
 	}
-	for _, w := range []string{"annotation " + AnnotationExcludeOutboundIPRanges, "10.0.0.0/40", "annotation " + AnnotationInterceptionMode, "not yet supported"} {
+	for _, w := range []string{"annotation " + capture.AnnotationExcludeOutboundIPRanges, "10.0.0.0/40", "annotation " + capture.AnnotationInterceptionMode, "not yet supported"} {
 		if !strings.Contains(err.Error(), w) {
 			t.Errorf("error %q does not contain %q", err, w)
 		}

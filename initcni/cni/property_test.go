@@ -27,7 +27,7 @@ func TestInjectorAnnotationsMatchValidationFlags(t *testing.T) {
 	t.Parallel()
 	cfg := inject.DefaultConfig()
 	cfg.CNI.Enabled = true
-	sets := append([]map[string]string{nil, {AnnotationExcludeOutboundPorts: "3306"}}, capturetest.Seeds...)
+	sets := append([]map[string]string{nil, {capture.AnnotationExcludeOutboundPorts: "3306"}}, capturetest.Seeds...)
 	compared := 0
 	for _, ann := range sets {
 		pod := &corev1.Pod{
@@ -92,7 +92,7 @@ func TestInjectorAnnotationsMatchValidationFlags(t *testing.T) {
 func TestCaptureForProperty(t *testing.T) {
 	t.Parallel()
 	defaults := CaptureDefaults{}.Options()
-	status := map[string]string{AnnotationStatus: `{"containers":["istio-proxy"]}`}
+	status := map[string]string{capture.AnnotationStatus: `{"containers":["istio-proxy"]}`}
 	with := func(ann map[string]string) map[string]string {
 		m := map[string]string{}
 		for k, v := range status {
@@ -121,33 +121,19 @@ func TestCaptureForProperty(t *testing.T) {
 	accepted := 0
 	for _, ann := range sets {
 		c, captured, why, err := CaptureFor(defaults, with(ann))
-		none := strings.EqualFold(strings.TrimSpace(ann[AnnotationInterceptionMode]), string(capture.ModeNone))
+		none := strings.EqualFold(strings.TrimSpace(ann[capture.AnnotationInterceptionMode]), string(capture.ModeNone))
 		if none {
 			if err != nil || captured {
 				t.Errorf("annotations %q: interception mode NONE must leave the pod alone: %v, %v (%s)", ann, err, captured, why)
 			}
 			continue
 		}
-		var bad []string
-		for k, v := range ann {
-			if alone(k, v) {
-				bad = append(bad, k)
+		if problems := capturetest.Verdict(ann, err, alone, func(k, v string) string {
+			return fmt.Sprintf("annotation %s %q", k, v)
+		}); len(problems) > 0 || err != nil {
+			for _, p := range problems {
+				t.Error(p)
 			}
-		}
-		if err != nil {
-			if len(bad) == 0 {
-				t.Errorf("annotations %q refused, but none is refused alone: %v", ann, err)
-			}
-			for k, v := range ann {
-				named := strings.Contains(err.Error(), fmt.Sprintf("annotation %s %q", k, v))
-				if want := slices.Contains(bad, k); named != want {
-					t.Errorf("annotations %q: refusal names %s: %v, want %v:\n%v", ann, k, named, want, err)
-				}
-			}
-			continue
-		}
-		if len(bad) > 0 {
-			t.Errorf("annotations %q accepted, but %v are refused alone", ann, bad)
 			continue
 		}
 		if !captured {

@@ -3,6 +3,8 @@
 // one of them takes it from here instead of writing the number.
 package meshports
 
+import "strconv"
+
 // The ports of the sidecar and of the capture rules.
 const (
 	// Admin is the proxy's admin endpoint (127.0.0.1 only).
@@ -33,3 +35,10 @@ var Sidecar = []int32{Admin, Outbound, Inbound, Tunnel, Status, Health, Promethe
 // always leaves alone (besides Tunnel, which the capture rules add
 // themselves), in the order the injector passes them to `meshlet init -d`.
 var NeverCapturedInbound = []uint16{Prometheus, Health, Status}
+
+// Addr is the listen address of port on every interface (":port").
+func Addr(port int) string { return ":" + strconv.Itoa(port) }
+
+// LoopbackAddr is the address of port on 127.0.0.1, for the listeners only
+// the pod itself may reach.
+func LoopbackAddr(port int) string { return "127.0.0.1:" + strconv.Itoa(port) }

@@ -2,13 +2,13 @@ package inject_test
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"math/rand/v2"
 	"slices"
 	"strings"
 	"testing"
 
-	"github.com/spf13/cobra"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
@@ -23,13 +23,7 @@ import (
 // runInit runs the real `meshlet init` command with args, in process.
 func runInit(args []string) (string, error) {
 	var out, errb bytes.Buffer
-	root := &cobra.Command{Use: "meshlet", SilenceErrors: true, SilenceUsage: true}
-	root.AddCommand(initcmd.New(cli.Streams{In: strings.NewReader(""), Out: &out, Err: &errb}))
-	root.SetArgs(append([]string{"init"}, args...))
-	root.SetOut(&out)
-	root.SetErr(&errb)
-	err := root.Execute()
-	if err != nil {
+	if err := initcmd.Run(context.Background(), args, cli.Streams{In: strings.NewReader(""), Out: &out, Err: &errb}); err != nil {
 		return out.String(), fmt.Errorf("%w (stderr: %s)", err, errb.String())
 	}
 	return out.String(), nil
@@ -76,27 +70,12 @@ func (c *captureChecker) refusedAlone(k, v string) bool {
 func (c *captureChecker) check(t testing.TB, ann map[string]string) {
 	t.Helper()
 	out, d, err := inject.Inject(capturePod(ann), inject.Namespace{Name: "prop"}, &c.cfg, inject.Options{AutoNativeSidecar: true})
-	var bad []string
-	for k, v := range ann {
-		if c.refusedAlone(k, v) {
-			bad = append(bad, k)
+	if problems := capturetest.Verdict(ann, err, c.refusedAlone, func(k, v string) string {
+		return fmt.Sprintf("annotation %s=%q", k, v)
+	}); len(problems) > 0 || err != nil {
+		for _, p := range problems {
+			t.Error(p)
 		}
-	}
-	slices.Sort(bad)
-	if err != nil {
-		if len(bad) == 0 {
-			t.Errorf("annotations %q refused, but none is refused alone: %v", ann, err)
-		}
-		for k, v := range ann {
-			named := strings.Contains(err.Error(), fmt.Sprintf("annotation %s=%q", k, v))
-			if want := slices.Contains(bad, k); named != want {
-				t.Errorf("annotations %q: refusal names %s: %v, want %v:\n%v", ann, k, named, want, err)
-			}
-		}
-		return
-	}
-	if len(bad) > 0 {
-		t.Errorf("annotations %q admitted, but %v are refused alone", ann, bad)
 		return
 	}
 	if !d.Injected {

@@ -5,7 +5,9 @@
 package capturetest
 
 import (
+	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strings"
 
 	"github.com/meshlet/meshlet/initcni/capture"
@@ -87,4 +89,36 @@ var Seeds = []map[string]string{
 	{capture.AnnotationIncludeOutboundIPRanges: "10.0.0.0/8", capture.AnnotationExcludeOutboundIPRanges: "10.0.0.0/8"},
 	{capture.AnnotationIncludeInboundPorts: "22,80", capture.AnnotationExcludeInboundPorts: "80"},
 	{capture.AnnotationInterceptionMode: "NONE", capture.AnnotationIncludeInboundPorts: "http"},
+}
+
+// Verdict checks one outcome against the property every reader of capture
+// annotations keeps: a pod is refused (err != nil) exactly when one of its
+// annotations is refused on its own, and the refusal names each of those —
+// as named renders an annotation and its value in the reader's messages —
+// and no other. It returns what is wrong, empty when nothing is.
+func Verdict(ann map[string]string, err error, refusedAlone func(k, v string) bool, named func(k, v string) string) []string {
+	var bad []string
+	for k, v := range ann {
+		if refusedAlone(k, v) {
+			bad = append(bad, k)
+		}
+	}
+	slices.Sort(bad)
+	var problems []string
+	if err == nil {
+		if len(bad) > 0 {
+			problems = append(problems, fmt.Sprintf("annotations %q accepted, but %v are refused alone", ann, bad))
+		}
+		return problems
+	}
+	if len(bad) == 0 {
+		problems = append(problems, fmt.Sprintf("annotations %q refused, but none is refused alone: %v", ann, err))
+	}
+	for k, v := range ann {
+		got, want := strings.Contains(err.Error(), named(k, v)), slices.Contains(bad, k)
+		if got != want {
+			problems = append(problems, fmt.Sprintf("annotations %q: refusal names %s: %v, want %v:\n%v", ann, k, got, want, err))
+		}
+	}
+	return problems
 }

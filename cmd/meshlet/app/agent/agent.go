@@ -18,6 +18,7 @@ import (
 
 	"github.com/meshlet/meshlet/cmd/meshlet/app/cli"
 	"github.com/meshlet/meshlet/cmd/meshlet/app/version"
+	"github.com/meshlet/meshlet/internal/meshports"
 	proxyagent "github.com/meshlet/meshlet/proxy/agent"
 )
 
@@ -68,13 +69,13 @@ terminal's Ctrl-C reaches only the agent):
 	fl.StringVar(&o.ConfigPath, "config", "", "proxy config file, watched for changes (default: embedded pure-L4 config)")
 	fl.DurationVar(&o.DrainDuration, "drain-duration", 5*time.Second, "drain deadline for SIGTERM and for a replaced generation")
 	fl.DurationVar(&o.StartTimeout, "start-timeout", 10*time.Second, "how long a new generation may take to become ready")
-	fl.StringVar(&o.OutboundAddr, "outbound-addr", ":15001", "outbound capture listener")
-	fl.StringVar(&o.InboundAddr, "inbound-addr", ":15006", "inbound capture listener")
+	fl.StringVar(&o.OutboundAddr, "outbound-addr", meshports.Addr(meshports.Outbound), "outbound capture listener")
+	fl.StringVar(&o.InboundAddr, "inbound-addr", meshports.Addr(meshports.Inbound), "inbound capture listener")
 	fl.BoolVar(&f.captureListeners, "capture-listeners", true, "bind the capture listeners (false: interception mode NONE, gateways)")
-	fl.StringVar(&o.HealthAddr, "health-addr", ":15021", "proxy health listener")
-	fl.StringVar(&o.PrometheusAddr, "prometheus-addr", ":15090", "proxy Prometheus listener")
-	fl.StringVar(&o.AdminAddr, "admin-addr", "127.0.0.1:15000", "proxy admin listener (keep it on loopback)")
-	fl.StringVar(&o.StatusAddr, "status-addr", ":15020", "agent status listener")
+	fl.StringVar(&o.HealthAddr, "health-addr", meshports.Addr(meshports.Health), "proxy health listener")
+	fl.StringVar(&o.PrometheusAddr, "prometheus-addr", meshports.Addr(meshports.Prometheus), "proxy Prometheus listener")
+	fl.StringVar(&o.AdminAddr, "admin-addr", meshports.LoopbackAddr(meshports.Admin), "proxy admin listener (keep it on loopback)")
+	fl.StringVar(&o.StatusAddr, "status-addr", meshports.Addr(meshports.Status), "agent status listener")
 	fl.StringVar(&o.AppMetricsURL, "app-metrics-url", "", "application metrics URL merged into /stats/prometheus")
 	fl.BoolVar(&o.AllowRemoteLifecycle, "allow-remote-lifecycle", false, "serve POST /quitquitquit, /drain and /reload on the status listener to callers outside the pod (default: loopback sources only, others get 403)")
 	fl.StringSliceVar(&o.ProxyArgs, "proxy-arg", nil, "extra argument for every `meshlet proxy` generation (repeatable)")
@@ -128,7 +129,7 @@ func newWait(streams cli.Streams) *cobra.Command {
 			return wait(cmd.Context(), streams, f)
 		},
 	}
-	cmd.Flags().StringVar(&f.url, "url", "http://127.0.0.1:15020/healthz/ready", "readiness URL")
+	cmd.Flags().StringVar(&f.url, "url", "http://"+meshports.LoopbackAddr(meshports.Status)+"/healthz/ready", "readiness URL")
 	cmd.Flags().DurationVar(&f.timeout, "timeout", 60*time.Second, "give up after this long")
 	cmd.Flags().DurationVar(&f.interval, "interval", 100*time.Millisecond, "poll interval")
 	return cmd

@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/meshlet/meshlet/cmd/meshlet/app/cli"
+	"github.com/meshlet/meshlet/initcni/capture"
 	"github.com/meshlet/meshlet/initcni/cni"
 )
 
@@ -76,7 +77,7 @@ again on SIGTERM.`,
 	fs.StringVar(&fp.kubeconfigFrom, "kubeconfig", "", "copy this kubeconfig for the plugin instead of building one from the service account")
 	fs.StringVar(&fp.saDir, "service-account-dir", "/var/run/secrets/kubernetes.io/serviceaccount", "service account token and CA for the plugin's kubeconfig")
 	fs.StringVar(&fp.server, "apiserver", "", "API server URL for the plugin's kubeconfig (default https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT)")
-	fs.StringVar(&fp.captureDefaults, "capture-defaults", "", `capture defaults as JSON, keys like the pod annotations, e.g. {"excludeInboundPorts":"22,15090,15021,15020"}`)
+	fs.StringVar(&fp.captureDefaults, "capture-defaults", "", `capture defaults as JSON, keys like the pod annotations, e.g. {"excludeInboundPorts":"`+capture.DefaultInboundPortsExclude+`"}`)
 	fs.StringVar(&fp.logLevel, "plugin-log-level", "info", "plugin log level: info or debug")
 	fs.StringVar(&fp.logFile, "plugin-log-file", "", "plugin log file on the node (default: the runtime's stderr capture)")
 	fs.StringVar(&fp.backend, "iptables-backend", "auto", "plugin iptables backend: auto, nft, legacy")

@@ -155,8 +155,8 @@ func TestPrivilegedPluginChainedAfterBridge(t *testing.T) {
 		"logLevel": "debug",
 		"capture":  map[string]any{"excludeInboundPorts": "22,15090,15021,15020"},
 		"staticPod": map[string]any{"annotations": map[string]string{
-			cni.AnnotationStatus:              `{"initContainers":null,"containers":["istio-proxy"]}`,
-			cni.AnnotationExcludeInboundPorts: "8081",
+			capture.AnnotationStatus:              `{"initContainers":null,"containers":["istio-proxy"]}`,
+			capture.AnnotationExcludeInboundPorts: "8081",
 		}},
 	})
 	rt := &libcni.RuntimeConf{ContainerID: "mlcap-c1", NetNS: pod.Path, IfName: "eth0", Args: podArgs("default", "app-1")}

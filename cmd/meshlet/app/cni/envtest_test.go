@@ -59,12 +59,12 @@ func TestEnvtestPrivilegedPodLookup(t *testing.T) {
 		}
 	}
 	mkPod("injected", map[string]string{
-		cni.AnnotationStatus:                  `{"containers":["istio-proxy"]}`,
-		cni.AnnotationIncludeOutboundIPRanges: "10.96.0.0/12",
-		cni.AnnotationExcludeInboundPorts:     "8081",
+		capture.AnnotationStatus:                  `{"containers":["istio-proxy"]}`,
+		capture.AnnotationIncludeOutboundIPRanges: "10.96.0.0/12",
+		capture.AnnotationExcludeInboundPorts:     "8081",
 	})
 	mkPod("plain", nil)
-	mkPod("bad", map[string]string{cni.AnnotationStatus: "{}", cni.AnnotationIncludeInboundPorts: "80,http"})
+	mkPod("bad", map[string]string{capture.AnnotationStatus: "{}", capture.AnnotationIncludeInboundPorts: "80,http"})
 
 	dir := pluginDir(t)
 	prev := `{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","sandbox":"/x"}],"ips":[{"address":"10.211.70.2/24","interface":0}]}`
@@ -108,7 +108,7 @@ func TestEnvtestPrivilegedPodLookup(t *testing.T) {
 
 	bad := netlab.NewNS(t, "mlcap-")
 	out, err = execPlugin(t, dir, "ADD", bad.Path, podArgs("mlcap", "bad"), conf())
-	if err == nil || !strings.Contains(string(out), cni.AnnotationIncludeInboundPorts) || !strings.Contains(string(out), "http") {
+	if err == nil || !strings.Contains(string(out), capture.AnnotationIncludeInboundPorts) || !strings.Contains(string(out), "http") {
 		t.Errorf("bad annotation: %v %s", err, out)
 	}
 	if hasMeshletRules(t, bad) {

@@ -5,6 +5,7 @@
 package initcmd
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -87,6 +88,18 @@ istio-iptables' short names and "*"/empty semantics; each has an env-var form
 	fs.StringVar(&fp.backend, "iptables-backend", "auto", "iptables backend: auto (probe the nat table), nft, legacy")
 	fs.BoolVarP(&fp.verbose, "verbose", "v", false, "debug logging")
 	return cmd
+}
+
+// Run runs `meshlet init` with args (what follows "init" on the command
+// line) as the meshlet binary would, writing to streams: the plain Go entry
+// point tests use to run the real command in process.
+func Run(ctx context.Context, args []string, streams cli.Streams) error {
+	cmd := New(streams)
+	cmd.SetArgs(args)
+	cmd.SetOut(streams.Out)
+	cmd.SetErr(streams.Err)
+	cmd.SilenceErrors, cmd.SilenceUsage = true, true
+	return cmd.ExecuteContext(ctx)
 }
 
 func run(cmd *cobra.Command, streams cli.Streams, fp *flagpole) error {

@@ -10,7 +10,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/spf13/cobra"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
@@ -39,12 +38,7 @@ func TestMain(m *testing.M) {
 }
 
 func runInit(ctx context.Context, args []string, out, errw *bytes.Buffer) error {
-	root := &cobra.Command{Use: "meshlet", SilenceErrors: true, SilenceUsage: true}
-	root.AddCommand(initcmd.New(cli.Streams{In: strings.NewReader(""), Out: out, Err: errw}))
-	root.SetArgs(append([]string{"init"}, args...))
-	root.SetOut(out)
-	root.SetErr(errw)
-	return root.ExecuteContext(ctx)
+	return initcmd.Run(ctx, args, cli.Streams{In: strings.NewReader(""), Out: out, Err: errw})
 }
 
 func exitCode(err error) int { return cli.ExitCode(err, &bytes.Buffer{}) }
