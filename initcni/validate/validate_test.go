@@ -2,10 +2,12 @@ package validate
 
 import (
 	"errors"
+	"net"
 	"testing"
 	"time"
 
 	"github.com/meshlet/meshlet/initcni/capture"
+	"github.com/meshlet/meshlet/internal/proctest"
 )
 
 func TestRefusesOtherIdentities(t *testing.T) {
@@ -22,11 +24,17 @@ func TestRefusesOtherIdentities(t *testing.T) {
 
 // Without capture rules the probe to 127.0.0.6:15002 is refused: the probe
 // must report ErrCaptureNotWorking rather than pass. (Runs on the test
-// host's loopback; uses unusual capture ports so it binds nothing common.)
+// host's loopback; uses free capture ports so it binds nothing common.)
 func TestNoCaptureIsReported(t *testing.T) {
 	t.Parallel()
 	o := capture.NewOptions()
-	o.ProxyPort, o.InboundCapturePort = "47001", "47006"
+	// Ports below the ephemeral range, picked free: fixed ones in it were
+	// sometimes some other process's source port on this shared host.
+	port := func() string {
+		_, p, _ := net.SplitHostPort(proctest.FreePort(t))
+		return p
+	}
+	o.ProxyPort, o.InboundCapturePort = port(), port()
 	c, err := capture.BuildConfig(o)
 	if err != nil {
 		t.Fatal(err)
