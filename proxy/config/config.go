@@ -44,17 +44,18 @@ type Config struct {
 	APIVersion string `json:"apiVersion"`
 	Kind       string `json:"kind"`
 	// Inbound governs connections captured to the inbound listener (15006).
-	Inbound Direction `json:"inbound"`
+	Inbound L4 `json:"inbound"`
 	// Outbound governs connections captured to the outbound listener (15001).
-	Outbound Direction `json:"outbound"`
+	Outbound L4 `json:"outbound"`
 	// L7 turns on HTTP/gRPC traffic management (package l7): when present,
 	// ports not declared tcp are served (or first detected) as HTTP. Absent:
 	// pure L4 passthrough.
 	L7 *L7 `json:"l7,omitempty"`
 }
 
-// Direction holds the L4 settings of one traffic direction.
-type Direction struct {
+// L4 holds the L4 settings of one traffic direction (the direction itself
+// is l4.Direction).
+type L4 struct {
 	// ConnectTimeout bounds connecting to the original destination.
 	ConnectTimeout metav1.Duration `json:"connectTimeout,omitempty"`
 	// IdleTimeout closes a connection idle in both directions for this long.
@@ -187,7 +188,7 @@ func ReferencedFiles(b []byte) []string {
 
 // SetDefaults fills empty fields with their defaults.
 func (c *Config) SetDefaults() {
-	for _, d := range []*Direction{&c.Inbound, &c.Outbound} {
+	for _, d := range []*L4{&c.Inbound, &c.Outbound} {
 		if d.ConnectTimeout.Duration == 0 {
 			d.ConnectTimeout.Duration = DefaultConnectTimeout
 		}
@@ -218,7 +219,7 @@ func (c *Config) Validate() error {
 	}
 	for _, d := range []struct {
 		name string
-		d    *Direction
+		d    *L4
 	}{{"inbound", &c.Inbound}, {"outbound", &c.Outbound}} {
 		if v := d.d.ConnectTimeout.Duration; v < 0 || v > time.Hour {
 			bad(d.name+".connectTimeout", v, "must be between 0 and 1h")

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/l4"
 )
 
 // accessLogger writes one JSON object per request (sampled), in the spirit
@@ -31,7 +32,7 @@ func newAccessLogger(cfg config.AccessLog, w io.Writer) *accessLogger {
 
 var logBufs = sync.Pool{New: func() any { b := make([]byte, 0, 512); return &b }}
 
-func (l *accessLogger) log(r *http.Request, st *reqState, dir Direction, status int, grpcStatus string, bytes int64, d time.Duration, start time.Time) {
+func (l *accessLogger) log(r *http.Request, st *reqState, dir l4.Direction, status int, grpcStatus string, bytes int64, d time.Duration, start time.Time) {
 	if !l.enabled || l.rate <= 0 || l.rate < 1 && rand.Float64() >= l.rate {
 		return
 	}

@@ -16,6 +16,7 @@ import (
 	"golang.org/x/net/http2"
 
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/l4"
 )
 
 func rawExchange(t *testing.T, addr, req string) (*http.Response, error) {
@@ -36,7 +37,7 @@ func TestMalformedAndOversized(t *testing.T) {
 	t.Parallel()
 	be := startBackend(t, "app", nil)
 	cfg := mustLoad(t, "ports: [{port: 80, name: http-web}]\nlimits: {maxHeaderBytes: 8192}")
-	tp := startProxy(t, cfg, "127.0.0.1:80", Outbound)
+	tp := startProxy(t, cfg, "127.0.0.1:80", l4.Outbound)
 	tp.setDst(be.addr) // original destination is the backend; port 80 semantics come from cfg
 	tp2 := tp
 	big := strings.Repeat("a", 64<<10)
@@ -72,7 +73,7 @@ func TestMalformedAndOversized(t *testing.T) {
 func TestSlowloris(t *testing.T) {
 	t.Parallel()
 	be := startBackend(t, "app", nil)
-	tp := startProxy(t, mustLoad(t, "ports: [{port: 80, name: http}]\nlimits: {readHeaderTimeout: 300ms}"), "127.0.0.1:80", Outbound)
+	tp := startProxy(t, mustLoad(t, "ports: [{port: 80, name: http}]\nlimits: {readHeaderTimeout: 300ms}"), "127.0.0.1:80", l4.Outbound)
 	tp.setDst(be.addr)
 	var conns []net.Conn
 	for i := 0; i < 20; i++ {
@@ -124,7 +125,7 @@ func TestHTTP2RapidReset(t *testing.T) {
 		case <-r.Context().Done():
 		}
 	})
-	tp := startProxy(t, config.L7{}, be.addr, Outbound)
+	tp := startProxy(t, config.L7{}, be.addr, l4.Outbound)
 	var ms runtime.MemStats
 	runtime.GC()
 	runtime.ReadMemStats(&ms)
@@ -177,7 +178,7 @@ func TestHTTP2RapidReset(t *testing.T) {
 func TestWebSocketUpgradePassthrough(t *testing.T) {
 	t.Parallel()
 	be := startBackend(t, "ws", wsEcho)
-	tp := startProxy(t, config.L7{}, be.addr, Outbound)
+	tp := startProxy(t, config.L7{}, be.addr, l4.Outbound)
 	checkWebSocketEcho(t, tp.addr, "ws")
 }
 

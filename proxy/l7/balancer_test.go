@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/l4"
 )
 
 // TestBalancersUnderSkew: one endpoint is fast, one is 40ms slow. Round
@@ -29,7 +30,7 @@ services: [{name: s, hosts: [s], routes: [{name: r, destinations: [{cluster: c}]
 clusters:
 - {name: c, loadBalancer: %s, endpoints: [{address: %q}, {address: %q}]}
 `, lb, fast.addr, slow.addr))
-		tp := startProxy(t, cfg, "127.0.0.1:80", Outbound)
+		tp := startProxy(t, cfg, "127.0.0.1:80", l4.Outbound)
 		c := h1Client()
 		var mu sync.Mutex
 		counts := map[string]int{}

@@ -16,6 +16,7 @@ import (
 	testpb "google.golang.org/grpc/interop/grpc_testing"
 
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/l4"
 )
 
 // BenchmarkHTTP1Parallel measures throughput with 16 concurrent keep-alive
@@ -46,13 +47,13 @@ func BenchmarkHTTP1Parallel(b *testing.B) {
 	}
 	b.Run("direct", func(b *testing.B) { run(b, be.addr) })
 	b.Run("l7-1hop", func(b *testing.B) {
-		tp := startProxy(b, benchRoutedConfig(b, be.addr), "127.0.0.1:80", Outbound)
+		tp := startProxy(b, benchRoutedConfig(b, be.addr), "127.0.0.1:80", l4.Outbound)
 		run(b, tp.addr)
 	})
 	b.Run("l7-2hops", func(b *testing.B) {
-		server := startProxy(b, config.L7{}, be.addr, Inbound)
+		server := startProxy(b, config.L7{}, be.addr, l4.Inbound)
 		// The client sidecar's cluster endpoint is the server sidecar.
-		client := startProxy(b, benchRoutedConfig(b, server.addr), "127.0.0.1:80", Outbound)
+		client := startProxy(b, benchRoutedConfig(b, server.addr), "127.0.0.1:80", l4.Outbound)
 		run(b, client.addr)
 	})
 	b.Run("nginx-1hop", func(b *testing.B) {
@@ -138,8 +139,8 @@ func BenchmarkGRPCParallel(b *testing.B) {
 	}
 	b.Run("direct", func(b *testing.B) { run(b, addr) })
 	b.Run("l7-2hops", func(b *testing.B) {
-		server := startProxy(b, config.L7{}, addr, Inbound)
-		client := startProxy(b, benchRoutedConfig(b, server.addr), "127.0.0.1:80", Outbound)
+		server := startProxy(b, config.L7{}, addr, l4.Inbound)
+		client := startProxy(b, benchRoutedConfig(b, server.addr), "127.0.0.1:80", l4.Outbound)
 		run(b, client.addr)
 	})
 }

@@ -10,6 +10,7 @@ import (
 	testpb "google.golang.org/grpc/interop/grpc_testing"
 
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/l4"
 )
 
 // The benchmarks measure one request at a time over a keep-alive connection
@@ -71,17 +72,17 @@ func BenchmarkHTTP1(b *testing.B) {
 	be := benchBackend(b)
 	b.Run("direct", func(b *testing.B) { runHTTP(b, h1Client(), "http://"+be.addr+"/", "s") })
 	b.Run("passthrough", func(b *testing.B) {
-		tp := startProxy(b, config.L7{}, be.addr, Outbound)
+		tp := startProxy(b, config.L7{}, be.addr, l4.Outbound)
 		runHTTP(b, h1Client(), "http://"+tp.addr+"/", "s")
 	})
 	b.Run("routed", func(b *testing.B) {
-		tp := startProxy(b, benchRoutedConfig(b, be.addr), "127.0.0.1:80", Outbound)
+		tp := startProxy(b, benchRoutedConfig(b, be.addr), "127.0.0.1:80", l4.Outbound)
 		runHTTP(b, h1Client(), "http://"+tp.addr+"/", "s")
 	})
 	b.Run("routed+accesslog", func(b *testing.B) {
 		cfg := benchRoutedConfig(b, be.addr)
 		cfg.AccessLog.Enabled = true
-		tp := startProxy(b, cfg, "127.0.0.1:80", Outbound, func(o *Options) { o.AccessLog = io.Discard })
+		tp := startProxy(b, cfg, "127.0.0.1:80", l4.Outbound, func(o *Options) { o.AccessLog = io.Discard })
 		runHTTP(b, h1Client(), "http://"+tp.addr+"/", "s")
 	})
 }
@@ -90,7 +91,7 @@ func BenchmarkH2C(b *testing.B) {
 	be := benchBackend(b)
 	b.Run("direct", func(b *testing.B) { runHTTP(b, h2cClient(), "http://"+be.addr+"/", "s") })
 	b.Run("routed", func(b *testing.B) {
-		tp := startProxy(b, benchRoutedConfig(b, be.addr), "127.0.0.1:80", Outbound)
+		tp := startProxy(b, benchRoutedConfig(b, be.addr), "127.0.0.1:80", l4.Outbound)
 		runHTTP(b, h2cClient(), "http://"+tp.addr+"/", "s")
 	})
 }
@@ -111,7 +112,7 @@ func BenchmarkGRPCUnary(b *testing.B) {
 	}
 	b.Run("direct", func(b *testing.B) { run(b, addr, "s") })
 	b.Run("routed", func(b *testing.B) {
-		tp := startProxy(b, benchRoutedConfig(b, addr), "127.0.0.1:80", Outbound)
+		tp := startProxy(b, benchRoutedConfig(b, addr), "127.0.0.1:80", l4.Outbound)
 		run(b, tp.addr, "s")
 	})
 }

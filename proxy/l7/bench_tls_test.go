@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/l4"
 )
 
 // BenchmarkUpstreamTLS: one proxy hop to an HTTP/1.1 upstream, plain text
@@ -39,12 +40,12 @@ clusters:
 %s`, addr, tlsYAML))
 	}
 	b.Run("plain", func(b *testing.B) {
-		tp := startProxy(b, config(plain.addr, ""), "127.0.0.1:80", Outbound)
+		tp := startProxy(b, config(plain.addr, ""), "127.0.0.1:80", l4.Outbound)
 		defer reportCPU(b)()
 		runHTTP(b, h1Client(), "http://"+tp.addr+"/", "s")
 	})
 	b.Run("tls", func(b *testing.B) {
-		tp := startProxy(b, config(secure.addr, fmt.Sprintf("  tls: {mode: SIMPLE, caCertificates: %q}\n", ca.pem)), "127.0.0.1:80", Outbound)
+		tp := startProxy(b, config(secure.addr, fmt.Sprintf("  tls: {mode: SIMPLE, caCertificates: %q}\n", ca.pem)), "127.0.0.1:80", l4.Outbound)
 		before := secure.conns.Load()
 		defer reportCPU(b)()
 		runHTTP(b, h1Client(), "http://"+tp.addr+"/", "s")

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/l4"
 )
 
 // endpoint is one upstream address and its load/health state, shared by all
@@ -242,9 +243,9 @@ func (e *connectError) Unwrap() error { return e.err }
 
 // DialFunc dials an upstream. dir tells inbound (to the local app, which the
 // sidecar dials from 127.0.0.6) from outbound.
-type DialFunc func(ctx context.Context, dir Direction, network, addr string) (net.Conn, error)
+type DialFunc func(ctx context.Context, dir l4.Direction, network, addr string) (net.Conn, error)
 
-func newCluster(cfg config.Cluster, dir Direction, dial DialFunc, m *clusterMetrics, ut *upstreamTLS) *cluster {
+func newCluster(cfg config.Cluster, dir l4.Direction, dial DialFunc, m *clusterMetrics, ut *upstreamTLS) *cluster {
 	c := &cluster{
 		name:    cfg.Name,
 		cfg:     cfg,
@@ -269,7 +270,7 @@ func newCluster(cfg config.Cluster, dir Direction, dial DialFunc, m *clusterMetr
 	return c
 }
 
-func newTransports(pc config.ConnectionPool, dir Direction, dial DialFunc, m *clusterMetrics, eps []config.Endpoint, ut *upstreamTLS) (h1, h2 *http.Transport, direct *h1Transport) {
+func newTransports(pc config.ConnectionPool, dir l4.Direction, dial DialFunc, m *clusterMetrics, eps []config.Endpoint, ut *upstreamTLS) (h1, h2 *http.Transport, direct *h1Transport) {
 	idle := pc.MaxIdlePerEndpoint
 	if idle == 0 {
 		idle = 64
@@ -512,7 +513,7 @@ func (c *cluster) healthCheck(ctx context.Context, dial DialFunc) {
 		if hc.Type == "tcp" {
 			pctx, cancel := context.WithTimeout(ctx, timeout)
 			defer cancel()
-			conn, err := dial(pctx, Outbound, "tcp", e.addr)
+			conn, err := dial(pctx, l4.Outbound, "tcp", e.addr)
 			if err != nil {
 				return false
 			}

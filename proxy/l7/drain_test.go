@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/l4"
 )
 
 // TestDrainHTTP1: the in-flight request finishes with Connection: close and
@@ -30,7 +31,7 @@ func TestDrainHTTP1(t *testing.T) {
 		time.Sleep(300 * time.Millisecond)
 		io.WriteString(w, "slow done")
 	})
-	tp := startProxy(t, config.L7{}, be.addr, Outbound)
+	tp := startProxy(t, config.L7{}, be.addr, l4.Outbound)
 	c, err := net.Dial("tcp", tp.addr)
 	if err != nil {
 		t.Fatal(err)
@@ -72,7 +73,7 @@ func TestDrainHTTP2GoAwayKeepsStream(t *testing.T) {
 		time.Sleep(300 * time.Millisecond)
 		io.WriteString(w, "h2 done")
 	})
-	tp := startProxy(t, config.L7{}, be.addr, Outbound)
+	tp := startProxy(t, config.L7{}, be.addr, l4.Outbound)
 	c, err := net.Dial("tcp", tp.addr)
 	if err != nil {
 		t.Fatal(err)
@@ -128,7 +129,7 @@ func TestDrainHTTP2GoAwayKeepsStream(t *testing.T) {
 func TestDrainGRPCStreamMidFlight(t *testing.T) {
 	t.Parallel()
 	_, addr, _ := startGRPC(t, "echo")
-	tp := startProxy(t, config.L7{}, addr, Outbound)
+	tp := startProxy(t, config.L7{}, addr, l4.Outbound)
 	cc := grpcConn(t, tp.addr, "echo")
 	bs, err := testpb.NewTestServiceClient(cc).FullDuplexCall(t.Context())
 	if err != nil {

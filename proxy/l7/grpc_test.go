@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/l4"
 )
 
 // echoServer is grpc-go's interop TestService, answering from the request.
@@ -137,7 +138,7 @@ clusters:
 		t.Run(tc.engine+"/port"+port, func(t *testing.T) {
 			cfg := cfg
 			cfg.HTTP2Forwarder = tc.engine
-			tp := startProxy(t, cfg, "127.0.0.1:"+port, Outbound)
+			tp := startProxy(t, cfg, "127.0.0.1:"+port, l4.Outbound)
 			defer requireEngine(t, tp, tc.engine)
 			cc := grpcConn(t, tp.addr, "echo")
 			ctx := t.Context()
@@ -243,7 +244,7 @@ clusters:
   endpoints: [{address: %q}, {address: %q}]
   healthCheck: {type: grpc, serviceName: echo, interval: 50ms, timeout: 1s, unhealthyThreshold: 1, healthyThreshold: 2}
 `, addrA, addrB))
-	tp := startProxy(t, cfg, "127.0.0.1:80", Outbound)
+	tp := startProxy(t, cfg, "127.0.0.1:80", l4.Outbound)
 	b := tp.tab.Load().clusters["echo"].all.list()[1]
 	waitUntil(t, func() bool { return b.unhealthy.Load() })
 	tc := testpb.NewTestServiceClient(grpcConn(t, tp.addr, "echo"))

@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/l4"
 )
 
 // codecBackend answers by path: /echo echoes method, path, query, Host and
@@ -123,8 +124,8 @@ clusters: [{name: c, endpoints: [{address: "`+be.addr+`"}]}]
 ports: [{port: 80, name: http-web}]
 limits: {maxHeaderBytes: 4096}
 `)
-	codec := startProxy(t, cfg, "127.0.0.1:80", Outbound)
-	plain := startProxy(t, cfg, "127.0.0.1:80", Outbound, func(o *Options) { o.netHTTPOnly = true })
+	codec := startProxy(t, cfg, "127.0.0.1:80", l4.Outbound)
+	plain := startProxy(t, cfg, "127.0.0.1:80", l4.Outbound, func(o *Options) { o.netHTTPOnly = true })
 
 	big := strings.Repeat("b", 5000)
 	tests := []struct {
@@ -211,7 +212,7 @@ func TestH1CodecClientGoneCancelsUpstream(t *testing.T) {
 			io.WriteString(w, "slow")
 		}
 	})
-	tp := startProxy(t, config.L7{}, be.addr, Outbound)
+	tp := startProxy(t, config.L7{}, be.addr, l4.Outbound)
 
 	c, err := net.Dial("tcp", tp.addr)
 	if err != nil {
@@ -261,7 +262,7 @@ func TestH1CodecClientGoneCancelsUpstream(t *testing.T) {
 func TestH1CodecDrainClosesIdle(t *testing.T) {
 	t.Parallel()
 	be := codecBackend(t)
-	tp := startProxy(t, config.L7{}, be.addr, Inbound)
+	tp := startProxy(t, config.L7{}, be.addr, l4.Inbound)
 	idle, err := net.Dial("tcp", tp.addr)
 	if err != nil {
 		t.Fatal(err)
@@ -285,7 +286,7 @@ func TestH1CodecDrainClosesIdle(t *testing.T) {
 	io.WriteString(busy, "GET /slow HTTP/1.1\r\nHost: app\r\n\r\n")
 	time.Sleep(100 * time.Millisecond)
 
-	tp.StartDrain(Inbound)
+	tp.StartDrain(l4.Inbound)
 	if _, err := br.ReadByte(); err != io.EOF {
 		t.Fatalf("idle connection after drain: %v; want EOF", err)
 	}

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+
+	"github.com/meshlet/meshlet/proxy/l4"
 )
 
 // countConns returns the backend's count of accepted connections.
@@ -53,7 +55,7 @@ func TestDirectH1PoolReuseAndStaleConnection(t *testing.T) {
 	t.Parallel()
 	be := echoBackend(t)
 	conns := countConns(be)
-	tp := startProxy(t, mustLoad(t, oneClusterConfig("", "", be.addr)), "127.0.0.1:80", Outbound)
+	tp := startProxy(t, mustLoad(t, oneClusterConfig("", "", be.addr)), "127.0.0.1:80", l4.Outbound)
 	c := h1Client()
 	for i := 0; i < 20; i++ {
 		body := strings.Repeat("b", 1024)
@@ -115,7 +117,7 @@ clusters:
 - {name: c, endpoints: [{address: "`+be.addr+`"}]}
 - {name: closer, endpoints: [{address: "`+closer.addr+`"}]}
 `)
-	tp := startProxy(t, cfg, "127.0.0.1:80", Outbound)
+	tp := startProxy(t, cfg, "127.0.0.1:80", l4.Outbound)
 	c := h1Client()
 
 	big := bytes.Repeat([]byte("L"), maxDirectBody+1)
@@ -165,7 +167,7 @@ func TestDirectH1BadUpstream(t *testing.T) {
 			}()
 		}
 	}()
-	tp := startProxy(t, mustLoad(t, oneClusterConfig("", "", ln.Addr().String())), "127.0.0.1:80", Outbound)
+	tp := startProxy(t, mustLoad(t, oneClusterConfig("", "", ln.Addr().String())), "127.0.0.1:80", l4.Outbound)
 	c := h1Client()
 	for i := 0; i < 4; i++ {
 		if code, _ := post(t, c, tp.addr, "s", strings.NewReader("x"), 1); code != http.StatusBadGateway {

@@ -18,6 +18,7 @@ import (
 	"golang.org/x/net/http2/hpack"
 
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/l4"
 	"github.com/meshlet/meshlet/proxy/sniff"
 )
 
@@ -119,12 +120,12 @@ func h2ClusterOK(c *cluster) bool {
 
 // h2Serves reports whether an HTTP/2 connection to port (in dir) is served
 // by the frame forwarder.
-func (p *Engine) h2Serves(port uint16, dir Direction) bool {
+func (p *Engine) h2Serves(port uint16, dir l4.Direction) bool {
 	h := &p.tab.Load().h2
 	if !h.on {
 		return false
 	}
-	if dir == Inbound {
+	if dir == l4.Inbound {
 		return h.inOK
 	}
 	if v, ok := h.ports[port]; ok {
@@ -137,7 +138,7 @@ func (p *Engine) h2Serves(port uint16, dir Direction) bool {
 // connection the forwarder may take (res is the detection result, or nil
 // on a declared port, where the preface is peeked here). It returns the
 // connection to use otherwise (peeked bytes are replayed).
-func (p *Engine) serveMaybeH2(ctx context.Context, c net.Conn, res *sniff.Result, dst netip.AddrPort, dir Direction) (net.Conn, bool) {
+func (p *Engine) serveMaybeH2(ctx context.Context, c net.Conn, res *sniff.Result, dst netip.AddrPort, dir l4.Direction) (net.Conn, bool) {
 	if !p.h2Serves(dst.Port(), dir) {
 		return c, false
 	}
@@ -185,7 +186,7 @@ type h2down struct {
 	h2conn
 	p       *Engine
 	dst     netip.AddrPort
-	dir     Direction
+	dir     l4.Direction
 	remote  string
 	streams map[uint32]*h2stream
 	lastID  uint32
@@ -198,7 +199,7 @@ type h2down struct {
 }
 
 // serveH2 serves one HTTP/2 connection until it ends.
-func (p *Engine) serveH2(ctx context.Context, nc net.Conn, dst netip.AddrPort, dir Direction) {
+func (p *Engine) serveH2(ctx context.Context, nc net.Conn, dst netip.AddrPort, dir l4.Direction) {
 	p.h2.served.Add(1)
 	d := &h2down{p: p, dst: dst, dir: dir, streams: map[uint32]*h2stream{}, lastUse: time.Now()}
 	d.init(nc, p.h2.maxHdr)

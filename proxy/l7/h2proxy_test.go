@@ -24,6 +24,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/l4"
 )
 
 // requireEngine checks which HTTP/2 engine served the proxy's connections.
@@ -39,7 +40,7 @@ func requireEngine(t testing.TB, tp *testProxy, engine string) {
 }
 
 // framesProxy starts a proxy with the frame forwarder on.
-func framesProxy(t testing.TB, cfg config.L7, dst string, dir Direction) *testProxy {
+func framesProxy(t testing.TB, cfg config.L7, dst string, dir l4.Direction) *testProxy {
 	t.Helper()
 	cfg.HTTP2Forwarder = config.H2Frames
 	tp := startProxy(t, cfg, dst, dir)
@@ -98,11 +99,11 @@ clusters:
 	}
 	defer p.Close()
 	for port, want := range map[uint16]bool{81: true, 82: false, 83: false, 84: false, 85: false, 9999: true} {
-		if got := p.h2Serves(port, Outbound); got != want {
+		if got := p.h2Serves(port, l4.Outbound); got != want {
 			t.Errorf("port %d: frames=%v, want %v", port, got, want)
 		}
 	}
-	if !p.h2Serves(82, Inbound) {
+	if !p.h2Serves(82, l4.Inbound) {
 		t.Error("inbound is always served by the frame forwarder")
 	}
 	cfg.HTTP2Forwarder = config.H2NetHTTP
@@ -111,7 +112,7 @@ clusters:
 		t.Fatal(err)
 	}
 	defer p2.Close()
-	if p2.h2Serves(81, Outbound) || p2.h2Serves(81, Inbound) {
+	if p2.h2Serves(81, l4.Outbound) || p2.h2Serves(81, l4.Inbound) {
 		t.Error("http2Forwarder: nethttp still uses the frame forwarder")
 	}
 	if _, err := config.ParseL7([]byte("http2Forwarder: fast\n")); err == nil || !strings.Contains(err.Error(), `http2Forwarder: "fast"`) {
@@ -124,8 +125,8 @@ clusters:
 func TestH2FramesLargeMessagesTwoHops(t *testing.T) {
 	t.Parallel()
 	_, addr, _ := startGRPC(t, "echo")
-	server := framesProxy(t, config.L7{}, addr, Inbound)
-	client := framesProxy(t, routedTo(t, server.addr, ""), "127.0.0.1:80", Outbound)
+	server := framesProxy(t, config.L7{}, addr, l4.Inbound)
+	client := framesProxy(t, routedTo(t, server.addr, ""), "127.0.0.1:80", l4.Outbound)
 	tc := testpb.NewTestServiceClient(grpcConn(t, client.addr, "echo"))
 	big := bytes.Repeat([]byte("0123456789abcdef"), 3<<20/16)
 	var wg sync.WaitGroup
@@ -161,7 +162,7 @@ func TestH2FramesH2CBodies(t *testing.T) {
 		io.Copy(w, r.Body)
 		w.Header().Set("X-Got-Trailer", r.Trailer.Get("X-Req-Trailer")) // request trailers arrive after the body
 	})
-	tp := framesProxy(t, config.L7{}, be.addr, Outbound)
+	tp := framesProxy(t, config.L7{}, be.addr, l4.Outbound)
 	c := h2cClient()
 	body := bytes.Repeat([]byte("b"), 1500<<10)
 	req, _ := http.NewRequest(http.MethodPut, "http://"+tp.addr+"/up", bytes.NewReader(body))
@@ -216,7 +217,7 @@ func TestH2FramesClientCancelReachesUpstream(t *testing.T) {
 	testpb.RegisterTestServiceServer(gs, srv)
 	go gs.Serve(ln)
 	t.Cleanup(gs.Stop)
-	tp := framesProxy(t, config.L7{}, ln.Addr().String(), Outbound)
+	tp := framesProxy(t, config.L7{}, ln.Addr().String(), l4.Outbound)
 	tc := testpb.NewTestServiceClient(grpcConn(t, tp.addr, "echo"))
 	ctx, cancel := context.WithCancel(t.Context())
 	errc := make(chan error, 1)
@@ -249,7 +250,7 @@ func TestH2FramesUpstreamReset(t *testing.T) {
 		}
 		panic(http.ErrAbortHandler) // net/http resets the stream
 	})
-	tp := framesProxy(t, config.L7{}, be.addr, Outbound)
+	tp := framesProxy(t, config.L7{}, be.addr, l4.Outbound)
 	c := h2cClient()
 	if code, _, _ := get(t, c, tp.addr, "app", "/early"); code != http.StatusBadGateway {
 		t.Fatalf("reset before headers: %d, want 502", code)
@@ -274,7 +275,7 @@ func TestH2FramesUpstreamReset(t *testing.T) {
 func TestH2FramesDrainNoLoss(t *testing.T) {
 	t.Parallel()
 	es, addr, _ := startGRPC(t, "echo")
-	tp := framesProxy(t, config.L7{}, addr, Outbound)
+	tp := framesProxy(t, config.L7{}, addr, l4.Outbound)
 	cc := grpcConn(t, tp.addr, "echo")
 	tc := testpb.NewTestServiceClient(cc)
 	const n = 16
@@ -315,7 +316,7 @@ clusters:
   connectionPool: {maxRequests: 1}
 accessLog: {enabled: true}
 `, addr))
-	tp := framesProxy(t, cfg, "127.0.0.1:80", Outbound)
+	tp := framesProxy(t, cfg, "127.0.0.1:80", l4.Outbound)
 	tc := testpb.NewTestServiceClient(grpcConn(t, tp.addr, "echo"))
 	ctx := t.Context()
 	if _, err := tc.EmptyCall(ctx, &testpb.Empty{}); status.Code(err) != codes.Unimplemented || !strings.Contains(err.Error(), "no route") {
@@ -376,7 +377,7 @@ clusters:
   endpoints: [{address: %q}, {address: %q}]
 accessLog: {enabled: true}
 `, good, ln.Addr().String()))
-	tp := framesProxy(t, cfg, "127.0.0.1:80", Outbound)
+	tp := framesProxy(t, cfg, "127.0.0.1:80", l4.Outbound)
 	tc := testpb.NewTestServiceClient(grpcConn(t, tp.addr, "echo"))
 	body := bytes.Repeat([]byte("r"), 20000)
 	for i := range 10 {
@@ -476,7 +477,7 @@ func TestH2FramesRapidResetGoAway(t *testing.T) {
 		case <-r.Context().Done():
 		}
 	})
-	tp := framesProxy(t, config.L7{}, be.addr, Outbound)
+	tp := framesProxy(t, config.L7{}, be.addr, l4.Outbound)
 	r := dialRawH2(t, tp.addr)
 	for i := 0; i < 1000; i++ {
 		id := uint32(2*i + 1)
@@ -501,7 +502,7 @@ func TestH2FramesRapidResetGoAway(t *testing.T) {
 func TestH2FramesMalformed(t *testing.T) {
 	t.Parallel()
 	be := startBackend(t, "app", nil)
-	tp := framesProxy(t, config.L7{}, be.addr, Outbound)
+	tp := framesProxy(t, config.L7{}, be.addr, l4.Outbound)
 	cases := []struct {
 		name string
 		send func(r *rawH2)
@@ -571,7 +572,7 @@ func TestH2FramesMalformed(t *testing.T) {
 		// The upstream does not read: its window fills, then ours (the
 		// client ignores our window).
 		slow := startBackend(t, "slow", func(w http.ResponseWriter, r *http.Request) { time.Sleep(3 * time.Second) })
-		tp := framesProxy(t, config.L7{}, slow.addr, Outbound)
+		tp := framesProxy(t, config.L7{}, slow.addr, l4.Outbound)
 		r := dialRawH2(t, tp.addr)
 		r.headers(t, 1, false)
 		chunk := make([]byte, 16384)
@@ -631,7 +632,7 @@ func FuzzH2Frames(f *testing.F) {
 	be := startBackend(f, "app", nil)
 	// Not framesProxy: with -fuzz the inputs run in worker processes, so
 	// this process's proxy may serve nothing.
-	tp := startProxy(f, config.L7{HTTP2Forwarder: config.H2Frames}, be.addr, Outbound)
+	tp := startProxy(f, config.L7{HTTP2Forwarder: config.H2Frames}, be.addr, l4.Outbound)
 	// A normal request on a new connection, which the forwarder must serve
 	// after every input; its client's connection is closed afterwards.
 	normal := func(t testing.TB) {
@@ -691,7 +692,7 @@ func FuzzH2Frames(f *testing.F) {
 func TestH2FramesPoolsDropped(t *testing.T) {
 	t.Parallel()
 	be := startBackend(t, "a", nil)
-	tp := framesProxy(t, config.L7{}, be.addr, Outbound)
+	tp := framesProxy(t, config.L7{}, be.addr, l4.Outbound)
 	c := h2cClient()
 	if code, _, _ := get(t, c, tp.addr, "a", "/"); code != 200 {
 		t.Fatalf("first backend: %d", code)
@@ -719,7 +720,7 @@ func TestH2FramesPoolsDropped(t *testing.T) {
 func TestH2FramesPingFloodNotReading(t *testing.T) {
 	t.Parallel()
 	be := startBackend(t, "app", nil)
-	tp := framesProxy(t, config.L7{}, be.addr, Outbound)
+	tp := framesProxy(t, config.L7{}, be.addr, l4.Outbound)
 	tp.h2.outMax.Store(64 << 10)
 	c, err := net.Dial("tcp", tp.addr)
 	if err != nil {

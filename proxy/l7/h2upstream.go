@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/net/http2"
 
+	"github.com/meshlet/meshlet/proxy/l4"
 	"github.com/meshlet/meshlet/proxy/sniff"
 )
 
@@ -26,7 +27,7 @@ type h2poolKey struct {
 type h2pool struct {
 	p       *Engine
 	key     h2poolKey
-	dir     Direction
+	dir     l4.Direction
 	mu      sync.Mutex
 	conns   []*h2up
 	dialing bool
@@ -39,7 +40,7 @@ type h2waiter struct {
 	attempt int
 }
 
-func (p *Engine) h2pool(cl *cluster, addr string, dir Direction) *h2pool {
+func (p *Engine) h2pool(cl *cluster, addr string, dir l4.Direction) *h2pool {
 	key := h2poolKey{cl, addr}
 	if v, ok := p.h2.pools.Load(key); ok {
 		return v.(*h2pool)
@@ -548,7 +549,7 @@ func (u *h2up) teardown(err error) {
 }
 
 // drainH2 sends GOAWAY on the direction's frame-forwarded connections.
-func (p *Engine) drainH2(dir Direction) {
+func (p *Engine) drainH2(dir l4.Direction) {
 	p.h2.conns.Range(func(k, _ any) bool {
 		if d := k.(*h2down); d.dir == dir {
 			d.goAway(http2.ErrCodeNo)

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/l4"
 )
 
 // reqState travels with a request through ReverseProxy to the router.
@@ -66,7 +67,7 @@ func (p *Engine) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	tc, _ := r.Context().Value(connKey{}).(*trackedConn)
 	var dst netip.AddrPort
-	dir := Outbound
+	dir := l4.Outbound
 	if tc != nil {
 		dst, dir = tc.dst, tc.dir
 		defer func() {
@@ -426,7 +427,7 @@ func grpcStatus(h http.Header) string {
 	return ""
 }
 
-func (p *Engine) finish(w *responseWriter, r *http.Request, st *reqState, dir Direction, start time.Time) {
+func (p *Engine) finish(w *responseWriter, r *http.Request, st *reqState, dir l4.Direction, start time.Time) {
 	d := time.Since(start)
 	status := w.status
 	if status == 0 {

@@ -16,6 +16,7 @@ import (
 
 	"github.com/meshlet/meshlet/internal/proctest"
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/l4"
 )
 
 // testProxy runs a Engine behind a real loopback listener. Every accepted
@@ -26,11 +27,11 @@ type testProxy struct {
 	addr string
 	log  *proctest.SyncBuf
 	dst  atomic.Pointer[netip.AddrPort]
-	dir  Direction
+	dir  l4.Direction
 	ln   net.Listener
 }
 
-func startProxy(t testing.TB, cfg config.L7, dst string, dir Direction, opts ...func(*Options)) *testProxy {
+func startProxy(t testing.TB, cfg config.L7, dst string, dir l4.Direction, opts ...func(*Options)) *testProxy {
 	t.Helper()
 	tp := &testProxy{log: &proctest.SyncBuf{}, dir: dir}
 	o := Options{AccessLog: tp.log, Dial: loopbackOnly(t)}
@@ -209,7 +210,7 @@ func (r *fakeResolver) LookupNetIP(_ context.Context, _, host string) ([]netip.A
 // test (tests never send traffic off the machine).
 func loopbackOnly(t testing.TB) DialFunc {
 	d := &net.Dialer{}
-	return func(ctx context.Context, _ Direction, network, addr string) (net.Conn, error) {
+	return func(ctx context.Context, _ l4.Direction, network, addr string) (net.Conn, error) {
 		ap, err := netip.ParseAddrPort(addr)
 		if err != nil || !ap.Addr().IsLoopback() {
 			t.Errorf("test tried to dial non-loopback %q", addr)

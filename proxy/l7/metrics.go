@@ -5,6 +5,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/meshlet/meshlet/proxy/l4"
 )
 
 // metrics are the engine's Prometheus collectors. Per-request observers are
@@ -129,7 +131,7 @@ func (rm *routeMetrics) observe(status int, d time.Duration) {
 	rm.duration.Observe(d.Seconds())
 }
 
-func (r *route) metricsFor(m *metrics, dir Direction, cl *cluster) *routeMetrics {
+func (r *route) metricsFor(m *metrics, dir l4.Direction, cl *cluster) *routeMetrics {
 	if cl == nil {
 		return nil
 	}

@@ -139,14 +139,14 @@ clusters:
 	// The engine runs in this process; its upstream connections must be made
 	// inside the pod netns (and only to this test's subnet), like a sidecar's.
 	lab := netip.MustParsePrefix("10.213.0.0/16")
-	podDial := func(ctx context.Context, dir l7.Direction, network, addr string) (net.Conn, error) {
+	podDial := func(ctx context.Context, dir l4.Direction, network, addr string) (net.Conn, error) {
 		ap, err := netip.ParseAddrPort(addr)
 		if err != nil || !lab.Contains(ap.Addr()) {
 			t.Errorf("engine dialled %q outside the test subnet", addr)
 			return nil, fmt.Errorf("refusing %q", addr)
 		}
 		d := net.Dialer{Timeout: 3 * time.Second}
-		if dir == l7.Inbound {
+		if dir == l4.Inbound {
 			d.LocalAddr = &net.TCPAddr{IP: net.IPv4(127, 0, 0, 6)}
 		}
 		var c net.Conn

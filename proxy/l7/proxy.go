@@ -48,25 +48,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/l4"
 	"github.com/meshlet/meshlet/proxy/sniff"
 )
-
-// Direction says which capture listener accepted a connection.
-type Direction int
-
-const (
-	// Outbound traffic was captured on 15001: the app calls a service.
-	Outbound Direction = iota
-	// Inbound traffic was captured on 15006: a client calls the local app.
-	Inbound
-)
-
-func (d Direction) String() string {
-	if d == Inbound {
-		return "inbound"
-	}
-	return "outbound"
-}
 
 // Options are the proxy's dependencies. Zero values mean defaults.
 type Options struct {
@@ -82,7 +66,7 @@ type Options struct {
 	Logger *slog.Logger
 	// TCP handles connections detected as opaque TCP or on tcp ports; the
 	// proxy passes its L4 relay. Default: a plain bidirectional copy to dst.
-	TCP func(ctx context.Context, c net.Conn, dst netip.AddrPort, dir Direction)
+	TCP func(ctx context.Context, c net.Conn, dst netip.AddrPort, dir l4.Direction)
 
 	// netHTTPOnly serves every connection with net/http's server, without
 	// the HTTP/1.1 codec (h1server.go); tests compare the two.
@@ -148,7 +132,7 @@ func New(cfg config.L7, opts Options) (*Engine, error) {
 	dialFromOpt := opts.Dial != nil
 	if opts.Dial == nil {
 		d := &net.Dialer{KeepAlive: 30 * time.Second}
-		opts.Dial = func(ctx context.Context, _ Direction, network, addr string) (net.Conn, error) {
+		opts.Dial = func(ctx context.Context, _ l4.Direction, network, addr string) (net.Conn, error) {
 			return d.DialContext(ctx, network, addr)
 		}
 	}
@@ -315,8 +299,8 @@ func (p *Engine) allClusters() []*cluster {
 // connections get GOAWAY, upgraded connections run until they end. When ctx
 // ends first, the remaining connections are closed and ctx's error returned.
 func (p *Engine) Drain(ctx context.Context) error {
-	p.StartDrain(Inbound)
-	p.StartDrain(Outbound)
+	p.StartDrain(l4.Inbound)
+	p.StartDrain(l4.Outbound)
 	var err error
 	for _, d := range p.dirs {
 		if werr := d.wait(ctx); err == nil {
@@ -331,7 +315,7 @@ func (p *Engine) Drain(ctx context.Context) error {
 // new connections of that direction are refused, HTTP/1 connections close
 // at their next response boundary, HTTP/2 connections get GOAWAY. The
 // generation server's shutdown drain stops inbound first and outbound later.
-func (p *Engine) StartDrain(dir Direction) {
+func (p *Engine) StartDrain(dir l4.Direction) {
 	d := p.dirs[dir]
 	d.once.Do(func() {
 		d.draining.Store(true)
@@ -379,7 +363,7 @@ func (p *Engine) Collectors() []prometheus.Collector {
 // and returns when it is closed. Ports declared tcp go to Options.TCP; ports
 // declared HTTP are served as HTTP/1.1 or HTTP/2 (by preface); other ports
 // are detected from their first bytes.
-func (p *Engine) ServeConn(ctx context.Context, c net.Conn, dst netip.AddrPort, dir Direction) {
+func (p *Engine) ServeConn(ctx context.Context, c net.Conn, dst netip.AddrPort, dir l4.Direction) {
 	proto := p.Protocol(dst.Port())
 	if proto == config.ProtoTCP {
 		p.serveTCP(ctx, c, dst, dir)
@@ -402,7 +386,7 @@ func (p *Engine) ServeConn(ctx context.Context, c net.Conn, dst netip.AddrPort, 
 // serveHTTP serves an HTTP/1.1 or HTTP/2 (prior knowledge) connection until
 // it closes or ctx ends: with the HTTP/1.1 codec while its requests are in
 // the shape the codec takes, then (or at once, for HTTP/2) with net/http.
-func (p *Engine) serveHTTP(ctx context.Context, c net.Conn, dst netip.AddrPort, dir Direction) {
+func (p *Engine) serveHTTP(ctx context.Context, c net.Conn, dst netip.AddrPort, dir l4.Direction) {
 	d := p.dirs[dir]
 	if d.draining.Load() {
 		c.Close()
@@ -430,7 +414,7 @@ func (p *Engine) serveHTTP(ctx context.Context, c net.Conn, dst netip.AddrPort, 
 	}
 }
 
-func (p *Engine) serveTCP(ctx context.Context, c net.Conn, dst netip.AddrPort, dir Direction) {
+func (p *Engine) serveTCP(ctx context.Context, c net.Conn, dst netip.AddrPort, dir l4.Direction) {
 	if p.opts.TCP != nil {
 		p.opts.TCP(ctx, c, dst, dir)
 		return
@@ -458,7 +442,7 @@ func (p *Engine) serveTCP(ctx context.Context, c net.Conn, dst netip.AddrPort, d
 	<-errc
 }
 
-func (p *Engine) dialUpstream(ctx context.Context, dir Direction, network, addr string) (net.Conn, error) {
+func (p *Engine) dialUpstream(ctx context.Context, dir l4.Direction, network, addr string) (net.Conn, error) {
 	return (*p.dial.Load())(ctx, dir, network, addr)
 }
 
@@ -466,7 +450,7 @@ func (p *Engine) dialUpstream(ctx context.Context, dir Direction, network, addr 
 type trackedConn struct {
 	net.Conn
 	dst      netip.AddrPort
-	dir      Direction
+	dir      l4.Direction
 	done     chan struct{}
 	once     sync.Once
 	hijacked atomic.Bool

@@ -12,12 +12,13 @@ import (
 	"testing"
 
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/l4"
 )
 
 func TestPassthroughHTTP1AndH2C(t *testing.T) {
 	t.Parallel()
 	be := startBackend(t, "app", nil)
-	for _, dir := range []Direction{Outbound, Inbound} {
+	for _, dir := range []l4.Direction{l4.Outbound, l4.Inbound} {
 		tp := startProxy(t, config.L7{AccessLog: config.AccessLog{Enabled: true}}, be.addr, dir)
 		for name, c := range map[string]*http.Client{"h1": h1Client(), "h2c": h2cClient()} {
 			for i := 0; i < 3; i++ { // keep-alive / multiplexed reuse
@@ -49,7 +50,7 @@ func TestChunkedAndKeepAliveRaw(t *testing.T) {
 		w.(http.Flusher).Flush()
 		w.Header().Set("X-Sum", fmt.Sprint(len(b)))
 	})
-	tp := startProxy(t, config.L7{}, be.addr, Outbound)
+	tp := startProxy(t, config.L7{}, be.addr, l4.Outbound)
 	c, err := net.Dial("tcp", tp.addr)
 	if err != nil {
 		t.Fatal(err)
@@ -90,7 +91,7 @@ func TestProtocolDetectionFallsBackToTCP(t *testing.T) {
 			go func() { io.Copy(c, c); c.Close() }()
 		}
 	}()
-	tp := startProxy(t, mustLoad(t, "detection: {timeout: 100ms}\n"), ln.Addr().String(), Outbound)
+	tp := startProxy(t, mustLoad(t, "detection: {timeout: 100ms}\n"), ln.Addr().String(), l4.Outbound)
 	for _, msg := range []string{"\x00\x01binary-protocol\n", ""} {
 		c, err := net.Dial("tcp", tp.addr)
 		if err != nil {
@@ -125,7 +126,7 @@ func TestAccessLogSampling(t *testing.T) {
 		rate string
 		p    float64
 	}{{"1", 1}, {"0.25", 0.25}, {"0", 0}} {
-		tp := startProxy(t, mustLoad(t, "accessLog: {enabled: true, sampleRate: "+tc.rate+"}"), be.addr, Outbound)
+		tp := startProxy(t, mustLoad(t, "accessLog: {enabled: true, sampleRate: "+tc.rate+"}"), be.addr, l4.Outbound)
 		c := h1Client()
 		const n = 400
 		for i := 0; i < n; i++ {
@@ -166,9 +167,9 @@ func TestForwardingHeadersPassThrough(t *testing.T) {
 	for _, engine := range []string{config.H2Frames, config.H2NetHTTP} {
 		for name, cfg := range map[string]config.L7{"inbound": {}, "routed": routed} {
 			cfg.HTTP2Forwarder = engine
-			dir, host := Inbound, "app"
+			dir, host := l4.Inbound, "app"
 			if name == "routed" {
-				dir, host = Outbound, "s"
+				dir, host = l4.Outbound, "s"
 			}
 			tp := startProxy(t, cfg, be.addr, dir)
 			if name == "routed" {
@@ -190,7 +191,7 @@ func TestQueryPassesUnchanged(t *testing.T) {
 	be := startBackend(t, "app", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, r.URL.RawQuery) })
 	const q = "a=1;b=2&c=%3B&d"
 	for _, engine := range []string{config.H2Frames, config.H2NetHTTP} {
-		tp := startProxy(t, config.L7{HTTP2Forwarder: engine}, be.addr, Inbound)
+		tp := startProxy(t, config.L7{HTTP2Forwarder: engine}, be.addr, l4.Inbound)
 		for proto, c := range map[string]*http.Client{"h1": h1Client(), "h2c": h2cClient()} {
 			if code, _, body := get(t, c, tp.addr, "app", "/p?"+q); code != 200 || body != q {
 				t.Errorf("%s %s: %d %q; want %q", engine, proto, code, body, q)
@@ -207,7 +208,7 @@ func TestRequestID(t *testing.T) {
 	be := startBackend(t, "app", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, r.Header.Get("X-Request-Id")) })
 	uuid4 := regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$`)
 	for _, engine := range []string{config.H2Frames, config.H2NetHTTP} {
-		tp := startProxy(t, config.L7{HTTP2Forwarder: engine, AccessLog: config.AccessLog{Enabled: true}}, be.addr, Inbound)
+		tp := startProxy(t, config.L7{HTTP2Forwarder: engine, AccessLog: config.AccessLog{Enabled: true}}, be.addr, l4.Inbound)
 		for proto, c := range map[string]*http.Client{"h1": h1Client(), "h2c": h2cClient()} {
 			_, _, id1 := get(t, c, tp.addr, "app", "/")
 			_, _, id2 := get(t, c, tp.addr, "app", "/")

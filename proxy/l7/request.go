@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"strconv"
 	"time"
+
+	"github.com/meshlet/meshlet/proxy/l4"
 )
 
 // The per-request decision: every path that serves HTTP — net/http's
@@ -62,8 +64,8 @@ func ensureRequestID(h http.Header) string {
 
 // match chooses the route of a request to dst in direction dir; nil means
 // a service claimed the request but none of its routes matched.
-func (t *table) match(r *http.Request, host string, dir Direction, dst netip.AddrPort) *route {
-	if dir == Inbound {
+func (t *table) match(r *http.Request, host string, dir l4.Direction, dst netip.AddrPort) *route {
+	if dir == l4.Inbound {
 		return t.inboundRoute
 	}
 	svc := findService(t.services, host, dst)

@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/l4"
 )
 
 // budgetDeposits sums a route's retry-budget deposits of the last TTL.
@@ -51,7 +52,7 @@ clusters:
   endpoints: [{address: %q}]
 `, be.addr))
 			cfg.HTTP2Forwarder = tc.fwd
-			tp := startProxy(t, cfg, "127.0.0.1:80", Outbound)
+			tp := startProxy(t, cfg, "127.0.0.1:80", l4.Outbound)
 			cfg.Services[2].Routes[0].Destinations[0].Cluster = "undefined"
 			if err := tp.Update(cfg); err != nil {
 				t.Fatal(err)

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/meshlet/meshlet/proxy/l4"
 )
 
 func oneClusterConfig(route, cluster string, addrs ...string) string {
@@ -53,7 +55,7 @@ func TestRetryTurnsFlaky503IntoSuccess(t *testing.T) {
 		{"with retries", "    retries: {attempts: 2, retryOn: [\"503\"], baseInterval: 1ms}", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			tp := startProxy(t, mustLoad(t, oneClusterConfig(tc.retries, "", be.addr)), "127.0.0.1:80", Outbound)
+			tp := startProxy(t, mustLoad(t, oneClusterConfig(tc.retries, "", be.addr)), "127.0.0.1:80", l4.Outbound)
 			c := h1Client()
 			failures := 0
 			for i := 0; i < 40; i++ {
@@ -94,7 +96,7 @@ func TestRetryBudget(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := be.count.Load()
-			tp := startProxy(t, mustLoad(t, oneClusterConfig("    retries: {attempts: 3, retryOn: [5xx], baseInterval: 1ms"+tc.budget+"}", "", be.addr)), "127.0.0.1:80", Outbound)
+			tp := startProxy(t, mustLoad(t, oneClusterConfig("    retries: {attempts: 3, retryOn: [5xx], baseInterval: 1ms"+tc.budget+"}", "", be.addr)), "127.0.0.1:80", l4.Outbound)
 			c := h1Client()
 			for i := 0; i < 100; i++ {
 				if code, _, _ := get(t, c, tp.addr, "s", "/"); code != 503 {
@@ -124,7 +126,7 @@ func TestRetryPerTryTimeoutAndConnectFailure(t *testing.T) {
 	})
 	dead := unusedAddr(t)
 	cfg := mustLoad(t, oneClusterConfig("    retries: {attempts: 3, perTryTimeout: 200ms, retryOn: [connect-failure, 5xx], baseInterval: 1ms}", "", be.addr, dead))
-	tp := startProxy(t, cfg, "127.0.0.1:80", Outbound)
+	tp := startProxy(t, cfg, "127.0.0.1:80", l4.Outbound)
 	c := h1Client()
 	for i := 0; i < 10; i++ {
 		start := time.Now()
@@ -148,7 +150,7 @@ func TestPerTryTimeoutWithoutRetries(t *testing.T) {
 		}
 	})
 	cfg := mustLoad(t, oneClusterConfig("    retries: {attempts: 0, perTryTimeout: 100ms}", "", be.addr))
-	tp := startProxy(t, cfg, "127.0.0.1:80", Outbound)
+	tp := startProxy(t, cfg, "127.0.0.1:80", l4.Outbound)
 	start := time.Now()
 	code, _, _ := get(t, h1Client(), tp.addr, "s", "/")
 	if code != http.StatusGatewayTimeout || time.Since(start) > 4*time.Second {
@@ -183,7 +185,7 @@ func TestCircuitBreakerOpensAndRecovers(t *testing.T) {
 			release = make(chan struct{})
 			mu.Unlock()
 			inflight.Store(0)
-			tp := startProxy(t, mustLoad(t, oneClusterConfig("", tc.pool, be.addr)), "127.0.0.1:80", Outbound)
+			tp := startProxy(t, mustLoad(t, oneClusterConfig("", tc.pool, be.addr)), "127.0.0.1:80", l4.Outbound)
 			c := h1Client()
 			var wg sync.WaitGroup
 			codes := make(chan int, 2)
@@ -244,7 +246,7 @@ func TestOutlierEjectionAndReturn(t *testing.T) {
 	var skew atomic.Int64 // how far the test moved the engine's clock
 	clock := func() time.Time { return time.Now().Add(time.Duration(skew.Load())) }
 	cfg := mustLoad(t, oneClusterConfig("", "  outlierDetection: {consecutive5xx: 3, baseEjectionTime: 30s, maxEjectionPercent: 50}", good.addr, flaky.addr))
-	tp := startProxy(t, cfg, "127.0.0.1:80", Outbound, func(o *Options) { o.clock = clock })
+	tp := startProxy(t, cfg, "127.0.0.1:80", l4.Outbound, func(o *Options) { o.clock = clock })
 	c := h1Client()
 	// Round robin: the flaky endpoint gets every other request until 3 consecutive 5xx.
 	for i := 0; i < 6; i++ {
@@ -291,7 +293,7 @@ func TestActiveHealthCheck(t *testing.T) {
 		io.WriteString(w, "b")
 	})
 	cfg := mustLoad(t, oneClusterConfig("", "  healthCheck: {path: /healthz, interval: 50ms, unhealthyThreshold: 1, healthyThreshold: 1}", a.addr, b.addr))
-	tp := startProxy(t, cfg, "127.0.0.1:80", Outbound)
+	tp := startProxy(t, cfg, "127.0.0.1:80", l4.Outbound)
 	c := h1Client()
 	waitUntil(t, func() bool { return tp.tab.Load().clusters["c"].all.list()[1].unhealthy.Load() })
 	for i := 0; i < 20; i++ {
@@ -326,7 +328,7 @@ func TestFaultPercentages(t *testing.T) {
 	t.Parallel()
 	be := startBackend(t, "app", nil)
 	cfg := mustLoad(t, oneClusterConfig("    fault: {abort: {httpStatus: 418, percent: 30}, delay: {fixed: 30ms, percent: 10}}", "", be.addr))
-	tp := startProxy(t, cfg, "127.0.0.1:80", Outbound)
+	tp := startProxy(t, cfg, "127.0.0.1:80", l4.Outbound)
 	c := h1Client()
 	const n = 600
 	aborted, delayed := 0, 0
@@ -388,7 +390,7 @@ clusters:
 - {name: main, endpoints: [{address: %q}]}
 - {name: shadow, endpoints: [{address: %q}]}
 `, main.addr, shadow.addr))
-	tp := startProxy(t, cfg, "127.0.0.1:80", Outbound)
+	tp := startProxy(t, cfg, "127.0.0.1:80", l4.Outbound)
 	req, _ := http.NewRequest(http.MethodPut, "http://"+tp.addr+"/m", strings.NewReader("payload"))
 	req.Host = "s:8080"
 	resp, err := h1Client().Do(req)
@@ -425,7 +427,7 @@ clusters:
 - name: c
   dns: {name: reviews.default.svc.cluster.local, port: %s, refresh: 50ms}
 `, aPort))
-	tp := startProxy(t, cfg, "127.0.0.1:80", Outbound, func(o *Options) { o.Resolver = res })
+	tp := startProxy(t, cfg, "127.0.0.1:80", l4.Outbound, func(o *Options) { o.Resolver = res })
 	if _, h, _ := get(t, h1Client(), tp.addr, "s", "/"); h.Get("X-Backend") != "a" {
 		t.Fatalf("DNS cluster served by %q", h.Get("X-Backend"))
 	}

@@ -6,6 +6,8 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+
+	"github.com/meshlet/meshlet/proxy/l4"
 )
 
 func TestRouting(t *testing.T) {
@@ -56,7 +58,7 @@ clusters:
 - name: api
   endpoints: [{address: %q}]
 `, v1.addr, v2.addr, api.addr))
-	tp := startProxy(t, cfg, "127.0.0.1:9080", Outbound)
+	tp := startProxy(t, cfg, "127.0.0.1:9080", l4.Outbound)
 	c := h1Client()
 	tests := []struct {
 		name, host, path string
@@ -95,7 +97,7 @@ clusters:
 			}
 			if tt.name == "unknown host passthrough" {
 				// Original destination: point it at orig for this request.
-				tp2 := startProxy(t, cfg, orig.addr, Outbound)
+				tp2 := startProxy(t, cfg, orig.addr, l4.Outbound)
 				code, _, body := get(t, c, tp2.addr, tt.host, tt.path)
 				if code != 200 || !strings.HasPrefix(body, "orig ") {
 					t.Fatalf("passthrough: %d %q", code, body)
@@ -142,7 +144,7 @@ clusters:
   - {name: stable, labels: {track: stable}}
   - {name: canary, labels: {track: canary}}
 `, v1.addr, v2.addr))
-	tp := startProxy(t, cfg, "127.0.0.1:80", Outbound)
+	tp := startProxy(t, cfg, "127.0.0.1:80", l4.Outbound)
 	c := h1Client()
 	const n = 2000
 	canary := 0

@@ -36,13 +36,13 @@ func (p *Engine) Chooser(fwd *l4.Forwarder) l4.Chooser {
 // application from its passthrough source address (127.0.0.6 / ::6, so the
 // capture rules let them through), with its connect timeouts.
 func ForwarderDial(fwd *l4.Forwarder) DialFunc {
-	return func(ctx context.Context, dir Direction, network, addr string) (net.Conn, error) {
-		o := fwd.Options[toL4(dir)]
+	return func(ctx context.Context, dir l4.Direction, network, addr string) (net.Conn, error) {
+		o := fwd.Options[dir]
 		d := net.Dialer{Timeout: o.ConnectTimeout, KeepAlive: 30 * time.Second}
 		if d.Timeout == 0 {
 			d.Timeout = 10 * time.Second
 		}
-		if dir == Inbound {
+		if dir == l4.Inbound {
 			if ap, err := netip.ParseAddrPort(addr); err == nil {
 				src := o.SourceIPv4
 				if ap.Addr().Is6() && !ap.Addr().Is4In6() {
@@ -62,23 +62,9 @@ type seamHandler struct {
 	fwd *l4.Forwarder
 }
 
-func toL4(d Direction) l4.Direction {
-	if d == Inbound {
-		return l4.Inbound
-	}
-	return l4.Outbound
-}
-
-func fromL4(d l4.Direction) Direction {
-	if d == l4.Inbound {
-		return Inbound
-	}
-	return Outbound
-}
-
 // ServeConn implements l4.Handler.
 func (h *seamHandler) ServeConn(ctx context.Context, c *l4.Conn) {
-	dir := fromL4(c.Direction)
+	dir := c.Direction
 	stop := make(chan struct{})
 	defer close(stop)
 	go func() {

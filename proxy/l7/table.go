@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/l4"
 )
 
 // table is one compiled configuration: services with their routes, the
@@ -182,12 +183,12 @@ func (p *Engine) compile(cfg config.L7, old *table) (t *table, fresh []*cluster,
 				p.log.Warn("upstream TLS certificates are not verified (insecureSkipVerify)", "cluster", c.Name)
 			}
 		}
-		nc := newCluster(c, Outbound, p.dialUpstream, p.m.cluster(c.Name), ut)
+		nc := newCluster(c, l4.Outbound, p.dialUpstream, p.m.cluster(c.Name), ut)
 		nc.clock = p.opts.clock
 		t.clusters[c.Name] = nc
 		fresh = append(fresh, nc)
 	}
-	orig := func(name string, pol config.ConnectionPool, dir Direction, prev *cluster) *cluster {
+	orig := func(name string, pol config.ConnectionPool, dir l4.Direction, prev *cluster) *cluster {
 		if prev != nil && reflect.DeepEqual(prev.cfg.Pool, pol) {
 			return prev
 		}
@@ -197,8 +198,8 @@ func (p *Engine) compile(cfg config.L7, old *table) (t *table, fresh []*cluster,
 	if old != nil {
 		oldIn, oldPass = old.inbound, old.passthrough
 	}
-	t.inbound = orig("inbound", cfg.Inbound.Pool, Inbound, oldIn)
-	t.passthrough = orig("passthrough", cfg.Passthrough.Pool, Outbound, oldPass)
+	t.inbound = orig("inbound", cfg.Inbound.Pool, l4.Inbound, oldIn)
+	t.passthrough = orig("passthrough", cfg.Passthrough.Pool, l4.Outbound, oldPass)
 	t.inboundRoute = &route{cfg: &config.Route{Name: "inbound", Timeout: cfg.Inbound.Timeout}, key: "inbound",
 		dests: []destination{{cluster: t.inbound, name: "inbound"}}, metrics: map[*cluster]*routeMetrics{}}
 	t.inboundRoute.metrics[t.inbound] = p.m.route("inbound", "inbound", "inbound")

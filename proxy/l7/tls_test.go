@@ -37,6 +37,7 @@ import (
 
 	"github.com/meshlet/meshlet/internal/proctest"
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/l4"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
@@ -273,7 +274,7 @@ func TestTLSSimpleHTTP1FastPath(t *testing.T) {
 	tp := startProxy(t, mustLoad(t, tlsClusterConfig(fmt.Sprintf(`  protocol: http1
   endpoints: [{address: %q}]
   tls: {mode: SIMPLE, caCertificates: %q}
-`, be.addr, ca.pem))), be.addr, Outbound)
+`, be.addr, ca.pem))), be.addr, l4.Outbound)
 	c := h1Client()
 	for i := 0; i < 20; i++ {
 		code, h, body := tlsPost(t, c, tp.addr, "api", "/p", fmt.Sprint("m", i))
@@ -318,7 +319,7 @@ func TestTLSH2AndAuto(t *testing.T) {
 		tp := startProxy(t, mustLoad(t, tlsClusterConfig(fmt.Sprintf(`  protocol: %s
   endpoints: [{address: %q}]
   tls: {mode: SIMPLE, caCertificates: %q, sni: api.internal}
-`, tc.proto, be.addr, ca.pem))), be.addr, Outbound)
+`, tc.proto, be.addr, ca.pem))), be.addr, l4.Outbound)
 		for i := 0; i < 3; i++ {
 			code, h, body := get(t, tc.client, tp.addr, "api", "/h")
 			if code != 200 || h.Get("X-ALPN") != tc.want || (tc.want == "h2") != (h.Get("X-Proto") == "HTTP/2.0") {
@@ -341,7 +342,7 @@ func TestTLSH2AndAuto(t *testing.T) {
 		tp := startProxy(t, mustLoad(t, tlsClusterConfig(fmt.Sprintf(`  protocol: %s
   endpoints: [{address: %q}]
   tls: {mode: SIMPLE, caCertificates: %q, sni: api.internal}
-`, tc.proto, h1only.addr, ca.pem))), h1only.addr, Outbound)
+`, tc.proto, h1only.addr, ca.pem))), h1only.addr, l4.Outbound)
 		code, h, body := get(t, h2cClient(), tp.addr, "api", "/h")
 		if code != tc.code || code == 200 && h.Get("X-ALPN") != "http/1.1" {
 			t.Errorf("%s cluster, HTTP/2 request, HTTP/1.1-only server: %d %q alpn=%q, want %d", tc.proto, code, body, h.Get("X-ALPN"), tc.code)
@@ -381,7 +382,7 @@ clusters:
   endpoints: [{address: %q}]
   tls: {mode: SIMPLE, caCertificates: %q, sni: echo.internal}
   healthCheck: {type: grpc, serviceName: echo, interval: 50ms, timeout: 1s, unhealthyThreshold: 1, healthyThreshold: 1}
-`, ln.Addr().String(), ca.pem)), "127.0.0.1:7070", Outbound)
+`, ln.Addr().String(), ca.pem)), "127.0.0.1:7070", l4.Outbound)
 	ep := tp.tab.Load().clusters["echo"].all.list()[0]
 	hs.SetServingStatus("echo", healthpb.HealthCheckResponse_SERVING)
 	client := testpb.NewTestServiceClient(grpcConn(t, tp.addr, "echo"))
@@ -438,7 +439,7 @@ func TestTLSMutual(t *testing.T) {
 			mutual := startProxy(t, mustLoad(t, tlsClusterConfig(fmt.Sprintf(`  protocol: %s
   endpoints: [{address: %q}]
   tls: {mode: MUTUAL, caCertificates: %q, clientCertificate: %q, privateKey: %q}
-`, proto, be.addr, ca.pem, client.certPath, client.keyPath))), be.addr, Outbound)
+`, proto, be.addr, ca.pem, client.certPath, client.keyPath))), be.addr, l4.Outbound)
 			code, h, body := get(t, h1Client(), mutual.addr, "api", "/m")
 			if code != 200 || h.Get("X-Client-CN") != "meshlet-client" {
 				t.Fatalf("%s MUTUAL: %d %q client CN %q", name, code, body, h.Get("X-Client-CN"))
@@ -446,7 +447,7 @@ func TestTLSMutual(t *testing.T) {
 			simple := startProxy(t, mustLoad(t, tlsClusterConfig(fmt.Sprintf(`  protocol: %s
   endpoints: [{address: %q}]
   tls: {mode: SIMPLE, caCertificates: %q}
-`, proto, be.addr, ca.pem))), be.addr, Outbound)
+`, proto, be.addr, ca.pem))), be.addr, l4.Outbound)
 			// GET takes the fast path (http1), a streamed POST net/http's transport.
 			code, _, body = get(t, h1Client(), simple.addr, "api", "/s")
 			if code != 503 || !strings.Contains(body, "upstream connect error") {
@@ -699,7 +700,7 @@ func TestTLSFastPathLiveness(t *testing.T) {
 		tp := startProxy(t, mustLoad(t, tlsClusterConfig(fmt.Sprintf(`  protocol: http1
   endpoints: [{address: %q}]
   tls: {mode: SIMPLE, caCertificates: %q}
-`, relay.addr, ca.pem))), be.addr, Outbound)
+`, relay.addr, ca.pem))), be.addr, l4.Outbound)
 		c := h1Client()
 		for i := 0; i < 5; i++ {
 			if code, _, body := tlsPost(t, c, tp.addr, "api", "/t", "x"); code != 200 {
@@ -722,7 +723,7 @@ func TestTLSFastPathLiveness(t *testing.T) {
 		tp := startProxy(t, mustLoad(t, tlsClusterConfig(fmt.Sprintf(`  protocol: http1
   endpoints: [{address: %q}]
   tls: {mode: SIMPLE, caCertificates: %q}
-`, be.addr, ca.pem))), be.addr, Outbound)
+`, be.addr, ca.pem))), be.addr, l4.Outbound)
 		c := h1Client()
 		if code, _, body := tlsPost(t, c, tp.addr, "api", "/a", "one"); code != 200 {
 			t.Fatalf("first POST: %d %q", code, body)
@@ -748,7 +749,7 @@ func TestTLSWebSocket(t *testing.T) {
 	tp := startProxy(t, mustLoad(t, tlsClusterConfig(fmt.Sprintf(`  protocol: http1
   endpoints: [{address: %q}]
   tls: {mode: SIMPLE, caCertificates: %q}
-`, be.addr, ca.pem))), be.addr, Outbound)
+`, be.addr, ca.pem))), be.addr, l4.Outbound)
 	checkWebSocketEcho(t, tp.addr, "api")
 }
 
@@ -778,7 +779,7 @@ clusters:
 - name: api
   endpoints: [{address: %q}]
   tls: {mode: MUTUAL, caCertificates: %q, clientCertificate: %q, privateKey: %q}
-`, be.addr, ca.pem, client.certPath, client.keyPath)), be.addr, Outbound)
+`, be.addr, ca.pem, client.certPath, client.keyPath)), be.addr, l4.Outbound)
 	for _, c := range []*http.Client{h1Client(), h2cClient()} {
 		if code, _, body := get(t, c, tp.addr, "api", "/slow"); code != 504 {
 			t.Fatalf("%d %q, want 504", code, body)
@@ -825,7 +826,7 @@ func TestTLSVerification(t *testing.T) {
 			tp := startProxy(t, mustLoad(t, tlsClusterConfig(fmt.Sprintf(`  endpoints: [{address: %q}]
   outlierDetection: {consecutiveConnectFailures: 2, maxEjectionPercent: 100}
   tls: %s
-`, tc.addr, tc.tls))), tc.addr, Outbound, func(o *Options) {
+`, tc.addr, tc.tls))), tc.addr, l4.Outbound, func(o *Options) {
 				o.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 			})
 			defer func() {
@@ -881,7 +882,7 @@ clusters:
 - name: api
   endpoints: [{address: %q}, {address: %q}]
   tls: {mode: SIMPLE, caCertificates: %q}
-`, good.addr, bad.addr, ca.pem)), good.addr, Outbound)
+`, good.addr, bad.addr, ca.pem)), good.addr, l4.Outbound)
 	for i := 0; i < 10; i++ {
 		if code, h, body := get(t, h1Client(), tp.addr, "api", "/r"); code != 200 || h.Get("X-Backend") != "good" {
 			t.Fatalf("request %d: %d %q from %q", i, code, body, h.Get("X-Backend"))
@@ -903,7 +904,7 @@ func TestTLSDNSClusterSNI(t *testing.T) {
 	_, port, _ := net.SplitHostPort(be.addr)
 	tp := startProxy(t, mustLoad(t, tlsClusterConfig(fmt.Sprintf(`  dns: {name: api.example.internal, port: %s}
   tls: {mode: SIMPLE, caCertificates: %q}
-`, port, ca.pem))), be.addr, Outbound, func(o *Options) { o.Resolver = res })
+`, port, ca.pem))), be.addr, l4.Outbound, func(o *Options) { o.Resolver = res })
 	if code, _, body := get(t, h1Client(), tp.addr, "api", "/d"); code != 200 {
 		t.Fatalf("%d %q\n%s", code, body, tp.log.String())
 	}
@@ -934,7 +935,7 @@ clusters:
 - name: shadow
   endpoints: [{address: %q}]
   tls: {mode: SIMPLE, caCertificates: %q}
-`, good.addr, untrusted.addr, ca.pem, shadow.addr, ca.pem)), good.addr, Outbound)
+`, good.addr, untrusted.addr, ca.pem, shadow.addr, ca.pem)), good.addr, l4.Outbound)
 	eps := tp.tab.Load().clusters["api"].all.list()
 	waitUntil(t, func() bool { return eps[1].unhealthy.Load() && good.healthz.Load() >= 2 })
 	if eps[0].unhealthy.Load() {

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/l4"
 )
 
 // twoClusters routes host "svc" to cluster `to`; clusters a and b have one
@@ -76,7 +77,7 @@ func TestUpdateSwapsTable(t *testing.T) {
 			b := startBackend(t, "b", func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "b") })
 			cfg := twoClusters(t, "a", a.addr, b.addr, "")
 			cfg.HTTP2Forwarder = tc.fwd
-			tp := startProxy(t, cfg, "127.0.0.1:80", Outbound)
+			tp := startProxy(t, cfg, "127.0.0.1:80", l4.Outbound)
 			c, dials := countingClient(tc.h2c)
 
 			if code, _, body := get(t, c, tp.addr, "svc", "/"); code != 200 || body != "a" {
@@ -166,7 +167,7 @@ clusters:
 - name: b
   endpoints: [{address: %q}]
 `, a.addr, a2.addr, b.addr))
-	tp := startProxy(t, cfg, "127.0.0.1:80", Outbound)
+	tp := startProxy(t, cfg, "127.0.0.1:80", l4.Outbound)
 	c := h1Client()
 	for i := 0; i < 4; i++ {
 		get(t, c, tp.addr, "svc", "/")
@@ -221,7 +222,7 @@ func TestUpdateRejectsBadConfig(t *testing.T) {
 	t.Parallel()
 	a := startBackend(t, "a", nil)
 	b := startBackend(t, "b", nil)
-	tp := startProxy(t, twoClusters(t, "a", a.addr, b.addr, ""), "127.0.0.1:80", Outbound)
+	tp := startProxy(t, twoClusters(t, "a", a.addr, b.addr, ""), "127.0.0.1:80", l4.Outbound)
 	before := tp.tab.Load()
 
 	bad := twoClusters(t, "b", a.addr, b.addr, "")
@@ -251,7 +252,7 @@ func TestUpdateEndpoints(t *testing.T) {
 	t.Parallel()
 	a := startBackend(t, "a", nil)
 	b := startBackend(t, "b", nil)
-	tp := startProxy(t, twoClusters(t, "a", a.addr, b.addr, ""), "127.0.0.1:80", Outbound)
+	tp := startProxy(t, twoClusters(t, "a", a.addr, b.addr, ""), "127.0.0.1:80", l4.Outbound)
 	cl := tp.tab.Load().clusters["a"]
 	if err := tp.UpdateEndpoints("a", []config.Endpoint{{Address: b.addr}}); err != nil {
 		t.Fatal(err)
@@ -289,7 +290,7 @@ func TestNoClusterIs503NC(t *testing.T) {
 			b := startBackend(t, "b", nil)
 			cfg := twoClusters(t, "a", a.addr, b.addr, "")
 			cfg.HTTP2Forwarder = tc.fwd
-			tp := startProxy(t, cfg, "127.0.0.1:80", Outbound)
+			tp := startProxy(t, cfg, "127.0.0.1:80", l4.Outbound)
 			cfg.Services[0].Routes[0].Destinations[0].Cluster = "later"
 			if err := cfg.Validate(); err == nil {
 				t.Fatal("Validate accepts a route to an undefined cluster")
@@ -324,7 +325,7 @@ func TestUpdateMovesFramesConnectionOff(t *testing.T) {
 	b := startBackend(t, "b", nil)
 	cfg := twoClusters(t, "a", a.addr, b.addr, "")
 	cfg.HTTP2Forwarder = config.H2Frames
-	tp := startProxy(t, cfg, "127.0.0.1:80", Outbound)
+	tp := startProxy(t, cfg, "127.0.0.1:80", l4.Outbound)
 	c, dials := countingClient(true)
 	if code, h, _ := get(t, c, tp.addr, "svc", "/"); code != 200 || h.Get("X-Proto") != "HTTP/2.0" {
 		t.Fatalf("before: %d %q", code, h.Get("X-Proto"))

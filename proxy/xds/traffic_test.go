@@ -28,6 +28,7 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/l4"
 	"github.com/meshlet/meshlet/proxy/l7"
 )
 
@@ -82,7 +83,7 @@ type proxyUnderTest struct {
 }
 
 // loopbackDial refuses anything but loopback: traffic never leaves here.
-func loopbackDial(ctx context.Context, _ l7.Direction, network, addr string) (net.Conn, error) {
+func loopbackDial(ctx context.Context, _ l4.Direction, network, addr string) (net.Conn, error) {
 	ap, err := netip.ParseAddrPort(addr)
 	if err != nil || !ap.Addr().IsLoopback() {
 		return nil, fmt.Errorf("test dialer: %s is not a loopback address", addr)
@@ -129,7 +130,7 @@ func startProxy(t testing.TB, o Options, vip string) *proxyUnderTest {
 				return
 			}
 			wg.Add(1)
-			go func() { defer wg.Done(); eng.ServeConn(ctx, c, dst, l7.Outbound) }()
+			go func() { defer wg.Done(); eng.ServeConn(ctx, c, dst, l4.Outbound) }()
 		}
 	}()
 	go func() { defer wg.Done(); _ = p.client.Run(ctx) }()
