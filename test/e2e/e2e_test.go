@@ -547,6 +547,33 @@ func takeTrafficSnapshot(ctx context.Context, ns string, client, server *corev1.
 	return after, err
 }
 
+// compareTraffic checks the window from s1 to s2: at least window calls,
+// none failed, each exactly one outbound connection of the client's sidecar
+// and one inbound connection of the server's, no error counted by either.
+func compareTraffic(s1, s2 trafficSnapshot, window int) error {
+	calls := s2.calls - s1.calls
+	if calls < window {
+		return fmt.Errorf("%d calls since the window started, want %d", calls, window)
+	}
+	var errs []error
+	if f := s2.failures - s1.failures; f != 0 {
+		errs = append(errs, fmt.Errorf("%d of %d client calls failed", f, calls))
+	}
+	if d := s2.out - s1.out; d != float64(calls) {
+		errs = append(errs, fmt.Errorf("client sidecar counted %v outbound connections for %d calls", d, calls))
+	}
+	if d := s2.in - s1.in; d != float64(calls) {
+		errs = append(errs, fmt.Errorf("server sidecar counted %v inbound connections for %d calls", d, calls))
+	}
+	if d := s2.outErr - s1.outErr; d != 0 {
+		errs = append(errs, fmt.Errorf("client sidecar counted %v errors during %d calls", d, calls))
+	}
+	if d := s2.inErr - s1.inErr; d != 0 {
+		errs = append(errs, fmt.Errorf("server sidecar counted %v errors during %d calls", d, calls))
+	}
+	return errors.Join(errs...)
+}
+
 // assertTrafficThroughSidecars checks that the demo client's calls succeed
 // and are all counted by both sidecars: over a window of at least ten calls,
 // every call made is exactly one outbound connection of the client's sidecar
@@ -575,34 +602,17 @@ func assertTrafficThroughSidecars(t *testing.T, ctx context.Context, ns string) 
 	}
 	const window = 10
 	var s2 trafficSnapshot
+	var mismatch error // the last comparison that failed, kept across failed reads
 	if err := cluster.WaitFor(ctx, 90*time.Second, "client calls counted by both sidecars", func(ctx context.Context) error {
-		var err error
-		if s2, err = takeTrafficSnapshot(ctx, ns, client, server); err != nil {
+		s, err := takeTrafficSnapshot(ctx, ns, client, server)
+		if err != nil {
 			return err
 		}
-		calls := s2.calls - s1.calls
-		if calls < window {
-			return fmt.Errorf("%d calls since the window started, want %d", calls, window)
-		}
-		var errs []error
-		if f := s2.failures - s1.failures; f != 0 {
-			errs = append(errs, fmt.Errorf("%d of %d client calls failed", f, calls))
-		}
-		if d := s2.out - s1.out; d != float64(calls) {
-			errs = append(errs, fmt.Errorf("client sidecar counted %v outbound connections for %d calls", d, calls))
-		}
-		if d := s2.in - s1.in; d != float64(calls) {
-			errs = append(errs, fmt.Errorf("server sidecar counted %v inbound connections for %d calls", d, calls))
-		}
-		if d := s2.outErr - s1.outErr; d != 0 {
-			errs = append(errs, fmt.Errorf("client sidecar counted %v errors during %d calls", d, calls))
-		}
-		if d := s2.inErr - s1.inErr; d != 0 {
-			errs = append(errs, fmt.Errorf("server sidecar counted %v errors during %d calls", d, calls))
-		}
-		return errors.Join(errs...)
+		s2 = s
+		mismatch = compareTraffic(s1, s2, window)
+		return mismatch
 	}); err != nil {
-		t.Errorf("%v (window %+v → %+v)", err, s1, s2)
+		t.Errorf("%v; last comparison: %v (window %+v → %+v)", err, mismatch, s1, s2)
 		return
 	}
 	t.Logf("%d client calls, all ok, each one outbound connection of the client sidecar and one inbound connection of the server sidecar, no sidecar errors (window %+v → %+v)",

@@ -26,3 +26,27 @@ func TestCountClientCalls(t *testing.T) {
 		}
 	}
 }
+
+// TestCompareTraffic checks the comparison of a traffic window: it passes
+// only when every call is one connection on each sidecar and nothing failed.
+func TestCompareTraffic(t *testing.T) {
+	t.Parallel()
+	s1 := trafficSnapshot{calls: 5, failures: 2, out: 5, in: 3, outErr: 2}
+	good := trafficSnapshot{calls: 15, failures: 2, out: 15, in: 13, outErr: 2}
+	if err := compareTraffic(s1, good, 10); err != nil {
+		t.Errorf("a healthy window: %v", err)
+	}
+	for name, bad := range map[string]trafficSnapshot{
+		"short window":          {calls: 14, failures: 2, out: 14, in: 12, outErr: 2},
+		"a failed call":         {calls: 15, failures: 3, out: 15, in: 12, outErr: 3},
+		"outbound undercounted": {calls: 15, failures: 2, out: 14, in: 13, outErr: 2},
+		"inbound undercounted":  {calls: 15, failures: 2, out: 15, in: 8, outErr: 2},
+		"inbound overcounted":   {calls: 15, failures: 2, out: 15, in: 14, outErr: 2},
+		"client sidecar error":  {calls: 15, failures: 2, out: 15, in: 13, outErr: 3},
+		"server sidecar error":  {calls: 15, failures: 2, out: 15, in: 13, outErr: 2, inErr: 1},
+	} {
+		if err := compareTraffic(s1, bad, 10); err == nil {
+			t.Errorf("%s: compareTraffic accepted %+v → %+v", name, s1, bad)
+		}
+	}
+}
