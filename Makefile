@@ -10,6 +10,8 @@ GOTEST    ?= $(GO) test
 CACHE     ?= $(or $(MESHLET_CACHE),$(HOME)/.cache/meshlet)
 IMAGES    ?= $(CACHE)/images
 TESTFLAGS ?= -race -count=1 -timeout 30m
+GOLANGCI_LINT_VERSION := v2.15.0
+GOLANGCI_LINT ?= $(CACHE)/tools/golangci-lint-$(GOLANGCI_LINT_VERSION)
 
 .PHONY: all build deps test test-unit test-privileged test-envtest test-e2e bench bench-fortio lint envtest-bins k8s-bins images manifests demo cluster-down clean
 
@@ -83,11 +85,20 @@ bench: bench-fortio
 bench-fortio:
 	test/bench/fortio.sh
 
-## lint: gofmt and go vet.
-lint:
+## lint: gofmt, go vet, golangci-lint (.golangci.yml) and a tidy go.mod/go.sum.
+lint: $(GOLANGCI_LINT)
 	@fmt=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	  if [ -n "$$fmt" ]; then echo "gofmt would change:"; echo "$$fmt"; exit 1; fi
 	$(GO) vet ./...
+	@$(GO) mod tidy -diff >/dev/null 2>&1 || { echo "go.mod/go.sum are not tidy (run go mod tidy):"; $(GO) mod tidy -diff; exit 1; }
+	$(GOLANGCI_LINT) run ./...
+
+## golangci-lint, installed from the Go module proxy on first use and cached
+## per version outside the work tree (CI installs it the same way).
+$(GOLANGCI_LINT):
+	@mkdir -p $(dir $@)
+	tmp=$$(mktemp -d) && GOBIN=$$tmp $(GO) install github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_LINT_VERSION) && \
+	  mv $$tmp/golangci-lint $@ && rmdir $$tmp
 
 ## images: the meshlet, pause and demo image tarballs (no Docker, no registry) in $(IMAGES).
 images: build

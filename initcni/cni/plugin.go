@@ -112,10 +112,10 @@ type StaticPod struct {
 // K8sArgs are the Kubernetes fields the runtime passes in CNI_ARGS.
 type K8sArgs struct {
 	types.CommonArgs
-	K8S_POD_NAME               types.UnmarshallableString //nolint:revive,stylecheck // CNI_ARGS key
-	K8S_POD_NAMESPACE          types.UnmarshallableString //nolint:revive,stylecheck // CNI_ARGS key
-	K8S_POD_INFRA_CONTAINER_ID types.UnmarshallableString //nolint:revive,stylecheck // CNI_ARGS key
-	K8S_POD_UID                types.UnmarshallableString //nolint:revive,stylecheck // CNI_ARGS key
+	K8S_POD_NAME               types.UnmarshallableString //nolint:revive,staticcheck // CNI_ARGS key
+	K8S_POD_NAMESPACE          types.UnmarshallableString //nolint:revive,staticcheck // CNI_ARGS key
+	K8S_POD_INFRA_CONTAINER_ID types.UnmarshallableString //nolint:revive,staticcheck // CNI_ARGS key
+	K8S_POD_UID                types.UnmarshallableString //nolint:revive,staticcheck // CNI_ARGS key
 }
 
 // PodLookup returns a pod's annotations.
@@ -189,7 +189,7 @@ func KubeLookup(ctx context.Context, conf *PluginConf, namespace, name string) (
 		}
 		select {
 		case <-ctx.Done():
-			return nil, fmt.Errorf("getting pod %s/%s: %w (last error: %v)", namespace, name, ctx.Err(), lastErr)
+			return nil, fmt.Errorf("getting pod %s/%s: %w (last error: %w)", namespace, name, ctx.Err(), lastErr)
 		case <-time.After(time.Duration(200*(attempt+1)) * time.Millisecond):
 		}
 	}

@@ -162,7 +162,7 @@ func probe(ctx context.Context, c capture.Config, addr netip.AddrPort, timeout t
 		od, err := origdst.Get(a.conn)
 		a.conn.Close()
 		if err != nil {
-			return a.port, od, fmt.Errorf("%w: probe to %s arrived on port %d but has no original destination: %v", ErrCaptureNotWorking, addr, a.port, err)
+			return a.port, od, fmt.Errorf("%w: probe to %s arrived on port %d but has no original destination: %w", ErrCaptureNotWorking, addr, a.port, err)
 		}
 		od = netip.AddrPortFrom(od.Addr().Unmap(), od.Port())
 		if a.port != c.InboundCapturePort {
@@ -173,5 +173,5 @@ func probe(ctx context.Context, c capture.Config, addr netip.AddrPort, timeout t
 		}
 		return a.port, od, nil
 	}
-	return 0, netip.AddrPort{}, fmt.Errorf("%w: probe to %s was not redirected to port %d within %s (%d attempts so far): %v", ErrCaptureNotWorking, addr, c.InboundCapturePort, timeout, *attempts, lastErr)
+	return 0, netip.AddrPort{}, fmt.Errorf("%w: probe to %s was not redirected to port %d within %s (%d attempts so far): %v", ErrCaptureNotWorking, addr, c.InboundCapturePort, timeout, *attempts, lastErr) //nolint:errorlint // lastErr may be nil (probes connected, none redirected): shown, not wrapped
 }

@@ -334,7 +334,7 @@ func (g *generation) drainHotRestart(next *generation) error {
 	if err == nil {
 		cerr := rc.Write(func(fd uintptr) bool {
 			err = unix.Sendmsg(int(fd), []byte(DrainHotRestartCommand), unix.UnixRights(int(peer.Fd())), nil, 0)
-			return err != unix.EAGAIN
+			return !errors.Is(err, unix.EAGAIN)
 		})
 		if err == nil {
 			err = cerr

@@ -33,12 +33,12 @@ const (
 	fdHandover   = "handover"
 )
 
-// DrainShutdownCommand, a message on the control socket, tells a generation
-// to drain for shutdown (server.Shutdown).
+// DrainShutdownCommand is the message on the control socket that tells a
+// generation to drain for shutdown (server.Shutdown).
 const DrainShutdownCommand = "DRAIN shutdown"
 
-// DrainHotRestartCommand, a message on the control socket carrying one
-// descriptor (SCM_RIGHTS), tells a generation that its successor is ready:
+// DrainHotRestartCommand is the message on the control socket, carrying one
+// descriptor (SCM_RIGHTS), that tells a generation its successor is ready:
 // drain for a hot restart and hand established connections over the
 // attached unix socket, whose other end is the successor's "handover"
 // descriptor (server.Server.HandOver).

@@ -70,7 +70,6 @@ type runState struct {
 	waiters      []chan ReloadResult // for the starting generation
 	pwaiters     []chan ReloadResult // for the pending reload
 	backoff      time.Duration
-	restartAt    *time.Timer
 	shutdown     bool
 	drained      bool // /drain: do not restart
 	cfg          *config.Loaded

@@ -247,9 +247,9 @@ func TestTokenReadPerRequest(t *testing.T) {
 // the mounted mesh root gets no token and gives no certificate.
 func TestUntrustedCARefused(t *testing.T) {
 	clk := clocktesting.NewFakeClock(time.Now())
-	real := startTestCA(t, clk)
+	trusted := startTestCA(t, clk)
 	impostor := startTestCA(t, clk)
-	cl := real.client(t, clk, func(o *Options) { o.Addr = impostor.addr })
+	cl := trusted.client(t, clk, func(o *Options) { o.Addr = impostor.addr })
 	_, err := cl.Fetch(context.Background())
 	if err == nil || !strings.Contains(err.Error(), "does not verify") {
 		t.Fatalf("Fetch from an impostor CA: %v", err)

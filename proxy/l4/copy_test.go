@@ -102,7 +102,7 @@ func TestCopyConnRequestResponse(t *testing.T) {
 	if err := r.client.CloseWrite(); err != nil {
 		t.Fatal(err)
 	}
-	if n, err := r.server.Read(buf); n != 0 || err != io.EOF {
+	if n, err := r.server.Read(buf); n != 0 || !errors.Is(err, io.EOF) {
 		t.Fatalf("server read after client FIN = %d, %v; want EOF", n, err)
 	}
 	if _, err := r.server.Write([]byte("late")); err != nil {

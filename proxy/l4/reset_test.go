@@ -2,6 +2,7 @@ package l4
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
@@ -76,7 +77,7 @@ func TestRelayPassesResetWhileCopiesBlocked(t *testing.T) {
 	_ = up.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if _, err := io.Copy(io.Discard, up); err == nil {
 		t.Log("destination saw a clean EOF")
-	} else if ne, ok := err.(net.Error); ok && ne.Timeout() {
+	} else if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
 		t.Fatal("destination connection still open after the relay returned")
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -153,7 +154,7 @@ func TestDrainGRPCStreamMidFlight(t *testing.T) {
 	default:
 	}
 	bs.CloseSend()
-	if _, err := bs.Recv(); err != io.EOF {
+	if _, err := bs.Recv(); !errors.Is(err, io.EOF) {
 		t.Fatalf("stream end: %v (%v)", err, status.Code(err) == codes.OK)
 	}
 	select {

@@ -2,6 +2,7 @@ package l7
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -69,7 +70,7 @@ func (s *echoServer) StreamingOutputCall(in *testpb.StreamingOutputCallRequest, 
 func (s *echoServer) FullDuplexCall(stream grpc.BidiStreamingServer[testpb.StreamingOutputCallRequest, testpb.StreamingOutputCallResponse]) error {
 	for {
 		in, err := stream.Recv()
-		if err == io.EOF {
+		if errors.Is(err, io.EOF) {
 			return nil
 		}
 		if err != nil {
@@ -184,7 +185,7 @@ clusters:
 				bidiRoundTrip(t, bs, fmt.Sprintf("m%d", i))
 			}
 			bs.CloseSend()
-			if _, err := bs.Recv(); err != io.EOF {
+			if _, err := bs.Recv(); !errors.Is(err, io.EOF) {
 				t.Fatalf("bidi end: %v", err)
 			}
 
@@ -293,7 +294,7 @@ func streamSizes(t testing.TB, ss grpc.ServerStreamingClient[testpb.StreamingOut
 	var sizes []int
 	for {
 		m, err := ss.Recv()
-		if err == io.EOF {
+		if errors.Is(err, io.EOF) {
 			return sizes
 		}
 		if err != nil {

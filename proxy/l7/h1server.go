@@ -153,7 +153,7 @@ func (c *h1ServerConn) serveOne() (handoff net.Conn, done bool) {
 	c.mu.Unlock()
 	// The head: parse what arrived; read more (bounded by the header
 	// timeout) while it is incomplete.
-	max := min(orInt(lim.MaxHeaderBytes, 64<<10), h1ReadBufSize)
+	maxHead := min(orInt(lim.MaxHeaderBytes, 64<<10), h1ReadBufSize)
 	var head []byte
 	deadlineSet := false
 	for {
@@ -162,7 +162,7 @@ func (c *h1ServerConn) serveOne() (handoff net.Conn, done bool) {
 			head = buf[:i+4]
 			break
 		}
-		if len(buf) >= max {
+		if len(buf) >= maxHead {
 			return c.handoff("large_head"), false
 		}
 		if len(buf) > 0 && !plausibleHead(buf) {
@@ -182,7 +182,7 @@ func (c *h1ServerConn) serveOne() (handoff net.Conn, done bool) {
 			return nil, true
 		}
 	}
-	if len(head) > max {
+	if len(head) > maxHead {
 		return c.handoff("large_head"), false
 	}
 	r, clen, why := c.parse(head)
@@ -236,7 +236,7 @@ func (c *h1ServerConn) serve(w *h1Writer, r *http.Request) (ok bool) {
 	defer func() {
 		if v := recover(); v != nil {
 			ok = false
-			if v != http.ErrAbortHandler {
+			if v != http.ErrAbortHandler { //nolint:errorlint // recover() returns the panic value itself, which net/http compares the same way
 				buf := make([]byte, 64<<10)
 				buf = buf[:runtime.Stack(buf, false)]
 				c.p.log.Error("l7: panic serving request", "remote", c.remote, "panic", v, "stack", string(buf))

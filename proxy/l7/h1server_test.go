@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -84,11 +85,7 @@ func rawResponses(t *testing.T, addr, req string, n int, head bool) (out []strin
 }
 
 func errorsAs(err error, target *net.Error) bool {
-	ne, ok := err.(net.Error)
-	if ok {
-		*target = ne
-	}
-	return ok
+	return errors.As(err, target)
 }
 
 // describe is what must be the same whichever server answered: status,

@@ -158,7 +158,7 @@ func (t *h1Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 // exchange writes req on pc and reads the response head. On error pc is
 // closed; stale says the error means the pooled connection was dead before
 // the upstream saw the request.
-func (t *h1Transport) exchange(ctx context.Context, pc *h1Conn, req *http.Request, body []byte, trace *httptrace.ClientTrace) (resp *http.Response, err error, stale bool) {
+func (t *h1Transport) exchange(ctx context.Context, pc *h1Conn, req *http.Request, body []byte, trace *httptrace.ClientTrace) (resp *http.Response, err error, stale bool) { //nolint:revive // stale qualifies err, so it follows it
 	stop := context.AfterFunc(ctx, func() { _ = pc.SetDeadline(aLongTimeAgo) })
 	fail := func(e error, s bool) (*http.Response, error, bool) {
 		stop()
@@ -458,7 +458,7 @@ func (pc *h1Conn) alive() bool {
 		return false
 	}
 	if pc.raw == nil {
-		var under net.Conn = pc.Conn
+		under := pc.Conn
 		if pc.tc != nil {
 			if pc.nb == nil {
 				return true // not ours to peek under

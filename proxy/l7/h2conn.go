@@ -152,12 +152,12 @@ func (c *h2conn) writeHeaders(id uint32, fields []hpack.HeaderField, end bool) {
 		_ = c.enc.WriteField(f)
 	}
 	block := c.encB.Bytes()
-	max := int(c.peerMaxFrame)
+	maxFrame := int(c.peerMaxFrame)
 	first := true
 	for first || len(block) > 0 {
 		chunk := block
-		if len(chunk) > max {
-			chunk = chunk[:max]
+		if len(chunk) > maxFrame {
+			chunk = chunk[:maxFrame]
 		}
 		block = block[len(chunk):]
 		if first {

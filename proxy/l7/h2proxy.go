@@ -1395,9 +1395,7 @@ func (s *h2stream) onPerTry() {
 	s.d.mu.Lock()
 	if !s.closed && !s.respStarted && s.perTry != nil {
 		s.perTry = nil
-		if s.canRetry() && s.retry(fs) {
-			// next attempt scheduled
-		} else {
+		if !s.canRetry() || !s.retry(fs) { // else the next attempt is scheduled
 			s.fail(errPerTryTimeout, fs)
 		}
 	}

@@ -295,7 +295,7 @@ func (p *Engine) mirror(r *http.Request, rt *route) *http.Request {
 	removeHopHeaders(shadow.Header)
 	cl := rt.mirror
 	p.m.cluster(cl.name).mirrored.Inc()
-	go func() {
+	go func() { //nolint:gosec // G118: the mirrored request must not end with the original one
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		st := &reqState{dest: &destination{cluster: cl, name: cl.name, subset: m.Subset}}

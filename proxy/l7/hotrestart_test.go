@@ -1,6 +1,7 @@
 package l7_test
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -28,7 +29,7 @@ type bidiEcho struct {
 func (bidiEcho) FullDuplexCall(s grpc.BidiStreamingServer[testpb.StreamingOutputCallRequest, testpb.StreamingOutputCallResponse]) error {
 	for {
 		in, err := s.Recv()
-		if err == io.EOF {
+		if errors.Is(err, io.EOF) {
 			return nil
 		}
 		if err != nil {
@@ -200,7 +201,7 @@ clusters:
 	close(stop)
 	wg.Wait()
 	stream.CloseSend()
-	if _, err := stream.Recv(); err != io.EOF {
+	if _, err := stream.Recv(); !errors.Is(err, io.EOF) {
 		t.Fatalf("stream end: %v", err)
 	}
 	done := make(chan struct{})

@@ -438,8 +438,7 @@ func (p *Engine) serveTCP(ctx context.Context, c net.Conn, dst netip.AddrPort, d
 	}
 	go cp(up, c)
 	go cp(c, up)
-	<-errc
-	<-errc
+	_, _ = <-errc, <-errc // either direction's error ends only that direction
 }
 
 func (p *Engine) dialUpstream(ctx context.Context, dir l4.Direction, network, addr string) (net.Conn, error) {

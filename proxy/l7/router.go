@@ -102,7 +102,7 @@ func (rt *router) RoundTrip(req *http.Request) (*http.Response, error) {
 				err = errors.Join(c, err)
 			}
 		}
-		o := classify(resp, err, req.Context())
+		o := classify(req.Context(), resp, err)
 		if o == outcomeOK || o == outcome5xx || o == outcomeGateway {
 			ep.observeRTT(time.Since(t0), time.Now())
 		}
@@ -165,7 +165,7 @@ func (c *cluster) pendingTrace(ctx context.Context, cancel context.CancelCauseFu
 	})
 }
 
-func classify(resp *http.Response, err error, reqCtx context.Context) outcome {
+func classify(reqCtx context.Context, resp *http.Response, err error) outcome {
 	if err != nil {
 		var ce *connectError
 		switch {

@@ -50,10 +50,10 @@ type Listeners struct {
 type DrainMode int
 
 const (
-	// HotRestart: a newer generation serves every listener; stop accepting
+	// HotRestart means a newer generation serves every listener: stop accepting
 	// on all of them and finish in-flight work.
 	HotRestart DrainMode = iota
-	// Shutdown: the pod is terminating; fail readiness, stop accepting
+	// Shutdown means the pod is terminating: fail readiness, stop accepting
 	// inbound, drain inbound connections, keep outbound working until the
 	// deadline or until no connection is left.
 	Shutdown
@@ -568,7 +568,7 @@ meshlet_proxy_uptime_seconds %.3f
 }
 
 // ServerInfo is the /server_info document.
-type ServerInfo struct {
+type ServerInfo struct { //nolint:revive // named after the endpoint (Envoy's /server_info) that users know
 	Version       string  `json:"version"`
 	State         string  `json:"state"`
 	Generation    int     `json:"generation"`

@@ -232,7 +232,11 @@ func decodeListener(l *listenerv3.Listener) (listenerInfo, error) {
 		re.add("%s", p)
 	}
 	var info listenerInfo
-	port := uint16(l.GetAddress().GetSocketAddress().GetPortValue())
+	pv := l.GetAddress().GetSocketAddress().GetPortValue()
+	if pv > 65535 {
+		re.add("address.socket_address.port_value: %d is not a port", pv)
+	}
+	port := uint16(pv)
 	chains := l.GetFilterChains()
 	if dc := l.GetDefaultFilterChain(); dc != nil {
 		chains = append(chains[:len(chains):len(chains)], dc)
@@ -720,8 +724,10 @@ func decodeCluster(c *clusterv3.Cluster) (clusterInfo, error) {
 		}
 		if len(addrs) != 1 {
 			re.add("load_assignment: a DNS cluster needs exactly one endpoint (host name and port), got %d", len(addrs))
+		} else if pv := addrs[0].GetPortValue(); pv == 0 || pv > 65535 {
+			re.add("load_assignment: DNS endpoint %q port %d is not a port", addrs[0].GetAddress(), pv)
 		} else {
-			cl.DNS = &dnsDiscovery{Name: addrs[0].GetAddress(), Port: uint16(addrs[0].GetPortValue())}
+			cl.DNS = &dnsDiscovery{Name: addrs[0].GetAddress(), Port: uint16(pv)}
 			if t := c.GetDnsRefreshRate(); t != nil {
 				cl.DNS.Refresh = dur(durationOf(re, "dns_refresh_rate", t))
 			}

@@ -93,6 +93,14 @@ func TestNACKMessages(t *testing.T) {
 		{"unknown typed config", RouteType, route(func(r *routev3.Route) {
 			r.TypedPerFilterConfig = map[string]*anypb.Any{filterFault: xdstest.MustAny(&corev3.Node{})}
 		}), "typed config type.googleapis.com/envoy.config.core.v3.Node is not supported"},
+		{"listener port out of range", ListenerType, xdstest.HTTPListener(70000, "9080"),
+			"Listener 0.0.0.0_70000: address.socket_address.port_value: 70000 is not a port"},
+		{"DNS cluster port out of range", ClusterType, clusterWith(func(c *clusterv3.Cluster) {
+			c.ClusterDiscoveryType = &clusterv3.Cluster_Type{Type: clusterv3.Cluster_STRICT_DNS}
+			c.EdsClusterConfig = nil
+			c.LoadAssignment = xdstest.CLA(c.Name, "reviews.shop.svc.cluster.local:9080")
+			c.LoadAssignment.Endpoints[0].LbEndpoints[0].GetEndpoint().GetAddress().GetSocketAddress().PortSpecifier = &corev3.SocketAddress_PortValue{PortValue: 70000}
+		}), `load_assignment: DNS endpoint "reviews.shop.svc.cluster.local" port 70000 is not a port`},
 		{"endpoint weight", EndpointType, func() proto.Message {
 			c := xdstest.CLA("x", "127.0.0.1:1")
 			c.Endpoints[0].LbEndpoints[0].LoadBalancingWeight = wrapperspb.UInt32(3)

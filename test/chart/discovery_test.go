@@ -64,8 +64,8 @@ func TestIstioCRDsFromModule(t *testing.T) {
 func TestDiscoveryFromOneKey(t *testing.T) {
 	for _, tc := range []struct {
 		name, addr, svc string
-		port             int32
-		vals             map[string]any
+		port            int32
+		vals            map[string]any
 	}{
 		{"default", "istiod.meshlet-system.svc:15010", "istiod", 15010, nil},
 		{"custom", "mesh-cp.meshlet-system.svc:15999", "mesh-cp", 15999,
@@ -127,7 +127,7 @@ func TestDiscoveryLeastRBAC(t *testing.T) {
 	}
 	allowed := map[string][]string{
 		"/services": {"list", "watch"}, "/pods": {"list", "watch"}, "/namespaces": {"list", "watch"},
-		"discovery.k8s.io/endpointslices": {"list", "watch"},
+		"discovery.k8s.io/endpointslices":     {"list", "watch"},
 		"networking.istio.io/virtualservices": {"list", "watch"}, "networking.istio.io/destinationrules": {"list", "watch"},
 		"networking.istio.io/serviceentries": {"list", "watch"}, "networking.istio.io/sidecars": {"list", "watch"},
 		"/events": {"create", "patch"},

@@ -75,7 +75,8 @@ func newCA(cn string) (*keyPair, error) {
 		CertPEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}, nil
 }
 
-func (ca *keyPair) sign(s certSpec) (*keyPair, error) {
+// sign issues a certificate for s signed by kp (a CA).
+func (kp *keyPair) sign(s certSpec) (*keyPair, error) {
 	key, keyPEM, err := newKey()
 	if err != nil {
 		return nil, err
@@ -95,7 +96,7 @@ func (ca *keyPair) sign(s certSpec) (*keyPair, error) {
 	if s.client {
 		tmpl.ExtKeyUsage = append(tmpl.ExtKeyUsage, x509.ExtKeyUsageClientAuth)
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, kp.cert, &key.PublicKey, kp.key)
 	if err != nil {
 		return nil, err
 	}

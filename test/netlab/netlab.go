@@ -143,7 +143,7 @@ func (n *NS) Do(fn func() error) error {
 		}
 		fnErr := fn()
 		if err := netns.Set(orig); err != nil {
-			return errKeepLocked{fmt.Errorf("leaving netns %s: %w (fn: %v)", n.Name, err, fnErr)}
+			return errKeepLocked{errors.Join(fmt.Errorf("leaving netns %s: %w", n.Name, err), fnErr)}
 		}
 		return fnErr
 	})

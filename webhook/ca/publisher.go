@@ -46,7 +46,6 @@ type Publisher struct {
 	queue  workqueue.TypedRateLimitingInterface[string]
 	nsList corelisters.NamespaceLister
 	cmList corelisters.ConfigMapLister
-	synced []cache.InformerSynced
 
 	mu   sync.RWMutex
 	root []byte

@@ -126,10 +126,10 @@ func admit(t *testing.T, h http.Handler, ns string, pod []byte) []byte {
 	return out
 }
 
-// comparable decodes a pod template for comparison across the two paths:
+// comparablePod decodes a pod template for comparison across the two paths:
 // the status annotation is read as data (the CLI records the pod's own
 // containers in the manifest's key order and the fields it held empty).
-func comparable(t *testing.T, raw []byte) *corev1.Pod {
+func comparablePod(t *testing.T, raw []byte) *corev1.Pod {
 	t.Helper()
 	var pod corev1.Pod
 	if err := json.Unmarshal(raw, &pod); err != nil {
@@ -190,8 +190,8 @@ func checkWebhookPath(t *testing.T, cfg *inject.Config, opts inject.Options, inp
 		if got == nil {
 			got = sent
 		}
-		if want := comparable(t, outs[i].pod); !apiequality.Semantic.DeepEqual(comparable(t, got), want) {
-			a, _ := yaml.Marshal(comparable(t, got))
+		if want := comparablePod(t, outs[i].pod); !apiequality.Semantic.DeepEqual(comparablePod(t, got), want) {
+			a, _ := yaml.Marshal(comparablePod(t, got))
 			b, _ := yaml.Marshal(want)
 			t.Fatalf("webhook path, %s: the webhook's pod differs from the CLI's:\n%s", name, lineDiff(string(b), string(a)))
 		}

@@ -333,7 +333,7 @@ func metricsRunnable(addr string, reg *prometheus.Registry, log logr.Logger) man
 			return fmt.Errorf("metrics listener on %s: %w", addr, err)
 		}
 		log.Info("Serving metrics", "addr", ln.Addr().String())
-		go func() {
+		go func() { //nolint:gosec // G118: shutting down starts once ctx is done, so it needs its own deadline
 			<-ctx.Done()
 			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()

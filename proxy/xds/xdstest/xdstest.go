@@ -194,7 +194,7 @@ func CLA(name string, addrs ...string) *endpointv3.ClusterLoadAssignment {
 	for _, a := range addrs {
 		host, port, _ := net.SplitHostPort(a)
 		var p uint32
-		fmt.Sscan(port, &p)
+		_, _ = fmt.Sscan(port, &p) // a malformed port stays 0, which the proxy refuses
 		lbs = append(lbs, &endpointv3.LbEndpoint{
 			HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{Address: &corev3.Address{Address: &corev3.Address_SocketAddress{
 				SocketAddress: &corev3.SocketAddress{Address: host, PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: p}}}}}},
@@ -228,6 +228,7 @@ func HTTPListener(port uint32, routeName string) *listenerv3.Listener {
 	}
 }
 
+// MustAny wraps m in an Any, panicking if it cannot be marshalled.
 func MustAny(m proto.Message) *anypb.Any {
 	a, err := anypb.New(m)
 	if err != nil {

@@ -249,15 +249,6 @@ func (c *adsClient) waitFor(t testing.TB, typ, what string, pred func(map[string
 	}
 }
 
-func (c *adsClient) get(typ, name string) proto.Message {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if v := c.state[typ]; v != nil {
-		return v.resources[name]
-	}
-	return nil
-}
-
 func (c *adsClient) responses(typ string) int {
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -557,11 +557,11 @@ func (s *Server) firstRequest(id int64, n *corev3.Node) error {
 func (s *Server) httpHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(s.opts.Registry, promhttp.HandlerOpts{}))
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 	mux.HandleFunc("/ready", func(w http.ResponseWriter, _ *http.Request) {
 		select {
 		case <-s.ready:
-			w.Write([]byte("ok\n"))
+			_, _ = w.Write([]byte("ok\n"))
 		default:
 			http.Error(w, "informers not synced yet", http.StatusServiceUnavailable)
 		}
@@ -572,7 +572,7 @@ func (s *Server) httpHandler() http.Handler {
 		if st == nil {
 			st = []ProxyStatus{}
 		}
-		json.NewEncoder(w).Encode(SyncStatus{Replica: s.opts.Replica, Proxies: st})
+		_ = json.NewEncoder(w).Encode(SyncStatus{Replica: s.opts.Replica, Proxies: st})
 	})
 	return mux
 }

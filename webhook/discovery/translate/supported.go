@@ -111,9 +111,7 @@ func expand(s string) []string {
 	alts = append(alts, body[start:])
 	var out []string
 	for _, a := range alts {
-		for _, e := range expand(prefix + a + rest) {
-			out = append(out, e)
-		}
+		out = append(out, expand(prefix+a+rest)...)
 	}
 	return out
 }

@@ -106,13 +106,13 @@ func diffLines(a, b []string) []edit {
 // can reach.
 func myers(a, b []string) []edit {
 	n, m := len(a), len(b)
-	max := n + m
-	off := max + 1
-	v := make([]int, 2*max+3)
+	maxD := n + m
+	off := maxD + 1
+	v := make([]int, 2*maxD+3)
 	var trace [][]int
 	var dEnd int
 outer:
-	for d := 0; d <= max; d++ {
+	for d := 0; d <= maxD; d++ {
 		// v before step d is only read on diagonals -d..d.
 		lo, hi := off-d, off+d+1
 		trace = append(trace, append([]int(nil), v[lo:hi]...))

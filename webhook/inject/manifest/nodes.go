@@ -292,7 +292,7 @@ func (l *listPatch) apply(spec *kyaml.Node) error {
 		if raw, ok := l.restored[l.key+"/"+name]; ok {
 			n, err := parseYAML(string(raw))
 			if err != nil || n == nil {
-				return fmt.Errorf("%s %s: recorded container %s: %v", l.key, name, raw, err)
+				return fmt.Errorf("%s %s: recorded container %s: %v", l.key, name, raw, err) //nolint:errorlint // err is nil when the document is empty: shown, not wrapped
 			}
 			blockStyle(n.Content[0])
 			content = append(content, n.Content[0])

@@ -268,12 +268,12 @@ func TestPrivilegedValidate(t *testing.T) {
 // writer would): init must fail with exit 3 and name the missing rule.
 func TestPrivilegedReadBackMismatchExit3(t *testing.T) {
 	netlab.Require(t)
-	real, err := exec.LookPath("iptables-nft-save")
+	realSave, err := exec.LookPath("iptables-nft-save")
 	if err != nil {
 		t.Skip("needs iptables-nft-save")
 	}
 	dir := t.TempDir()
-	script := "#!/bin/sh\n" + real + " \"$@\" | grep -v -- '--dport 22 '\n"
+	script := "#!/bin/sh\n" + realSave + " \"$@\" | grep -v -- '--dport 22 '\n"
 	if err := os.WriteFile(dir+"/iptables-nft-save", []byte(script), 0o755); err != nil {
 		t.Fatal(err)
 	}
