@@ -207,9 +207,9 @@ func forward(ctx context.Context, rc *rest.Config, ns, pod string) (addr string,
 	ports, err := fw.GetPorts()
 	if err != nil || len(ports) == 0 {
 		close(stopCh)
-		return "", nil, fmt.Errorf("port-forward to %s/%s: no local port: %v", ns, pod, err)
+		return "", nil, fmt.Errorf("port-forward to %s/%s: no local port: %v", ns, pod, err) //nolint:errorlint // err is nil when no port came back: shown, not wrapped
 	}
-	return fmt.Sprintf("127.0.0.1:%d", ports[0].Local), func() { close(stopCh); <-done }, nil
+	return fmt.Sprintf("127.0.0.1:%d", ports[0].Local), func() { close(stopCh); <-done }, nil //nolint:errcheck // waiting for the forwarder we stopped; its error is ours
 }
 
 // Dump is a proxy's /config_dump, decoded.
