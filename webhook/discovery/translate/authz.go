@@ -3,6 +3,7 @@ package translate
 import (
 	"cmp"
 	"fmt"
+	"maps"
 	"net/netip"
 	"regexp"
 	"slices"
@@ -21,6 +22,7 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 	security "istio.io/api/security/v1beta1"
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 )
 
@@ -163,8 +165,9 @@ func CompileSecurity(in *SecurityInputs) *SecurityMesh {
 	return m
 }
 
-func (m *SecurityMesh) warn(kind, ns, name, reason, format string, a ...any) {
-	m.warnings = append(m.warnings, Warning{Kind: kind, Namespace: ns, Name: name, Reason: reason, Message: fmt.Sprintf(format, a...)})
+func (m *SecurityMesh) warn(kind string, obj metav1.Object, reason, format string, a ...any) {
+	m.warnings = append(m.warnings, Warning{Kind: kind, Namespace: obj.GetNamespace(), Name: obj.GetName(), UID: string(obj.GetUID()),
+		Reason: reason, Message: fmt.Sprintf(format, a...)})
 }
 
 // RBACPolicyName is the Envoy policy name of rule i of a policy (Istio's).
@@ -175,7 +178,7 @@ func RBACPolicyName(ns, name string, i int) string {
 func (m *SecurityMesh) compilePolicy(ap *securityv1.AuthorizationPolicy) *authzPolicy {
 	const kind = "AuthorizationPolicy"
 	p := &authzPolicy{obj: ap}
-	warn := func(reason, format string, a ...any) { m.warn(kind, ap.Namespace, ap.Name, reason, format, a...) }
+	warn := func(reason, format string, a ...any) { m.warn(kind, ap, reason, format, a...) }
 	spec := &ap.Spec
 	// Rules are walked one by one below; targetRefs are handled as a whole.
 	top := proto.CloneOf(spec)
@@ -638,14 +641,24 @@ func conditionMatcher(key string) matcherFunc {
 func (m *SecurityMesh) compilePeer(pa *securityv1.PeerAuthentication) bool {
 	const kind = "PeerAuthentication"
 	for _, f := range unsupportedFields(&pa.Spec, peerSpecFields) {
-		m.warn(kind, pa.Namespace, pa.Name, ReasonUnsupported, "%s: not supported", f)
+		m.warn(kind, pa, ReasonUnsupported, "%s: not supported", f)
 	}
 	if len(pa.Spec.PortLevelMtls) > 0 && len(pa.Spec.GetSelector().GetMatchLabels()) == 0 {
-		m.warn(kind, pa.Namespace, pa.Name, ReasonInvalid, "spec.portLevelMtls: needs a workload selector (as Istio); the port-level modes are not applied")
+		m.warn(kind, pa, ReasonInvalid, "spec.portLevelMtls: needs a workload selector (as Istio); the port-level modes are not applied")
 	}
 	for port := range pa.Spec.PortLevelMtls {
 		if port == 0 || port > 65535 {
-			m.warn(kind, pa.Namespace, pa.Name, ReasonInvalid, "spec.portLevelMtls[%d]: not a port number (1-65535); the entry is not applied", port)
+			m.warn(kind, pa, ReasonInvalid, "spec.portLevelMtls[%d]: not a port number (1-65535); the entry is not applied", port)
+		}
+	}
+	// Inbound mutual TLS needs workload certificates in the proxy, which
+	// it does not have yet: a STRICT mode is not enforced and must say so.
+	if pa.Spec.GetMtls().GetMode() == security.PeerAuthentication_MutualTLS_STRICT {
+		m.warn(kind, pa, ReasonUnsupported, "spec.mtls.mode: STRICT is not enforced yet (the sidecar has no inbound mutual TLS); plain text is still accepted")
+	}
+	for _, port := range slices.Sorted(maps.Keys(pa.Spec.PortLevelMtls)) {
+		if len(pa.Spec.GetSelector().GetMatchLabels()) > 0 && pa.Spec.PortLevelMtls[port].GetMode() == security.PeerAuthentication_MutualTLS_STRICT {
+			m.warn(kind, pa, ReasonUnsupported, "spec.portLevelMtls[%d].mode: STRICT is not enforced yet (the sidecar has no inbound mutual TLS); plain text is still accepted", port)
 		}
 	}
 	return true

@@ -270,11 +270,12 @@ func (b *builder) outboundListener() *listenerv3.Listener {
 func (b *builder) inboundListener(svcs []*service) *listenerv3.Listener {
 	ports := b.m.inbound[b.p.IP]
 	_ = svcs
+	sec := b.m.security.ForProxy(*b.p)
 	l := &listenerv3.Listener{
 		Name: VirtualInbound, Address: sockAddr("0.0.0.0", InboundPort), UseOriginalDst: wrapperspb.Bool(true),
 		TrafficDirection: corev3.TrafficDirection_INBOUND,
 		DefaultFilterChain: &listenerv3.FilterChain{Name: InboundPassthroughCluster,
-			Filters: []*listenerv3.Filter{tcpProxyFilter(InboundPassthroughCluster, InboundPassthroughCluster)}},
+			Filters: append(sec.NetworkFilters(), tcpProxyFilter(InboundPassthroughCluster, InboundPassthroughCluster))},
 	}
 	for _, port := range slices.Sorted(maps.Keys(ports)) {
 		cl := InboundClusterName(port)
@@ -282,7 +283,7 @@ func (b *builder) inboundListener(svcs []*service) *listenerv3.Listener {
 			LbPolicy: clusterv3.Cluster_CLUSTER_PROVIDED, ConnectTimeout: durationpb.New(10 * time.Second)}
 		fc := &listenerv3.FilterChain{Name: cl, FilterChainMatch: &listenerv3.FilterChainMatch{DestinationPort: wrapperspb.UInt32(port)}}
 		if ports[port] == protoTCP {
-			fc.Filters = []*listenerv3.Filter{tcpProxyFilter(cl, cl)}
+			fc.Filters = append(sec.NetworkFilters(), tcpProxyFilter(cl, cl))
 		} else {
 			fc.Filters = []*listenerv3.Filter{hcmFilter(&hcmv3.HttpConnectionManager{
 				StatPrefix: cl, CodecType: hcmv3.HttpConnectionManager_AUTO,
@@ -290,7 +291,7 @@ func (b *builder) inboundListener(svcs []*service) *listenerv3.Listener {
 					Name: cl, VirtualHosts: []*routev3.VirtualHost{{Name: fmt.Sprintf("inbound|http|%d", port), Domains: []string{"*"},
 						Routes: []*routev3.Route{{Name: "default", Match: prefixMatch("/"), Action: &routev3.Route_Route{Route: &routev3.RouteAction{
 							ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: cl}, Timeout: durationpb.New(0)}}}}}}}},
-				HttpFilters: httpFilters(),
+				HttpFilters: append(sec.HTTPFilters(), httpFilters()...),
 			})}
 		}
 		l.FilterChains = append(l.FilterChains, fc)

@@ -28,10 +28,14 @@ type Inputs struct {
 	DestinationRules []*networkingv1.DestinationRule
 	ServiceEntries   []*networkingv1.ServiceEntry
 	Sidecars         []*networkingv1.Sidecar
+	// Security are the AuthorizationPolicies and PeerAuthentications; its
+	// RootNamespace is ignored (RootNamespace below is used).
+	Security SecurityInputs
 	// Domain is the DNS suffix (default DefaultDomain).
 	Domain string
-	// RootNamespace holds mesh-wide Sidecars (Istio's root namespace);
-	// empty: none.
+	// RootNamespace holds mesh-wide Sidecars, AuthorizationPolicies and
+	// PeerAuthentications (Istio's root namespace; default
+	// DefaultRootNamespace).
 	RootNamespace string
 }
 

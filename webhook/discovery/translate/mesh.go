@@ -32,6 +32,7 @@ type Mesh struct {
 	// inbound maps a pod IP to the target ports Services send to it, with
 	// their protocol.
 	inbound  map[string]map[uint32]string
+	security *SecurityMesh
 	warnings []Warning
 }
 
@@ -84,7 +85,7 @@ func (m *Mesh) refuseUnsupported(obj metav1.Object, kind string, fields []string
 // Compile indexes in. Resources it cannot translate are left out and
 // reported by Warnings; everything else is served.
 func Compile(in *Inputs) *Mesh {
-	m := &Mesh{domain: cmp.Or(in.Domain, DefaultDomain), root: in.RootNamespace,
+	m := &Mesh{domain: cmp.Or(in.Domain, DefaultDomain), root: cmp.Or(in.RootNamespace, DefaultRootNamespace),
 		services: map[string]*service{}, vs: map[string]*boundVS{}, dr: map[string][]*networkingv1.DestinationRule{},
 		pods: map[string]*corev1.Pod{}, podByIP: map[string]*corev1.Pod{}}
 	for _, p := range in.Pods {
@@ -129,6 +130,10 @@ func Compile(in *Inputs) *Mesh {
 		}
 		m.sidecars = append(m.sidecars, sc)
 	}
+	sec := in.Security
+	sec.RootNamespace = m.root
+	m.security = CompileSecurity(&sec)
+	m.warnings = append(m.warnings, m.security.Warnings()...)
 	slices.SortFunc(m.warnings, func(a, b Warning) int { return strings.Compare(a.String(), b.String()) })
 	return m
 }

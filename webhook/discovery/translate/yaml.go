@@ -73,7 +73,7 @@ func (in *Inputs) AddObjects(objs ...runtime.Object) []runtime.Object {
 		case *networkingv1.Sidecar:
 			in.Sidecars = append(in.Sidecars, t)
 		default:
-			rest = append(rest, o)
+			rest = append(rest, in.Security.AddObjects(o)...)
 		}
 	}
 	return rest
