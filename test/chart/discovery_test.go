@@ -130,6 +130,7 @@ func TestDiscoveryLeastRBAC(t *testing.T) {
 		"discovery.k8s.io/endpointslices":     {"list", "watch"},
 		"networking.istio.io/virtualservices": {"list", "watch"}, "networking.istio.io/destinationrules": {"list", "watch"},
 		"networking.istio.io/serviceentries": {"list", "watch"}, "networking.istio.io/sidecars": {"list", "watch"},
+		"security.istio.io/authorizationpolicies": {"list", "watch"}, "security.istio.io/peerauthentications": {"list", "watch"},
 		"/events": {"create", "patch"},
 	}
 	seen := map[string]bool{}

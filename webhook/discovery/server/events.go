@@ -50,10 +50,19 @@ func (e *eventSink) warn(ws []translate.Warning) {
 		if e.emitted[key] {
 			continue
 		}
-		ref := &corev1.ObjectReference{Kind: w.Kind, APIVersion: "networking.istio.io/v1", Namespace: w.Namespace, Name: w.Name,
+		ref := &corev1.ObjectReference{Kind: w.Kind, APIVersion: apiVersion(w.Kind), Namespace: w.Namespace, Name: w.Name,
 			UID: typesUID(w.UID)}
 		e.recorder.Event(ref, corev1.EventTypeWarning, w.Reason, w.Message)
 		e.log.Info("configuration refused", "kind", w.Kind, "namespace", w.Namespace, "name", w.Name, "reason", w.Reason, "message", w.Message)
 	}
 	e.emitted = now
+}
+
+// apiVersion is the group/version of a kind the translation reads.
+func apiVersion(kind string) string {
+	switch kind {
+	case "AuthorizationPolicy", "PeerAuthentication":
+		return "security.istio.io/v1"
+	}
+	return "networking.istio.io/v1"
 }

@@ -32,6 +32,8 @@ func (s *Server) startInformers(ctx context.Context) (func() *translate.Inputs, 
 	dr := isf.Networking().V1().DestinationRules()
 	se := isf.Networking().V1().ServiceEntries()
 	sc := isf.Networking().V1().Sidecars()
+	ap := isf.Security().V1().AuthorizationPolicies()
+	pa := isf.Security().V1().PeerAuthentications()
 	onAny := cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { s.changed() },
 		UpdateFunc: func(any, any) { s.changed() },
@@ -50,7 +52,7 @@ func (s *Server) startInformers(ctx context.Context) (func() *translate.Inputs, 
 		DeleteFunc: func(any) { s.changed() },
 	}
 	for _, inf := range []cache.SharedIndexInformer{svc.Informer(), eps.Informer(), nss.Informer(),
-		vs.Informer(), dr.Informer(), se.Informer(), sc.Informer()} {
+		vs.Informer(), dr.Informer(), se.Informer(), sc.Informer(), ap.Informer(), pa.Informer()} {
 		if _, err := inf.AddEventHandler(onAny); err != nil {
 			return nil, fmt.Errorf("adding event handler: %w", err)
 		}
@@ -81,6 +83,8 @@ func (s *Server) startInformers(ctx context.Context) (func() *translate.Inputs, 
 		in.DestinationRules, _ = dr.Lister().List(all)
 		in.ServiceEntries, _ = se.Lister().List(all)
 		in.Sidecars, _ = sc.Lister().List(all)
+		in.Security.AuthorizationPolicies, _ = ap.Lister().List(all)
+		in.Security.PeerAuthentications, _ = pa.Lister().List(all)
 		return in
 	}, nil
 }

@@ -52,7 +52,9 @@ type Options struct {
 	MetricsAddr string
 	// Replica names this replica in proxy status (the pod name).
 	Replica string
-	// Domain is the cluster DNS suffix; RootNamespace holds mesh-wide Sidecars.
+	// Domain is the cluster DNS suffix; RootNamespace holds mesh-wide
+	// Sidecars, AuthorizationPolicies and PeerAuthentications (default
+	// translate.DefaultRootNamespace).
 	Domain        string
 	RootNamespace string
 	// Debounce is the quiet time after a change before a push; a burst is

@@ -25,8 +25,9 @@ import (
 	"github.com/meshlet/meshlet/webhook/discovery/translate"
 )
 
-// DefaultRootNamespace is Istio's root namespace (mesh-wide Sidecars).
-const DefaultRootNamespace = "istio-system"
+// DefaultRootNamespace is Istio's root namespace (mesh-wide Sidecars,
+// AuthorizationPolicies and PeerAuthentications).
+const DefaultRootNamespace = translate.DefaultRootNamespace
 
 type flagpole struct {
 	xdsAddr, metricsAddr  string
@@ -98,7 +99,7 @@ cannot be translated get a Warning Event naming the field; the others keep being
 	fl.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig file (default: in-cluster, then $KUBECONFIG, then ~/.kube/config)")
 	fl.StringVar(&f.replica, "replica", "", "this replica's name in proxy status (default: $POD_NAME, then the host name)")
 	fl.StringVar(&f.domain, "domain", translate.DefaultDomain, "the cluster's DNS domain")
-	fl.StringVar(&f.rootNamespace, "root-namespace", DefaultRootNamespace, "namespace whose selector-less Sidecar applies mesh-wide")
+	fl.StringVar(&f.rootNamespace, "root-namespace", DefaultRootNamespace, "Istio's root namespace: its selector-less Sidecar and PeerAuthentication, and its AuthorizationPolicies, apply mesh-wide")
 	fl.DurationVar(&f.debounce, "debounce", server.DefaultDebounce, "quiet time after a change before pushing (Istio's PILOT_DEBOUNCE_AFTER)")
 	fl.DurationVar(&f.debounceMax, "debounce-max", server.DefaultDebounceMax, "push a continuous burst of changes at least this often (PILOT_DEBOUNCE_MAX)")
 	fl.CountVarP(&f.verbose, "verbose", "v", "log every push (-v)")
