@@ -740,8 +740,12 @@ func assertNoMeshletObjects(t *testing.T, ctx context.Context) {
 		}
 		var left []string
 		for _, l := range strings.Fields(string(out)) {
-			// Objects Kubernetes itself puts in every namespace.
-			if l == "configmap/kube-root-ca.crt" || l == "serviceaccount/default" {
+			// Objects Kubernetes itself puts in every namespace, and the
+			// mesh CA's root of trust and its published root certificate,
+			// which outlive an uninstall on purpose (README: a reinstall keeps
+			// the identity running workloads chain to, as Istio does).
+			if l == "configmap/kube-root-ca.crt" || l == "serviceaccount/default" ||
+				l == "secret/istio-ca-secret" || l == "configmap/istio-ca-root-cert" {
 				continue
 			}
 			left = append(left, l)

@@ -15,9 +15,16 @@ import (
 )
 
 const (
-	webhookNamespace  = "meshlet-system"
-	webhookDeployment = "meshlet-webhook"
+	webhookNamespace    = "meshlet-system"
+	webhookDeployment   = "meshlet-webhook"
+	discoveryDeployment = "meshlet-discovery"
+	discoveryService    = "istiod" // the chart's default, Istio's name
 )
+
+// steadyDeployments are the chart's Deployments (name → their Service) whose
+// readiness must hold steady after install: the admission webhook and the
+// control plane.
+var steadyDeployments = [][2]string{{webhookDeployment, webhookDeployment}, {discoveryDeployment, discoveryService}}
 
 // installMeshlet installs the chart as a user would (helm install --wait) on
 // a clean slate, and uninstalls it when the test ends.
@@ -56,8 +63,14 @@ func (h webhookHealth) String() string {
 }
 
 func sampleWebhook(ctx context.Context) (webhookHealth, error) {
+	return sampleDeployment(ctx, webhookDeployment, webhookDeployment)
+}
+
+// sampleDeployment is one health sample of the chart's Deployment name and
+// of the ready pods behind its Service svc.
+func sampleDeployment(ctx context.Context, name, svc string) (webhookHealth, error) {
 	var h webhookHealth
-	dep, err := cs.AppsV1().Deployments(webhookNamespace).Get(ctx, webhookDeployment, metav1.GetOptions{})
+	dep, err := cs.AppsV1().Deployments(webhookNamespace).Get(ctx, name, metav1.GetOptions{})
 	if err != nil {
 		return h, err
 	}
@@ -65,7 +78,7 @@ func sampleWebhook(ctx context.Context) (webhookHealth, error) {
 		h.want = *dep.Spec.Replicas
 	}
 	h.ready, h.updated = dep.Status.ReadyReplicas, dep.Status.UpdatedReplicas
-	slices, err := cs.DiscoveryV1().EndpointSlices(webhookNamespace).List(ctx, metav1.ListOptions{LabelSelector: discoveryv1.LabelServiceName + "=" + webhookDeployment})
+	slices, err := cs.DiscoveryV1().EndpointSlices(webhookNamespace).List(ctx, metav1.ListOptions{LabelSelector: discoveryv1.LabelServiceName + "=" + svc})
 	if err != nil {
 		return h, err
 	}
@@ -81,16 +94,23 @@ func sampleWebhook(ctx context.Context) (webhookHealth, error) {
 	return h, nil
 }
 
-// readinessFailures returns the "Readiness probe failed" events of the
-// webhook's pods.
-func readinessFailures(ctx context.Context) ([]string, error) {
+// readinessFailures returns the "Readiness probe failed" events of the pods
+// of the Deployment name that were seen at or after since. A probe the
+// kubelet sends before a new pod's server listens is not a flap: helm install
+// --wait (and a rollout) returns only once every pod was ready, so counting
+// from then on catches a replica that drops out of readiness afterwards.
+func readinessFailures(ctx context.Context, name string, since time.Time) ([]string, error) {
 	evs, err := cs.CoreV1().Events(webhookNamespace).List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.kind=Pod,reason=Unhealthy"})
 	if err != nil {
 		return nil, err
 	}
 	var out []string
 	for _, e := range evs.Items {
-		if strings.HasPrefix(e.InvolvedObject.Name, webhookDeployment+"-") && strings.Contains(e.Message, "Readiness probe failed") {
+		last := e.LastTimestamp.Time
+		if e.Series != nil {
+			last = e.Series.LastObservedTime.Time
+		}
+		if strings.HasPrefix(e.InvolvedObject.Name, name+"-") && strings.Contains(e.Message, "Readiness probe failed") && !last.Before(since) {
 			out = append(out, fmt.Sprintf("%s ×%d: %s", e.InvolvedObject.Name, e.Count, e.Message))
 		}
 	}
@@ -108,30 +128,39 @@ func TestWebhookSteadyHealth(t *testing.T) {
 	needSubcommand(t, "webhook")
 	const ns = "health"
 	installMeshlet(t, ctx, ns)
+	// Event timestamps have one-second resolution: start at the next whole
+	// second so a probe sent while a pod was still starting is not counted.
+	since := time.Now().Truncate(time.Second).Add(time.Second)
 
 	t.Run("steady after install", func(t *testing.T) {
-		var samples, bad int
-		var first string
+		samples, bad := 0, map[string]int{}
+		first := map[string]string{}
 		for end := time.Now().Add(60 * time.Second); time.Now().Before(end); time.Sleep(2 * time.Second) {
 			samples++
-			h, err := sampleWebhook(ctx)
-			if err != nil || !h.ok() {
-				if bad++; first == "" {
-					first = fmt.Sprintf("%v %v", h, err)
+			for _, d := range steadyDeployments {
+				name := d[0]
+				h, err := sampleDeployment(ctx, name, d[1])
+				if err != nil || !h.ok() {
+					if bad[name]++; first[name] == "" {
+						first[name] = fmt.Sprintf("%v %v", h, err)
+					}
 				}
 			}
 		}
-		if bad > 0 {
-			t.Errorf("webhook not fully ready in %d of %d samples over 60s; first: %s", bad, samples, first)
+		for _, d := range steadyDeployments {
+			name := d[0]
+			if bad[name] > 0 {
+				t.Errorf("%s not fully ready in %d of %d samples over 60s; first: %s", name, bad[name], samples, first[name])
+			}
+			evs, err := readinessFailures(ctx, name, since)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(evs) > 0 {
+				t.Errorf("readiness probe failures of %s's pods after install:\n%s", name, strings.Join(evs, "\n"))
+			}
+			t.Logf("%s: %d samples, %d not fully ready", name, samples, bad[name])
 		}
-		evs, err := readinessFailures(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if len(evs) > 0 {
-			t.Errorf("readiness probe failures of the webhook's pods:\n%s", strings.Join(evs, "\n"))
-		}
-		t.Logf("%d samples, %d not fully ready", samples, bad)
 	})
 
 	t.Run("pods admitted during a rolling update of the webhook", func(t *testing.T) {
