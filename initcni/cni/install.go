@@ -14,11 +14,11 @@ import (
 	"strings"
 	"time"
 
-	"github.com/fsnotify/fsnotify"
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 
 	"github.com/meshlet/meshlet/initcni/capture"
+	"github.com/meshlet/meshlet/internal/filewatch"
 )
 
 // Installer file names.
@@ -358,15 +358,21 @@ func Run(ctx context.Context, o InstallOptions, refresh func() ([]byte, error)) 
 	if err := installBinaries(o); err != nil {
 		return err
 	}
-	w, err := fsnotify.NewWatcher()
+	if err := os.MkdirAll(o.ConfDir, 0o755); err != nil {
+		return err
+	}
+	changed := make(chan struct{}, 1)
+	w, err := filewatch.New(func() {
+		select {
+		case changed <- struct{}{}:
+		default: // a sync is already due
+		}
+	}, filewatch.Options{Logger: o.Logger})
 	if err != nil {
 		return err
 	}
 	defer w.Close()
-	if err := os.MkdirAll(o.ConfDir, 0o755); err != nil {
-		return err
-	}
-	if err := w.Add(o.ConfDir); err != nil {
+	if err := w.WatchDir(o.ConfDir, watchedConfName); err != nil {
 		return err
 	}
 	sync := func() {
@@ -388,7 +394,6 @@ func Run(ctx context.Context, o InstallOptions, refresh func() ([]byte, error)) 
 	sync()
 	tick := time.NewTicker(o.Resync)
 	defer tick.Stop()
-	var debounce <-chan time.Time
 	for {
 		select {
 		case <-ctx.Done():
@@ -397,20 +402,20 @@ func Run(ctx context.Context, o InstallOptions, refresh func() ([]byte, error)) 
 				o.Logger.Error("uninstalling", "err", err)
 			}
 			return err
-		case ev := <-w.Events:
-			if strings.HasPrefix(filepath.Base(ev.Name), ".") {
-				continue // our own temp files
-			}
-			if !slices.Contains([]string{".conf", ".conflist", ".json"}, filepath.Ext(ev.Name)) && filepath.Base(ev.Name) != KubeconfigName {
-				continue
-			}
-			debounce = time.After(100 * time.Millisecond)
-		case err := <-w.Errors:
-			o.Logger.Error("watching config dir", "err", err)
-		case <-debounce:
+		case <-changed:
 			sync()
 		case <-tick.C:
 			sync()
 		}
 	}
+}
+
+// watchedConfName reports whether a change to the conf dir entry name calls
+// for a sync: a CNI config or the plugin's kubeconfig, never our own temp
+// files (dot-prefixed).
+func watchedConfName(name string) bool {
+	if strings.HasPrefix(name, ".") {
+		return false
+	}
+	return slices.Contains([]string{".conf", ".conflist", ".json"}, filepath.Ext(name)) || name == KubeconfigName
 }

@@ -42,7 +42,7 @@ func (c *calls) none(t *testing.T, what string, debounce time.Duration) {
 	select {
 	case <-c.ch:
 		t.Fatalf("unexpected callback after %s (total %d)", what, c.n.Load())
-	case <-time.After(5 * debounce):
+	case <-time.After(3 * debounce):
 	}
 }
 
@@ -165,8 +165,11 @@ func TestDataSymlinkSwapNestedPath(t *testing.T) {
 	c.wait(t, "a second ..data swap under a nested path")
 }
 
+// The quiet period is generous: on a loaded machine (the race detector,
+// shared cores) a stall between two writes longer than the period would
+// rightly split a burst in two.
 func TestBurstIsOneCallback(t *testing.T) {
-	const debounce = 200 * time.Millisecond
+	const debounce = 500 * time.Millisecond
 	dir := t.TempDir()
 	f := filepath.Join(dir, "config.yaml")
 	write(t, f, "a")
@@ -174,7 +177,7 @@ func TestBurstIsOneCallback(t *testing.T) {
 	if err := w.SetFiles(f); err != nil {
 		t.Fatal(err)
 	}
-	for burst := range 3 {
+	for burst := range 2 {
 		for i := range 50 {
 			write(t, f, strconv.Itoa(burst*100+i))
 		}

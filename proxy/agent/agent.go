@@ -38,7 +38,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -47,6 +46,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/meshlet/meshlet/internal/filewatch"
 	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/stats"
 )
@@ -149,7 +149,7 @@ type Agent struct {
 	done   chan struct{}
 	// watcher watches the config file and the files it references; nil
 	// without a config file. Used by Run's goroutine only.
-	watcher *configWatcher
+	watcher *filewatch.Watcher
 
 	// counters in the shared region
 	reloadOK, reloadFail, crashes, gensStarted *stats.Counter
@@ -476,6 +476,3 @@ func (a *Agent) awaitReady(g *generation, rd *os.File) {
 		}
 	}
 }
-
-// configDir returns the directory to watch for the config file.
-func (a *Agent) configDir() string { return filepath.Dir(a.o.ConfigPath) }

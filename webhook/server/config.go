@@ -4,15 +4,15 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"log/slog"
 	"os"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/fsnotify/fsnotify"
 	"github.com/go-logr/logr"
 
+	"github.com/meshlet/meshlet/internal/filewatch"
 	"github.com/meshlet/meshlet/webhook/inject"
 )
 
@@ -138,20 +138,21 @@ func (s *ConfigSource) setValid(ok bool) {
 	}
 }
 
-// Start watches the file until ctx ends: file-system events on its directory
-// plus a poll every PollInterval. It returns nil when ctx ends.
+// Start watches the file until ctx ends: its changes (see
+// internal/filewatch: writes, rename-over, ConfigMap "..data" swaps) plus a
+// poll every PollInterval. It returns nil when ctx ends.
 func (s *ConfigSource) Start(ctx context.Context) error {
 	if s.path == "" {
 		<-ctx.Done()
 		return nil
 	}
-	var events <-chan fsnotify.Event
-	if w, err := fsnotify.NewWatcher(); err == nil {
+	reload := func() { _, _ = s.reload() } // errors are logged and counted by reload
+	if w, err := filewatch.New(reload, filewatch.Options{Logger: slog.New(logr.ToSlogHandler(s.log))}); err != nil {
+		s.log.Info("Watching the injection config failed; polling only", "error", err.Error())
+	} else {
 		defer w.Close()
-		if err := w.Add(filepath.Dir(s.path)); err == nil {
-			events = w.Events
-		} else {
-			s.log.Info("Watching the injection config directory failed; polling only", "error", err.Error())
+		if err := w.SetFiles(s.path); err != nil {
+			s.log.Info("Watching the injection config directory failed; polling until it appears", "error", err.Error())
 		}
 	}
 	t := time.NewTicker(s.interval)
@@ -160,9 +161,8 @@ func (s *ConfigSource) Start(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-events:
 		case <-t.C:
+			reload()
 		}
-		_, _ = s.reload() // errors are logged and counted by reload
 	}
 }
