@@ -101,6 +101,9 @@ type kubeletVolume struct {
 	dir string
 	gen int
 	cur string
+	// keepOld leaves the previous timestamped directory in place, so only
+	// the swap itself can be seen.
+	keepOld bool
 }
 
 func (v *kubeletVolume) swap(items map[string]string, top ...string) {
@@ -129,7 +132,7 @@ func (v *kubeletVolume) swap(items map[string]string, top ...string) {
 			}
 		}
 	}
-	if v.cur != "" {
+	if v.cur != "" && !v.keepOld {
 		if err := os.RemoveAll(filepath.Join(v.dir, v.cur)); err != nil {
 			v.t.Fatal(err)
 		}
@@ -161,6 +164,9 @@ func TestDataSymlinkSwapNestedPath(t *testing.T) {
 	}
 	v.swap(map[string]string{"certs/tls.crt": "b"})
 	c.wait(t, "a ..data swap under a nested path")
+	// Without the old directory's removal (which the file's watch sees)
+	// the swap itself must be seen.
+	v.keepOld = true
 	v.swap(map[string]string{"certs/tls.crt": "c"})
 	c.wait(t, "a second ..data swap under a nested path")
 }
