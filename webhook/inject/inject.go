@@ -536,6 +536,9 @@ func apply(pod *corev1.Pod, cfg *Config, p params) ([]string, error) {
 			VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{Medium: corev1.StorageMediumMemory}},
 		})
 	}
+	if pl.proxy != ProxyNone {
+		volumes = append(volumes, identityVolumes()...)
+	}
 	if pl.grpc {
 		volumes = append(volumes, corev1.Volume{
 			Name:         VolumeGRPC,
@@ -663,6 +666,9 @@ func apply(pod *corev1.Pod, cfg *Config, p params) ([]string, error) {
 	pod.Spec.Containers = append(pod.Spec.Containers, extra...)
 	st.Containers = append(st.Containers, names(extra)...)
 	pod.Spec.Volumes = append(pod.Spec.Volumes, volumes...)
+	if pl.proxy == ProxySidecar {
+		setLabel(pod, &st, LabelTLSMode, TLSModeIstio)
+	}
 	st.NativeSidecar = native
 	if pl.grpc {
 		addGRPCToApps(pod, appNames, &st)
@@ -807,7 +813,7 @@ func proxyContainer(cfg *Config, p params, appNames []string) corev1.Container {
 			resourceEnv("GOMAXPROCS", "limits.cpu"),
 		},
 		Resources:      *p.resources.DeepCopy(),
-		VolumeMounts:   []corev1.VolumeMount{{Name: VolumeRuntime, MountPath: RuntimeDir}},
+		VolumeMounts:   append([]corev1.VolumeMount{{Name: VolumeRuntime, MountPath: RuntimeDir}}, identityMounts()...),
 		ReadinessProbe: &corev1.Probe{ProbeHandler: *ready, InitialDelaySeconds: 1, PeriodSeconds: 2, TimeoutSeconds: 3, FailureThreshold: 30},
 		// The agent drains on SIGTERM within the grace period.
 		TerminationMessagePolicy: corev1.TerminationMessageFallbackToLogsOnError,

@@ -25,6 +25,9 @@ type Status struct {
 	// Annotations maps each annotation injection set to its previous value
 	// (null: it was absent).
 	Annotations map[string]*string `json:"annotations,omitempty"`
+	// Labels maps each label injection set to its previous value (null: it
+	// was absent).
+	Labels map[string]*string `json:"labels,omitempty"`
 	// EmptyFields is set by `meshlet inject` (package manifest), never by
 	// Inject: pod template fields the manifest held as an explicit empty
 	// list or map ("spec.volumes") or as null ("metadata=null"), so
@@ -84,6 +87,7 @@ func Uninject(pod *corev1.Pod) (*corev1.Pod, error) {
 		}
 	}
 	delete(out.Annotations, AnnotationStatus)
+	restoreLabels(out, &st)
 	if len(out.Annotations) == 0 {
 		out.Annotations = nil
 	}

@@ -385,7 +385,7 @@ func processObject(obj *kyaml.Node, index, item int, opts Options) (*Result, boo
 
 // emptyFieldPaths are the template fields injection may fill.
 var emptyFieldPaths = []struct{ parent, key string }{
-	{"", "metadata"}, {"metadata", "annotations"}, {"spec", "initContainers"}, {"spec", "containers"}, {"spec", "volumes"},
+	{"", "metadata"}, {"metadata", "labels"}, {"metadata", "annotations"}, {"spec", "initContainers"}, {"spec", "containers"}, {"spec", "volumes"},
 }
 
 // recordManifest notes in the status annotation of pod what only the

@@ -135,7 +135,7 @@ func ensureMap(m *kyaml.Node, key, before string) *kyaml.Node {
 }
 
 // patchTemplate writes the difference between before and after (the typed
-// pod of the template node t) into t: annotations, init containers,
+// pod of the template node t) into t: labels, annotations, init containers,
 // containers and volumes. Everything else in t is left alone.
 //
 // keepEmpty lists fields to keep rather than remove when they become empty:
@@ -144,35 +144,41 @@ func ensureMap(m *kyaml.Node, key, before string) *kyaml.Node {
 // the JSON of containers to write exactly so, in this key order (the pod's
 // own containers uninject puts back, as the manifest had them).
 func patchTemplate(t *kyaml.Node, before, after *corev1.Pod, keepEmpty []string, restored map[string]json.RawMessage) error {
-	// Annotations.
-	if !maps.Equal(before.Annotations, after.Annotations) {
+	// Labels and annotations.
+	for _, f := range []struct {
+		key           string
+		before, after map[string]string
+	}{{"labels", before.Labels, after.Labels}, {"annotations", before.Annotations, after.Annotations}} {
+		if maps.Equal(f.before, f.after) {
+			continue
+		}
 		meta := ensureMap(t, "metadata", "spec")
 		if meta.Style == kyaml.FlowStyle && len(meta.Content) == 0 {
 			toBlock(t, "metadata", meta)
 		}
-		ann := ensureMap(meta, "annotations", "")
-		if ann.Style == kyaml.FlowStyle && len(ann.Content) == 0 {
-			toBlock(meta, "annotations", ann)
+		m := ensureMap(meta, f.key, "")
+		if m.Style == kyaml.FlowStyle && len(m.Content) == 0 {
+			toBlock(meta, f.key, m)
 		}
-		keys := slices.Sorted(maps.Keys(after.Annotations))
+		keys := slices.Sorted(maps.Keys(f.after))
 		for _, k := range keys {
-			if old, ok := before.Annotations[k]; !ok || old != after.Annotations[k] {
-				set(ann, k, strNode(after.Annotations[k]), "")
+			if old, ok := f.before[k]; !ok || old != f.after[k] {
+				set(m, k, strNode(f.after[k]), "")
 			}
 		}
-		for k := range before.Annotations {
-			if _, ok := after.Annotations[k]; !ok {
-				del(ann, k)
+		for k := range f.before {
+			if _, ok := f.after[k]; !ok {
+				del(m, k)
 			}
 		}
-		if len(ann.Content) == 0 {
-			switch emptyMode(keepEmpty, "metadata.annotations") {
+		if len(m.Content) == 0 {
+			switch emptyMode(keepEmpty, "metadata."+f.key) {
 			case "empty":
-				toEmptyFlow(meta, "annotations", ann)
+				toEmptyFlow(meta, f.key, m)
 			case "null":
-				set(meta, "annotations", nullNode(), "")
+				set(meta, f.key, nullNode(), "")
 			default:
-				del(meta, "annotations")
+				del(meta, f.key)
 			}
 		}
 		if len(meta.Content) == 0 {
