@@ -23,6 +23,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/go-logr/logr"
 	"github.com/go-logr/logr/testr"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
@@ -161,13 +162,17 @@ type runningCA struct {
 // startCA runs the whole CA (Run) for control plane namespace ns and dials it
 // over TLS, trusting the root the CA published in ns's ConfigMap (as a
 // sidecar would).
-func startCA(t *testing.T, ns string, mod func(*Options)) *runningCA {
+func startCA(t testing.TB, ns string, mod func(*Options)) *runningCA {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	o := Options{Client: api.kube, Namespace: ns, Listener: ln, Log: testr.New(t)}
+	log := logr.Discard() // benchmarks: no per-request logging
+	if tt, ok := t.(*testing.T); ok {
+		log = testr.New(tt)
+	}
+	o := Options{Client: api.kube, Namespace: ns, Listener: ln, Log: log}
 	if mod != nil {
 		mod(&o)
 	}

@@ -56,6 +56,18 @@ func identityMounts() []corev1.VolumeMount {
 	}
 }
 
+// setServiceAccount names the service account "default" when the pod names
+// none. The API server's ServiceAccount admission does the same before any
+// webhook sees the pod, but a projected token is refused at validation
+// without it, so a manifest injected by `meshlet inject` (or an API server
+// without that admission plugin) must carry it. Recorded for Uninject.
+func setServiceAccount(pod *corev1.Pod, st *Status) {
+	if pod.Spec.ServiceAccountName == "" {
+		pod.Spec.ServiceAccountName = "default"
+		st.ServiceAccountName = true
+	}
+}
+
 // setLabel sets label k to v on pod, recording the previous value in st so
 // Uninject restores it.
 func setLabel(pod *corev1.Pod, st *Status, k, v string) {

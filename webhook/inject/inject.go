@@ -538,6 +538,7 @@ func apply(pod *corev1.Pod, cfg *Config, p params) ([]string, error) {
 	}
 	if pl.proxy != ProxyNone {
 		volumes = append(volumes, identityVolumes()...)
+		setServiceAccount(pod, &st)
 	}
 	if pl.grpc {
 		volumes = append(volumes, corev1.Volume{

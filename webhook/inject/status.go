@@ -28,6 +28,9 @@ type Status struct {
 	// Labels maps each label injection set to its previous value (null: it
 	// was absent).
 	Labels map[string]*string `json:"labels,omitempty"`
+	// ServiceAccountName is true when injection set spec.serviceAccountName
+	// (to "default", for the projected token; see identity.go).
+	ServiceAccountName bool `json:"serviceAccountName,omitempty"`
 	// EmptyFields is set by `meshlet inject` (package manifest), never by
 	// Inject: pod template fields the manifest held as an explicit empty
 	// list or map ("spec.volumes") or as null ("metadata=null"), so
@@ -88,6 +91,9 @@ func Uninject(pod *corev1.Pod) (*corev1.Pod, error) {
 	}
 	delete(out.Annotations, AnnotationStatus)
 	restoreLabels(out, &st)
+	if st.ServiceAccountName {
+		out.Spec.ServiceAccountName = ""
+	}
 	if len(out.Annotations) == 0 {
 		out.Annotations = nil
 	}

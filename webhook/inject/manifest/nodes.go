@@ -135,8 +135,8 @@ func ensureMap(m *kyaml.Node, key, before string) *kyaml.Node {
 }
 
 // patchTemplate writes the difference between before and after (the typed
-// pod of the template node t) into t: labels, annotations, init containers,
-// containers and volumes. Everything else in t is left alone.
+// pod of the template node t) into t: labels, annotations, the service
+// account name, init containers, containers and volumes. Everything else in t is left alone.
 //
 // keepEmpty lists fields to keep rather than remove when they become empty:
 // "spec.volumes" as an empty flow collection ([] or {}), "spec.volumes=null"
@@ -195,6 +195,13 @@ func patchTemplate(t *kyaml.Node, before, after *corev1.Pod, keepEmpty []string,
 	spec := get(t, "spec")
 	if spec == nil || spec.Kind != kyaml.MappingNode {
 		return fmt.Errorf("spec is not a mapping")
+	}
+	if b, a := before.Spec.ServiceAccountName, after.Spec.ServiceAccountName; b != a {
+		if a == "" {
+			del(spec, "serviceAccountName")
+		} else {
+			set(spec, "serviceAccountName", strNode(a), "")
+		}
 	}
 	lists := []listPatch{
 		containerList("initContainers", "containers", before.Spec.InitContainers, after.Spec.InitContainers),
