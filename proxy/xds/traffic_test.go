@@ -226,6 +226,25 @@ func startLoad(addr string, workers int) *load {
 	return l
 }
 
+// until keeps the load running until at least n requests started at or
+// after t0 have finished (or 30 s passed, which fails the test): a count,
+// not a time window, so a slow machine (-race, two shared cores) gets the
+// same number of samples as a fast one.
+func (l *load) until(t *testing.T, t0 time.Time, n int) {
+	t.Helper()
+	waitFor(t, fmt.Sprintf("%d requests after %s", n, t0.Format("15:04:05.000")), 30*time.Second, func() bool {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		c := 0
+		for _, r := range l.results {
+			if !r.start.Before(t0) {
+				c++
+			}
+		}
+		return c >= n
+	})
+}
+
 func (l *load) finish() []result {
 	close(l.stop)
 	l.wg.Wait()
@@ -335,7 +354,7 @@ func TestWeightChangeUnderLoad(t *testing.T) {
 	waitApplied(t, px.client, "version 2 of the routes", func(s Status) bool { return s.Versions["rds"] == "2" })
 	applied := time.Now()
 	t.Logf("snapshot set → route update serving: %v", applied.Sub(pushed))
-	time.Sleep(500 * time.Millisecond)
+	l.until(t, applied, 300)
 	rs := l.finish()
 	if errs := failures(rs); len(errs) > 0 {
 		t.Fatalf("%d of %d requests failed, first: %v", len(errs), len(rs), errs[0])
@@ -414,7 +433,7 @@ func TestControlPlaneGone(t *testing.T) {
 	srv.Stop()
 	waitApplied(t, px.client, "disconnected", func(s Status) bool { return !s.Connected })
 	stopped := time.Now()
-	time.Sleep(700 * time.Millisecond)
+	l.until(t, stopped, 200)
 	rs := l.finish()
 	if errs := failures(rs); len(errs) > 0 {
 		t.Fatalf("%d of %d requests failed, first: %v", len(errs), len(rs), errs[0])
