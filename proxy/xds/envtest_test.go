@@ -28,6 +28,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/l4"
 	"github.com/meshlet/meshlet/proxy/l7"
 	"github.com/meshlet/meshlet/proxy/xds"
 	"github.com/meshlet/meshlet/webhook/discovery/server"
@@ -135,7 +136,7 @@ func TestEnvtestDiscovery(t *testing.T) {
 	must(err)
 
 	// The proxy: the real engine, its xDS client as a sidecar in shop.
-	eng, err := l7.New(config.L7{}, l7.Options{AccessLog: io.Discard, Logger: slog.New(slog.DiscardHandler), Dial: func(ctx context.Context, _ l7.Direction, network, addr string) (net.Conn, error) {
+	eng, err := l7.New(config.L7{}, l7.Options{AccessLog: io.Discard, Logger: slog.New(slog.DiscardHandler), Dial: func(ctx context.Context, _ l4.Direction, network, addr string) (net.Conn, error) {
 		to, ok := podNet[addr]
 		if !ok {
 			return nil, fmt.Errorf("test dialer: %s is not a pod of the test", addr)
@@ -166,7 +167,7 @@ func TestEnvtestDiscovery(t *testing.T) {
 			if err != nil {
 				return
 			}
-			go eng.ServeConn(cctx, conn, dst, l7.Outbound)
+			go eng.ServeConn(cctx, conn, dst, l4.Outbound)
 		}
 	}()
 	t.Cleanup(func() { ln.Close() })
