@@ -212,18 +212,23 @@ func BuildConfigNamed(o Options, name Namer) (Config, error) {
 func BuildConfigShowing(o Options, name Namer, shown map[string]string) (Config, error) {
 	var errs []error
 	var c Config
-	values := map[string]string{}
-	for _, opt := range OptionSet {
-		values[opt.Field] = opt.Get(o)
-	}
-	for f, v := range shown {
-		values[f] = v
+	// value is the value a message shows for field (looked up only when
+	// there is something to say: the common, clean build allocates nothing
+	// for messages).
+	value := func(field string) string {
+		if v, ok := shown[field]; ok {
+			return v
+		}
+		if opt, ok := OptionByField(field); ok {
+			return opt.Get(o)
+		}
+		return ""
 	}
 	bad := func(field, _, format string, args ...any) {
-		errs = append(errs, &OptionError{Field: field, Name: name(field), Value: values[field], Problem: fmt.Sprintf(format, args...)})
+		errs = append(errs, &OptionError{Field: field, Name: name(field), Value: value(field), Problem: fmt.Sprintf(format, args...)})
 	}
 	warn := func(field, format string, args ...any) {
-		c.Warnings = append(c.Warnings, &OptionError{Field: field, Name: name(field), Value: values[field], Problem: fmt.Sprintf(format, args...)})
+		c.Warnings = append(c.Warnings, &OptionError{Field: field, Name: name(field), Value: value(field), Problem: fmt.Sprintf(format, args...)})
 	}
 
 	c.ProxyPort = parsePort(o.ProxyPort, "ProxyPort", bad)
