@@ -164,7 +164,7 @@ func serveBackend(t *testing.T, ln net.Listener) string {
 			_ = c.CloseWrite()
 		case 'P':
 			defer c.Close()
-			splitHTTP(c, br)
+			proctest.SplitHTTP(c, br)
 		case 'E':
 			defer c.Close()
 			for i := 0; ; i++ {
@@ -191,33 +191,6 @@ func serveBackend(t *testing.T, ln net.Listener) string {
 		return true
 	})
 	return ln.Addr().String()
-}
-
-// splitHTTP answers HTTP/1.1 POSTs on c, echoing the body: status line and
-// headers in one write, a pause of 1-50ms, the body in another.
-func splitHTTP(c *net.TCPConn, br *bufio.Reader) {
-	for i := 0; ; i++ {
-		req, err := http.ReadRequest(br)
-		if err != nil {
-			return
-		}
-		body, err := io.ReadAll(req.Body)
-		if err != nil {
-			return
-		}
-		closing := req.Close
-		conn := ""
-		if closing {
-			conn = "Connection: close\r\n"
-		}
-		if _, err := fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n", len(body), conn); err != nil {
-			return
-		}
-		time.Sleep(time.Duration(1+(i*7)%50) * time.Millisecond)
-		if _, err := c.Write(body); err != nil || closing {
-			return
-		}
-	}
 }
 
 // waitCleanExit waits up to within for the agent to exit with status 0;

@@ -246,7 +246,7 @@ func TestPrivilegedCaptureSoak(t *testing.T) {
 			}
 			defer c.Close()
 			body := []byte("after kill -9")
-			if err := post(c, bufio.NewReader(c), body, true); err != nil {
+			if err := proctest.Post(c, bufio.NewReader(c), body, true); err != nil {
 				errs <- err
 			}
 		}()

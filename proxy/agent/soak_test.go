@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"os"
 	"strconv"
 	"sync"
@@ -15,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/meshlet/meshlet/internal/proctest"
 )
 
 // load pushes constant traffic through addr (a capture listener forwarding
@@ -117,32 +118,11 @@ func (l *load) long(fn func(net.Conn) error) {
 	}()
 }
 
-func post(c net.Conn, br *bufio.Reader, body []byte, closing bool) error {
-	conn := ""
-	if closing {
-		conn = "Connection: close\r\n"
-	}
-	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-	if _, err := fmt.Fprintf(c, "POST / HTTP/1.1\r\nHost: backend\r\nContent-Length: %d\r\n%s\r\n%s", len(body), conn, body); err != nil {
-		return fmt.Errorf("writing request: %w", err)
-	}
-	resp, err := http.ReadResponse(br, nil)
-	if err != nil {
-		return fmt.Errorf("reading response: %w", err)
-	}
-	got, err := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if err != nil || resp.StatusCode != 200 || !bytes.Equal(got, body) {
-		return fmt.Errorf("response %d, %d of %d bytes, %v", resp.StatusCode, len(got), len(body), err)
-	}
-	return nil
-}
-
 func (l *load) keepAlive(c net.Conn) error {
 	br := bufio.NewReader(c)
 	for i := 0; !l.stopped(); i++ {
 		body := bytes.Repeat([]byte{byte('a' + i%26)}, 64+(i*97)%4000)
-		if err := post(c, br, body, false); err != nil {
+		if err := proctest.Post(c, br, body, false); err != nil {
 			return fmt.Errorf("keep-alive request %d: %w", i, err)
 		}
 		l.ok.Add(1)
@@ -158,7 +138,7 @@ func (l *load) oneShot() error {
 	}
 	defer c.Close()
 	br := bufio.NewReader(c)
-	if err := post(c, br, []byte("one shot"), true); err != nil {
+	if err := proctest.Post(c, br, []byte("one shot"), true); err != nil {
 		return fmt.Errorf("new-connection request: %w", err)
 	}
 	if rest, err := io.ReadAll(br); err != nil || len(rest) != 0 {

@@ -189,25 +189,22 @@ func (p *proxyProc) waitMetric(t *testing.T, name string, cond func(float64) boo
 	}
 }
 
-// normalRequest is one HTTP/1.1 request through the proxy at addr to the
-// backend, which answers 1 KiB.
+// normalRequest is one HTTP/1.1 POST of 1 KiB through the proxy at addr to
+// the backend, which echoes it in two writes (proctest.SplitHTTP), on a raw
+// connection: one attempt, never retried.
 func normalRequest(addr string) error {
-	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-	resp, err := c.Get("http://" + addr + "/")
+	c, err := net.DialTimeout("tcp", addr, 10*time.Second)
 	if err != nil {
-		return err
+		return fmt.Errorf("dial: %w", err)
 	}
-	defer resp.Body.Close()
-	n, err := io.Copy(io.Discard, resp.Body)
-	if err != nil || n != 1024 || resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("status %d, read %d bytes: %v", resp.StatusCode, n, err)
-	}
-	return nil
+	defer c.Close()
+	return proctest.Post(c, bufio.NewReader(c), proctest.Payload, true)
 }
 
 // backend is the destination behind the proxy. A connection whose first
-// line is a command runs a raw TCP scenario; anything else is HTTP/1.1
-// (1 KiB answers).
+// line is a command runs a raw TCP scenario; a POST is echoed with head and
+// body in two writes (proctest.SplitHTTP); anything else is HTTP/1.1 (1 KiB
+// answers).
 //
 //	PUSH n   read until EOF (the client's half-close), then send n bytes, close
 //	SINK     close the write side at once, read until EOF, report the count
@@ -245,6 +242,10 @@ func serveBackend(t *testing.T, ln net.Listener) *backend {
 // the rest are HTTP.
 func (b *backend) serve(first []byte, c *net.TCPConn, br *bufio.Reader) bool {
 	switch string(first) {
+	case "POST":
+		defer c.Close()
+		proctest.SplitHTTP(c, br)
+		return true
 	case "PUSH", "SINK", "FLOO", "HOLD", "STAL":
 	default:
 		return false

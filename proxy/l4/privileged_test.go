@@ -1,6 +1,7 @@
 package l4_test
 
 import (
+	"bufio"
 	"context"
 	"crypto/rand"
 	"errors"
@@ -96,17 +97,15 @@ func TestPrivilegedGarbageThenCapturedRequest(t *testing.T) {
 		v, _ := strconv.ParseFloat(string(m[1]), 64)
 		return v
 	}
+	// request is one POST echoed in two writes, on a raw connection: one
+	// attempt, never retried.
 	request := func() error {
-		resp, err := hc.Get("http://" + app + "/")
+		c, err := dial(net.JoinHostPort(app, "80"), true)
 		if err != nil {
-			return err
+			return fmt.Errorf("dial: %w", err)
 		}
-		defer resp.Body.Close()
-		n, err := io.Copy(io.Discard, resp.Body)
-		if err != nil || n != 1024 {
-			return fmt.Errorf("status %d, %d bytes: %v", resp.StatusCode, n, err)
-		}
-		return nil
+		defer c.Close()
+		return proctest.Post(c, bufio.NewReader(c), proctest.Payload, true)
 	}
 	deadline := time.Now().Add(20 * time.Second)
 	for request() != nil {

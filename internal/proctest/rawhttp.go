@@ -1,0 +1,66 @@
+package proctest
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"time"
+)
+
+// Post sends one HTTP/1.1 POST of body on c and checks the answer is 200
+// with body echoed (see SplitHTTP). It never retries: a connection cut
+// before the whole answer arrived is an error, which net/http's client
+// would hide by sending an idempotent request again. closing asks the
+// server to close the connection after the answer.
+func Post(c net.Conn, br *bufio.Reader, body []byte, closing bool) error {
+	conn := ""
+	if closing {
+		conn = "Connection: close\r\n"
+	}
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := fmt.Fprintf(c, "POST / HTTP/1.1\r\nHost: backend\r\nContent-Length: %d\r\n%s\r\n%s", len(body), conn, body); err != nil {
+		return fmt.Errorf("writing request: %w", err)
+	}
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		return fmt.Errorf("reading response: %w", err)
+	}
+	got, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != http.StatusOK || !bytes.Equal(got, body) {
+		return fmt.Errorf("response %d, %d of %d bytes, %v", resp.StatusCode, len(got), len(body), err)
+	}
+	return nil
+}
+
+// SplitHTTP answers HTTP/1.1 POSTs on c, echoing the body: status line and
+// headers in one write, a pause of 1-50ms, the body in another — so a proxy
+// that cuts a connection between a response's writes is caught. It returns
+// when the client closes, asks to close, or an error occurs.
+func SplitHTTP(c *net.TCPConn, br *bufio.Reader) {
+	for i := 0; ; i++ {
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			return
+		}
+		body, err := io.ReadAll(req.Body)
+		if err != nil {
+			return
+		}
+		closing := req.Close
+		conn := ""
+		if closing {
+			conn = "Connection: close\r\n"
+		}
+		if _, err := fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n", len(body), conn); err != nil {
+			return
+		}
+		time.Sleep(time.Duration(1+(i*7)%50) * time.Millisecond)
+		if _, err := c.Write(body); err != nil || closing {
+			return
+		}
+	}
+}
