@@ -30,8 +30,11 @@ func Post(c net.Conn, br *bufio.Reader, body []byte, closing bool) error {
 	}
 	got, err := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	if err != nil || resp.StatusCode != http.StatusOK || !bytes.Equal(got, body) {
-		return fmt.Errorf("response %d, %d of %d bytes, %v", resp.StatusCode, len(got), len(body), err)
+	if err != nil {
+		return fmt.Errorf("response %d, %d of %d bytes: %w", resp.StatusCode, len(got), len(body), err)
+	}
+	if resp.StatusCode != http.StatusOK || !bytes.Equal(got, body) {
+		return fmt.Errorf("response %d, %d of %d bytes, want 200 and the body echoed", resp.StatusCode, len(got), len(body))
 	}
 	return nil
 }
