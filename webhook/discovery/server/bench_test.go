@@ -21,7 +21,6 @@ import (
 	resourcev3 "github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/go-logr/logr"
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	istiofake "istio.io/client-go/pkg/clientset/versioned/fake"
@@ -135,7 +134,7 @@ func histogramSum(reg *prometheus.Registry, name string) (float64, uint64) {
 	mfs, _ := reg.Gather()
 	for _, mf := range mfs {
 		if mf.GetName() == name {
-			var h *dto.Histogram = mf.GetMetric()[0].GetHistogram()
+			h := mf.GetMetric()[0].GetHistogram()
 			return h.GetSampleSum(), h.GetSampleCount()
 		}
 	}
