@@ -2,9 +2,11 @@ package config
 
 import (
 	"bytes"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
 	"net/netip"
 	"regexp"
 	"slices"
@@ -290,6 +292,15 @@ type HealthCheck struct {
 type InboundPolicy struct {
 	Timeout Duration       `json:"timeout,omitempty"`
 	Pool    ConnectionPool `json:"connectionPool,omitempty"`
+	// Authorize decides an inbound request r for the original destination
+	// dst; policy names the deciding policy (for logs and metrics). Nil
+	// allows every request. Set by the xDS client from the inbound
+	// listener's RBAC filters, never from a file; inbound only.
+	Authorize func(r *http.Request, dst netip.AddrPort) (allowed bool, policy string) `json:"-"`
+	// AuthorizeConn decides an inbound TCP connection from src to the
+	// original destination dst; cs is its TLS state (nil: plain text). Nil
+	// allows every connection. Inbound only, like Authorize.
+	AuthorizeConn func(src, dst netip.AddrPort, cs *tls.ConnectionState) (allowed bool, policy string) `json:"-"`
 }
 
 // AccessLog configures the JSON access log (one line per request).
@@ -784,6 +795,9 @@ func (c *L7) validate(missingClustersOK bool) error {
 				}
 			}
 		}
+	}
+	if c.Passthrough.Authorize != nil || c.Passthrough.AuthorizeConn != nil {
+		bad("passthrough", "authorization applies to inbound traffic only")
 	}
 	for name, p := range map[string]InboundPolicy{"inbound": c.Inbound, "passthrough": c.Passthrough} {
 		dur(name+".timeout", p.Timeout)

@@ -584,6 +584,8 @@ type h2stream struct {
 	hdrs  []hpack.HeaderField // request headers for the upstream (no grpc-timeout)
 	genID string              // x-request-id generated here (the client sent none)
 	dc    decision            // the request's decision (request.go)
+	// exactBody: the local reply's body is its message as is (RBAC).
+	exactBody bool
 
 	cl      *cluster
 	pl      *pool
@@ -689,7 +691,7 @@ func (s *h2stream) open(f *http2.MetaHeadersFrame, fs *flushSet) {
 		s.refuse(fs)
 		return
 	}
-	s.dc = p.decide(rt, r, s.st.grpc)
+	s.dc = p.decide(rt, r, s.st.grpc, d.dst)
 	dc := &s.dc
 	s.st.route, s.st.dest, s.st.retry, s.st.flags = dc.route, dc.dest, dc.retry, dc.flags
 	if dc.reply == nil {
@@ -716,6 +718,7 @@ func (s *h2stream) open(f *http2.MetaHeadersFrame, fs *flushSet) {
 // afterDelay answers locally or dispatches the request (d.mu held).
 func (s *h2stream) afterDelay(fs *flushSet) {
 	if a := s.dc.reply; a != nil {
+		s.exactBody = a.exact
 		s.localReply(a.status, a.grpcCode, a.msg, fs)
 		return
 	}
@@ -1356,6 +1359,9 @@ func (s *h2stream) localReplyWith(status, grpcCode int, msg string, overflow boo
 	} else {
 		s.status = status
 		body = msg + "\n"
+		if s.exactBody {
+			body = msg
+		}
 		fields = []hpack.HeaderField{{Name: ":status", Value: strconv.Itoa(status)},
 			{Name: "content-type", Value: "text/plain; charset=utf-8"}, {Name: "x-content-type-options", Value: "nosniff"},
 			{Name: "content-length", Value: strconv.Itoa(len(body))}}

@@ -86,7 +86,7 @@ func (p *Engine) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	host := hostOnly(r.Host)
 	rt := t.match(r, host, dir, dst)
-	dc := p.decide(rt, r, st.grpc)
+	dc := p.decide(rt, r, st.grpc, dst)
 	st.route, st.dest, st.retry, st.flags = dc.route, dc.dest, dc.retry, dc.flags
 	if dc.delay > 0 {
 		t := time.NewTimer(dc.delay)
@@ -97,7 +97,7 @@ func (p *Engine) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	if a := dc.reply; a != nil {
-		p.localReply(rw, r, a.status, a.grpcCode, a.msg)
+		p.localAnswer(rw, r, a)
 		p.finish(rw, r, st, dir, start)
 		return
 	}
@@ -312,6 +312,19 @@ func removeHopHeaders(h http.Header) {
 	for _, k := range []string{"Connection", "Proxy-Connection", "Keep-Alive", "Te", "Trailer", "Transfer-Encoding", "Upgrade"} {
 		h.Del(k)
 	}
+}
+
+// localAnswer writes a decision's local answer.
+func (p *Engine) localAnswer(w *responseWriter, r *http.Request, a *localAnswer) {
+	if a.exact && !isGRPC(r) {
+		h := w.Header()
+		h.Set("Content-Type", "text/plain")
+		h.Set("Content-Length", strconv.Itoa(len(a.msg)))
+		w.WriteHeader(a.status)
+		_, _ = io.WriteString(w, a.msg)
+		return
+	}
+	p.localReply(w, r, a.status, a.grpcCode, a.msg)
 }
 
 // localReply answers without an upstream: HTTP status for HTTP, a

@@ -29,6 +29,7 @@ type metrics struct {
 	noRoute     prometheus.Counter
 	noCluster   prometheus.Counter
 	handoffs    *prometheus.CounterVec
+	rbacDenied  *prometheus.CounterVec
 	mu          sync.Mutex
 	clusters    map[string]*clusterMetrics
 	routeFaults sync.Map // route key + kind → prometheus.Counter
@@ -75,12 +76,14 @@ func newMetrics() *metrics {
 	m.handoffs = cv("meshlet_l7_downstream_handoffs_total", "Downstream connections the HTTP/1.1 codec handed to "+
 		"net/http's server, by what the request needed: http2, http1.0, upgrade, expect, transfer_encoding, "+
 		"large_body, large_head, other (malformed or unusual requests, answered by net/http).", "reason")
+	m.rbacDenied = cv("meshlet_rbac_denied_total", "Inbound requests and connections denied by authorization, by the deciding "+
+		"policy (empty: no ALLOW policy matched).", "policy")
 	return m
 }
 
 func (m *metrics) collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.requests, m.duration, m.retries, m.budgetOut, m.overflow, m.ejections,
-		m.connFail, m.tlsFail, m.hcFail, m.dnsFail, m.mirrored, m.faults, m.endpoints, m.noRoute, m.noCluster, m.handoffs}
+		m.connFail, m.tlsFail, m.hcFail, m.dnsFail, m.mirrored, m.faults, m.endpoints, m.noRoute, m.noCluster, m.handoffs, m.rbacDenied}
 }
 
 func (m *metrics) cluster(name string) *clusterMetrics {

@@ -18,6 +18,9 @@ import (
 //     arrives, so even a malformed request's log line has one);
 //  2. route choice (table.match): inbound, a service's first matching
 //     route, or passthrough; a service without a matching route is 404 NR;
+//     on the inbound route, authorization (the RBAC filter runs first):
+//     a denied request is answered 403 "RBAC: access denied" (gRPC
+//     PERMISSION_DENIED), flag RBAC, counted per deciding policy;
 //  3. fault injection (the fault filter runs before the router): a delay,
 //     then an abort answered locally (FI);
 //  4. the router: the deadline (route timeout, shortened by a client's
@@ -48,7 +51,14 @@ type localAnswer struct {
 	status   int
 	grpcCode int
 	msg      string
+	// exact: the HTTP body is msg as is, without the trailing newline
+	// (Envoy's RBAC denial body).
+	exact bool
 }
+
+// rbacDeniedBody is the body of a request the inbound authorization
+// denies (Envoy's RBAC filter's).
+const rbacDeniedBody = "RBAC: access denied"
 
 // ensureRequestID gives a request without x-request-id a random UUIDv4 (as
 // Envoy does), so the access logs of every hop share it. It returns the id
@@ -80,15 +90,24 @@ func (t *table) match(r *http.Request, host string, dir l4.Direction, dst netip.
 	return nil
 }
 
-// decide takes a request on route rt (nil: none matched) through fault
-// injection and the router's decisions. It counts what it decides (fault
-// and no-cluster metrics, the retry budget deposit); the caller waits the
+// decide takes a request for the original destination dst on route rt
+// (nil: none matched) through authorization, fault injection and the
+// router's decisions. It counts what it decides (denials, fault and
+// no-cluster metrics, the retry budget deposit); the caller waits the
 // delay, then answers reply or forwards.
-func (p *Engine) decide(rt *route, r *http.Request, grpc bool) decision {
+func (p *Engine) decide(rt *route, r *http.Request, grpc bool, dst netip.AddrPort) decision {
 	if rt == nil {
-		return decision{flags: "NR", reply: &localAnswer{http.StatusNotFound, 12, "no route matched"}} // UNIMPLEMENTED
+		return decision{flags: "NR", reply: &localAnswer{status: http.StatusNotFound, grpcCode: 12, msg: "no route matched"}} // UNIMPLEMENTED
 	}
 	dc := decision{route: rt}
+	if rt.authorize != nil {
+		if ok, policy := rt.authorize(r, dst); !ok {
+			p.m.rbacDenied.WithLabelValues(policy).Inc()
+			dc.flags = "RBAC"
+			dc.reply = &localAnswer{status: http.StatusForbidden, grpcCode: 7, msg: rbacDeniedBody, exact: true} // PERMISSION_DENIED
+			return dc
+		}
+	}
 	cfg := rt.cfg
 	if f := cfg.Fault; f != nil {
 		if d := f.Delay; d != nil && hit(d.Percent) {
@@ -99,7 +118,7 @@ func (p *Engine) decide(rt *route, r *http.Request, grpc bool) decision {
 		if a := f.Abort; a != nil && hit(a.Percent) {
 			dc.flags = addFlag(dc.flags, "FI")
 			rt.faultMetric(p.m, "abort")
-			ans := &localAnswer{a.HTTPStatus, 14, "fault filter abort"}
+			ans := &localAnswer{status: a.HTTPStatus, grpcCode: 14, msg: "fault filter abort"}
 			if a.GRPCStatus != nil {
 				ans.grpcCode = *a.GRPCStatus
 			}
@@ -120,7 +139,7 @@ func (p *Engine) decide(rt *route, r *http.Request, grpc bool) decision {
 	if dc.dest.cluster == nil {
 		dc.flags = addFlag(dc.flags, "NC")
 		p.m.noCluster.Inc()
-		dc.reply = &localAnswer{http.StatusServiceUnavailable, 14, "no cluster " + strconv.Quote(dc.dest.name)}
+		dc.reply = &localAnswer{status: http.StatusServiceUnavailable, grpcCode: 14, msg: "no cluster " + strconv.Quote(dc.dest.name)}
 		return dc
 	}
 	dc.retry = rt.retry

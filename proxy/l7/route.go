@@ -94,6 +94,9 @@ type route struct {
 	budget   *retryBudget
 	mirror   *cluster
 	metrics  map[*cluster]*routeMetrics
+	// authorize decides each request (the inbound route's, from
+	// config.InboundPolicy.Authorize); nil allows all.
+	authorize func(*http.Request, netip.AddrPort) (bool, string)
 }
 
 func (r *route) matches(req *http.Request, host string) (*matcher, bool) {

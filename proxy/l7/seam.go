@@ -25,6 +25,9 @@ func (p *Engine) Chooser(fwd *l4.Forwarder) l4.Chooser {
 	}
 	h := &seamHandler{p: p, fwd: fwd}
 	return func(c *l4.Conn) l4.Handler {
+		if c.Direction == l4.Inbound && !p.admitConn(c) {
+			return deniedConn{}
+		}
 		if p.Protocol(c.OrigDst.Port()) == config.ProtoTCP {
 			return nil
 		}
@@ -56,6 +59,29 @@ func ForwarderDial(fwd *l4.Forwarder) DialFunc {
 		return d.DialContext(ctx, network, addr)
 	}
 }
+
+// admitConn decides an inbound connection by the current table's
+// connection rules (the RBAC network filters of its destination port's
+// chain) before a byte is read from it or sent to the application.
+func (p *Engine) admitConn(c *l4.Conn) bool {
+	t := p.tab.Load()
+	if t == nil || t.authorizeConn == nil {
+		return true
+	}
+	src, _ := netip.ParseAddrPort(c.Client.RemoteAddr().String())
+	ok, policy := t.authorizeConn(src, c.OrigDst, nil) // no inbound TLS yet
+	if !ok {
+		p.m.rbacDenied.WithLabelValues(policy).Inc()
+		p.log.Info("inbound connection denied", "flags", "RBAC", "policy", policy, "source", src.String(), "destination", c.OrigDst.String())
+	}
+	return ok
+}
+
+// deniedConn closes a connection authorization denied.
+type deniedConn struct{}
+
+// ServeConn implements l4.Handler.
+func (deniedConn) ServeConn(_ context.Context, c *l4.Conn) { _ = c.Client.Close() }
 
 type seamHandler struct {
 	p   *Engine

@@ -1,6 +1,7 @@
 package l7
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net/http"
@@ -26,9 +27,12 @@ type table struct {
 	inbound      *cluster
 	passthrough  *cluster
 	inboundRoute *route
-	passRoute    *route
-	alog         *accessLogger
-	h2           h2gate
+	// authorizeConn decides inbound connections
+	// (config.InboundPolicy.AuthorizeConn); nil allows all.
+	authorizeConn func(src, dst netip.AddrPort, cs *tls.ConnectionState) (bool, string)
+	passRoute     *route
+	alog          *accessLogger
+	h2            h2gate
 }
 
 // allClusters returns every cluster of t (inbound and passthrough first,
@@ -201,7 +205,9 @@ func (p *Engine) compile(cfg config.L7, old *table) (t *table, fresh []*cluster,
 	t.inbound = orig("inbound", cfg.Inbound.Pool, l4.Inbound, oldIn)
 	t.passthrough = orig("passthrough", cfg.Passthrough.Pool, l4.Outbound, oldPass)
 	t.inboundRoute = &route{cfg: &config.Route{Name: "inbound", Timeout: cfg.Inbound.Timeout}, key: "inbound",
-		dests: []destination{{cluster: t.inbound, name: "inbound"}}, metrics: map[*cluster]*routeMetrics{}}
+		dests: []destination{{cluster: t.inbound, name: "inbound"}}, metrics: map[*cluster]*routeMetrics{},
+		authorize: cfg.Inbound.Authorize}
+	t.authorizeConn = cfg.Inbound.AuthorizeConn
 	t.inboundRoute.metrics[t.inbound] = p.m.route("inbound", "inbound", "inbound")
 	t.passRoute = &route{cfg: &config.Route{Name: "passthrough", Timeout: cfg.Passthrough.Timeout}, key: "passthrough",
 		dests: []destination{{cluster: t.passthrough, name: "passthrough"}}, metrics: map[*cluster]*routeMetrics{}}

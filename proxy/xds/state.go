@@ -193,6 +193,9 @@ func assemble(base engineConfig, r resources, prev *table) *table {
 		if l.tcpPort != 0 {
 			tcpPorts[l.tcpPort] = true
 		}
+		if a := l.authz; !a.empty() {
+			t.cfg.Inbound.Authorize, t.cfg.Inbound.AuthorizeConn = a.authorize, a.authorizeConn
+		}
 	}
 	sort.Strings(routeNames)
 	for _, rn := range slices.Compact(routeNames) {

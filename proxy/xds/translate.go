@@ -15,8 +15,10 @@ import (
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	faultv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/fault/v3"
+	rbachttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	rbactcpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	tcpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	previoushostsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/retry/host/previous_hosts/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
@@ -25,6 +27,8 @@ import (
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/meshlet/meshlet/proxy/rbac"
 )
 
 // Type URLs of the resources the client subscribes to.
@@ -83,7 +87,8 @@ const (
 
 func init() {
 	for _, m := range []proto.Message{&hcmv3.HttpConnectionManager{}, &tcpv3.TcpProxy{}, &faultv3.HTTPFault{},
-		&routerv3.Router{}, &httpv3.HttpProtocolOptions{}, &tlsv3.UpstreamTlsContext{}, &previoushostsv3.PreviousHostsPredicate{}} {
+		&routerv3.Router{}, &httpv3.HttpProtocolOptions{}, &tlsv3.UpstreamTlsContext{}, &previoushostsv3.PreviousHostsPredicate{},
+		&rbachttpv3.RBAC{}, &rbactcpv3.RBAC{}} {
 		anyTypes[typePrefix+string(m.ProtoReflect().Descriptor().FullName())] = true
 	}
 }
@@ -139,7 +144,9 @@ var (
 			"use_original_dst", "bind_to_port", "traffic_direction", "stat_prefix", "metadata/*"}
 		for _, chain := range []string{"filter_chains", "default_filter_chain"} {
 			paths = append(paths, chain+".name", chain+".filter_chain_match.destination_port", chain+".filters.name",
-				chain+".filters.typed_config", chain+".filters.typed_config.cluster")
+				chain+".filters.typed_config", chain+".filters.typed_config.cluster",
+				// The RBAC filters' rules: proxy/rbac names what it cannot evaluate.
+				chain+".filters.typed_config.rules/*", chain+".filters.typed_config.http_filters.typed_config.rules/*")
 			for _, f := range hcmFields {
 				paths = append(paths, chain+".filters.typed_config."+f)
 			}
@@ -222,6 +229,9 @@ type listenerInfo struct {
 	tcpPort uint16
 	// httpPort is set for a 0.0.0.0_PORT listener.
 	httpPort uint16
+	// authz is the inbound listener's compiled authorization (nil on
+	// other listeners).
+	authz *inboundAuthz
 }
 
 // decodeListener checks a Listener against the contract and extracts what
@@ -242,20 +252,29 @@ func decodeListener(l *listenerv3.Listener) (listenerInfo, error) {
 		chains = append(chains[:len(chains):len(chains)], dc)
 	}
 	inbound := l.GetTrafficDirection() == corev3.TrafficDirection_INBOUND || l.GetName() == "virtualInbound"
+	if inbound {
+		info.authz = &inboundAuthz{http: map[uint32]*rbac.Engine{}, tcp: map[uint32]*rbac.Engine{}}
+	}
 	for i, fc := range chains {
 		field := fmt.Sprintf("filter_chains[%d]", i)
 		if fc == l.GetDefaultFilterChain() {
 			field = "default_filter_chain"
 		}
+		if inbound {
+			chainAuthz(re, info.authz, field, fc, fc == l.GetDefaultFilterChain())
+		}
 		for j, f := range fc.GetFilters() {
 			ff := fmt.Sprintf("%s.filters[%d]", field, j)
+			if f.GetName() == filterNetworkRBAC && !inbound {
+				rbacFilterOutbound(re, ff, f.GetName())
+			}
 			cfg, err := f.GetTypedConfig().UnmarshalNew()
 			if err != nil {
 				continue // reported by the schema walk
 			}
 			switch c := cfg.(type) {
 			case *hcmv3.HttpConnectionManager:
-				checkHTTPFilters(re, ff+".typed_config", c)
+				checkHTTPFilters(re, ff+".typed_config", c, inbound)
 				if c.GetCodecType() != hcmv3.HttpConnectionManager_AUTO {
 					re.add("%s.typed_config.codec_type: %s is not supported (AUTO only)", ff, c.GetCodecType())
 				}
@@ -300,11 +319,15 @@ func decodeListener(l *listenerv3.Listener) (listenerInfo, error) {
 	return info, re.err()
 }
 
-func checkHTTPFilters(re *resourceError, field string, c *hcmv3.HttpConnectionManager) {
+func checkHTTPFilters(re *resourceError, field string, c *hcmv3.HttpConnectionManager, inbound bool) {
 	fs := c.GetHttpFilters()
 	for i, f := range fs {
 		switch f.GetName() {
 		case filterFault:
+		case filterHTTPRBAC:
+			if !inbound {
+				rbacFilterOutbound(re, fmt.Sprintf("%s.http_filters[%d]", field, i), f.GetName())
+			}
 		case filterRouter:
 			if i != len(fs)-1 {
 				re.add("%s.http_filters[%d]: the router must be the last filter", field, i)
