@@ -9,8 +9,12 @@ import (
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	faultv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/fault/v3"
+	rbachttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
@@ -101,6 +105,13 @@ func TestNACKMessages(t *testing.T) {
 			c.LoadAssignment = xdstest.CLA(c.Name, "reviews.shop.svc.cluster.local:9080")
 			c.LoadAssignment.Endpoints[0].LbEndpoints[0].GetEndpoint().GetAddress().GetSocketAddress().PortSpecifier = &corev3.SocketAddress_PortValue{PortValue: 70000}
 		}), `load_assignment: DNS endpoint "reviews.shop.svc.cluster.local" port 70000 is not a port`},
+		{"rbac on an outbound listener", ListenerType, withHTTPRBAC(xdstest.HTTPListener(9080, "9080"), &rbachttpv3.RBAC{}),
+			`Listener 0.0.0.0_9080: filter_chains[0].filters[0].typed_config.http_filters[0].name: "envoy.filters.http.rbac" is only supported on the inbound listener`},
+		{"rbac shadow rules", ListenerType, func() proto.Message {
+			l := withHTTPRBAC(xdstest.HTTPListener(9080, "9080"), &rbachttpv3.RBAC{ShadowRules: &rbacv3.RBAC{}})
+			l.Name, l.TrafficDirection = "virtualInbound", corev3.TrafficDirection_INBOUND
+			return l
+		}(), "http_filters[0].typed_config.shadow_rules: not supported"},
 		{"endpoint weight", EndpointType, func() proto.Message {
 			c := xdstest.CLA("x", "127.0.0.1:1")
 			c.Endpoints[0].LbEndpoints[0].LoadBalancingWeight = wrapperspb.UInt32(3)
@@ -118,4 +129,17 @@ func TestNACKMessages(t *testing.T) {
 			}
 		})
 	}
+}
+
+// withHTTPRBAC puts an RBAC HTTP filter before the router of l's first
+// chain.
+func withHTTPRBAC(l *listenerv3.Listener, cfg *rbachttpv3.RBAC) *listenerv3.Listener {
+	f := l.FilterChains[0].Filters[0]
+	hcm := &hcmv3.HttpConnectionManager{}
+	if err := f.GetTypedConfig().UnmarshalTo(hcm); err != nil {
+		panic(err)
+	}
+	hcm.HttpFilters = append([]*hcmv3.HttpFilter{{Name: filterHTTPRBAC, ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: xdstest.MustAny(cfg)}}}, hcm.HttpFilters...)
+	f.ConfigType = &listenerv3.Filter_TypedConfig{TypedConfig: xdstest.MustAny(hcm)}
+	return l
 }
