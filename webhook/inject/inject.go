@@ -736,15 +736,7 @@ func initContainer(cfg *Config, p params, uid, gid int64) corev1.Container {
 			Command:         []string{Binary},
 			Args:            append([]string{"init", "--validate"}, flags...),
 			Resources:       *p.resources.DeepCopy(),
-			SecurityContext: &corev1.SecurityContext{
-				RunAsUser:                ptr(uid),
-				RunAsGroup:               ptr(gid),
-				RunAsNonRoot:             ptr(true),
-				Privileged:               ptr(false),
-				AllowPrivilegeEscalation: ptr(false),
-				ReadOnlyRootFilesystem:   ptr(true),
-				Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
-			},
+			SecurityContext: unprivileged(uid, gid),
 		}
 	}
 	return corev1.Container{
@@ -784,15 +776,7 @@ func proxyContainer(cfg *Config, p params, appNames []string) corev1.Container {
 	ready := &corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{
 		Path: "/healthz/ready", Port: intstrPort(HealthPort), Scheme: corev1.URISchemeHTTP,
 	}}
-	sc := &corev1.SecurityContext{
-		RunAsUser:                ptr(cfg.ProxyUID),
-		RunAsGroup:               ptr(cfg.ProxyGID),
-		RunAsNonRoot:             ptr(true),
-		Privileged:               ptr(false),
-		AllowPrivilegeEscalation: ptr(false),
-		ReadOnlyRootFilesystem:   ptr(true),
-		Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
-	}
+	sc := unprivileged(cfg.ProxyUID, cfg.ProxyGID)
 	c := corev1.Container{
 		Name:            ContainerProxy,
 		Image:           p.image,
@@ -842,4 +826,20 @@ func agentArgs(cfg *Config, p params) []string {
 		args = append(args, "--allow-remote-lifecycle")
 	}
 	return args
+}
+
+// unprivileged is the security context of every container meshlet injects
+// that needs no capability (istio-proxy, istio-validation, the gRPC bootstrap
+// writer): the given non-root UID/GID, nothing added, everything dropped,
+// read-only root, no privilege escalation.
+func unprivileged(uid, gid int64) *corev1.SecurityContext {
+	return &corev1.SecurityContext{
+		RunAsUser:                ptr(uid),
+		RunAsGroup:               ptr(gid),
+		RunAsNonRoot:             ptr(true),
+		Privileged:               ptr(false),
+		AllowPrivilegeEscalation: ptr(false),
+		ReadOnlyRootFilesystem:   ptr(true),
+		Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
+	}
 }

@@ -111,17 +111,9 @@ func grpcBootstrapContainer(cfg *Config, p params, uid, gid int64) corev1.Contai
 			fieldEnv("POD_NAMESPACE", "metadata.namespace"),
 			fieldEnv("INSTANCE_IP", "status.podIP"),
 		},
-		Resources:    *p.resources.DeepCopy(),
-		VolumeMounts: []corev1.VolumeMount{{Name: VolumeGRPC, MountPath: GRPCDir}},
-		SecurityContext: &corev1.SecurityContext{
-			RunAsUser:                ptr(uid),
-			RunAsGroup:               ptr(gid),
-			RunAsNonRoot:             ptr(true),
-			Privileged:               ptr(false),
-			AllowPrivilegeEscalation: ptr(false),
-			ReadOnlyRootFilesystem:   ptr(true),
-			Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
-		},
+		Resources:       *p.resources.DeepCopy(),
+		VolumeMounts:    []corev1.VolumeMount{{Name: VolumeGRPC, MountPath: GRPCDir}},
+		SecurityContext: unprivileged(uid, gid),
 	}
 }
 
