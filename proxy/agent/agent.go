@@ -90,7 +90,50 @@ type Options struct {
 	Log *slog.Logger
 }
 
+// NewOptions returns the options with every default filled in; the
+// command's flags start from these.
+func NewOptions() Options {
+	return Options{
+		DrainDuration:  5 * time.Second,
+		StartTimeout:   10 * time.Second,
+		OutboundAddr:   ":15001",
+		InboundAddr:    ":15006",
+		HealthAddr:     ":15021",
+		PrometheusAddr: ":15090",
+		AdminAddr:      "127.0.0.1:15000",
+		StatusAddr:     ":15020",
+	}
+}
+
+// Validate checks o, naming the option and value of each problem; all of
+// them are reported at once. Zero values (the documented defaults) pass.
+func (o Options) Validate() error {
+	var errs []error
+	if o.DrainDuration < 0 {
+		errs = append(errs, fmt.Errorf("drain duration: invalid value %s: must be positive", o.DrainDuration))
+	}
+	if o.StartTimeout < 0 {
+		errs = append(errs, fmt.Errorf("start timeout: invalid value %s: must be positive", o.StartTimeout))
+	}
+	for _, a := range []struct{ name, addr string }{
+		{"outbound address", o.OutboundAddr}, {"inbound address", o.InboundAddr},
+		{"health address", o.HealthAddr}, {"prometheus address", o.PrometheusAddr},
+		{"admin address", o.AdminAddr}, {"status address", o.StatusAddr},
+	} {
+		if a.addr == "" {
+			continue
+		}
+		if _, _, err := net.SplitHostPort(a.addr); err != nil {
+			errs = append(errs, fmt.Errorf("%s: invalid value %q: %w", a.name, a.addr, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
 func (o *Options) setDefaults() error {
+	if err := o.Validate(); err != nil {
+		return err
+	}
 	def := func(s *string, v string) {
 		if *s == "" {
 			*s = v

@@ -22,6 +22,8 @@ import (
 	proxyagent "github.com/meshlet/meshlet/proxy/agent"
 )
 
+// flagpole holds the flags: the agent's options themselves (defaults from
+// proxyagent.NewOptions), and the flags that need converting.
 type flagpole struct {
 	opts             proxyagent.Options
 	verbose          bool
@@ -31,7 +33,7 @@ type flagpole struct {
 
 // New returns the `meshlet agent` command.
 func New(streams cli.Streams) *cobra.Command {
-	f := &flagpole{}
+	f := &flagpole{opts: proxyagent.NewOptions()}
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Run the sidecar agent: owns the proxy listeners, supervises and hot-restarts proxy generations",
@@ -65,17 +67,17 @@ terminal's Ctrl-C reaches only the agent):
 		},
 	}
 	fl := cmd.Flags()
-	o := &f.opts
+	o, d := &f.opts, proxyagent.NewOptions()
 	fl.StringVar(&o.ConfigPath, "config", "", "proxy config file, watched for changes (default: embedded pure-L4 config)")
-	fl.DurationVar(&o.DrainDuration, "drain-duration", 5*time.Second, "drain deadline for SIGTERM and for a replaced generation")
-	fl.DurationVar(&o.StartTimeout, "start-timeout", 10*time.Second, "how long a new generation may take to become ready")
-	fl.StringVar(&o.OutboundAddr, "outbound-addr", meshports.Addr(meshports.Outbound), "outbound capture listener")
-	fl.StringVar(&o.InboundAddr, "inbound-addr", meshports.Addr(meshports.Inbound), "inbound capture listener")
+	fl.DurationVar(&o.DrainDuration, "drain-duration", d.DrainDuration, "drain deadline for SIGTERM and for a replaced generation")
+	fl.DurationVar(&o.StartTimeout, "start-timeout", d.StartTimeout, "how long a new generation may take to become ready")
+	fl.StringVar(&o.OutboundAddr, "outbound-addr", d.OutboundAddr, "outbound capture listener")
+	fl.StringVar(&o.InboundAddr, "inbound-addr", d.InboundAddr, "inbound capture listener")
 	fl.BoolVar(&f.captureListeners, "capture-listeners", true, "bind the capture listeners (false: interception mode NONE, gateways)")
-	fl.StringVar(&o.HealthAddr, "health-addr", meshports.Addr(meshports.Health), "proxy health listener")
-	fl.StringVar(&o.PrometheusAddr, "prometheus-addr", meshports.Addr(meshports.Prometheus), "proxy Prometheus listener")
-	fl.StringVar(&o.AdminAddr, "admin-addr", meshports.LoopbackAddr(meshports.Admin), "proxy admin listener (keep it on loopback)")
-	fl.StringVar(&o.StatusAddr, "status-addr", meshports.Addr(meshports.Status), "agent status listener")
+	fl.StringVar(&o.HealthAddr, "health-addr", d.HealthAddr, "proxy health listener")
+	fl.StringVar(&o.PrometheusAddr, "prometheus-addr", d.PrometheusAddr, "proxy Prometheus listener")
+	fl.StringVar(&o.AdminAddr, "admin-addr", d.AdminAddr, "proxy admin listener (keep it on loopback)")
+	fl.StringVar(&o.StatusAddr, "status-addr", d.StatusAddr, "agent status listener")
 	fl.StringVar(&o.AppMetricsURL, "app-metrics-url", "", "application metrics URL merged into /stats/prometheus")
 	fl.BoolVar(&o.AllowRemoteLifecycle, "allow-remote-lifecycle", false, "serve POST /quitquitquit, /drain and /reload on the status listener to callers outside the pod (default: loopback sources only, others get 403)")
 	fl.StringSliceVar(&o.ProxyArgs, "proxy-arg", nil, "extra argument for every `meshlet proxy` generation (repeatable)")
@@ -88,10 +90,13 @@ terminal's Ctrl-C reaches only the agent):
 
 func run(ctx context.Context, streams cli.Streams, f *flagpole) error {
 	if f.opts.DrainDuration <= 0 {
-		return fmt.Errorf("--drain-duration: invalid value %s: must be positive", f.opts.DrainDuration)
+		return &cli.ExitError{Code: 2, Err: fmt.Errorf("--drain-duration: invalid value %s: must be positive", f.opts.DrainDuration)}
 	}
 	if f.opts.StartTimeout <= 0 {
-		return fmt.Errorf("--start-timeout: invalid value %s: must be positive", f.opts.StartTimeout)
+		return &cli.ExitError{Code: 2, Err: fmt.Errorf("--start-timeout: invalid value %s: must be positive", f.opts.StartTimeout)}
+	}
+	if err := f.opts.Validate(); err != nil {
+		return &cli.ExitError{Code: 2, Err: err}
 	}
 	log := cli.NewLogger(streams.Err, f.verbose).With("component", "agent")
 	if f.subreaper && os.Getpid() != 1 {
