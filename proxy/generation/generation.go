@@ -153,7 +153,7 @@ func Run(ctx context.Context, o Options) error {
 		if cfg.L7 != nil {
 			base = *cfg.L7
 		}
-		engine, err = l7.New(base, l7.Options{Logger: log})
+		engine, err = l7.New(base, l7.Options{Logger: log, Stats: so.Stats})
 		if err != nil {
 			err = fmt.Errorf("%w: %w", ErrConfig, err)
 			agent.ReportFailure(ready, err)
@@ -167,7 +167,7 @@ func Run(ctx context.Context, o Options) error {
 		so.Gatherer = reg
 		so.Chooser = func(c *l4.Conn) l4.Handler { return choose(c) }
 		if o.XDS.Enabled() {
-			xc, stop, err := xds.StartGeneration(log, o.XDS, base, engine, reg)
+			xc, stop, err := xds.StartGeneration(log, o.XDS, base, engine, so.Stats, reg)
 			if err != nil {
 				agent.ReportFailure(ready, err)
 				return err

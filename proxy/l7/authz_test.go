@@ -8,8 +8,6 @@ import (
 	"sync/atomic"
 	"testing"
 
-	"github.com/prometheus/client_golang/prometheus/testutil"
-
 	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/l4"
 )
@@ -73,7 +71,7 @@ func TestInboundAuthorization(t *testing.T) {
 		if st := resp.Header.Get("Grpc-Status") + resp.Trailer.Get("Grpc-Status"); st != "7" {
 			t.Errorf("%s grpc: grpc-status %q, want 7 (PERMISSION_DENIED)", engine, st)
 		}
-		if n := testutil.ToFloat64(tp.m.rbacDenied.WithLabelValues(policy)); n != 3 {
+		if n := float64(tp.m.rbacDenied.WithLabelValues(policy).Value()); n != 3 {
 			t.Errorf("%s: meshlet_rbac_denied_total{policy=%q} = %v, want 3", engine, policy, n)
 		}
 		if log := tp.log.String(); strings.Count(log, `"flags":"RBAC"`) != 3 {

@@ -14,8 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus/testutil"
-
 	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/l4"
 )
@@ -161,7 +159,7 @@ limits: {maxHeaderBytes: 4096}
 		t.Run(tt.name, func(t *testing.T) {
 			var before float64
 			if tt.handoff != "" {
-				before = testutil.ToFloat64(codec.m.handoffs.WithLabelValues(tt.handoff))
+				before = float64(codec.m.handoffs.WithLabelValues(tt.handoff).Value())
 			}
 			want, wantClosed := rawResponses(t, plain.addr, tt.req, tt.n, tt.head)
 			got, gotClosed := rawResponses(t, codec.addr, tt.req, tt.n, tt.head)
@@ -172,7 +170,7 @@ limits: {maxHeaderBytes: 4096}
 				t.Errorf("codec:\n  %s\n  closed=%v\nnet/http:\n  %s\n  closed=%v", strings.Join(got, "\n  "), gotClosed, strings.Join(want, "\n  "), wantClosed)
 			}
 			if tt.handoff != "" {
-				if d := testutil.ToFloat64(codec.m.handoffs.WithLabelValues(tt.handoff)) - before; d != 1 {
+				if d := float64(codec.m.handoffs.WithLabelValues(tt.handoff).Value()) - before; d != 1 {
 					t.Errorf("handoffs{reason=%q} grew by %v; want 1", tt.handoff, d)
 				}
 			}
@@ -181,7 +179,7 @@ limits: {maxHeaderBytes: 4096}
 	// Requests the codec serves are never handed over.
 	var total float64
 	for _, why := range []string{"http2", "http1.0", "upgrade", "expect", "transfer_encoding", "large_body", "large_head", "other"} {
-		total += testutil.ToFloat64(codec.m.handoffs.WithLabelValues(why))
+		total += float64(codec.m.handoffs.WithLabelValues(why).Value())
 	}
 	if want := 15.0; total != want {
 		t.Errorf("%v handoffs in all; want %v (one per handed-over case)", total, want)

@@ -7,56 +7,57 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meshlet/meshlet/proxy/l4"
+	"github.com/meshlet/meshlet/proxy/stats"
 )
 
-// metrics are the engine's Prometheus collectors. Per-request observers are
-// resolved once per (route, cluster) so the request path does no label
-// lookups.
+// metrics are the engine's series. Counters live in the shared stats region
+// (they never reset across hot restarts); the latency histogram and the
+// endpoint gauge describe this generation and are Prometheus collectors.
+// Per-request series are resolved once per (route, cluster) so the request
+// path does no label lookups.
 type metrics struct {
-	requests    *prometheus.CounterVec
+	requests    *stats.CounterVec
 	duration    *prometheus.HistogramVec
-	retries     *prometheus.CounterVec
-	budgetOut   *prometheus.CounterVec
-	overflow    *prometheus.CounterVec
-	ejections   *prometheus.CounterVec
-	connFail    *prometheus.CounterVec
-	tlsFail     *prometheus.CounterVec
-	hcFail      *prometheus.CounterVec
-	dnsFail     *prometheus.CounterVec
-	mirrored    *prometheus.CounterVec
+	retries     *stats.CounterVec
+	budgetOut   *stats.CounterVec
+	overflow    *stats.CounterVec
+	ejections   *stats.CounterVec
+	connFail    *stats.CounterVec
+	tlsFail     *stats.CounterVec
+	hcFail      *stats.CounterVec
+	dnsFail     *stats.CounterVec
+	mirrored    *stats.CounterVec
 	endpoints   *prometheus.GaugeVec
-	faults      *prometheus.CounterVec
-	noRoute     prometheus.Counter
-	noCluster   prometheus.Counter
-	handoffs    *prometheus.CounterVec
-	rbacDenied  *prometheus.CounterVec
+	faults      *stats.CounterVec
+	noRoute     *stats.Counter
+	noCluster   *stats.Counter
+	handoffs    *stats.CounterVec
+	rbacDenied  *stats.CounterVec
 	mu          sync.Mutex
 	clusters    map[string]*clusterMetrics
-	routeFaults sync.Map // route key + kind → prometheus.Counter
+	routeFaults sync.Map // route key + kind → *stats.Counter
 }
 
 type clusterMetrics struct {
-	retries, retryBudgetExhausted, ejections, connectFailures, tlsFailures, hcFailures, dnsFailures, mirrored prometheus.Counter
-	overflow                                                                                                  *prometheus.CounterVec
+	retries, retryBudgetExhausted, ejections, connectFailures, tlsFailures, hcFailures, dnsFailures, mirrored *stats.Counter
+	overflow                                                                                                  *stats.CurriedVec
 	endpoints                                                                                                 prometheus.Gauge
 }
 
 type routeMetrics struct {
-	byClass  [6]prometheus.Counter // 1xx..5xx, and [0] for others (499 etc.)
+	byClass  [6]*stats.Counter // 1xx..5xx, and [0] for others (499 etc.)
 	duration prometheus.Observer
 }
 
-func newMetrics() *metrics {
+func newMetrics(r *stats.Region) *metrics {
 	m := &metrics{clusters: map[string]*clusterMetrics{}}
-	m.requests = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshlet_l7_requests_total",
-		Help: "HTTP/gRPC requests by direction, route, cluster and status class."}, []string{"direction", "route", "cluster", "code_class"})
+	m.requests = r.CounterVec("meshlet_l7_requests_total",
+		"HTTP/gRPC requests by direction, route, cluster and status class.", "direction", "route", "cluster", "code_class")
 	m.duration = prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "meshlet_l7_request_duration_seconds",
 		Help:    "Request latency from first byte in to the end of the response.",
 		Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}},
 		[]string{"direction", "route", "cluster"})
-	cv := func(name, help string, labels ...string) *prometheus.CounterVec {
-		return prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: help}, labels)
-	}
+	cv := r.CounterVec
 	m.retries = cv("meshlet_l7_upstream_retries_total", "Retried upstream attempts by cluster.", "cluster")
 	m.budgetOut = cv("meshlet_l7_upstream_retry_budget_exhausted_total", "Retries refused by the retry budget.", "cluster")
 	m.overflow = cv("meshlet_l7_upstream_overflow_total", "Requests refused by the circuit breaker, by limit.", "cluster", "limit")
@@ -69,10 +70,10 @@ func newMetrics() *metrics {
 	m.faults = cv("meshlet_l7_faults_injected_total", "Injected faults by route and kind (delay, abort).", "route", "kind")
 	m.endpoints = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "meshlet_l7_cluster_endpoints",
 		Help: "Endpoints known per cluster."}, []string{"cluster"})
-	m.noRoute = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshlet_l7_no_route_total",
-		Help: "Requests that matched a service but none of its routes (404)."})
-	m.noCluster = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshlet_l7_no_cluster_total",
-		Help: "Requests whose route names a cluster the configuration does not define (503, flag NC)."})
+	m.noRoute = r.NewCounter("meshlet_l7_no_route_total",
+		"Requests that matched a service but none of its routes (404).")
+	m.noCluster = r.NewCounter("meshlet_l7_no_cluster_total",
+		"Requests whose route names a cluster the configuration does not define (503, flag NC).")
 	m.handoffs = cv("meshlet_l7_downstream_handoffs_total", "Downstream connections the HTTP/1.1 codec handed to "+
 		"net/http's server, by what the request needed: http2, http1.0, upgrade, expect, transfer_encoding, "+
 		"large_body, large_head, other (malformed or unusual requests, answered by net/http).", "reason")
@@ -82,8 +83,7 @@ func newMetrics() *metrics {
 }
 
 func (m *metrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.requests, m.duration, m.retries, m.budgetOut, m.overflow, m.ejections,
-		m.connFail, m.tlsFail, m.hcFail, m.dnsFail, m.mirrored, m.faults, m.endpoints, m.noRoute, m.noCluster, m.handoffs, m.rbacDenied}
+	return []prometheus.Collector{m.duration, m.endpoints}
 }
 
 func (m *metrics) cluster(name string) *clusterMetrics {
@@ -101,7 +101,7 @@ func (m *metrics) cluster(name string) *clusterMetrics {
 		hcFailures:           m.hcFail.WithLabelValues(name),
 		dnsFailures:          m.dnsFail.WithLabelValues(name),
 		mirrored:             m.mirrored.WithLabelValues(name),
-		overflow:             m.overflow.MustCurryWith(prometheus.Labels{"cluster": name}),
+		overflow:             m.overflow.Curry(name),
 		endpoints:            m.endpoints.WithLabelValues(name),
 	}
 	m.clusters[name] = c
@@ -144,7 +144,7 @@ func (r *route) metricsFor(m *metrics, dir l4.Direction, cl *cluster) *routeMetr
 func (r *route) faultMetric(m *metrics, kind string) {
 	key := r.key + "\x00" + kind
 	if c, ok := m.routeFaults.Load(key); ok {
-		c.(prometheus.Counter).Inc()
+		c.(*stats.Counter).Inc()
 		return
 	}
 	c := m.faults.WithLabelValues(r.key, kind)

@@ -50,6 +50,7 @@ import (
 	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/l4"
 	"github.com/meshlet/meshlet/proxy/sniff"
+	"github.com/meshlet/meshlet/proxy/stats"
 )
 
 // Options are the proxy's dependencies. Zero values mean defaults.
@@ -67,6 +68,10 @@ type Options struct {
 	// TCP handles connections detected as opaque TCP or on tcp ports; the
 	// proxy passes its L4 relay. Default: a plain bidirectional copy to dst.
 	TCP func(ctx context.Context, c net.Conn, dst netip.AddrPort, dir l4.Direction)
+	// Stats holds the engine's counters; the proxy passes the region it
+	// shares with the other generations, so they never reset. Default: a
+	// private region.
+	Stats *stats.Region
 
 	// netHTTPOnly serves every connection with net/http's server, without
 	// the HTTP/1.1 codec (h1server.go); tests compare the two.
@@ -145,10 +150,13 @@ func New(cfg config.L7, opts Options) (*Engine, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	p := &Engine{lim: cfg.Limits, detection: cfg.Detection, opts: opts, log: opts.Logger, m: newMetrics()}
+	if opts.Stats == nil {
+		opts.Stats = stats.NewPrivate()
+	}
+	p := &Engine{lim: cfg.Limits, detection: cfg.Detection, opts: opts, log: opts.Logger, m: newMetrics(opts.Stats)}
 	p.dialFromOpt = dialFromOpt
 	p.dial.Store(&opts.Dial)
-	p.detector = sniff.NewDetector(sniff.Options{Timeout: cfg.Detection.Timeout.D})
+	p.detector = sniff.NewDetector(sniff.Options{Timeout: cfg.Detection.Timeout.D, Stats: opts.Stats})
 	p.bg, p.bgCancel = context.WithCancel(context.Background())
 	t, fresh, err := p.compile(cfg, nil)
 	if err != nil {
@@ -353,10 +361,12 @@ func (p *Engine) Protocol(port uint16) string {
 	return config.ProtoAuto
 }
 
-// Collectors returns the engine's Prometheus collectors (requests, latency,
-// retries, breaker overflows, ejections, faults, protocol detection).
+// Collectors returns the engine's per-generation Prometheus collectors
+// (request latency, endpoints per cluster). Its counters (requests,
+// retries, breaker overflows, ejections, faults, protocol detection) are in
+// Options.Stats.
 func (p *Engine) Collectors() []prometheus.Collector {
-	return append(p.m.collectors(), p.detector.Collectors()...)
+	return p.m.collectors()
 }
 
 // ServeConn serves one accepted connection whose original destination is dst

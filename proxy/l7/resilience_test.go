@@ -10,8 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus/testutil"
-
 	"github.com/meshlet/meshlet/proxy/l4"
 )
 
@@ -220,7 +218,7 @@ func TestCircuitBreakerOpensAndRecovers(t *testing.T) {
 			if code, _, _ := get(t, c, tp.addr, "s", "/x"); code != 200 {
 				t.Fatalf("after recovery: %d", code)
 			}
-			if v := testutil.ToFloat64(tp.m.overflow.WithLabelValues("c", map[bool]string{true: "requests", false: "pending"}[tc.name == "maxRequests"])); v < 1 {
+			if v := float64(tp.m.overflow.WithLabelValues("c", map[bool]string{true: "requests", false: "pending"}[tc.name == "maxRequests"]).Value()); v < 1 {
 				t.Fatalf("overflow metric %v", v)
 			}
 		})
@@ -252,7 +250,7 @@ func TestOutlierEjectionAndReturn(t *testing.T) {
 	for i := 0; i < 6; i++ {
 		get(t, c, tp.addr, "s", "/")
 	}
-	if v := testutil.ToFloat64(tp.m.ejections.WithLabelValues("c")); v != 1 {
+	if v := float64(tp.m.ejections.WithLabelValues("c").Value()); v != 1 {
 		t.Fatalf("ejections = %v, want 1", v)
 	}
 	before := flaky.count.Load()
@@ -361,13 +359,13 @@ func TestFaultPercentages(t *testing.T) {
 		t.Errorf("aborted %d of %d; want ≈30%%", aborted, n)
 	}
 	// Delays are counted by the metric (wall time may also be slow on a busy machine).
-	if d := int(testutil.ToFloat64(tp.m.faults.WithLabelValues("s/r", "delay"))); !binomialOK(d, n, 0.10) || delayed < d {
+	if d := int(float64(tp.m.faults.WithLabelValues("s/r", "delay").Value())); !binomialOK(d, n, 0.10) || delayed < d {
 		t.Errorf("delayed %d (slow responses %d) of %d; want ≈10%%", d, delayed, n)
 	}
-	if v := int(testutil.ToFloat64(tp.m.requests.WithLabelValues("outbound", "s/r", "c", "4xx"))); v != aborted {
+	if v := int(float64(tp.m.requests.WithLabelValues("outbound", "s/r", "c", "4xx").Value())); v != aborted {
 		t.Errorf("requests_total 4xx = %d; want the %d aborted requests", v, aborted)
 	}
-	t.Logf("aborted %.3f delayed %.3f", float64(aborted)/n, testutil.ToFloat64(tp.m.faults.WithLabelValues("s/r", "delay"))/n)
+	t.Logf("aborted %.3f delayed %.3f", float64(aborted)/n, float64(tp.m.faults.WithLabelValues("s/r", "delay").Value())/n)
 }
 
 func TestMirror(t *testing.T) {
@@ -440,7 +438,7 @@ clusters:
 	if _, h, _ := get(t, h1Client(), tp.addr, "s", "/"); h.Get("X-Backend") != "a" {
 		t.Fatalf("after DNS failure served by %q", h.Get("X-Backend"))
 	}
-	if v := testutil.ToFloat64(tp.m.dnsFail.WithLabelValues("c")); v < 1 {
+	if v := float64(tp.m.dnsFail.WithLabelValues("c").Value()); v < 1 {
 		t.Fatalf("dns failures metric %v", v)
 	}
 }

@@ -34,8 +34,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus/testutil"
-
 	"github.com/meshlet/meshlet/internal/proctest"
 	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/l4"
@@ -467,10 +465,10 @@ func TestTLSMutual(t *testing.T) {
 			if l := simple.log.String(); strings.Count(l, `"UF"`) != 2 {
 				t.Errorf("%s: access log should flag both requests UF:\n%s", name, l)
 			}
-			if v := testutil.ToFloat64(simple.m.connFail.WithLabelValues("api")); v != 2 {
+			if v := float64(simple.m.connFail.WithLabelValues("api").Value()); v != 2 {
 				t.Errorf("%s: connect failures %v, want 2", name, v)
 			}
-			if v := testutil.ToFloat64(simple.m.tlsFail.WithLabelValues("api")); v != 2 {
+			if v := float64(simple.m.tlsFail.WithLabelValues("api").Value()); v != 2 {
 				t.Errorf("%s: TLS handshake failures %v, want 2", name, v)
 			}
 		}
@@ -786,7 +784,7 @@ clusters:
 			t.Fatalf("%d %q, want 504", code, body)
 		}
 	}
-	if v := testutil.ToFloat64(tp.m.tlsFail.WithLabelValues("api")) + testutil.ToFloat64(tp.m.connFail.WithLabelValues("api")); v != 0 {
+	if v := float64(tp.m.tlsFail.WithLabelValues("api").Value()) + float64(tp.m.connFail.WithLabelValues("api").Value()); v != 0 {
 		t.Errorf("a slow response counted as %v TLS/connect failures\n%s", v, tp.log.String())
 	}
 }
@@ -853,13 +851,13 @@ func TestTLSVerification(t *testing.T) {
 			if want := `level=DEBUG msg="upstream TLS handshake failed" cluster=api endpoint=` + tc.addr + " err="; !strings.Contains(logs.String(), want) {
 				t.Errorf("debug log lacks %q:\n%s", want, logs.String())
 			}
-			if v := testutil.ToFloat64(tp.m.connFail.WithLabelValues("api")); v != 2 {
+			if v := float64(tp.m.connFail.WithLabelValues("api").Value()); v != 2 {
 				t.Errorf("connect failures %v, want 2", v)
 			}
-			if v := testutil.ToFloat64(tp.m.tlsFail.WithLabelValues("api")); v != 2 {
+			if v := float64(tp.m.tlsFail.WithLabelValues("api").Value()); v != 2 {
 				t.Errorf("TLS handshake failures %v, want 2", v)
 			}
-			if v := testutil.ToFloat64(tp.m.ejections.WithLabelValues("api")); v != 1 {
+			if v := float64(tp.m.ejections.WithLabelValues("api").Value()); v != 1 {
 				t.Errorf("ejections %v, want 1 (two consecutive connect failures)", v)
 			}
 		})
@@ -889,7 +887,7 @@ clusters:
 			t.Fatalf("request %d: %d %q from %q", i, code, body, h.Get("X-Backend"))
 		}
 	}
-	if f, r := testutil.ToFloat64(tp.m.tlsFail.WithLabelValues("api")), testutil.ToFloat64(tp.m.retries.WithLabelValues("api")); f < 1 || r != f {
+	if f, r := float64(tp.m.tlsFail.WithLabelValues("api").Value()), float64(tp.m.retries.WithLabelValues("api").Value()); f < 1 || r != f {
 		t.Errorf("%v TLS handshake failures, %v retries; want some, one retry each", f, r)
 	}
 }
@@ -948,7 +946,7 @@ clusters:
 		}
 	}
 	waitUntil(t, func() bool { return shadow.reqs.Load() == 4 })
-	if v := testutil.ToFloat64(tp.m.connFail.WithLabelValues("shadow")); v != 0 {
+	if v := float64(tp.m.connFail.WithLabelValues("shadow").Value()); v != 0 {
 		t.Errorf("mirror connect failures %v", v)
 	}
 }

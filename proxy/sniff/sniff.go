@@ -14,7 +14,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
+	"github.com/meshlet/meshlet/proxy/stats"
 )
 
 // Protocol is a detected application protocol.
@@ -72,13 +72,15 @@ type Options struct {
 	// MaxBytes bounds how many bytes are peeked (default DefaultMaxBytes).
 	// A request line longer than this with a valid method is treated as HTTP/1.
 	MaxBytes int
+	// Stats holds the outcome counters (default: a private region).
+	Stats *stats.Region
 }
 
 // Detector classifies connections and counts the outcomes.
 type Detector struct {
 	timeout  time.Duration
 	maxBytes int
-	outcomes *prometheus.CounterVec
+	outcomes *stats.CounterVec
 }
 
 // NewDetector returns a Detector with opts applied.
@@ -90,16 +92,13 @@ func NewDetector(opts Options) *Detector {
 	if d.maxBytes < len(Preface) {
 		d.maxBytes = DefaultMaxBytes
 	}
-	d.outcomes = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "meshlet_proxy_protocol_detection_total",
-		Help: "Protocol detection outcomes on accepted connections, by detected protocol and reason.",
-	}, []string{"protocol", "reason"})
+	r := opts.Stats
+	if r == nil {
+		r = stats.NewPrivate()
+	}
+	d.outcomes = r.CounterVec("meshlet_proxy_protocol_detection_total",
+		"Protocol detection outcomes on accepted connections, by detected protocol and reason.", "protocol", "reason")
 	return d
-}
-
-// Collectors returns the detector's metrics for registration.
-func (d *Detector) Collectors() []prometheus.Collector {
-	return []prometheus.Collector{d.outcomes}
 }
 
 // Result is the outcome of one detection.

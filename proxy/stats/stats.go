@@ -9,6 +9,12 @@
 // counter's full Prometheus name (with labels) and its value. Slots are
 // claimed with compare-and-swap, so generations running at the same time may
 // register the same name concurrently.
+//
+// The region is the proxy's only home for counters: labelled families
+// (CounterVec) are series of the same region, keyed by name and labels, so
+// the L7 engine's per-route and per-cluster counters are as monotonic across
+// generations as the L4 ones. Gauges and histograms describe one generation
+// and stay in that generation's Prometheus registry.
 package stats
 
 import (
@@ -28,19 +34,24 @@ import (
 
 const (
 	headerSize = 4096
-	slotSize   = 128
+	slotSize   = 256
 	nameMax    = slotSize - 16
-	// Slots is the number of counters a region holds.
-	Slots = 1024
+	// Slots is the number of counter series a region holds.
+	Slots = 4096
 	// Size is the byte size of a region.
 	Size    = headerSize + Slots*slotSize
 	noteMax = 2048
-	magic   = 0x6d6573686c657431 // "meshlet1"
+	magic   = 0x6d6573686c657432 // "meshlet2"
 
 	offMagic   = 0
 	offNoteSeq = 8
 	offNoteLen = 16
+	offDropped = 24
 	offNote    = 64
+
+	// DroppedName is the counter of series that found no slot (region full
+	// or name longer than a slot holds); their increments are not exported.
+	DroppedName = "meshlet_stats_dropped_series_total"
 
 	slotFree     = 0
 	slotClaiming = 1
@@ -53,6 +64,8 @@ type Region struct {
 	mu  sync.Mutex
 	// cache maps names to counters already looked up by this process.
 	cache map[string]*Counter
+	// help maps family names to the HELP text this process registered.
+	help map[string]string
 }
 
 // Counter is a monotonically increasing value in a Region.
@@ -94,7 +107,7 @@ func Open(f *os.File) (*Region, error) {
 	if err != nil {
 		return nil, fmt.Errorf("mapping stats region: %w", err)
 	}
-	r := &Region{mem: mem, cache: map[string]*Counter{}}
+	r := &Region{mem: mem, cache: map[string]*Counter{}, help: map[string]string{}}
 	if m := atomic.LoadUint64(r.u64(offMagic)); m != 0 && m != magic {
 		_ = unix.Munmap(mem)
 		return nil, errors.New("stats region: bad magic")
@@ -109,7 +122,7 @@ func NewPrivate() *Region {
 	if err != nil {
 		panic(fmt.Sprintf("mmap anonymous stats region: %v", err))
 	}
-	r := &Region{mem: mem, cache: map[string]*Counter{}}
+	r := &Region{mem: mem, cache: map[string]*Counter{}, help: map[string]string{}}
 	atomic.StoreUint64(r.u64(offMagic), magic)
 	return r
 }
@@ -137,12 +150,10 @@ func indexZero(b []byte) int {
 
 // Counter returns the counter named name (a full Prometheus series name such
 // as `meshlet_proxy_connections_total{direction="inbound"}`), creating it if
-// needed. When the region is full it returns a counter in private memory,
-// so callers never fail.
+// needed. When the region is full, or the name is longer than a slot holds,
+// it returns a counter in private memory (so callers never fail) and counts
+// the series in meshlet_stats_dropped_series_total.
 func (r *Region) Counter(name string) *Counter {
-	if len(name) > nameMax {
-		name = name[:nameMax]
-	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if c, ok := r.cache[name]; ok {
@@ -154,6 +165,10 @@ func (r *Region) Counter(name string) *Counter {
 }
 
 func (r *Region) find(name string) *Counter {
+	if len(name) > nameMax {
+		atomic.AddUint64(r.u64(offDropped), 1)
+		return &Counter{v: new(uint64)}
+	}
 	for i := 0; i < Slots; i++ {
 		off := r.slot(i)
 		state := r.u64(off)
@@ -176,10 +191,14 @@ func (r *Region) find(name string) *Counter {
 			}
 		}
 	}
+	atomic.AddUint64(r.u64(offDropped), 1)
 	return &Counter{v: new(uint64)}
 }
 
-// Each calls fn for every counter, sorted by name.
+// Dropped returns how many series found no slot (see Counter).
+func (r *Region) Dropped() uint64 { return atomic.LoadUint64(r.u64(offDropped)) }
+
+// Each calls fn for every counter, sorted by family, then series name.
 func (r *Region) Each(fn func(name string, value uint64)) {
 	type kv struct {
 		k string
@@ -193,14 +212,30 @@ func (r *Region) Each(fn func(name string, value uint64)) {
 		}
 		all = append(all, kv{r.name(off), atomic.LoadUint64(r.u64(off + 8))})
 	}
-	sort.Slice(all, func(i, j int) bool { return all[i].k < all[j].k })
+	// By family, then series: a family's series stay together even when
+	// another family's name extends it (a, a_b, a{x}).
+	sort.Slice(all, func(i, j int) bool {
+		bi, _, _ := strings.Cut(all[i].k, "{")
+		bj, _, _ := strings.Cut(all[j].k, "{")
+		if bi != bj {
+			return bi < bj
+		}
+		return all[i].k < all[j].k
+	})
 	for _, e := range all {
 		fn(e.k, e.v)
 	}
 }
 
-// WritePrometheus writes every counter in the Prometheus text format.
+// WritePrometheus writes every counter in the Prometheus text format, with
+// the HELP text of the families this process registered.
 func (r *Region) WritePrometheus(w io.Writer) error {
+	r.mu.Lock()
+	help := make(map[string]string, len(r.help))
+	for k, v := range r.help {
+		help[k] = v
+	}
+	r.mu.Unlock()
 	var last string
 	var err error
 	r.Each(func(name string, v uint64) {
@@ -209,13 +244,23 @@ func (r *Region) WritePrometheus(w io.Writer) error {
 		}
 		base, _, _ := strings.Cut(name, "{")
 		if base != last {
-			_, err = fmt.Fprintf(w, "# TYPE %s counter\n", base)
+			if h, ok := help[base]; ok {
+				_, err = fmt.Fprintf(w, "# HELP %s %s\n", base, escapeHelp(h))
+			}
+			if err == nil {
+				_, err = fmt.Fprintf(w, "# TYPE %s counter\n", base)
+			}
 			last = base
 		}
 		if err == nil {
 			_, err = fmt.Fprintf(w, "%s %d\n", name, v)
 		}
 	})
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(w, "# HELP %s Counter series that found no slot in the shared stats region (full, or name too long); their counts are not exported.\n# TYPE %s counter\n%s %d\n",
+		DroppedName, DroppedName, DroppedName, r.Dropped())
 	return err
 }
 

@@ -54,7 +54,7 @@ func TestSharedAcrossMappings(t *testing.T) {
 	if err := b.WritePrometheus(&buf); err != nil {
 		t.Fatal(err)
 	}
-	if !strings.HasPrefix(buf.String(), "# TYPE c_total counter\nc_total{n=\"0\"} 800\n") || strings.Count(buf.String(), "# TYPE") != 1 {
+	if !strings.HasPrefix(buf.String(), "# TYPE c_total counter\nc_total{n=\"0\"} 800\n") || strings.Count(buf.String(), "# TYPE c_total") != 1 {
 		t.Errorf("exposition:\n%s", buf.String())
 	}
 }
@@ -69,6 +69,9 @@ func TestFullRegionNeverFails(t *testing.T) {
 	if c.Value() != 3 {
 		t.Fatal("overflow counter does not count")
 	}
+	if d := r.Dropped(); d != 11 {
+		t.Errorf("dropped = %d, want 11", d)
+	}
 }
 
 func BenchmarkCounterInc(b *testing.B) {
@@ -77,4 +80,64 @@ func BenchmarkCounterInc(b *testing.B) {
 	for b.Loop() {
 		c.Inc()
 	}
+}
+
+// TestCounterVecShared: a labelled family registered in two mappings (two
+// generations) adds into the same series, written once with HELP, labels
+// sorted and values escaped; a family whose name another extends keeps its
+// series together.
+func TestCounterVecShared(t *testing.T) {
+	a, f, err := Create()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	b, err := Open(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	va := a.CounterVec("req_total", "Requests.", "route", "code")
+	vb := b.CounterVec("req_total", "Requests.", "route", "code")
+	va.WithLabelValues(`r"1`, "2xx").Add(3)
+	vb.WithLabelValues(`r"1`, "2xx").Add(4)
+	vb.Curry("r2").WithLabelValues("5xx").Inc()
+	b.NewCounter("req", "Bare.").Inc()
+	b.NewCounter("req_x_total", "Other.").Inc()
+	if got := a.Counter(`req_total{code="2xx",route="r\"1"}`).Value(); got != 7 {
+		t.Errorf("shared series = %d, want 7", got)
+	}
+	var buf bytes.Buffer
+	if err := b.WritePrometheus(&buf); err != nil {
+		t.Fatal(err)
+	}
+	want := `# HELP req Bare.
+# TYPE req counter
+req 1
+# HELP req_total Requests.
+# TYPE req_total counter
+req_total{code="2xx",route="r\"1"} 7
+req_total{code="5xx",route="r2"} 1
+# HELP req_x_total Other.
+# TYPE req_x_total counter
+req_x_total 1
+`
+	if got := buf.String(); !strings.HasPrefix(got, want) {
+		t.Errorf("exposition:\n%s\nwant prefix:\n%s", got, want)
+	}
+	if !strings.Contains(buf.String(), DroppedName+" 0\n") {
+		t.Errorf("no %s 0 in:\n%s", DroppedName, buf.String())
+	}
+}
+
+// TestCounterTooLongIsCounted: a series name longer than a slot is not
+// truncated (two long names would share one slot) but counted as dropped.
+func TestCounterTooLongIsCounted(t *testing.T) {
+	r := NewPrivate()
+	long := "x_total{route=\"" + strings.Repeat("r", nameMax) + "\"}"
+	r.Counter(long).Inc()
+	r.Counter(long + "2").Inc()
+	if d := r.Dropped(); d != 2 {
+		t.Errorf("dropped = %d, want 2", d)
+	}
+	r.Each(func(name string, _ uint64) { t.Errorf("unexpected series %q", name) })
 }

@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/stats"
 )
 
 // Settings are a proxy generation's xDS settings (from its flags).
@@ -31,16 +32,16 @@ func (s Settings) Enabled() bool { return s.Address != "" }
 
 // StartGeneration runs the xDS client of a proxy generation: its node
 // identity from the sidecar's environment (IdentityFromEnv), the engine
-// configured from base plus the xDS resources, its metrics registered in
-// reg. It serves the persisted configuration if there is one, subscribes,
+// configured from base plus the xDS resources, its counters in region and
+// its other metrics registered in reg. It serves the persisted configuration if there is one, subscribes,
 // and waits up to s.InitialWait for a complete configuration. stop ends
 // the client and returns once its last state is persisted.
-func StartGeneration(log *slog.Logger, s Settings, base config.L7, engine Engine, reg prometheus.Registerer) (c *Client, stop func(), err error) {
+func StartGeneration(log *slog.Logger, s Settings, base config.L7, engine Engine, region *stats.Region, reg prometheus.Registerer) (c *Client, stop func(), err error) {
 	id, err := IdentityFromEnv(os.Getenv, os.Environ())
 	if err != nil {
 		return nil, nil, err
 	}
-	m := NewMetrics()
+	m := NewMetrics(region)
 	for _, col := range m.Collectors() {
 		if err := reg.Register(col); err != nil {
 			return nil, nil, err
