@@ -3,6 +3,7 @@ package xds_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -200,9 +201,66 @@ func TestEnvtestDiscovery(t *testing.T) {
 		return got
 	}
 	// The control plane pushes the reviews objects after it first
-	// answered (debounced): wait until they serve.
+	// answered (debounced), and its informers may see the v1 and v2 pods,
+	// slices and subsets in any order: wait until both subsets served (a
+	// subset without endpoints yet answers 503 NC meanwhile).
+	// Converged means: both subset clusters are active with their
+	// endpoints (ConfigDump with EDS lists an endpoint's address only once
+	// it arrived), nothing warms, and 20 calls in a row are answered.
+	converged := func() bool {
+		d, err := c.ConfigDump(true)
+		if err != nil || len(c.Status().WarmingClusters) > 0 {
+			return false
+		}
+		var dump struct {
+			Configs []struct {
+				Type     string `json:"@type"`
+				Clusters []struct {
+					Cluster struct {
+						Name string `json:"name"`
+					} `json:"cluster"`
+				} `json:"dynamic_active_clusters"`
+				Endpoints []struct {
+					EndpointConfig struct {
+						ClusterName string `json:"cluster_name"`
+						Endpoints   []struct {
+							LbEndpoints []json.RawMessage `json:"lb_endpoints"`
+						} `json:"endpoints"`
+					} `json:"endpoint_config"`
+				} `json:"dynamic_endpoint_configs"`
+			} `json:"configs"`
+		}
+		if json.Unmarshal(d, &dump) != nil {
+			return false
+		}
+		active, withEndpoints := map[string]bool{}, map[string]bool{}
+		for _, cfg := range dump.Configs {
+			for _, cl := range cfg.Clusters {
+				active[cl.Cluster.Name] = true
+			}
+			for _, e := range cfg.Endpoints {
+				for _, l := range e.EndpointConfig.Endpoints {
+					if len(l.LbEndpoints) > 0 {
+						withEndpoints[e.EndpointConfig.ClusterName] = true
+					}
+				}
+			}
+		}
+		for _, sub := range []string{"v1", "v2"} {
+			name := "outbound|9080|" + sub + "|reviews.shop.svc.cluster.local"
+			if !active[name] || !withEndpoints[name] {
+				return false
+			}
+		}
+		for range 20 {
+			if _, err := call(); err != nil {
+				return false
+			}
+		}
+		return true
+	}
 	for deadline := time.Now().Add(30 * time.Second); ; {
-		if _, err := call(); err == nil {
+		if converged() {
 			break
 		}
 		if time.Now().After(deadline) {
