@@ -372,6 +372,11 @@ func podNetns(t *testing.T, ctx context.Context, pod *corev1.Pod) string {
 	t.Helper()
 	ents, _ := os.ReadDir("/var/run/netns")
 	for _, e := range ents {
+		// A namespace no process lives in is left over from an earlier
+		// cluster (a killed run) and may hold a reused pod IP: skip it.
+		if pids, err := exec.CommandContext(ctx, "ip", "netns", "pids", e.Name()).Output(); err != nil || len(strings.TrimSpace(string(pids))) == 0 {
+			continue
+		}
 		out, err := exec.CommandContext(ctx, "ip", "netns", "exec", e.Name(), "ip", "-4", "-o", "addr", "show").Output()
 		if err == nil && strings.Contains(string(out), " "+pod.Status.PodIP+"/") {
 			return e.Name()
