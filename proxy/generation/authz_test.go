@@ -91,20 +91,7 @@ func translated(t *testing.T, yaml string) map[resource.Type][]types.Resource {
 		t.Fatalf("translation warnings: %v", w)
 	}
 	r := m.ForProxy(translate.Proxy{ID: translate.NodeID("127.0.0.1", "reviews-0", "shop", ""), IP: "127.0.0.1", Name: "reviews-0", Namespace: "shop"})
-	out := map[resource.Type][]types.Resource{}
-	for _, l := range r.Listeners {
-		out[resource.ListenerType] = append(out[resource.ListenerType], l)
-	}
-	for _, rc := range r.Routes {
-		out[resource.RouteType] = append(out[resource.RouteType], rc)
-	}
-	for _, c := range r.Clusters {
-		out[resource.ClusterType] = append(out[resource.ClusterType], c)
-	}
-	for _, e := range r.Endpoints {
-		out[resource.EndpointType] = append(out[resource.EndpointType], e)
-	}
-	return out
+	return r.ByType()
 }
 
 // startAuthzGeneration runs a generation in xDS mode whose every

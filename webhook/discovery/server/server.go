@@ -18,7 +18,6 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
-	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	resourcev3 "github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
@@ -265,19 +264,7 @@ type built struct {
 var typeOrder = []string{resourcev3.ClusterType, resourcev3.EndpointType, resourcev3.ListenerType, resourcev3.RouteType}
 
 func buildSnapshot(r *translate.Resources) (*built, error) {
-	items := map[string][]types.Resource{}
-	for _, c := range r.Clusters {
-		items[resourcev3.ClusterType] = append(items[resourcev3.ClusterType], c)
-	}
-	for _, e := range r.Endpoints {
-		items[resourcev3.EndpointType] = append(items[resourcev3.EndpointType], e)
-	}
-	for _, l := range r.Listeners {
-		items[resourcev3.ListenerType] = append(items[resourcev3.ListenerType], l)
-	}
-	for _, rc := range r.Routes {
-		items[resourcev3.RouteType] = append(items[resourcev3.RouteType], rc)
-	}
+	items := r.ByType()
 	snap, err := cachev3.NewSnapshot("", items)
 	if err != nil {
 		return nil, fmt.Errorf("building snapshot: %w", err)

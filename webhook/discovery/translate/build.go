@@ -25,6 +25,8 @@ import (
 	httpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
+	resourcev3 "github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -41,6 +43,25 @@ type Resources struct {
 	Routes    []*routev3.RouteConfiguration
 	Clusters  []*clusterv3.Cluster
 	Endpoints []*endpointv3.ClusterLoadAssignment
+}
+
+// ByType is r keyed by xDS type URL, the shape go-control-plane's
+// snapshots take.
+func (r *Resources) ByType() map[string][]types.Resource {
+	out := map[string][]types.Resource{}
+	for _, c := range r.Clusters {
+		out[resourcev3.ClusterType] = append(out[resourcev3.ClusterType], c)
+	}
+	for _, e := range r.Endpoints {
+		out[resourcev3.EndpointType] = append(out[resourcev3.EndpointType], e)
+	}
+	for _, l := range r.Listeners {
+		out[resourcev3.ListenerType] = append(out[resourcev3.ListenerType], l)
+	}
+	for _, rc := range r.Routes {
+		out[resourcev3.RouteType] = append(out[resourcev3.RouteType], rc)
+	}
+	return out
 }
 
 // Well-known names (docs/xds.md).
