@@ -22,7 +22,6 @@ import (
 
 	"github.com/meshlet/meshlet/internal/proctest"
 	"github.com/meshlet/meshlet/proxy/generation"
-	"github.com/meshlet/meshlet/proxy/xds"
 	"github.com/meshlet/meshlet/proxy/xds/xdstest"
 	"github.com/meshlet/meshlet/webhook/discovery/translate"
 )
@@ -99,34 +98,12 @@ func translated(t *testing.T, yaml string) map[resource.Type][]types.Resource {
 // the translation of yaml as version 1; it returns once ready.
 func startAuthzGeneration(t *testing.T, app, yaml string) (generation.Options, *xdstest.Server) {
 	t.Helper()
-	for k, v := range map[string]string{"POD_NAME": "reviews-0", "POD_NAMESPACE": "shop", "INSTANCE_IP": "127.0.0.1", "SERVICE_ACCOUNT": "reviews"} {
-		t.Setenv(k, v)
-	}
-	id, _ := xds.IdentityFromEnv(func(k string) string {
-		return map[string]string{"POD_NAME": "reviews-0", "POD_NAMESPACE": "shop", "INSTANCE_IP": "127.0.0.1"}[k]
-	}, nil)
-	cpAddr := proctest.FreePort(t)
-	o := generation.NewOptions()
-	o.OutboundAddr, o.InboundAddr = proctest.FreePort(t), proctest.FreePort(t)
-	o.HealthAddr, o.PrometheusAddr, o.AdminAddr = proctest.FreePort(t), proctest.FreePort(t), proctest.FreePort(t)
 	// Without capture rules every connection's original destination is the
 	// application.
-	o.StaticDestination = netip.MustParseAddrPort(app)
-	o.DrainDuration = time.Second
-	o.Log = &proctest.SyncBuf{}
-	o.XDS = xds.Settings{Address: cpAddr, StateFile: t.TempDir() + "/xds-state", InitialWait: 200 * time.Millisecond}
-	srv := xdstest.StartServer(t, cpAddr, id.NodeID())
+	o, nodeID := xdsGenerationOptions(t, "reviews-0", "reviews", true, netip.MustParseAddrPort(app))
+	srv := xdstest.StartServer(t, o.XDS.Address, nodeID)
 	srv.Set(t, "1", translated(t, yaml))
-
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- generation.Run(ctx, o) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("generation: %v", err)
-		}
-	})
+	runGeneration(t, o)
 	deadline := time.Now().Add(10 * time.Second)
 	for code, body := get("http://" + o.HealthAddr + "/healthz/ready"); code != http.StatusOK; code, body = get("http://" + o.HealthAddr + "/healthz/ready") {
 		if time.Now().After(deadline) {

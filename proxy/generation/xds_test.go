@@ -50,31 +50,10 @@ func get(url string) (int, string) {
 // real traffic accordingly, and /config_dump and /server_info show the
 // xDS resources and the client's state.
 func TestGenerationXDS(t *testing.T) {
-	for k, v := range map[string]string{"POD_NAME": "client-0", "POD_NAMESPACE": "shop", "INSTANCE_IP": "127.0.0.1", "SERVICE_ACCOUNT": "client"} {
-		t.Setenv(k, v)
-	}
-	id, _ := xds.IdentityFromEnv(func(k string) string {
-		return map[string]string{"POD_NAME": "client-0", "POD_NAMESPACE": "shop", "INSTANCE_IP": "127.0.0.1"}[k]
-	}, nil)
-	cpAddr := proctest.FreePort(t)
-	o := generation.NewOptions()
-	o.OutboundAddr, o.InboundAddr = proctest.FreePort(t), ""
-	o.HealthAddr, o.PrometheusAddr, o.AdminAddr = proctest.FreePort(t), proctest.FreePort(t), proctest.FreePort(t)
 	// A loopback "VIP": nothing listens there, so a request the routes
 	// miss fails instead of leaving the machine.
-	o.StaticDestination = netip.MustParseAddrPort("127.0.0.77:9080")
-	o.DrainDuration = time.Second
-	o.Log = &proctest.SyncBuf{}
-	o.XDS = xds.Settings{Address: cpAddr, StateFile: t.TempDir() + "/xds-state", InitialWait: 200 * time.Millisecond}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- generation.Run(ctx, o) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("generation: %v", err)
-		}
-	})
+	o, nodeID := xdsGenerationOptions(t, "client-0", "client", false, netip.MustParseAddrPort("127.0.0.77:9080"))
+	runGeneration(t, o)
 
 	var code int
 	var body string
@@ -89,7 +68,7 @@ func TestGenerationXDS(t *testing.T) {
 		t.Errorf("not-ready reason %q", body)
 	}
 
-	srv := xdstest.StartServer(t, cpAddr, id.NodeID())
+	srv := xdstest.StartServer(t, o.XDS.Address, nodeID)
 	m := xdstest.Mesh{Host: "reviews.shop.svc.cluster.local", Port: 9080, VIP: "127.0.0.77",
 		Subsets: map[string][]string{"v1": {backend(t, "v1")}, "v2": {backend(t, "v2")}},
 		Weights: map[string]uint32{"v1": 90, "v2": 10}}
@@ -151,4 +130,46 @@ func TestGenerationXDS(t *testing.T) {
 			t.Errorf("metrics lack %q", want)
 		}
 	}
+}
+
+// xdsGenerationOptions are the options of a generation in xDS mode for pod
+// (namespace shop, service account sa, IP 127.0.0.1; set in the environment
+// as the downward API would) on free loopback ports, with an inbound
+// listener when inbound, and every connection's original destination dst
+// (no capture rules here). It returns the node id the generation will send.
+func xdsGenerationOptions(t *testing.T, pod, sa string, inbound bool, dst netip.AddrPort) (generation.Options, string) {
+	t.Helper()
+	env := map[string]string{"POD_NAME": pod, "POD_NAMESPACE": "shop", "INSTANCE_IP": "127.0.0.1", "SERVICE_ACCOUNT": sa}
+	for k, v := range env {
+		t.Setenv(k, v)
+	}
+	id, _ := xds.IdentityFromEnv(func(k string) string { return env[k] }, nil)
+	o := generation.NewOptions()
+	o.OutboundAddr = proctest.FreePort(t)
+	if inbound {
+		o.InboundAddr = proctest.FreePort(t)
+	} else {
+		o.InboundAddr = ""
+	}
+	o.HealthAddr, o.PrometheusAddr, o.AdminAddr = proctest.FreePort(t), proctest.FreePort(t), proctest.FreePort(t)
+	o.StaticDestination = dst
+	o.DrainDuration = time.Second
+	o.Log = &proctest.SyncBuf{}
+	o.XDS = xds.Settings{Address: proctest.FreePort(t), StateFile: t.TempDir() + "/xds-state", InitialWait: 200 * time.Millisecond}
+	return o, id.NodeID()
+}
+
+// runGeneration runs a generation with o until the test ends, failing the
+// test if it returns an error.
+func runGeneration(t *testing.T, o generation.Options) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- generation.Run(ctx, o) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("generation: %v", err)
+		}
+	})
 }
