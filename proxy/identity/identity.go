@@ -8,8 +8,10 @@
 //
 // The current certificate is offered as tls.Config hooks
 // ([Client.GetCertificate], [Client.GetClientCertificate]) and as a value for
-// handing over to a proxy generation ([Client.Current]). The key is never
-// written to disk and never logged; only serial numbers and times are.
+// handing over to a proxy generation ([Client.Current]). A generation keeps
+// what it was handed in a [Store], which its data path reads per handshake.
+// The key is never written to disk and never logged; only serial numbers and
+// times are.
 package identity
 
 import (
