@@ -47,6 +47,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/meshlet/meshlet/internal/filewatch"
+	"github.com/meshlet/meshlet/internal/meshports"
 	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/stats"
 )
@@ -96,12 +97,12 @@ func NewOptions() Options {
 	return Options{
 		DrainDuration:  5 * time.Second,
 		StartTimeout:   10 * time.Second,
-		OutboundAddr:   ":15001",
-		InboundAddr:    ":15006",
-		HealthAddr:     ":15021",
-		PrometheusAddr: ":15090",
-		AdminAddr:      "127.0.0.1:15000",
-		StatusAddr:     ":15020",
+		OutboundAddr:   meshports.Addr(meshports.Outbound),
+		InboundAddr:    meshports.Addr(meshports.Inbound),
+		HealthAddr:     meshports.Addr(meshports.Health),
+		PrometheusAddr: meshports.Addr(meshports.Prometheus),
+		AdminAddr:      meshports.LoopbackAddr(meshports.Admin),
+		StatusAddr:     meshports.Addr(meshports.Status),
 	}
 }
 
@@ -134,22 +135,24 @@ func (o *Options) setDefaults() error {
 	if err := o.Validate(); err != nil {
 		return err
 	}
+	// Zero values take NewOptions' defaults, so the defaults are written once.
+	d := NewOptions()
 	def := func(s *string, v string) {
 		if *s == "" {
 			*s = v
 		}
 	}
-	def(&o.OutboundAddr, ":15001")
-	def(&o.InboundAddr, ":15006")
-	def(&o.HealthAddr, ":15021")
-	def(&o.PrometheusAddr, ":15090")
-	def(&o.AdminAddr, "127.0.0.1:15000")
-	def(&o.StatusAddr, ":15020")
+	def(&o.OutboundAddr, d.OutboundAddr)
+	def(&o.InboundAddr, d.InboundAddr)
+	def(&o.HealthAddr, d.HealthAddr)
+	def(&o.PrometheusAddr, d.PrometheusAddr)
+	def(&o.AdminAddr, d.AdminAddr)
+	def(&o.StatusAddr, d.StatusAddr)
 	if o.DrainDuration == 0 {
-		o.DrainDuration = 5 * time.Second
+		o.DrainDuration = d.DrainDuration
 	}
 	if o.StartTimeout == 0 {
-		o.StartTimeout = 10 * time.Second
+		o.StartTimeout = d.StartTimeout
 	}
 	if o.Executable == "" {
 		exe, err := os.Executable()

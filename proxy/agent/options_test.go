@@ -31,3 +31,16 @@ func TestOptionsValidate(t *testing.T) {
 		t.Error("New accepted options Validate refuses")
 	}
 }
+
+// TestOptionsDefaultPorts: the default listeners are Istio's ports (the
+// injected pod's probes, port names and capture rules assume them).
+func TestOptionsDefaultPorts(t *testing.T) {
+	o := agent.NewOptions()
+	got := []string{o.OutboundAddr, o.InboundAddr, o.HealthAddr, o.PrometheusAddr, o.AdminAddr, o.StatusAddr}
+	want := []string{":15001", ":15006", ":15021", ":15090", "127.0.0.1:15000", ":15020"}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Errorf("default listener %d = %q; want %q", i, got[i], want[i])
+		}
+	}
+}

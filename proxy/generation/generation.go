@@ -22,6 +22,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 
+	"github.com/meshlet/meshlet/internal/meshports"
 	"github.com/meshlet/meshlet/proxy/agent"
 	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/l4"
@@ -63,11 +64,11 @@ func NewOptions() Options {
 	return Options{
 		Generation:     1,
 		DrainDuration:  5 * time.Second,
-		OutboundAddr:   ":15001",
-		InboundAddr:    ":15006",
-		HealthAddr:     ":15021",
-		PrometheusAddr: ":15090",
-		AdminAddr:      "127.0.0.1:15000",
+		OutboundAddr:   meshports.Addr(meshports.Outbound),
+		InboundAddr:    meshports.Addr(meshports.Inbound),
+		HealthAddr:     meshports.Addr(meshports.Health),
+		PrometheusAddr: meshports.Addr(meshports.Prometheus),
+		AdminAddr:      meshports.LoopbackAddr(meshports.Admin),
 	}
 }
 
