@@ -1,12 +1,15 @@
 package server
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/go-logr/logr"
@@ -29,6 +32,7 @@ import (
 
 	"github.com/meshlet/meshlet/webhook/certs"
 	"github.com/meshlet/meshlet/webhook/inject"
+	"github.com/meshlet/meshlet/webhook/registration"
 )
 
 // CertMode says where the serving certificate comes from.
@@ -107,40 +111,85 @@ func (c Config) DNSNames() []string {
 	return append([]string{svc + ".svc", svc + ".svc.cluster.local", svc, c.ServiceName}, c.ExtraDNSNames...)
 }
 
-// Validate reports every problem of c at once.
+// NewConfig returns the defaults every setting starts from (the meshlet
+// webhook command's flags and the Helm chart use the same values): istiod's
+// injection port 15017 and monitoring port 15014, self-issued
+// certificates in the Secret meshlet-webhook-certs for the Service
+// meshlet-webhook, reconciled every 10 s, the injection config re-read every
+// 5 s. Namespace and RestConfig have no default.
+func NewConfig() Config {
+	return Config{
+		Port:               15017,
+		Path:               registration.DefaultPath,
+		MetricsAddr:        ":15014",
+		HealthAddr:         ":8080",
+		ServiceName:        "meshlet-webhook",
+		WebhookConfigNames: []string{registration.DefaultName},
+		CertMode:           CertModeSelf,
+		SecretName:         "meshlet-webhook-certs",
+		CertDir:            "/etc/meshlet/webhook-certs",
+		CertValidity:       certs.DefaultCertValidity,
+		CAValidity:         certs.DefaultCAValidity,
+		CertInterval:       10 * time.Second,
+		ConfigPollInterval: 5 * time.Second,
+	}
+}
+
+// Validate reports every problem of c at once, each naming the setting (as
+// the command's flag and the chart spell it) and the bad value. Zero
+// durations are the documented defaults and pass; RestConfig is checked by
+// Run.
 func (c Config) Validate() error {
 	var errs []error
-	if c.RestConfig == nil {
-		errs = append(errs, errors.New("no API server configuration"))
+	bad := func(setting string, value any, problem string) {
+		errs = append(errs, fmt.Errorf("%s: invalid value %v: %s", setting, value, problem))
 	}
 	if c.Port <= 0 || c.Port > 65535 {
-		errs = append(errs, fmt.Errorf("port %d is not a TCP port", c.Port))
+		bad("port", c.Port, "not a TCP port")
+	}
+	if c.Path != "" && !strings.HasPrefix(c.Path, "/") {
+		bad("path", strconv.Quote(c.Path), "must start with /")
 	}
 	if c.Namespace == "" {
-		errs = append(errs, errors.New("namespace is empty (set --namespace or POD_NAMESPACE)"))
+		bad("namespace", `""`, "required (or set POD_NAMESPACE)")
 	}
 	if c.ServiceName == "" {
-		errs = append(errs, errors.New("service name is empty"))
+		bad("service-name", `""`, "required")
 	}
 	if len(c.WebhookConfigNames) == 0 {
-		errs = append(errs, errors.New("no webhook configuration names"))
+		bad("webhook-config-name", `""`, "at least one MutatingWebhookConfiguration name is required")
 	}
 	switch c.CertMode {
 	case CertModeSelf:
 		if c.SecretName == "" {
-			errs = append(errs, errors.New("cert mode self needs a secret name"))
+			bad("secret-name", `""`, "required with cert-mode self")
 		}
 	case CertModeCertManager:
 		if c.CertDir == "" {
-			errs = append(errs, errors.New("cert mode cert-manager needs a certificate directory"))
+			bad("cert-dir", `""`, "required with cert-mode cert-manager")
 		}
 	default:
-		errs = append(errs, fmt.Errorf("cert mode %q is not self or cert-manager", c.CertMode))
+		bad("cert-mode", strconv.Quote(string(c.CertMode)), "must be self or cert-manager")
 	}
 	switch c.NativeSidecar {
 	case "", inject.NativeSidecarAuto, inject.NativeSidecarTrue, inject.NativeSidecarFalse:
 	default:
-		errs = append(errs, fmt.Errorf("native sidecar %q is not auto, true or false", c.NativeSidecar))
+		bad("native-sidecar", strconv.Quote(string(c.NativeSidecar)), "must be auto, true or false")
+	}
+	for _, d := range []struct {
+		setting string
+		v       time.Duration
+	}{
+		{"cert-validity", c.CertValidity}, {"ca-validity", c.CAValidity},
+		{"cert-check-interval", c.CertInterval}, {"config-poll-interval", c.ConfigPollInterval},
+	} {
+		if d.v < 0 {
+			bad(d.setting, d.v, "must be positive")
+		}
+	}
+	cert, ca := cmp.Or(c.CertValidity, certs.DefaultCertValidity), cmp.Or(c.CAValidity, certs.DefaultCAValidity)
+	if cert > ca {
+		bad("cert-validity", cert, fmt.Sprintf("longer than ca-validity %v", ca))
 	}
 	return errors.Join(errs...)
 }
@@ -160,6 +209,9 @@ func NativeSidecarSupported(gitVersion string) (bool, error) {
 func Run(ctx context.Context, cfg Config) error {
 	if err := cfg.Validate(); err != nil {
 		return err
+	}
+	if cfg.RestConfig == nil {
+		return errors.New("no API server configuration")
 	}
 	log := cfg.Log
 	path := cfg.Path

@@ -65,13 +65,14 @@ func TestFlagsErrors(t *testing.T) {
 		args []string
 		want []string // every one must appear
 	}{
-		{"no namespace", nil, nil, []string{"--namespace"}},
-		{"flag wins over env", map[string]string{"POD_NAMESPACE": "a"}, []string{"--namespace=b", "--port=70000"}, []string{"--port=70000"}},
+		{"no namespace", nil, nil, []string{`namespace: invalid value ""`}},
+		{"flag wins over env", map[string]string{"POD_NAMESPACE": "a"}, []string{"--namespace=b", "--port=70000"}, []string{"port: invalid value 70000"}},
 		{"all errors at once", map[string]string{"POD_NAMESPACE": "a"},
-			[]string{"--cert-mode=vault", "--native-sidecar=maybe", "--extra-ip=10.0.0", "--path=inject", "--webhook-config-name=", "--cert-validity=0s"},
-			[]string{"--cert-mode=vault", "--native-sidecar=maybe", "--extra-ip=10.0.0", "--path=inject", "--webhook-config-name", "--cert-validity=0s"}},
-		{"cert-manager needs a dir", map[string]string{"POD_NAMESPACE": "a"}, []string{"--cert-mode=cert-manager", "--cert-dir="}, []string{"--cert-dir"}},
-		{"cert outlives CA", map[string]string{"POD_NAMESPACE": "a"}, []string{"--cert-validity=48h", "--ca-validity=24h"}, []string{"--ca-validity=24h0m0s"}},
+			[]string{"--cert-mode=vault", "--native-sidecar=maybe", "--extra-ip=10.0.0", "--path=inject", "--webhook-config-name=", "--cert-validity=-1s", "--config-poll-interval=-2s"},
+			[]string{`cert-mode: invalid value "vault"`, `native-sidecar: invalid value "maybe"`, "extra-ip: invalid value 10.0.0", `path: invalid value "inject"`,
+				"webhook-config-name", "cert-validity: invalid value -1s", "config-poll-interval: invalid value -2s"}},
+		{"cert-manager needs a dir", map[string]string{"POD_NAMESPACE": "a"}, []string{"--cert-mode=cert-manager", "--cert-dir="}, []string{`cert-dir: invalid value ""`}},
+		{"cert outlives CA", map[string]string{"POD_NAMESPACE": "a"}, []string{"--cert-validity=48h", "--ca-validity=24h"}, []string{"cert-validity: invalid value 48h0m0s: longer than ca-validity 24h0m0s"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -84,6 +85,10 @@ func TestFlagsErrors(t *testing.T) {
 				if !strings.Contains(err.Error(), w) {
 					t.Errorf("error %q does not name %q", err, w)
 				}
+			}
+			// Bad flags are a usage error: exit status 2, as for the agent and proxy.
+			if ee := (*cli.ExitError)(nil); !errors.As(err, &ee) || ee.Code != 2 {
+				t.Errorf("error %v is not an exit status 2", err)
 			}
 		})
 	}
