@@ -58,8 +58,8 @@ var (
 	h1Writers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 4<<10) }}
 )
 
-// h1Conn states for the drain: idle connections wait for a request and may
-// be closed; busy ones finish the request they have and close after it.
+// h1Conn states: idle connections wait for the first byte of a request,
+// busy ones are reading or answering one.
 const (
 	h1Busy = iota
 	h1Idle
@@ -136,12 +136,9 @@ func (p *Engine) serveH1(ctx context.Context, tc *trackedConn, d *dirServer) net
 func (c *h1ServerConn) serveOne() (handoff net.Conn, done bool) {
 	lim := c.p.lim
 	// Idle: wait for the first byte of the next request. A draining
-	// direction closes idle connections; a request already buffered
-	// (pipelined) is still served, with Connection: close.
-	if !c.idle(orDur(lim.IdleTimeout.D, 5*time.Minute)) {
-		c.tc.Close()
-		return nil, true
-	}
+	// direction does not close idle connections (see idle): their next
+	// request is answered with Connection: close.
+	c.idle(orDur(lim.IdleTimeout.D, 5*time.Minute))
 	if c.br.Buffered() == 0 {
 		if _, err := c.br.Peek(1); err != nil {
 			c.tc.Close()
@@ -446,40 +443,34 @@ func (c *h1ServerConn) releaseBody() {
 	}
 }
 
-// idle marks the connection idle and arms the idle timeout; false means
-// the direction drains and nothing is buffered, so the connection closes.
-// The read deadline is set under mu so a concurrent drainIdle's is never
-// overwritten. It is re-armed only when it would otherwise fire more than a
-// second early: one deadline change per second, not per request.
-func (c *h1ServerConn) idle(timeout time.Duration) bool {
+// idle marks the connection idle and arms the idle timeout.
+//
+// A draining direction keeps its idle connections open. Closing one is a
+// race the codec cannot win: the client may be sending its next request at
+// that moment, and would see a reset without knowing whether the request
+// was processed. Instead the next request is served and its response
+// carries Connection: close (commit), the one boundary both sides agree
+// on. A connection that stays idle is closed at the drain deadline (the
+// connection's ctx ends).
+//
+// The read deadline is set under mu so the watch's is never overwritten. It
+// is re-armed only when it would otherwise fire more than a second early:
+// one deadline change per second, not per request.
+func (c *h1ServerConn) idle(timeout time.Duration) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.state = h1Idle
 	if c.br.Buffered() > 0 {
-		return true
-	}
-	if c.d.draining.Load() {
-		return false
+		return
 	}
 	if now := time.Now(); c.rdl.Before(now.Add(timeout - time.Second)) {
 		c.setReadDeadline(now.Add(timeout))
 	}
-	return true
 }
 
 func (c *h1ServerConn) setReadDeadline(t time.Time) {
 	c.rdl = t
 	_ = c.tc.SetReadDeadline(t)
-}
-
-// drainIdle wakes an idle connection's wait so it sees the drain and
-// closes; a busy one is left to finish its request.
-func (c *h1ServerConn) drainIdle() {
-	c.mu.Lock()
-	if c.state == h1Idle {
-		c.setReadDeadline(aLongTimeAgo)
-	}
-	c.mu.Unlock()
 }
 
 // watchStart arms the client-gone watch for the request being served.
@@ -839,8 +830,8 @@ func httpDate() string {
 	return d.s
 }
 
-// addH1 and removeH1 track the codec's connections of a direction, for the
-// drain (idle ones are woken to close) and Close.
+// addH1 and removeH1 track the codec's connections of a direction, for
+// Close.
 func (d *dirServer) addH1(c *h1ServerConn) {
 	d.h1mu.Lock()
 	if d.h1 == nil {

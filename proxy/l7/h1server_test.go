@@ -251,26 +251,34 @@ func TestH1CodecClientGoneCancelsUpstream(t *testing.T) {
 	}
 }
 
-// TestH1CodecDrainClosesIdle: a keep-alive connection idle in the codec is
-// closed when its direction drains; a request already on its way when the
-// drain starts is answered with Connection: close.
-func TestH1CodecDrainClosesIdle(t *testing.T) {
+// TestH1CodecDrainKeepsIdle: a drain does not close a keep-alive connection
+// idle in the codec (the client may be sending its next request at that
+// moment, and would see a reset): the next request is answered with
+// Connection: close, and then the connection closes. A request already on
+// its way when the drain starts is answered with Connection: close too. A
+// connection that stays idle is closed when the drain's deadline ends.
+func TestH1CodecDrainKeepsIdle(t *testing.T) {
 	t.Parallel()
 	be := codecBackend(t)
 	tp := startProxy(t, config.L7{}, be.addr, l4.Inbound)
-	idle, err := net.Dial("tcp", tp.addr)
-	if err != nil {
-		t.Fatal(err)
+	keepAlive := func() (net.Conn, *bufio.Reader) {
+		c, err := net.Dial("tcp", tp.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(c, "GET /echo HTTP/1.1\r\nHost: app\r\n\r\n")
+		br := bufio.NewReader(c)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil || resp.Close {
+			t.Fatalf("first response: %v close=%v", err, resp != nil && resp.Close)
+		}
+		io.Copy(io.Discard, resp.Body)
+		return c, br
 	}
-	defer idle.Close()
-	idle.SetDeadline(time.Now().Add(5 * time.Second))
-	io.WriteString(idle, "GET /echo HTTP/1.1\r\nHost: app\r\n\r\n")
-	br := bufio.NewReader(idle)
-	resp, err := http.ReadResponse(br, nil)
-	if err != nil || resp.Close {
-		t.Fatalf("first response: %v close=%v", err, resp != nil && resp.Close)
-	}
-	io.Copy(io.Discard, resp.Body)
+	idle, idleBR := keepAlive()
+	_, silentBR := keepAlive()
 
 	busy, err := net.Dial("tcp", tp.addr)
 	if err != nil {
@@ -282,10 +290,7 @@ func TestH1CodecDrainClosesIdle(t *testing.T) {
 	time.Sleep(100 * time.Millisecond)
 
 	tp.StartDrain(l4.Inbound)
-	if _, err := br.ReadByte(); err != io.EOF {
-		t.Fatalf("idle connection after drain: %v; want EOF", err)
-	}
-	resp, err = http.ReadResponse(bufio.NewReader(busy), nil)
+	resp, err := http.ReadResponse(bufio.NewReader(busy), nil)
 	if err != nil {
 		t.Fatalf("in-flight request lost: %v", err)
 	}
@@ -293,10 +298,31 @@ func TestH1CodecDrainClosesIdle(t *testing.T) {
 	if string(b) != "slow" || !resp.Close {
 		t.Fatalf("in-flight: %q close=%v; want slow with Connection: close", b, resp.Close)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+
+	// The idle connection's next request, sent after the drain began.
+	if _, err := io.WriteString(idle, "POST /echo HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\n\r\nafter"); err != nil {
+		t.Fatalf("writing on the idle connection after the drain began: %v", err)
+	}
+	resp, err = http.ReadResponse(idleBR, nil)
+	if err != nil {
+		t.Fatalf("idle connection's request after the drain began: %v; want an answer", err)
+	}
+	b, _ = io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 || !strings.Contains(string(b), `body="after"`) || !resp.Close {
+		t.Fatalf("after the drain began: %d %q close=%v; want 200, the body, Connection: close", resp.StatusCode, b, resp.Close)
+	}
+	if _, err := idleBR.ReadByte(); err != io.EOF {
+		t.Fatalf("after the Connection: close response: %v; want EOF", err)
+	}
+
+	// The silent connection holds the drain until its deadline.
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
-	if err := tp.Drain(ctx); err != nil {
-		t.Fatalf("Drain: %v", err)
+	if err := tp.Drain(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Drain with an idle connection left: %v; want the deadline", err)
+	}
+	if _, err := silentBR.ReadByte(); err != io.EOF {
+		t.Fatalf("idle connection after the drain deadline: %v; want EOF", err)
 	}
 }
 

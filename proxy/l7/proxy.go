@@ -303,7 +303,8 @@ func (p *Engine) allClusters() []*cluster {
 
 // Drain stops taking new requests gracefully and waits for in-flight ones:
 // HTTP/1 connections close at their next response boundary (the response
-// carries Connection: close, idle connections are closed), HTTP/2
+// carries Connection: close; an idle connection stays open for its next
+// request, since closing it races a request already on its way), HTTP/2
 // connections get GOAWAY, upgraded connections run until they end. When ctx
 // ends first, the remaining connections are closed and ctx's error returned.
 func (p *Engine) Drain(ctx context.Context) error {
@@ -327,7 +328,6 @@ func (p *Engine) StartDrain(dir l4.Direction) {
 	d := p.dirs[dir]
 	d.once.Do(func() {
 		d.draining.Store(true)
-		d.eachH1((*h1ServerConn).drainIdle)
 		p.drainH2(dir)
 		go func() {
 			// Shutdown's own wait has no deadline here: connections still open
