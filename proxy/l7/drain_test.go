@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -194,4 +195,146 @@ func h2RequestErr(fr *http2.Framer, stream uint32, path string, end bool) error 
 		enc.WriteField(hpack.HeaderField{Name: kv[0], Value: kv[1]})
 	}
 	return fr.WriteHeaders(http2.HeadersFrameParam{StreamID: stream, BlockFragment: hb.Bytes(), EndStream: end, EndHeaders: true})
+}
+
+// TestDrainHTTP2StreamRacingGoAway: a stream the client opens after the
+// drain's GOAWAY was sent but before the client read it is served, not
+// refused or lost with the connection: the first GOAWAY names the highest
+// possible stream and is followed by a PING; only the PING's answer brings
+// the final GOAWAY, naming the last stream. A stream opened after that is
+// refused with REFUSED_STREAM (the client may retry it), the one in flight
+// finishes, and then the connection closes.
+func TestDrainHTTP2StreamRacingGoAway(t *testing.T) {
+	t.Parallel()
+	be := startBackend(t, "app", func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			time.Sleep(300 * time.Millisecond)
+		}
+		io.WriteString(w, "done "+r.URL.Path)
+	})
+	tp := startProxy(t, config.L7{}, be.addr, l4.Outbound)
+	c, err := net.Dial("tcp", tp.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	fr := h2Handshake(t, c)
+
+	// next reads frames until one the test cares about.
+	next := func() drainEvent {
+		for {
+			f, err := fr.ReadFrame()
+			if err != nil {
+				return drainEvent{readErr: err}
+			}
+			switch f := f.(type) {
+			case *http2.GoAwayFrame:
+				return drainEvent{goaway: f}
+			case *http2.PingFrame:
+				if !f.IsAck() && f.Data == goAwayPing {
+					return drainEvent{ping: true}
+				}
+				if !f.IsAck() {
+					fr.WritePing(true, f.Data)
+				}
+			case *http2.RSTStreamFrame:
+				return drainEvent{stream: f.StreamID, rst: f.ErrCode}
+			case *http2.DataFrame:
+				if len(f.Data()) > 0 || f.StreamEnded() {
+					return drainEvent{stream: f.StreamID, body: string(f.Data()), ended: f.StreamEnded()}
+				}
+			case *http2.SettingsFrame:
+				if !f.IsAck() {
+					fr.WriteSettingsAck()
+				}
+			}
+		}
+	}
+	// body reads stream's body to its end, noting other events on the way.
+	body := func(stream uint32, other *[]drainEvent) string {
+		var b strings.Builder
+		for {
+			e := next()
+			if e.readErr != nil {
+				t.Fatalf("reading stream %d (body so far %q, events %s): %v", stream, b.String(), *other, e.readErr)
+			}
+			if e.stream != stream || e.rst != 0 {
+				*other = append(*other, e)
+				if e.stream == stream {
+					t.Fatalf("stream %d reset: %v", stream, e.rst)
+				}
+				continue
+			}
+			b.WriteString(e.body)
+			if e.ended {
+				return b.String()
+			}
+		}
+	}
+	var other []drainEvent
+	h2Request(t, fr, 1, "/first", true)
+	if got := body(1, &other); got != "done /first" {
+		t.Fatalf("stream 1: %q", got)
+	}
+
+	tp.StartDrain(l4.Outbound)
+	// The client opens stream 3 before it reads the GOAWAY.
+	h2Request(t, fr, 3, "/slow", true)
+	e := next()
+	if e.goaway == nil || e.goaway.LastStreamID != 1<<31-1 || e.goaway.ErrCode != http2.ErrCodeNo {
+		t.Fatalf("first frame after the drain: %s; want GOAWAY naming stream 2^31-1, NO_ERROR", e)
+	}
+	if e := next(); !e.ping {
+		t.Fatalf("after the first GOAWAY: %s; want its PING", e)
+	}
+	if err := fr.WritePing(true, goAwayPing); err != nil {
+		t.Fatal(err)
+	}
+	if e := next(); e.goaway == nil || e.goaway.LastStreamID != 3 {
+		t.Fatalf("after the PING's answer: %s; want the final GOAWAY naming stream 3", e)
+	}
+	// A client that ignores the GOAWAY: its new stream is refused.
+	h2Request(t, fr, 5, "/late", true)
+	if got := body(3, &other); got != "done /slow" {
+		t.Fatalf("stream 3 (opened before the client read the GOAWAY): %q; want served", got)
+	}
+	if len(other) == 0 {
+		other = append(other, next())
+	}
+	if e := other[0]; e.stream != 5 || e.rst != http2.ErrCodeRefusedStream {
+		t.Fatalf("stream 5 (opened after the final GOAWAY): %s; want REFUSED_STREAM", other)
+	}
+	if e := next(); !errors.Is(e.readErr, io.EOF) {
+		t.Fatalf("after the last stream: %s; want the connection closed", e)
+	}
+	if tp.h2.served.Load() == 0 {
+		t.Fatal("the frame forwarder did not serve the connection")
+	}
+}
+
+// drainEvent is a frame (or read error) TestDrainHTTP2StreamRacingGoAway
+// looks at.
+type drainEvent struct {
+	goaway  *http2.GoAwayFrame
+	ping    bool
+	rst     http2.ErrCode
+	stream  uint32
+	body    string
+	ended   bool
+	readErr error
+}
+
+func (e drainEvent) String() string {
+	switch {
+	case e.readErr != nil:
+		return "read error " + e.readErr.Error()
+	case e.goaway != nil:
+		return fmt.Sprintf("GOAWAY last stream %d %v", e.goaway.LastStreamID, e.goaway.ErrCode)
+	case e.ping:
+		return "PING"
+	case e.rst != 0:
+		return fmt.Sprintf("RST_STREAM %d %v", e.stream, e.rst)
+	}
+	return fmt.Sprintf("DATA %d %q end=%v", e.stream, e.body, e.ended)
 }

@@ -190,7 +190,8 @@ type h2down struct {
 	remote  string
 	streams map[uint32]*h2stream
 	lastID  uint32
-	goaway  bool // GOAWAY sent: no new streams
+	goaway  bool // final GOAWAY sent: no new streams
+	gaPing  bool // graceful close announced (first GOAWAY and its PING sent)
 	peerGA  bool // the client sent GOAWAY
 	resets  int  // streams the client cancelled
 	done    int  // streams completed
@@ -362,6 +363,11 @@ func (d *h2down) onFrame(f http2.Frame, fs *flushSet) error {
 		if !f.IsAck() {
 			_ = d.fr.WritePing(true, f.Data)
 			fs.add(&d.h2conn)
+		} else if f.Data == goAwayPing && d.gaPing {
+			if d.finalGoAwayLocked() {
+				d.closeSoon()
+			}
+			fs.add(&d.h2conn)
 		}
 	case *http2.WindowUpdateFrame:
 		if f.StreamID == 0 {
@@ -503,10 +509,39 @@ func (d *h2down) resumeLocked(fs *flushSet) {
 	}
 }
 
+// goAwayPing is the PING that follows a graceful close's first GOAWAY.
+var goAwayPing = [8]byte{'d', 'r', 'a', 'i', 'n', 'i', 'n', 'g'}
+
+// goAwayAckWait bounds the wait for goAwayPing's answer: a client that does
+// not answer it gets the final GOAWAY then.
+const goAwayAckWait = time.Second
+
 // goAway starts a graceful close: streams the client already opened finish,
 // new ones are refused, the connection closes when the last one ends.
+//
+// A NO_ERROR close goes in two steps (RFC 9113 §6.8). The first GOAWAY
+// names the highest stream there can be, and a PING follows it. A stream
+// the client opens before it answers the PING was sent before the client
+// read the GOAWAY: it is served. The answer means the client has read the
+// GOAWAY and opens no more streams; only then the final GOAWAY names the
+// last stream, later streams are refused with REFUSED_STREAM (the client
+// may retry them elsewhere), and an idle connection closes. A single GOAWAY
+// naming the last stream would race the client's next stream: refused at
+// best, and lost in a reset if it arrives once the connection is closed.
+// Other codes (errors) end the connection at once.
 func (d *h2down) goAway(code http2.ErrCode) {
 	d.mu.Lock()
+	if code == http2.ErrCodeNo && !d.goaway {
+		if !d.gaPing {
+			d.gaPing = true
+			_ = d.fr.WriteGoAway(1<<31-1, code, nil)
+			_ = d.fr.WritePing(false, goAwayPing)
+			time.AfterFunc(goAwayAckWait, d.finalGoAway)
+		}
+		d.mu.Unlock()
+		d.kick()
+		return
+	}
 	if !d.goaway {
 		d.goaway = true
 		_ = d.fr.WriteGoAway(d.lastID, code, nil)
@@ -517,6 +552,28 @@ func (d *h2down) goAway(code http2.ErrCode) {
 	if idle {
 		d.closeSoon()
 	}
+}
+
+// finalGoAway ends a graceful close's first step: the client answered its
+// PING (or did not in time).
+func (d *h2down) finalGoAway() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.finalGoAwayLocked() {
+		d.closeSoon()
+	}
+	d.kick()
+}
+
+// finalGoAwayLocked sends the final GOAWAY (mu held) and reports whether
+// the connection is idle and should close.
+func (d *h2down) finalGoAwayLocked() bool {
+	if d.goaway || d.failed {
+		return false
+	}
+	d.goaway = true
+	_ = d.fr.WriteGoAway(d.lastID, http2.ErrCodeNo, nil)
+	return len(d.streams) == 0
 }
 
 // closeSoon flushes what is queued and closes the connection.
