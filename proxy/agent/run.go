@@ -12,6 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/meshlet/meshlet/internal/exepages"
 	"github.com/meshlet/meshlet/proxy/config"
 )
 
@@ -71,8 +72,11 @@ type runState struct {
 	pwaiters     []chan ReloadResult // for the pending reload
 	backoff      time.Duration
 	shutdown     bool
-	drained      bool // /drain: do not restart
-	cfg          *config.Loaded
+	// pagesReleased: the agent gave back its start-up pages (once the
+	// first generation served).
+	pagesReleased bool
+	drained       bool // /drain: do not restart
+	cfg           *config.Loaded
 }
 
 // ForwardedSignals are the signals the agent passes on to every generation
@@ -322,6 +326,16 @@ func (a *Agent) onReady(st *runState, g *generation) {
 	}
 	g.state = "ACTIVE"
 	g.readyAt = time.Now()
+	if !st.pagesReleased {
+		// The agent's own start-up is over once a generation serves: unmap
+		// the code and read-only data the initialisers touched.
+		st.pagesReleased = true
+		if n, err := exepages.Release(); err != nil {
+			a.log.Warn("releasing start-up pages", "err", err)
+		} else {
+			a.log.Debug("released start-up pages", "bytes", n)
+		}
+	}
 	old := st.active
 	st.active = g
 	st.cfg = g.cfg

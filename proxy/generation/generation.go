@@ -22,6 +22,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 
+	"github.com/meshlet/meshlet/internal/exepages"
 	"github.com/meshlet/meshlet/internal/meshports"
 	"github.com/meshlet/meshlet/proxy/agent"
 	"github.com/meshlet/meshlet/proxy/config"
@@ -195,6 +196,13 @@ func Run(ctx context.Context, o Options) error {
 			log.Warn("keeping the default GC target", "err", err)
 			_ = agent.RestoreGC("")
 		}
+	}
+	// Start-up ran every package initialiser of the one binary; unmap the
+	// code and read-only data that touched (docs/design.md section 5).
+	if n, err := exepages.Release(); err != nil {
+		log.Warn("releasing start-up pages", "err", err)
+	} else {
+		log.Debug("released start-up pages", "bytes", n)
 	}
 	done := make(chan struct{})
 	go func() { srv.Wait(); close(done) }()

@@ -21,6 +21,7 @@
 #   QPS=1000 CONNS=16 DUR=10s RESTARTS=100 OUT=/tmp/b.md test/bench/fortio.sh
 #   ONLY='^grpc-' RESTARTS=0 OUT=/tmp/b.md test/bench/fortio.sh  # only paths matching ONLY
 #   SIDECAR_GOMAXPROCS=1 …   # the sidecars' GOMAXPROCS (default: Go's, the CPUs allowed)
+#   MESHLET=/tmp/meshlet …   # run this meshlet binary instead of building one (profiling)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -116,8 +117,12 @@ for ns in $(ip netns list | awk '{print $1}' | grep -E '^mlpx-b[cs]-[0-9]+$' || 
   kill -0 "${ns##*-}" 2>/dev/null || del_netns "$ns"
 done
 
-echo "building meshlet (as the image ships it: static, stripped)" >&2
-CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o "$WORK/meshlet" ./cmd/meshlet
+if [ -n "${MESHLET:-}" ]; then # e.g. a build with symbols, for perf
+  cp "$MESHLET" "$WORK/meshlet"
+else
+  echo "building meshlet (as the image ships it: static, stripped)" >&2
+  CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o "$WORK/meshlet" ./cmd/meshlet
+fi
 M=$WORK/meshlet
 
 # Network: client 10.212.100.1, server 10.212.100.2 (sidecar on both ends)
@@ -274,11 +279,11 @@ pct() { jq -r --argjson p "$2" '[.DurationHistogram.Percentiles[] | select(.Perc
 # smaps_kb FIELD PIDS...: sum of a /proc/PID/smaps_rollup field (Pss, Anonymous) in KiB.
 smaps_kb() { local f=$1 t=0; shift; for p in "$@"; do t=$((t + $(awk -v f="$f:" '$1 == f {print $2}' /proc/$p/smaps_rollup 2>/dev/null || echo 0))); done; echo $t; }
 
-declare -A P50 P90 P99 CPU RSS PSS ANON MAXQ ERR HOST
+declare -A P50 P90 P99 CPU RSS PSS ANON APSS MAXQ ERR HOST
 measure() { # NAME
   local name=$1 pids t0 t1 h0 h1 s0 s1 f n ok mem
   if [ -n "${ONLY:-}" ] && ! [[ $name =~ $ONLY ]]; then # quick partial runs: skipped rows read 0
-    P50[$name]=0; P90[$name]=0; P99[$name]=0; CPU[$name]=0; RSS[$name]=0; PSS[$name]=0; ANON[$name]=0; MAXQ[$name]=0; ERR[$name]=-; HOST[$name]=0
+    P50[$name]=0; P90[$name]=0; P99[$name]=0; CPU[$name]=0; RSS[$name]=0; PSS[$name]=0; ANON[$name]=0; APSS[$name]=0; MAXQ[$name]=0; ERR[$name]=-; HOST[$name]=0
     return
   fi
   echo "run $name @ $QPS qps" >&2
@@ -302,6 +307,8 @@ measure() { # NAME
   RSS[$name]=$(rss_kb VmRSS $mem)
   PSS[$name]=$(smaps_kb Pss $mem)
   ANON[$name]=$(smaps_kb Anonymous $mem)
+  # meshlet: the agents beside those generations (a sidecar is both).
+  APSS[$name]=$(smaps_kb Pss $(for p in $pids; do case $name in *meshlet*) is_generation "$p" || echo "$p" ;; esac; done))
   echo "run $name max qps" >&2
   load "$name" 0 "$MAXDUR" || fail "fortio exited with $? for $name at max qps (see $WORK/$name-0.log)"
   MAXQ[$name]=$(jq '.ActualQPS | floor' "$WORK/$name-0.json")
@@ -426,8 +433,56 @@ table() { # BASELINE PATHS...
       "$(added "${P90[$name]}" "${P90[$base]}")" "$cpu" "$mem" "${MAXQ[$name]}" "$(ratio "${MAXQ[$name]}" "${MAXQ[$base]}")" "${ERR[$name]}" "${HOST[$name]}"
   done
 }
+# summary ROW...: the issue's table — for each row the meshlet, haproxy and
+# nginx figure and whether meshlet is ahead of the best of them.
+better() { # VALUE BEST LOWER(1: lower is better)
+  awk -v v="$1" -v b="$2" -v l="$3" 'BEGIN { if (b == "" || b == "-") print "-"; else if ((l && v + 0 <= b + 0) || (!l && v + 0 >= b + 0)) print "ahead"; else print "behind" }'
+}
+best() { # LOWER VALUES...: the best of the values that are not "—"
+  local l=$1 b=""
+  shift
+  for v in "$@"; do
+    [ "$v" = — ] && continue
+    if [ -z "$b" ] || awk -v v="$v" -v b="$b" -v l="$l" 'BEGIN { exit !((l && v + 0 < b + 0) || (!l && v + 0 > b + 0)) }'; then b=$v; fi
+  done
+  echo "$b"
+}
+srow() { # LABEL LOWER MESHLET HAPROXY NGINX
+  local b
+  b=$(best "$2" "$4" "$5")
+  echo "| $1 | $3 | $4 | $5 | $(better "$3" "$b" "$2") |"
+}
+summary() {
+  local n base m h x
+  echo "| path | meshlet | haproxy | nginx | meshlet vs best peer |"
+  echo "|---|---|---|---|---|"
+  for row in "L4:direct:meshlet-1hop:haproxy-l4:" "HTTP/1.1 L7:h1-direct:h1-meshlet-l7-1hop:h1-haproxy:h1-nginx" \
+    "gRPC L7:grpc-direct:grpc-meshlet-l7-1hop:grpc-haproxy:grpc-nginx"; do
+    IFS=: read -r n base m h x <<<"$row"
+    srow "$n one hop, added p90 ms" 1 "$(added "${P90[$m]}" "${P90[$base]}")" "$(added "${P90[$h]}" "${P90[$base]}")" \
+      "$([ -n "$x" ] && added "${P90[$x]}" "${P90[$base]}" || echo —)"
+    srow "$n one hop, max qps / direct" 0 "$(ratio "${MAXQ[$m]}" "${MAXQ[$base]}")" "$(ratio "${MAXQ[$h]}" "${MAXQ[$base]}")" \
+      "$([ -n "$x" ] && ratio "${MAXQ[$x]}" "${MAXQ[$base]}" || echo —)"
+    srow "$n one hop, CPU s per 1000 req" 1 "${CPU[$m]}" "${CPU[$h]}" "$([ -n "$x" ] && echo "${CPU[$x]}" || echo —)"
+  done
+  srow "L4 sidecar PSS MiB (meshlet: generation)" 1 "$(mib "${PSS[meshlet-1hop]}")" "$(mib "${PSS[haproxy-l4]}")" —
+  srow "L7 sidecar PSS MiB (meshlet: generation)" 1 "$(mib "${PSS[h1-meshlet-l7-1hop]}")" "$(mib "${PSS[h1-haproxy]}")" "$(mib "${PSS[h1-nginx]}")"
+  echo "| meshlet agent PSS MiB (beside the generation; L4 / L7) | $(mib "${APSS[meshlet-1hop]}") / $(mib "${APSS[h1-meshlet-l7-1hop]}") | — | — | - |"
+  for row in "L4:direct:meshlet-1hop:meshlet-2hop" "HTTP/1.1 L7:h1-direct:h1-meshlet-l7-1hop:h1-meshlet-l7-2hop" \
+    "gRPC L7:grpc-direct:grpc-meshlet-l7-1hop:grpc-meshlet-l7-2hop"; do
+    IFS=: read -r n base m x <<<"$row"
+    local one two r
+    one=$(awk -v a="${P90[$m]}" -v b="${P90[$base]}" 'BEGIN { print a - b }')
+    two=$(awk -v a="${P90[$x]}" -v b="${P90[$base]}" 'BEGIN { print a - b }')
+    r=$(ratio "$two" "$one")
+    echo "| $n two hops added p90 ÷ one hop's (goal ≤ 1.6) | $r | — | — | $(awk -v r="$r" 'BEGIN { if (r == "-") print "-"; else if (r + 0 <= 1.6) print "met"; else print "not met" }') |"
+  done
+}
+GMP_NOTE="GOMAXPROCS=${SIDECAR_GOMAXPROCS:-} (agent and generations)"
+[ -n "${SIDECAR_GOMAXPROCS:-}" ] || GMP_NOTE="with Go's default GOMAXPROCS (the CPUs allowed: $(nproc))"
 {
-  echo "# meshlet benchmarks"
+  echo "<!-- Generated by test/bench/fortio.sh (make bench) down to the matching end marker; edit the script, not this part. -->"
+  echo "## Data plane: fortio load through the sidecars (\`make bench\`)"
   echo
   echo "Generated by \`test/bench/fortio.sh\` (\`make bench\`) on $(date -u +%Y-%m-%d) — $(nproc) cores,"
   echo "fortio $FORTIO_VERSION, $QPS qps, $CONNS keep-alive connections, ${PAYLOAD}-byte payload both ways"
@@ -436,6 +491,13 @@ table() { # BASELINE PATHS...
   echo "veth; meshlet's real capture rules; \`meshlet agent\` as UID 1337. haproxy $(haproxy -v | head -1 | awk '{print $3}') (1 thread) and"
   echo "nginx $(nginx -v 2>&1 | sed 's|.*/||') (1 worker, upstream keep-alive) run in the server namespace, one hop."
   echo "One run, same machine, same moment: compare the ratios, not the absolute numbers."
+  echo "Each proxy gets one thread: haproxy nbthread 1, nginx worker_processes 1, meshlet sidecars $GMP_NOTE."
+  echo
+  echo "### Summary"
+  echo
+  echo "Lower is better except max qps; \"ahead\" means at least as good as the best peer of the row."
+  echo
+  summary
   echo
   echo "Proxy memory is summed over the proxy processes after the ${QPS} qps run (meshlet: proxy generations, not"
   echo "agents): VmRSS / PSS (shared pages divided among the processes mapping them) / anonymous (private heap"
@@ -446,7 +508,7 @@ table() { # BASELINE PATHS...
   echo "host busy CPUs: all CPU time used on the machine during the $QPS qps run ÷ its duration (of $(nproc)) —"
   echo "fortio and proxies need well under one; a row with much more ran beside someone else's work and is noisy."
   echo
-  echo "## L4 (default config: pure passthrough)"
+  echo "### L4 (default config: pure passthrough)"
   echo
   table direct "${L4_PATHS[@]}"
   echo
@@ -455,7 +517,7 @@ table() { # BASELINE PATHS...
   echo "- Two meshlet hops add $(added "${P90[meshlet-2hop]}" "${P90[direct]}") ms p90; one haproxy L4 hop adds $(added "${P90[haproxy-l4]}" "${P90[direct]}") ms;"
   echo "  one meshlet hop keeps $(ratio "${MAXQ[meshlet-1hop]}" "${MAXQ[direct]}") of direct max qps (haproxy L4: $(ratio "${MAXQ[haproxy-l4]}" "${MAXQ[direct]}"), nginx L7: $(ratio "${MAXQ[nginx-l7]}" "${MAXQ[direct]}"))."
   echo
-  echo "## L7 (\`l7:\` config: routing on)"
+  echo "### L7 (\`l7:\` config: routing on)"
   echo
   echo "Both agents hot-restart into this config (the same file for both sidecars):"
   echo
@@ -469,13 +531,13 @@ table() { # BASELINE PATHS...
   echo "forwards to the app. Requests counted by the sidecars during these runs: client outbound"
   echo "route fortio-http/echo $L7_OUT_H1, fortio-grpc/ping $L7_OUT_GRPC, passthrough $L7_PASS; server inbound $L7_IN."
   echo
-  echo "### HTTP/1.1"
+  echo "#### HTTP/1.1"
   echo
   table h1-direct "${H1_PATHS[@]}"
   echo
   echo "- h1-nginx: proxy_pass, upstream keep-alive; h1-haproxy: mode http, http-reuse always."
   echo
-  echo "### gRPC (fortio grpc ping, h2c)"
+  echo "#### gRPC (fortio grpc ping, h2c)"
   echo
   table grpc-direct "${GRPC_PATHS[@]}"
   echo
@@ -487,7 +549,7 @@ table() { # BASELINE PATHS...
   echo "throughput at least nginx's — one meshlet L7 hop / nginx max qps: HTTP/1.1 $(ratio "${MAXQ[h1-meshlet-l7-1hop]}" "${MAXQ[h1-nginx]}"),"
   echo "gRPC $(ratio "${MAXQ[grpc-meshlet-l7-1hop]}" "${MAXQ[grpc-nginx]}"); two hops / nginx: $(ratio "${MAXQ[h1-meshlet-l7-2hop]}" "${MAXQ[h1-nginx]}"), $(ratio "${MAXQ[grpc-meshlet-l7-2hop]}" "${MAXQ[grpc-nginx]}")."
   echo
-  echo "## Hot restart"
+  echo "### Hot restart"
   echo
   echo "$RESTARTS reloads (POST /reload, alternating server and client sidecar, 0.3 s apart) during"
   echo "${hr_secs} s of $QPS qps through both sidecars (L4 config, before the L7 section):"
@@ -497,14 +559,29 @@ table() { # BASELINE PATHS...
   echo "| $HR_TOTAL | $HR_FAIL | $HR_RELOAD_FAIL | $HR_MED / $HR_P90 / $HR_MAX | $GENS, $GENC |"
   if [ ${#FAILURES[@]} -gt 0 ]; then
     echo
-    echo "## FAILED"
+    echo "### FAILED"
     echo
     echo "This run saw errors; its numbers are not a valid measurement:"
     echo
     for f in "${FAILURES[@]}"; do echo "- $f"; done
   fi
-} >"$OUT.tmp" && mv "$OUT.tmp" "$OUT"
-cat "$OUT"
+  echo "<!-- End of the part generated by test/bench/fortio.sh. -->"
+} >"$WORK/section.md"
+# The generated part replaces the one between the markers in OUT and nothing
+# else (the rest of docs/benchmarks.md is other benchmarks' write-ups); a new
+# OUT gets a title, an OUT without the markers the part appended.
+if [ -f "$OUT" ] && grep -q '^<!-- Generated by test/bench/fortio.sh' "$OUT" && grep -q '^<!-- End of the part generated by test/bench/fortio.sh' "$OUT"; then
+  awk -v sec="$WORK/section.md" '
+    /^<!-- Generated by test\/bench\/fortio.sh/ { while ((getline l < sec) > 0) print l; skip = 1; next }
+    skip && /^<!-- End of the part generated by test\/bench\/fortio.sh/ { skip = 0; next }
+    !skip' "$OUT" >"$OUT.tmp"
+elif [ -f "$OUT" ]; then
+  { cat "$OUT"; echo; cat "$WORK/section.md"; } >"$OUT.tmp"
+else
+  { echo "# meshlet benchmarks"; echo; cat "$WORK/section.md"; } >"$OUT.tmp"
+fi
+mv "$OUT.tmp" "$OUT"
+cat "$WORK/section.md"
 if [ ${#FAILURES[@]} -gt 0 ]; then
   echo "fortio bench: FAILED (${#FAILURES[@]} problems, listed above and in $OUT)" >&2
   exit 1
