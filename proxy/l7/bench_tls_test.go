@@ -13,6 +13,7 @@ import (
 
 	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/l4"
+	"github.com/meshlet/meshlet/proxy/l7/upstream"
 )
 
 // BenchmarkUpstreamTLS: one proxy hop to an HTTP/1.1 upstream, plain text
@@ -79,7 +80,7 @@ func BenchmarkUpstreamTLSHandshake(b *testing.B) {
 	full := startTLSBackend(b, "full", cert, func(c *tls.Config) { c.SessionTicketsDisabled = true })
 	resumed := startTLSBackend(b, "resumed", cert, nil)
 	cl := config.Cluster{Name: "c", Endpoints: []config.Endpoint{{Address: "127.0.0.1:1"}}, TLS: &config.UpstreamTLS{Mode: config.TLSSimple, CACertificates: ca.pem}}
-	ut, errs := buildUpstreamTLS(&cl, "tls")
+	ut, errs := upstream.NewTLS(&cl, "tls", nil, nil)
 	if len(errs) > 0 {
 		b.Fatal(errs)
 	}
@@ -101,9 +102,9 @@ func BenchmarkUpstreamTLSHandshake(b *testing.B) {
 		}
 	}
 	b.Run("tcp", func(b *testing.B) { run(b, full.addr, tcp, false) })
-	b.Run("full", func(b *testing.B) { run(b, full.addr, ut.dialer(tcp, 10*time.Second, ut.h1), false) })
+	b.Run("full", func(b *testing.B) { run(b, full.addr, ut.DialHTTP1(tcp, 10*time.Second), false) })
 	b.Run("resumed", func(b *testing.B) {
-		dial := ut.dialer(tcp, 10*time.Second, ut.h1)
+		dial := ut.DialHTTP1(tcp, 10*time.Second)
 		// Let the first connection's ticket arrive so the next ones resume.
 		c, err := dial(b.Context(), "tcp", resumed.addr)
 		if err != nil {

@@ -246,8 +246,8 @@ clusters:
   healthCheck: {type: grpc, serviceName: echo, interval: 50ms, timeout: 1s, unhealthyThreshold: 1, healthyThreshold: 2}
 `, addrA, addrB))
 	tp := startProxy(t, cfg, "127.0.0.1:80", l4.Outbound)
-	b := tp.tab.Load().clusters["echo"].all.list()[1]
-	waitUntil(t, func() bool { return b.unhealthy.Load() })
+	b := tp.tab.Load().clusters["echo"].Endpoints()[1]
+	waitUntil(t, func() bool { return b.Unhealthy() })
 	tc := testpb.NewTestServiceClient(grpcConn(t, tp.addr, "echo"))
 	calls := func(n int) map[string]int {
 		seen := map[string]int{}
@@ -265,13 +265,13 @@ clusters:
 	}
 	before := esB.calls.Load()
 	hsB.SetServingStatus("echo", healthpb.HealthCheckResponse_SERVING)
-	waitUntil(t, func() bool { return !b.unhealthy.Load() })
+	waitUntil(t, func() bool { return !b.Unhealthy() })
 	if seen := calls(20); seen["b"] == 0 || esB.calls.Load() == before {
 		t.Fatalf("b SERVING again but got no calls: %v", seen)
 	}
 	// SERVICE_UNKNOWN is not SERVING either.
 	hsB.SetServingStatus("echo", healthpb.HealthCheckResponse_SERVICE_UNKNOWN)
-	waitUntil(t, func() bool { return b.unhealthy.Load() })
+	waitUntil(t, func() bool { return b.Unhealthy() })
 }
 
 // bidiRoundTrip sends msg on a FullDuplexCall stream and requires its echo

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/meshlet/meshlet/proxy/l7/h1"
 	"io"
 	"net"
 	"net/http"
@@ -26,7 +27,7 @@ import (
 //
 // Every downstream HTTP connection starts here. Requests in the common
 // shape — HTTP/1.1, origin-form target, Host present, no body or a body of
-// known length up to maxDirectBody, no Upgrade, no Expect, no
+// known length up to h1.MaxBody, no Upgrade, no Expect, no
 // Transfer-Encoding, the whole header within h1ReadBufSize — are parsed in
 // place and answered by a response writer that frames the response itself.
 // The first request of any other shape (and the HTTP/2 preface) hands the
@@ -194,7 +195,7 @@ func (c *h1ServerConn) serveOne() (handoff net.Conn, done bool) {
 		if !deadlineSet {
 			c.setReadDeadline(time.Now().Add(orDur(lim.ReadHeaderTimeout.D, 10*time.Second)))
 		}
-		c.bufp = directBodyBufs.Get().(*[]byte)
+		c.bufp = h1.GetBuf()
 		if int64(cap(*c.bufp)) < clen {
 			*c.bufp = make([]byte, 0, clen)
 		}
@@ -329,7 +330,7 @@ func (c *h1ServerConn) parse(head []byte) (r *http.Request, clen int64, why stri
 			if clenSeen || err != nil || v < 0 || value[0] == '+' {
 				return nil, 0, "other"
 			}
-			if v > maxDirectBody {
+			if v > h1.MaxBody {
 				return nil, 0, "large_body"
 			}
 			clen, clenSeen = v, true
@@ -438,7 +439,7 @@ func (c *h1ServerConn) handoff(why string) net.Conn {
 func (c *h1ServerConn) releaseBody() {
 	if c.bufp != nil {
 		c.body.Reset(nil)
-		directBodyBufs.Put(c.bufp)
+		h1.PutBuf(c.bufp)
 		c.bufp = nil
 	}
 }
@@ -855,3 +856,6 @@ func (d *dirServer) eachH1(f func(*h1ServerConn)) {
 		f(c)
 	}
 }
+
+// aLongTimeAgo is a deadline that makes blocked I/O return at once.
+var aLongTimeAgo = time.Unix(1, 0)

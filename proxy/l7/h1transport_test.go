@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/meshlet/meshlet/proxy/l4"
+	"github.com/meshlet/meshlet/proxy/l7/h1"
 )
 
 // countConns returns the backend's count of accepted connections.
@@ -66,12 +67,9 @@ func TestDirectH1PoolReuseAndStaleConnection(t *testing.T) {
 	if n := conns.Load(); n != 1 {
 		t.Fatalf("20 sequential requests used %d upstream connections; want 1 (pooled)", n)
 	}
-	d := tp.tab.Load().clusters["c"].direct
-	d.mu.Lock()
-	idle := len(d.hosts[be.addr].idle)
-	d.mu.Unlock()
-	if idle != 1 {
-		t.Fatalf("direct pool holds %d idle connections; want 1 (requests took another path?)", idle)
+	cl := tp.tab.Load().clusters["c"]
+	if fp, _ := cl.FastPathPool(be.addr); fp.Idle != 1 {
+		t.Fatalf("direct pool holds %d idle connections; want 1 (requests took another path?)", fp.Idle)
 	}
 
 	// The upstream closes its idle connections (as an idle timeout would).
@@ -80,10 +78,8 @@ func TestDirectH1PoolReuseAndStaleConnection(t *testing.T) {
 	waitUntil(t, func() bool {
 		be.srv.SetKeepAlivesEnabled(false)
 		be.srv.SetKeepAlivesEnabled(true)
-		d.mu.Lock()
-		defer d.mu.Unlock()
-		h := d.hosts[be.addr]
-		return h == nil || len(h.idle) == 0 || !h.idle[0].alive()
+		fp, _ := cl.FastPathPool(be.addr)
+		return fp.Live == 0
 	})
 	for i := 0; i < 3; i++ {
 		if code, got := post(t, c, tp.addr, "s", strings.NewReader("after"), 5); code != 200 || got != "POST 5 after" {
@@ -120,7 +116,7 @@ clusters:
 	tp := startProxy(t, cfg, "127.0.0.1:80", l4.Outbound)
 	c := h1Client()
 
-	big := bytes.Repeat([]byte("L"), maxDirectBody+1)
+	big := bytes.Repeat([]byte("L"), h1.MaxBody+1)
 	if code, got := post(t, c, tp.addr, "s", bytes.NewReader(big), int64(len(big))); code != 200 || got != fmt.Sprintf("POST %d LLLLLLLLLLLLLLLL", len(big)) {
 		t.Fatalf("large body: %d %q", code, got)
 	}
@@ -174,14 +170,10 @@ func TestDirectH1BadUpstream(t *testing.T) {
 			t.Fatalf("request %d: %d; want 502", i, code)
 		}
 	}
-	d := tp.tab.Load().clusters["c"].direct
 	if n := accepted.Load(); n != 4 {
 		t.Fatalf("upstream accepted %d connections for 4 requests; want 4 (a failed connection is never reused)", n)
 	}
-	d.mu.Lock()
-	h := d.hosts[ln.Addr().String()]
-	d.mu.Unlock()
-	if h != nil {
-		t.Fatalf("direct pool after failures: %d idle, %d open; want the endpoint's empty pool dropped", len(h.idle), h.conns)
+	if fp, known := tp.tab.Load().clusters["c"].FastPathPool(ln.Addr().String()); known {
+		t.Fatalf("direct pool after failures: %d idle, %d open; want the endpoint's empty pool dropped", fp.Idle, fp.Open)
 	}
 }

@@ -19,6 +19,8 @@ import (
 
 	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/l4"
+	"github.com/meshlet/meshlet/proxy/l7/grpcwire"
+	"github.com/meshlet/meshlet/proxy/l7/upstream"
 	"github.com/meshlet/meshlet/proxy/sniff"
 )
 
@@ -114,8 +116,8 @@ func h2RouteOK(r *route) bool {
 // h2ClusterOK: the upstream must speak HTTP/2 (http2 or auto, which uses
 // HTTP/2 for HTTP/2 requests), and the connection-count and pending-request
 // limits, which the forwarder's pool does not enforce, must be unset.
-func h2ClusterOK(c *cluster) bool {
-	return c != nil && c.tls == nil && c.proto != "http1" && c.cfg.Pool.MaxConnections == 0 && c.cfg.Pool.MaxPendingRequests == 0
+func h2ClusterOK(c *upstream.Cluster) bool {
+	return c != nil && c.TLS() == nil && c.Protocol() != "http1" && c.Config().Pool.MaxConnections == 0 && c.Config().Pool.MaxPendingRequests == 0
 }
 
 // h2Serves reports whether an HTTP/2 connection to port (in dir) is served
@@ -644,11 +646,10 @@ type h2stream struct {
 	// exactBody: the local reply's body is its message as is (RBAC).
 	exactBody bool
 
-	cl      *cluster
-	pl      *pool
-	ep      *endpoint
+	cl      *upstream.Cluster
+	ep      *upstream.Endpoint
 	counted bool // holds a circuit-breaker slot
-	last    *endpoint
+	last    *upstream.Endpoint
 	timer   *time.Timer
 	perTry  *time.Timer
 
@@ -785,14 +786,8 @@ func (s *h2stream) afterDelay(fs *flushSet) {
 	}
 	cl := s.st.dest.cluster
 	s.cl = cl
-	s.pl = cl.pool(s.st.dest.subset)
-	if cl.name == "inbound" || cl.name == "passthrough" {
-		s.pl = nil
-	}
-	if n := cl.active.Add(1); cl.maxReq > 0 && n > cl.maxReq {
-		cl.active.Add(-1)
-		cl.m.overflow.WithLabelValues("requests").Inc()
-		s.fail(errOverflow, fs)
+	if !cl.Admit() {
+		s.fail(upstream.ErrOverflow, fs)
 		return
 	}
 	s.counted = true
@@ -863,23 +858,20 @@ func (s *h2stream) upstreamHeaders(method string, regular []hpack.HeaderField) [
 // its connections (d.mu held).
 func (s *h2stream) dispatch(fs *flushSet) {
 	cl := s.cl
-	var ep *endpoint
-	if s.pl == nil {
-		ep = cl.origDst(s.d.dst)
-	} else if ep = s.pl.pick(cl.lb, s.last, cl.now()); ep == nil {
-		s.fail(errNoEndpoint, fs)
+	ep := cl.Pick(s.st.dest.subset, s.d.dst, s.last)
+	if ep == nil {
+		s.fail(upstream.ErrNoEndpoint, fs)
 		return
 	}
 	s.ep, s.last = ep, ep
-	s.st.upstream = ep.addr
+	s.st.upstream = ep.Addr()
 	s.st.attempts++
-	ep.inflight.Add(1)
-	ep.picked.Add(1)
+	ep.Begin()
 	s.t0 = time.Now()
 	if rp := s.st.retry; rp != nil && rp.perTry > 0 {
 		s.perTry = time.AfterFunc(rp.perTry, s.onPerTry)
 	}
-	s.d.p.h2pool(cl, ep.addr, s.d.dir).acquire(s, fs)
+	s.d.p.h2pool(cl, ep.Addr(), s.d.dir).acquire(s, fs)
 }
 
 // attach sends the request on stream uid of u (d.mu and u.mu held).
@@ -900,7 +892,7 @@ func (s *h2stream) attach(u *h2up, fs *flushSet) {
 	}
 	hdrs := s.hdrs
 	if s.st.grpc && !s.st.deadline.IsZero() {
-		hdrs = append(hdrs[:len(hdrs):len(hdrs)], hpack.HeaderField{Name: "grpc-timeout", Value: formatGRPCTimeout(time.Until(s.st.deadline))})
+		hdrs = append(hdrs[:len(hdrs):len(hdrs)], hpack.HeaderField{Name: "grpc-timeout", Value: grpcwire.FormatTimeout(time.Until(s.st.deadline))})
 	}
 	end := s.reqEnded && len(s.reqQ) == 0 && s.reqTrailers == nil
 	u.writeHeaders(s.uid, hdrs, end)
@@ -1066,15 +1058,15 @@ func (s *h2stream) respHeaders(fields []hpack.HeaderField, end bool, fs *flushSe
 		return
 	}
 	s.stopPerTry()
-	o := outcomeOK
+	o := upstream.OutcomeOK
 	switch {
 	case status == 502 || status == 503 || status == 504:
-		o = outcomeGateway
+		o = upstream.OutcomeGateway
 	case status >= 500:
-		o = outcome5xx
+		o = upstream.Outcome5xx
 	}
-	s.ep.observeRTT(time.Since(s.t0), time.Now())
-	s.cl.record(s.ep, o)
+	s.ep.ObserveRTT(time.Since(s.t0), time.Now())
+	s.cl.Record(s.ep, o)
 	if rp := s.st.retry; rp != nil && s.canRetry() {
 		resp := &http.Response{StatusCode: status, Header: http.Header{}}
 		if gs != "" && end {
@@ -1294,10 +1286,10 @@ func (s *h2stream) canRetry() bool {
 // when the retry budget refuses.
 func (s *h2stream) retry(fs *flushSet) bool {
 	if !s.st.route.budget.withdraw() {
-		s.cl.m.retryBudgetExhausted.Inc()
+		s.cl.Metrics().RetryBudgetExhausted.Inc()
 		return false
 	}
-	s.cl.m.retries.Inc()
+	s.cl.Metrics().Retries.Inc()
 	s.endAttempt(http2.ErrCodeCancel, fs)
 	s.waiting = true
 	d := s.d
@@ -1341,7 +1333,7 @@ func (s *h2stream) endAttempt(code http2.ErrCode, fs *flushSet) {
 		}
 	}
 	if s.ep != nil {
-		s.ep.inflight.Add(-1)
+		s.ep.End()
 		s.ep = nil
 	}
 	s.blockedUp = false
@@ -1354,13 +1346,13 @@ func (s *h2stream) attemptFailed(err error, code http2.ErrCode, fs *flushSet) {
 	if s.closed {
 		return
 	}
-	var ce *connectError
-	o := outcomeGateway
+	var ce *upstream.ConnectError
+	o := upstream.OutcomeGateway
 	if errors.As(err, &ce) {
-		o = outcomeConnect
+		o = upstream.OutcomeConnect
 	}
 	if s.ep != nil {
-		s.cl.record(s.ep, o)
+		s.cl.Record(s.ep, o)
 	}
 	if s.respStarted {
 		s.st.flags = addFlag(s.st.flags, "UPE")
@@ -1377,13 +1369,13 @@ func (s *h2stream) attemptFailed(err error, code http2.ErrCode, fs *flushSet) {
 // fail answers locally for a failed forward (errorHandler's mapping).
 func (s *h2stream) fail(err error, fs *flushSet) {
 	status, code, flag, msg := http.StatusBadGateway, 14, "UC", "upstream connection reset"
-	var ce *connectError
+	var ce *upstream.ConnectError
 	switch {
-	case errors.Is(err, errOverflow):
+	case errors.Is(err, upstream.ErrOverflow):
 		status, code, flag, msg = http.StatusServiceUnavailable, 14, "UO", err.Error()
-	case errors.Is(err, errNoEndpoint):
+	case errors.Is(err, upstream.ErrNoEndpoint):
 		status, code, flag, msg = http.StatusServiceUnavailable, 14, "UH", err.Error()
-	case errors.Is(err, errRouteTimeout), errors.Is(err, errPerTryTimeout), s.st.pastDeadline():
+	case errors.Is(err, errRouteTimeout), errors.Is(err, upstream.ErrPerTryTimeout), s.st.pastDeadline():
 		status, code, flag, msg = http.StatusGatewayTimeout, 4, "UT", "upstream request timeout"
 	case errors.As(err, &ce):
 		status, code, flag, msg = http.StatusServiceUnavailable, 14, "UF", "upstream connect error"
@@ -1459,7 +1451,7 @@ func (s *h2stream) onPerTry() {
 	if !s.closed && !s.respStarted && s.perTry != nil {
 		s.perTry = nil
 		if !s.canRetry() || !s.retry(fs) { // else the next attempt is scheduled
-			s.fail(errPerTryTimeout, fs)
+			s.fail(upstream.ErrPerTryTimeout, fs)
 		}
 	}
 	s.d.mu.Unlock()
@@ -1488,7 +1480,7 @@ func (s *h2stream) finish(fs *flushSet) {
 		s.timer.Stop()
 	}
 	if s.counted {
-		s.cl.active.Add(-1)
+		s.cl.Release()
 	}
 	now := time.Now()
 	d.lastUse = now

@@ -327,7 +327,7 @@ accessLog: {enabled: true}
 		_, err := tc.UnaryCall(metadata.AppendToOutgoingContext(ctx, "sleep-ms", "500"), &testpb.SimpleRequest{})
 		done <- err
 	}()
-	waitUntil(t, func() bool { return tp.tab.Load().clusters["echo"].active.Load() == 1 })
+	waitUntil(t, func() bool { return tp.tab.Load().clusters["echo"].Active() == 1 })
 	if _, err := tc.UnaryCall(ctx, &testpb.SimpleRequest{}); status.Code(err) != codes.Unavailable {
 		t.Fatalf("overflow: %v", err)
 	}

@@ -12,12 +12,13 @@ import (
 	"golang.org/x/net/http2"
 
 	"github.com/meshlet/meshlet/proxy/l4"
+	"github.com/meshlet/meshlet/proxy/l7/upstream"
 	"github.com/meshlet/meshlet/proxy/sniff"
 )
 
 // h2poolKey names the upstream connections of one endpoint of a cluster.
 type h2poolKey struct {
-	cl   *cluster
+	cl   *upstream.Cluster
 	addr string
 }
 
@@ -40,7 +41,7 @@ type h2waiter struct {
 	attempt int
 }
 
-func (p *Engine) h2pool(cl *cluster, addr string, dir l4.Direction) *h2pool {
+func (p *Engine) h2pool(cl *upstream.Cluster, addr string, dir l4.Direction) *h2pool {
 	key := h2poolKey{cl, addr}
 	if v, ok := p.h2.pools.Load(key); ok {
 		return v.(*h2pool)
@@ -84,16 +85,16 @@ func (pl *h2pool) acquire(s *h2stream, fs *flushSet) {
 // streams (or the connect failure).
 func (pl *h2pool) dial() {
 	cl := pl.key.cl
-	timeout := orDur(cl.cfg.Pool.ConnectTimeout.D, 10*time.Second)
+	timeout := orDur(cl.Config().Pool.ConnectTimeout.D, 10*time.Second)
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	nc, err := pl.p.dialUpstream(ctx, pl.dir, "tcp", pl.key.addr)
 	cancel()
 	var u *h2up
 	if err != nil {
-		if cl.m != nil {
-			cl.m.connectFailures.Inc()
+		if cl.Metrics() != nil {
+			cl.Metrics().ConnectFailures.Inc()
 		}
-		err = &connectError{err}
+		err = &upstream.ConnectError{Err: err}
 	} else {
 		u = newH2up(pl, nc)
 	}
@@ -169,7 +170,7 @@ func newH2up(pl *h2pool, nc net.Conn) *h2up {
 	_ = u.fr.WriteWindowUpdate(0, h2ConnWin-h2InitWin)
 	u.recvWin = h2ConnWin
 	u.kick()
-	idle := orDur(pl.key.cl.cfg.Pool.IdleTimeout.D, 90*time.Second)
+	idle := orDur(pl.key.cl.Config().Pool.IdleTimeout.D, 90*time.Second)
 	u.idle = time.AfterFunc(idle, func() { u.onIdle(idle) })
 	return u
 }

@@ -15,6 +15,8 @@ import (
 
 	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/l4"
+	"github.com/meshlet/meshlet/proxy/l7/grpcwire"
+	"github.com/meshlet/meshlet/proxy/l7/upstream"
 )
 
 // reqState travels with a request through ReverseProxy to the router.
@@ -80,7 +82,7 @@ func (p *Engine) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	ensureRequestID(r.Header)
 	t := p.tab.Load()
-	st := &reqState{tab: t, dst: dst, grpc: isGRPC(r)}
+	st := &reqState{tab: t, dst: dst, grpc: grpcwire.IsGRPC(r)}
 	st.rw.ResponseWriter = w
 	rw := &st.rw
 
@@ -182,51 +184,8 @@ func addFlag(flags, f string) string {
 	return flags + "," + f
 }
 
-func isGRPC(r *http.Request) bool {
-	return strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc")
-}
-
 func isUpgrade(r *http.Request) bool {
 	return r.Header.Get("Upgrade") != "" && r.ProtoMajor == 1
-}
-
-// parseGRPCTimeout parses the grpc-timeout header ("100m", "5S", …).
-func parseGRPCTimeout(v string) (time.Duration, bool) {
-	if len(v) < 2 || len(v) > 9 {
-		return 0, false
-	}
-	n, err := strconv.ParseInt(v[:len(v)-1], 10, 64)
-	if err != nil || n < 0 {
-		return 0, false
-	}
-	var unit time.Duration
-	switch v[len(v)-1] {
-	case 'H':
-		unit = time.Hour
-	case 'M':
-		unit = time.Minute
-	case 'S':
-		unit = time.Second
-	case 'm':
-		unit = time.Millisecond
-	case 'u':
-		unit = time.Microsecond
-	case 'n':
-		unit = time.Nanosecond
-	default:
-		return 0, false
-	}
-	return time.Duration(n) * unit, true
-}
-
-func formatGRPCTimeout(d time.Duration) string {
-	if d <= 0 {
-		return "1n"
-	}
-	if d/time.Microsecond < 1e8 {
-		return strconv.FormatInt(int64(d/time.Microsecond)+1, 10) + "u"
-	}
-	return strconv.FormatInt(int64(d/time.Millisecond)+1, 10) + "m"
 }
 
 func applyRewrite(r *http.Request, rt *route, rw *config.Rewrite, host string) {
@@ -294,11 +253,11 @@ func (p *Engine) mirror(r *http.Request, rt *route) *http.Request {
 	}
 	removeHopHeaders(shadow.Header)
 	cl := rt.mirror
-	p.m.cluster(cl.name).mirrored.Inc()
+	p.m.cluster(cl.Name()).Mirrored.Inc()
 	go func() { //nolint:gosec // G118: the mirrored request must not end with the original one
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		st := &reqState{dest: &destination{cluster: cl, name: cl.name, subset: m.Subset}}
+		st := &reqState{dest: &destination{cluster: cl, name: cl.Name(), subset: m.Subset}}
 		resp, err := (&router{p: p}).RoundTrip(shadow.WithContext(context.WithValue(ctx, stateKey{}, st)))
 		if err == nil {
 			_, _ = io.Copy(io.Discard, resp.Body)
@@ -316,7 +275,7 @@ func removeHopHeaders(h http.Header) {
 
 // localAnswer writes a decision's local answer.
 func (p *Engine) localAnswer(w *responseWriter, r *http.Request, a *localAnswer) {
-	if a.exact && !isGRPC(r) {
+	if a.exact && !grpcwire.IsGRPC(r) {
 		h := w.Header()
 		h.Set("Content-Type", "text/plain")
 		h.Set("Content-Length", strconv.Itoa(len(a.msg)))
@@ -330,7 +289,7 @@ func (p *Engine) localAnswer(w *responseWriter, r *http.Request, a *localAnswer)
 // localReply answers without an upstream: HTTP status for HTTP, a
 // trailers-only gRPC status for gRPC (HTTP 200, like Envoy).
 func (p *Engine) localReply(w *responseWriter, r *http.Request, status, grpcCode int, msg string) {
-	if isGRPC(r) {
+	if grpcwire.IsGRPC(r) {
 		h := w.Header()
 		h.Set("Content-Type", "application/grpc")
 		h.Set("Grpc-Status", strconv.Itoa(grpcCode))
@@ -351,16 +310,16 @@ func (p *Engine) errorHandler(w http.ResponseWriter, r *http.Request, err error)
 	st, _ := r.Context().Value(stateKey{}).(*reqState)
 	rw, _ := w.(*responseWriter)
 	status, code, flag, msg := http.StatusBadGateway, 14, "UC", "upstream connection reset"
-	var ce *connectError
+	var ce *upstream.ConnectError
 	switch {
 	case st != nil && st.bodyErr.Load():
 		status, code, flag, msg = http.StatusBadRequest, 13, "DPE", "malformed request body"
-	case errors.Is(err, errOverflow), errors.Is(err, errPendingFull):
+	case errors.Is(err, upstream.ErrOverflow), errors.Is(err, upstream.ErrPendingFull):
 		status, code, flag, msg = http.StatusServiceUnavailable, 14, "UO", err.Error()
 		w.Header().Set("X-Meshlet-Overflow", "true")
-	case errors.Is(err, errNoEndpoint):
+	case errors.Is(err, upstream.ErrNoEndpoint):
 		status, code, flag, msg = http.StatusServiceUnavailable, 14, "UH", err.Error()
-	case errors.Is(context.Cause(r.Context()), errRouteTimeout), errors.Is(err, errRouteTimeout), errors.Is(err, errPerTryTimeout),
+	case errors.Is(context.Cause(r.Context()), errRouteTimeout), errors.Is(err, errRouteTimeout), errors.Is(err, upstream.ErrPerTryTimeout),
 		st != nil && st.pastDeadline():
 		status, code, flag, msg = http.StatusGatewayTimeout, 4, "UT", "upstream request timeout"
 	case errors.As(err, &ce):
@@ -428,18 +387,6 @@ func (w *responseWriter) Flush() { _ = http.NewResponseController(w.ResponseWrit
 
 func (w *responseWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
-// grpcStatus reads the gRPC status the response carried (trailers or
-// trailers-only headers).
-func grpcStatus(h http.Header) string {
-	if v := h.Get("Grpc-Status"); v != "" {
-		return v
-	}
-	if v := h.Get(http.TrailerPrefix + "Grpc-Status"); v != "" {
-		return v
-	}
-	return ""
-}
-
 func (p *Engine) finish(w *responseWriter, r *http.Request, st *reqState, dir l4.Direction, start time.Time) {
 	d := time.Since(start)
 	status := w.status
@@ -452,7 +399,7 @@ func (p *Engine) finish(w *responseWriter, r *http.Request, st *reqState, dir l4
 	cl := st.metricsCluster()
 	var gs string
 	if st.grpc {
-		gs = grpcStatus(w.Header())
+		gs = grpcwire.Status(w.Header())
 	}
 	if st.route != nil {
 		if rm := st.route.metricsFor(p.m, dir, cl); rm != nil {

@@ -7,6 +7,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meshlet/meshlet/proxy/l4"
+	"github.com/meshlet/meshlet/proxy/l7/upstream"
 	"github.com/meshlet/meshlet/proxy/stats"
 )
 
@@ -34,14 +35,8 @@ type metrics struct {
 	handoffs    *stats.CounterVec
 	rbacDenied  *stats.CounterVec
 	mu          sync.Mutex
-	clusters    map[string]*clusterMetrics
+	clusters    map[string]*upstream.Metrics
 	routeFaults sync.Map // route key + kind → *stats.Counter
-}
-
-type clusterMetrics struct {
-	retries, retryBudgetExhausted, ejections, connectFailures, tlsFailures, hcFailures, dnsFailures, mirrored *stats.Counter
-	overflow                                                                                                  *stats.CurriedVec
-	endpoints                                                                                                 prometheus.Gauge
 }
 
 type routeMetrics struct {
@@ -50,7 +45,7 @@ type routeMetrics struct {
 }
 
 func newMetrics(r *stats.Region) *metrics {
-	m := &metrics{clusters: map[string]*clusterMetrics{}}
+	m := &metrics{clusters: map[string]*upstream.Metrics{}}
 	m.requests = r.CounterVec("meshlet_l7_requests_total",
 		"HTTP/gRPC requests by direction, route, cluster and status class.", "direction", "route", "cluster", "code_class")
 	m.duration = prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "meshlet_l7_request_duration_seconds",
@@ -86,23 +81,23 @@ func (m *metrics) collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.duration, m.endpoints}
 }
 
-func (m *metrics) cluster(name string) *clusterMetrics {
+func (m *metrics) cluster(name string) *upstream.Metrics {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if c := m.clusters[name]; c != nil {
 		return c
 	}
-	c := &clusterMetrics{
-		retries:              m.retries.WithLabelValues(name),
-		retryBudgetExhausted: m.budgetOut.WithLabelValues(name),
-		ejections:            m.ejections.WithLabelValues(name),
-		connectFailures:      m.connFail.WithLabelValues(name),
-		tlsFailures:          m.tlsFail.WithLabelValues(name),
-		hcFailures:           m.hcFail.WithLabelValues(name),
-		dnsFailures:          m.dnsFail.WithLabelValues(name),
-		mirrored:             m.mirrored.WithLabelValues(name),
-		overflow:             m.overflow.Curry(name),
-		endpoints:            m.endpoints.WithLabelValues(name),
+	c := &upstream.Metrics{
+		Retries:              m.retries.WithLabelValues(name),
+		RetryBudgetExhausted: m.budgetOut.WithLabelValues(name),
+		Ejections:            m.ejections.WithLabelValues(name),
+		ConnectFailures:      m.connFail.WithLabelValues(name),
+		TLSFailures:          m.tlsFail.WithLabelValues(name),
+		HCFailures:           m.hcFail.WithLabelValues(name),
+		DNSFailures:          m.dnsFail.WithLabelValues(name),
+		Mirrored:             m.mirrored.WithLabelValues(name),
+		Overflow:             m.overflow.Curry(name),
+		Endpoints:            m.endpoints.WithLabelValues(name),
 	}
 	m.clusters[name] = c
 	return c
@@ -134,7 +129,7 @@ func (rm *routeMetrics) observe(status int, d time.Duration) {
 	rm.duration.Observe(d.Seconds())
 }
 
-func (r *route) metricsFor(m *metrics, dir l4.Direction, cl *cluster) *routeMetrics {
+func (r *route) metricsFor(m *metrics, dir l4.Direction, cl *upstream.Cluster) *routeMetrics {
 	if cl == nil {
 		return nil
 	}

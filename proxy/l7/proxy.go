@@ -49,6 +49,7 @@ import (
 
 	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/l4"
+	"github.com/meshlet/meshlet/proxy/l7/upstream"
 	"github.com/meshlet/meshlet/proxy/sniff"
 	"github.com/meshlet/meshlet/proxy/stats"
 )
@@ -98,7 +99,7 @@ type Engine struct {
 	// Update); updMu serializes Update and UpdateEndpoints.
 	tab     atomic.Pointer[table]
 	updMu   sync.Mutex
-	retired []*cluster // clusters replaced by an Update, closed by Close
+	retired []*upstream.Cluster // clusters replaced by an Update, closed by Close
 
 	dial        atomic.Pointer[DialFunc]
 	dialFromOpt bool
@@ -238,29 +239,11 @@ func New(cfg config.L7, opts Options) (*Engine, error) {
 // and waits for the first resolution of their names, so the first requests
 // have endpoints; a failure is logged, not fatal (the name may appear
 // later).
-func (p *Engine) startBackground(clusters []*cluster) {
-	var ready []chan error
+func (p *Engine) startBackground(clusters []*upstream.Cluster) {
+	var ready []<-chan error
 	for _, c := range clusters {
-		if c.cfg.DNS == nil && c.cfg.HealthCheck == nil {
-			continue
-		}
-		ctx, stop := context.WithCancel(p.bg)
-		c.stop = stop
-		if c.cfg.DNS != nil {
-			ch := make(chan error, 1)
+		if ch := c.Start(p.bg, &p.bgWG, p.opts.Resolver, p.dialUpstream); ch != nil {
 			ready = append(ready, ch)
-			p.bgWG.Add(1)
-			go func() {
-				defer p.bgWG.Done()
-				c.resolve(ctx, p.opts.Resolver, func(err error) { ch <- err })
-			}()
-		}
-		if c.cfg.HealthCheck != nil {
-			p.bgWG.Add(1)
-			go func() {
-				defer p.bgWG.Done()
-				c.healthCheck(ctx, p.dialUpstream)
-			}()
 		}
 	}
 	for _, ch := range ready {
@@ -286,16 +269,14 @@ func (p *Engine) Close() error {
 	p.closeH2()
 	p.bgWG.Wait()
 	for _, c := range p.allClusters() {
-		c.h1.CloseIdleConnections()
-		c.h2.CloseIdleConnections()
-		c.direct.close()
+		c.CloseIdle()
 	}
 	return err
 }
 
 // allClusters returns the clusters of the current table and those retired
 // by updates.
-func (p *Engine) allClusters() []*cluster {
+func (p *Engine) allClusters() []*upstream.Cluster {
 	p.updMu.Lock()
 	defer p.updMu.Unlock()
 	return append(p.tab.Load().allClusters(), p.retired...)

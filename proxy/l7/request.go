@@ -1,12 +1,15 @@
 package l7
 
 import (
+	"errors"
 	"net/http"
 	"net/netip"
 	"strconv"
 	"time"
 
 	"github.com/meshlet/meshlet/proxy/l4"
+	"github.com/meshlet/meshlet/proxy/l7/grpcwire"
+	"github.com/meshlet/meshlet/proxy/l7/upstream"
 )
 
 // The per-request decision: every path that serves HTTP — net/http's
@@ -55,6 +58,9 @@ type localAnswer struct {
 	// (Envoy's RBAC denial body).
 	exact bool
 }
+
+// errRouteTimeout ends a request whose route timeout passed.
+var errRouteTimeout = errors.New("upstream request timeout")
 
 // rbacDeniedBody is the body of a request the inbound authorization
 // denies (Envoy's RBAC filter's).
@@ -131,7 +137,7 @@ func (p *Engine) decide(rt *route, r *http.Request, grpc bool, dst netip.AddrPor
 	}
 	dc.timeout = cfg.Timeout.D
 	if grpc {
-		if gt, ok := parseGRPCTimeout(r.Header.Get("Grpc-Timeout")); ok && (dc.timeout == 0 || gt < dc.timeout) {
+		if gt, ok := grpcwire.ParseTimeout(r.Header.Get("Grpc-Timeout")); ok && (dc.timeout == 0 || gt < dc.timeout) {
 			dc.timeout = gt
 		}
 	}
@@ -162,7 +168,7 @@ func (dc *decision) prepare(r *http.Request, host string) {
 // metricsCluster is the cluster a finished request is counted under: its
 // destination's, or for a request answered before a destination was picked
 // (fault abort) the route's first.
-func (st *reqState) metricsCluster() *cluster {
+func (st *reqState) metricsCluster() *upstream.Cluster {
 	if st.dest != nil {
 		return st.dest.cluster
 	}

@@ -200,7 +200,7 @@ func TestCircuitBreakerOpensAndRecovers(t *testing.T) {
 				if i == 0 || tc.name == "maxRequests" {
 					waitUntil(t, func() bool { return inflight.Load() == int64(i+1) })
 				} else {
-					waitUntil(t, func() bool { return cl.pending.Load() == 1 })
+					waitUntil(t, func() bool { return cl.Pending() == 1 })
 				}
 			}
 			code, h, _ := get(t, c, tp.addr, "s", "/x")
@@ -293,14 +293,14 @@ func TestActiveHealthCheck(t *testing.T) {
 	cfg := mustLoad(t, oneClusterConfig("", "  healthCheck: {path: /healthz, interval: 50ms, unhealthyThreshold: 1, healthyThreshold: 1}", a.addr, b.addr))
 	tp := startProxy(t, cfg, "127.0.0.1:80", l4.Outbound)
 	c := h1Client()
-	waitUntil(t, func() bool { return tp.tab.Load().clusters["c"].all.list()[1].unhealthy.Load() })
+	waitUntil(t, func() bool { return tp.tab.Load().clusters["c"].Endpoints()[1].Unhealthy() })
 	for i := 0; i < 20; i++ {
 		if code, h, body := get(t, c, tp.addr, "s", "/"); h.Get("X-Backend") != "a" {
 			t.Fatalf("request %d: %d %q from %q; want endpoint a only (b is unhealthy)", i, code, body, h.Get("X-Backend"))
 		}
 	}
 	healthy.Store(true)
-	waitUntil(t, func() bool { return !tp.tab.Load().clusters["c"].all.list()[1].unhealthy.Load() })
+	waitUntil(t, func() bool { return !tp.tab.Load().clusters["c"].Endpoints()[1].Unhealthy() })
 	seen := map[string]bool{}
 	for i := 0; i < 10; i++ {
 		_, h, _ := get(t, c, tp.addr, "s", "/")

@@ -2,6 +2,7 @@ package l7
 
 import (
 	"errors"
+	"github.com/meshlet/meshlet/proxy/l7/upstream"
 	"io"
 	"math/rand/v2"
 	"net/http"
@@ -86,11 +87,11 @@ func compileRetry(rp *config.RetryPolicy) *retryPolicy {
 // retriable reports whether an attempt's result should be retried.
 func (p *retryPolicy) retriable(resp *http.Response, err error) bool {
 	if err != nil {
-		var ce *connectError
+		var ce *upstream.ConnectError
 		if errors.As(err, &ce) {
 			return p.onConnect || p.on5xx || p.onGateway
 		}
-		if errors.Is(err, errPerTryTimeout) {
+		if errors.Is(err, upstream.ErrPerTryTimeout) {
 			return true // Envoy retries per-try timeouts whenever retries are on
 		}
 		return p.onReset || p.on5xx

@@ -1,6 +1,7 @@
 package l7
 
 import (
+	"github.com/meshlet/meshlet/proxy/l7/upstream"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -77,8 +78,8 @@ func (m *matcher) match(r *http.Request, host string) bool {
 }
 
 type destination struct {
-	cluster *cluster // nil: the configuration does not define it (503 NC)
-	name    string   // the cluster's name
+	cluster *upstream.Cluster // nil: the configuration does not define it (503 NC)
+	name    string            // the cluster's name
 	subset  string
 	weight  uint64
 }
@@ -92,8 +93,8 @@ type route struct {
 	total    uint64
 	retry    *retryPolicy // nil: no retries and no per-try timeout
 	budget   *retryBudget
-	mirror   *cluster
-	metrics  map[*cluster]*routeMetrics
+	mirror   *upstream.Cluster
+	metrics  map[*upstream.Cluster]*routeMetrics
 	// authorize decides each request (the inbound route's, from
 	// config.InboundPolicy.Authorize); nil allows all.
 	authorize func(*http.Request, netip.AddrPort) (bool, string)

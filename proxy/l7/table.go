@@ -12,6 +12,7 @@ import (
 
 	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/l4"
+	"github.com/meshlet/meshlet/proxy/l7/upstream"
 )
 
 // table is one compiled configuration: services with their routes, the
@@ -22,10 +23,10 @@ import (
 type table struct {
 	cfg          config.L7
 	services     []*service
-	clusters     map[string]*cluster
+	clusters     map[string]*upstream.Cluster
 	portProto    map[uint16]string
-	inbound      *cluster
-	passthrough  *cluster
+	inbound      *upstream.Cluster
+	passthrough  *upstream.Cluster
 	inboundRoute *route
 	// authorizeConn decides inbound connections
 	// (config.InboundPolicy.AuthorizeConn); nil allows all.
@@ -37,8 +38,8 @@ type table struct {
 
 // allClusters returns every cluster of t (inbound and passthrough first,
 // then by name).
-func (t *table) allClusters() []*cluster {
-	out := []*cluster{t.inbound, t.passthrough}
+func (t *table) allClusters() []*upstream.Cluster {
+	out := []*upstream.Cluster{t.inbound, t.passthrough}
 	for _, k := range sortedKeys(t.clusters) {
 		out = append(out, t.clusters[k])
 	}
@@ -91,24 +92,24 @@ func (p *Engine) Update(cfg config.L7) error {
 	// request uses any more.
 	live := p.retired[:0]
 	for _, c := range p.retired {
-		c.retire()
-		if c.active.Load() > 0 {
+		c.Retire()
+		if c.Active() > 0 {
 			live = append(live, c)
 		}
 	}
 	clear(p.retired[len(live):])
 	p.retired = live
 	// Clusters of the old table that the new one does not carry over.
-	kept := map[*cluster]bool{}
+	kept := map[*upstream.Cluster]bool{}
 	for _, c := range t.allClusters() {
 		kept[c] = true
 	}
 	for _, c := range old.allClusters() {
 		if !kept[c] {
-			c.retire()
+			c.Retire()
 			p.retired = append(p.retired, c)
-			if _, still := t.clusters[c.name]; !still {
-				p.m.dropCluster(c.name)
+			if _, still := t.clusters[c.Name()]; !still {
+				p.m.dropCluster(c.Name())
 			}
 		}
 	}
@@ -145,10 +146,10 @@ func (p *Engine) UpdateEndpoints(cluster string, endpoints []config.Endpoint) er
 	switch {
 	case c == nil:
 		return fmt.Errorf("cluster %q: not defined in the running configuration", cluster)
-	case c.cfg.DNS != nil:
-		return fmt.Errorf("cluster %q: a dns cluster's endpoints come from its name (%s)", cluster, c.cfg.DNS.Name)
+	case c.Config().DNS != nil:
+		return fmt.Errorf("cluster %q: a dns cluster's endpoints come from its name (%s)", cluster, c.Config().DNS.Name)
 	}
-	c.setEndpoints(addrs, labels)
+	c.SetEndpoints(addrs, labels)
 	return nil
 }
 
@@ -156,8 +157,8 @@ func (p *Engine) UpdateEndpoints(cluster string, endpoints []config.Endpoint) er
 // first table) whose settings are unchanged apart from their static
 // endpoints are carried over; fresh lists the clusters built anew, whose
 // background work the caller starts once the table is in use.
-func (p *Engine) compile(cfg config.L7, old *table) (t *table, fresh []*cluster, err error) {
-	t = &table{cfg: cfg, clusters: map[string]*cluster{}, portProto: map[uint16]string{}}
+func (p *Engine) compile(cfg config.L7, old *table) (t *table, fresh []*upstream.Cluster, err error) {
+	t = &table{cfg: cfg, clusters: map[string]*upstream.Cluster{}, portProto: map[uint16]string{}}
 	t.alog = newAccessLogger(cfg.AccessLog, p.opts.AccessLog)
 	for _, pc := range cfg.Ports {
 		proto, _ := config.PortProtocol(pc)
@@ -165,52 +166,50 @@ func (p *Engine) compile(cfg config.L7, old *table) (t *table, fresh []*cluster,
 	}
 	for i := range cfg.Clusters {
 		c := cfg.Clusters[i]
-		if prev := old.cluster(c.Name); prev != nil && compatible(&prev.cfg, &c) {
-			if c.DNS == nil && !slices.EqualFunc(prev.staticEndpoints(), c.Endpoints, endpointEqual) {
-				prev.setStatic(c.Endpoints)
+		if prev := old.cluster(c.Name); prev != nil && compatible(prev.Config(), &c) {
+			if c.DNS == nil && !slices.EqualFunc(prev.StaticEndpoints(), c.Endpoints, endpointEqual) {
+				prev.SetStatic(c.Endpoints)
 			}
 			t.clusters[c.Name] = prev
 			continue
 		}
 		// Validate read the TLS files; read again here, a file that changed
 		// in between is still an error naming the field.
-		ut, errs := buildUpstreamTLS(&c, fmt.Sprintf("clusters[%d].tls", i))
+		cm := p.m.cluster(c.Name)
+		ut, errs := upstream.NewTLS(&c, fmt.Sprintf("clusters[%d].tls", i), p.log, cm)
 		if len(errs) > 0 {
 			for _, f := range fresh {
-				f.retire()
+				f.Retire()
 			}
 			return nil, nil, errors.Join(errs...)
 		}
-		if ut != nil {
-			ut.log, ut.m = p.log, p.m.cluster(c.Name)
-			if c.TLS.InsecureSkipVerify {
-				p.log.Warn("upstream TLS certificates are not verified (insecureSkipVerify)", "cluster", c.Name)
-			}
+		if ut != nil && c.TLS.InsecureSkipVerify {
+			p.log.Warn("upstream TLS certificates are not verified (insecureSkipVerify)", "cluster", c.Name)
 		}
-		nc := newCluster(c, l4.Outbound, p.dialUpstream, p.m.cluster(c.Name), ut)
-		nc.clock = p.opts.clock
+		nc := upstream.New(c, upstream.Options{Direction: l4.Outbound, Dial: p.dialUpstream, Metrics: cm, TLS: ut, Clock: p.opts.clock})
 		t.clusters[c.Name] = nc
 		fresh = append(fresh, nc)
 	}
-	orig := func(name string, pol config.ConnectionPool, dir l4.Direction, prev *cluster) *cluster {
-		if prev != nil && reflect.DeepEqual(prev.cfg.Pool, pol) {
+	orig := func(name string, pol config.ConnectionPool, dir l4.Direction, prev *upstream.Cluster) *upstream.Cluster {
+		if prev != nil && reflect.DeepEqual(prev.Config().Pool, pol) {
 			return prev
 		}
-		return newCluster(config.Cluster{Name: name, Pool: pol}, dir, p.dialUpstream, p.m.cluster(name), nil)
+		return upstream.New(config.Cluster{Name: name, Pool: pol},
+			upstream.Options{Direction: dir, Dial: p.dialUpstream, Metrics: p.m.cluster(name), OriginalDst: true})
 	}
-	var oldIn, oldPass *cluster
+	var oldIn, oldPass *upstream.Cluster
 	if old != nil {
 		oldIn, oldPass = old.inbound, old.passthrough
 	}
 	t.inbound = orig("inbound", cfg.Inbound.Pool, l4.Inbound, oldIn)
 	t.passthrough = orig("passthrough", cfg.Passthrough.Pool, l4.Outbound, oldPass)
 	t.inboundRoute = &route{cfg: &config.Route{Name: "inbound", Timeout: cfg.Inbound.Timeout}, key: "inbound",
-		dests: []destination{{cluster: t.inbound, name: "inbound"}}, metrics: map[*cluster]*routeMetrics{},
+		dests: []destination{{cluster: t.inbound, name: "inbound"}}, metrics: map[*upstream.Cluster]*routeMetrics{},
 		authorize: cfg.Inbound.Authorize}
 	t.authorizeConn = cfg.Inbound.AuthorizeConn
 	t.inboundRoute.metrics[t.inbound] = p.m.route("inbound", "inbound", "inbound")
 	t.passRoute = &route{cfg: &config.Route{Name: "passthrough", Timeout: cfg.Passthrough.Timeout}, key: "passthrough",
-		dests: []destination{{cluster: t.passthrough, name: "passthrough"}}, metrics: map[*cluster]*routeMetrics{}}
+		dests: []destination{{cluster: t.passthrough, name: "passthrough"}}, metrics: map[*upstream.Cluster]*routeMetrics{}}
 	t.passRoute.metrics[t.passthrough] = p.m.route("outbound", "passthrough", "passthrough")
 
 	for i := range cfg.Services {
@@ -254,7 +253,7 @@ func (p *Engine) compile(cfg config.L7, old *table) (t *table, fresh []*cluster,
 
 // compileRoute builds the runtime form of one route of service svc.
 func (p *Engine) compileRoute(t *table, svc string, r *config.Route) *route {
-	cr := &route{cfg: r, key: svc + "/" + r.Name, metrics: map[*cluster]*routeMetrics{}}
+	cr := &route{cfg: r, key: svc + "/" + r.Name, metrics: map[*upstream.Cluster]*routeMetrics{}}
 	for _, m := range r.Match {
 		var cm matcher
 		cm.method = m.Method
@@ -280,7 +279,7 @@ func (p *Engine) compileRoute(t *table, svc string, r *config.Route) *route {
 		cr.dests = append(cr.dests, destination{cluster: cl, name: d.Cluster, subset: d.Subset, weight: w})
 		cr.total += w
 		if cl != nil && cr.metrics[cl] == nil {
-			cr.metrics[cl] = p.m.route("outbound", cr.key, cl.name)
+			cr.metrics[cl] = p.m.route("outbound", cr.key, cl.Name())
 		}
 	}
 	if r.Retries != nil {
@@ -294,7 +293,7 @@ func (p *Engine) compileRoute(t *table, svc string, r *config.Route) *route {
 }
 
 // cluster returns the cluster named name (nil t: none).
-func (t *table) cluster(name string) *cluster {
+func (t *table) cluster(name string) *upstream.Cluster {
 	if t == nil {
 		return nil
 	}

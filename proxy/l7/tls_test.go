@@ -37,6 +37,7 @@ import (
 	"github.com/meshlet/meshlet/internal/proctest"
 	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/l4"
+	"github.com/meshlet/meshlet/proxy/l7/upstream"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
@@ -284,15 +285,8 @@ func TestTLSSimpleHTTP1FastPath(t *testing.T) {
 	if n := be.conns.Load(); n != 1 {
 		t.Errorf("upstream accepted %d connections for 20 sequential requests, want 1 (keep-alive reuse)", n)
 	}
-	d := tp.tab.Load().clusters["api"].direct
-	d.mu.Lock()
-	idle := 0
-	if h := d.hosts[be.addr]; h != nil {
-		idle = len(h.idle)
-	}
-	d.mu.Unlock()
-	if idle != 1 {
-		t.Errorf("fast path pool holds %d idle connections, want 1 (requests did not use h1Transport)", idle)
+	if fp, _ := tp.tab.Load().clusters["api"].FastPathPool(be.addr); fp.Idle != 1 {
+		t.Errorf("fast path pool holds %d idle connections, want 1 (requests did not use h1Transport)", fp.Idle)
 	}
 	if s := be.snis(); len(s) != 1 || s[0] != "" {
 		t.Errorf("SNI seen by the server %q, want one handshake without SNI", s)
@@ -382,7 +376,7 @@ clusters:
   tls: {mode: SIMPLE, caCertificates: %q, sni: echo.internal}
   healthCheck: {type: grpc, serviceName: echo, interval: 50ms, timeout: 1s, unhealthyThreshold: 1, healthyThreshold: 1}
 `, ln.Addr().String(), ca.pem)), "127.0.0.1:7070", l4.Outbound)
-	ep := tp.tab.Load().clusters["echo"].all.list()[0]
+	ep := tp.tab.Load().clusters["echo"].Endpoints()[0]
 	hs.SetServingStatus("echo", healthpb.HealthCheckResponse_SERVING)
 	client := testpb.NewTestServiceClient(grpcConn(t, tp.addr, "echo"))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -413,9 +407,9 @@ clusters:
 	}
 	// The health check speaks gRPC over TLS too (the server accepts nothing else).
 	hs.SetServingStatus("echo", healthpb.HealthCheckResponse_NOT_SERVING)
-	waitUntil(t, func() bool { return ep.unhealthy.Load() })
+	waitUntil(t, func() bool { return ep.Unhealthy() })
 	hs.SetServingStatus("echo", healthpb.HealthCheckResponse_SERVING)
-	waitUntil(t, func() bool { return !ep.unhealthy.Load() })
+	waitUntil(t, func() bool { return !ep.Unhealthy() })
 }
 
 // TestTLSMutual: a server that requires and verifies client certificates
@@ -935,9 +929,9 @@ clusters:
   endpoints: [{address: %q}]
   tls: {mode: SIMPLE, caCertificates: %q}
 `, good.addr, untrusted.addr, ca.pem, shadow.addr, ca.pem)), good.addr, l4.Outbound)
-	eps := tp.tab.Load().clusters["api"].all.list()
-	waitUntil(t, func() bool { return eps[1].unhealthy.Load() && good.healthz.Load() >= 2 })
-	if eps[0].unhealthy.Load() {
+	eps := tp.tab.Load().clusters["api"].Endpoints()
+	waitUntil(t, func() bool { return eps[1].Unhealthy() && good.healthz.Load() >= 2 })
+	if eps[0].Unhealthy() {
 		t.Fatal("the endpoint with a trusted certificate failed its health check")
 	}
 	for i := 0; i < 4; i++ {
@@ -1040,7 +1034,7 @@ func FuzzUpstreamTLSConfig(f *testing.F) {
 		if err != nil {
 			return
 		}
-		if _, errs := buildUpstreamTLS(&cfg.Clusters[0], "tls"); len(errs) > 0 {
+		if _, errs := upstream.NewTLS(&cfg.Clusters[0], "tls", nil, nil); len(errs) > 0 {
 			t.Fatalf("Load accepted %q but building it failed: %v", tlsYAML, errs)
 		}
 	})

@@ -14,6 +14,7 @@ import (
 
 	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/l4"
+	"github.com/meshlet/meshlet/proxy/l7/upstream"
 )
 
 // twoClusters routes host "svc" to cluster `to`; clusters a and b have one
@@ -173,10 +174,10 @@ clusters:
 		get(t, c, tp.addr, "svc", "/")
 	}
 	before := tp.tab.Load().clusters["a"]
-	ejected := func(cl *cluster) bool {
-		for _, e := range cl.all.list() {
-			if e.addr == a.addr {
-				return e.ejected.Load()
+	ejected := func(cl *upstream.Cluster) bool {
+		for _, e := range cl.Endpoints() {
+			if e.Addr() == a.addr {
+				return e.Ejected()
 			}
 		}
 		t.Fatalf("endpoint %s not in cluster", a.addr)

@@ -1,4 +1,4 @@
-package l7
+package upstream
 
 import (
 	"context"
@@ -22,9 +22,9 @@ import (
 	"github.com/meshlet/meshlet/proxy/config"
 )
 
-// upstreamTLS is a cluster's checked TLS settings: one client config per
+// TLS is a cluster's checked TLS settings: one client config per
 // ALPN offer, sharing roots, client certificate and session cache.
-type upstreamTLS struct {
+type TLS struct {
 	cluster string
 	h1      *tls.Config // ALPN http/1.1: http1 clusters and HTTP/1 requests
 	h2      *tls.Config // ALPN h2 (http2 clusters) or h2 and http/1.1 (auto)
@@ -35,13 +35,14 @@ type upstreamTLS struct {
 	// connection verifies its endpoint's IP address.
 	verifyIP bool
 	log      *slog.Logger
-	m        *clusterMetrics
+	m        *Metrics
 }
 
-// buildUpstreamTLS checks cl.TLS (reading its files, see
-// config.Cluster.LoadTLS) and returns the client configuration, or nil for
-// plain text.
-func buildUpstreamTLS(cl *config.Cluster, field string) (*upstreamTLS, []error) {
+// NewTLS checks cl.TLS (reading its files, see config.Cluster.LoadTLS;
+// field names it in errors) and returns the client configuration, or nil
+// for plain text. Handshake failures are logged to log (debug) and counted
+// in m (either may be nil).
+func NewTLS(cl *config.Cluster, field string, log *slog.Logger, m *Metrics) (*TLS, []error) {
 	ct, errs := cl.LoadTLS(field)
 	if ct == nil || len(errs) > 0 {
 		return nil, errs
@@ -70,7 +71,7 @@ func buildUpstreamTLS(cl *config.Cluster, field string) (*upstreamTLS, []error) 
 		base.InsecureSkipVerify = true //nolint:gosec // the chain and the SANs are verified below
 		base.VerifyConnection = func(cs tls.ConnectionState) error { return verifySANs(cs, roots, sans) }
 	}
-	u := &upstreamTLS{cluster: cl.Name, verifyIP: base.ServerName == "" && !base.InsecureSkipVerify}
+	u := &TLS{cluster: cl.Name, verifyIP: base.ServerName == "" && !base.InsecureSkipVerify, log: log, m: m}
 	u.h1 = base.Clone()
 	u.h1.NextProtos = []string{"http/1.1"}
 	u.h2 = base.Clone()
@@ -124,7 +125,7 @@ func verifySANs(cs tls.ConnectionState, roots *x509.CertPool, sans []string) err
 // then speak HTTP/1.1 or HTTP/2 by ALPN for https URLs) and the HTTP/1.1
 // fast path. dial is the cluster's TCP dialer (it counts TCP connect
 // failures); the handshake shares its connect timeout.
-func (u *upstreamTLS) setup(h1, h2 *http.Transport, direct *h1Transport, dial func(ctx context.Context, network, addr string) (net.Conn, error), timeout time.Duration) {
+func (u *TLS) setup(h1, h2 *http.Transport, direct *h1Transport, dial func(ctx context.Context, network, addr string) (net.Conn, error), timeout time.Duration) {
 	h1.DialTLSContext = u.dialer(dial, timeout, u.h1)
 	h2.DialTLSContext = u.dialer(dial, timeout, u.h2)
 	var p http.Protocols
@@ -134,9 +135,16 @@ func (u *upstreamTLS) setup(h1, h2 *http.Transport, direct *h1Transport, dial fu
 	direct.dial = u.dialer(dial, timeout, u.h1)
 }
 
+// DialHTTP1 returns a dial function that connects with dial and completes
+// a TLS handshake offering http/1.1 within timeout, as the cluster's
+// HTTP/1.1 transports do.
+func (u *TLS) DialHTTP1(dial func(ctx context.Context, network, addr string) (net.Conn, error), timeout time.Duration) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	return u.dialer(dial, timeout, u.h1)
+}
+
 // dialer returns a dial function that connects and completes the TLS
 // handshake within timeout.
-func (u *upstreamTLS) dialer(dial func(ctx context.Context, network, addr string) (net.Conn, error), timeout time.Duration, cfg *tls.Config) func(ctx context.Context, network, addr string) (net.Conn, error) {
+func (u *TLS) dialer(dial func(ctx context.Context, network, addr string) (net.Conn, error), timeout time.Duration, cfg *tls.Config) func(ctx context.Context, network, addr string) (net.Conn, error) {
 	return func(ctx context.Context, network, addr string) (net.Conn, error) {
 		ctx, cancel := context.WithTimeout(ctx, timeout)
 		defer cancel()
@@ -149,7 +157,7 @@ func (u *upstreamTLS) dialer(dial func(ctx context.Context, network, addr string
 			host, _, err := net.SplitHostPort(addr)
 			if err != nil {
 				raw.Close()
-				return nil, &connectError{err}
+				return nil, &ConnectError{Err: err}
 			}
 			c = cfg.Clone()
 			c.ServerName = host
@@ -169,15 +177,15 @@ func (u *upstreamTLS) dialer(dial func(ctx context.Context, network, addr string
 
 // failed counts and logs a TLS failure with addr and returns it as a
 // connect failure.
-func (u *upstreamTLS) failed(addr string, err error) error {
+func (u *TLS) failed(addr string, err error) error {
 	if u.m != nil {
-		u.m.connectFailures.Inc()
-		u.m.tlsFailures.Inc()
+		u.m.ConnectFailures.Inc()
+		u.m.TLSFailures.Inc()
 	}
 	if u.log != nil {
 		u.log.Debug("upstream TLS handshake failed", "cluster", u.cluster, "endpoint", addr, "err", err)
 	}
-	return &connectError{fmt.Errorf("TLS handshake with %s: %w", addr, err)}
+	return &ConnectError{Err: fmt.Errorf("TLS handshake with %s: %w", addr, err)}
 }
 
 // tlsAttempt is what one upstream attempt learnt of its connection (from
@@ -188,7 +196,7 @@ type tlsAttempt struct {
 }
 
 // traced makes the attempt's transport report its connection into a.
-func (u *upstreamTLS) traced(ctx context.Context, a *tlsAttempt) context.Context {
+func (u *TLS) traced(ctx context.Context, a *tlsAttempt) context.Context {
 	return httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{GotConn: func(ci httptrace.GotConnInfo) {
 		if tc, ok := ci.Conn.(*tls.Conn); ok {
 			a.rc, _ = tc.NetConn().(*tlsRawConn)
@@ -208,8 +216,8 @@ func (u *upstreamTLS) traced(ctx context.Context, a *tlsAttempt) context.Context
 // drops the cause.
 // cancelled says the attempt's context ended (timeout, pending limit,
 // client gone): then the failure is ours, not the server's refusal.
-func (u *upstreamTLS) classify(addr string, err error, a *tlsAttempt, cancelled bool) error {
-	var ce *connectError
+func (u *TLS) classify(addr string, err error, a *tlsAttempt, cancelled bool) error {
+	var ce *ConnectError
 	if errors.As(err, &ce) || cancelled {
 		return err
 	}

@@ -1,4 +1,4 @@
-package l7
+package upstream
 
 import (
 	"bufio"
@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"github.com/meshlet/meshlet/proxy/l7/h1"
 	"io"
 	"net"
 	"net/http"
@@ -18,10 +19,6 @@ import (
 
 	"golang.org/x/sys/unix"
 )
-
-// maxDirectBody is the largest request body h1Transport buffers; larger or
-// streamed bodies go through net/http's Transport.
-const maxDirectBody = 64 << 10
 
 // h1Transport is a cluster's HTTP/1.1 upstream client for the common case:
 // a request with a small body of known length and no upgrade. It buffers the
@@ -95,10 +92,8 @@ func (t *h1Transport) canServe(r *http.Request) bool {
 	if r.Body == nil || r.Body == http.NoBody {
 		return r.ContentLength <= 0
 	}
-	return r.ContentLength > 0 && r.ContentLength <= maxDirectBody
+	return r.ContentLength > 0 && r.ContentLength <= h1.MaxBody
 }
-
-var directBodyBufs = sync.Pool{New: func() any { b := make([]byte, 0, 4<<10); return &b }}
 
 // RoundTrip implements http.RoundTripper for requests canServe accepts.
 func (t *h1Transport) RoundTrip(req *http.Request) (*http.Response, error) {
@@ -108,7 +103,7 @@ func (t *h1Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	var bufp *[]byte
 	var body []byte
 	if req.Body != nil && req.Body != http.NoBody {
-		bufp = directBodyBufs.Get().(*[]byte)
+		bufp = h1.GetBuf()
 		if int64(cap(*bufp)) < req.ContentLength {
 			*bufp = make([]byte, 0, req.ContentLength)
 		}
@@ -116,13 +111,13 @@ func (t *h1Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		_, err := io.ReadFull(req.Body, body)
 		req.Body.Close()
 		if err != nil {
-			directBodyBufs.Put(bufp)
+			h1.PutBuf(bufp)
 			return nil, fmt.Errorf("reading request body: %w", err)
 		}
 	}
 	defer func() {
 		if bufp != nil {
-			directBodyBufs.Put(bufp)
+			h1.PutBuf(bufp)
 		}
 	}()
 

@@ -1,6 +1,8 @@
-package l7
+package upstream
 
 import (
+	"github.com/meshlet/meshlet/proxy/l7/grpcwire"
+
 	"bytes"
 	"context"
 	"encoding/binary"
@@ -38,7 +40,7 @@ func grpcHealthCheck(ctx context.Context, rt http.RoundTripper, base, service st
 	req.Header.Set("Content-Type", "application/grpc")
 	req.Header.Set("Te", "trailers")
 	req.Header.Set("User-Agent", "meshlet-health-check")
-	req.Header.Set("Grpc-Timeout", formatGRPCTimeout(timeout))
+	req.Header.Set("Grpc-Timeout", grpcwire.FormatTimeout(timeout))
 	resp, err := rt.RoundTrip(req)
 	if err != nil {
 		return err
@@ -51,7 +53,7 @@ func grpcHealthCheck(ctx context.Context, rt http.RoundTripper, base, service st
 	if err != nil {
 		return err
 	}
-	if gs := grpcStatus(resp.Header); gs != "" && gs != "0" { // trailers-only
+	if gs := grpcwire.Status(resp.Header); gs != "" && gs != "0" { // trailers-only
 		return fmt.Errorf("grpc-status %s: %s", gs, resp.Header.Get("Grpc-Message"))
 	}
 	if gs := resp.Trailer.Get("Grpc-Status"); gs != "0" {

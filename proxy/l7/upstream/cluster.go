@@ -1,4 +1,4 @@
-package l7
+package upstream
 
 import (
 	"context"
@@ -14,13 +14,17 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/l4"
+	"github.com/meshlet/meshlet/proxy/l7/grpcwire"
+	"github.com/meshlet/meshlet/proxy/stats"
 )
 
-// endpoint is one upstream address and its load/health state, shared by all
+// Endpoint is one upstream address and its load/health state, shared by all
 // subsets that select it.
-type endpoint struct {
+type Endpoint struct {
 	addr   string // ip:port, the transport's pool key
 	labels map[string]string
 
@@ -45,7 +49,29 @@ type endpoint struct {
 	hcOKs        int
 }
 
-func (e *endpoint) available(now time.Time) bool {
+// Addr is the endpoint's ip:port.
+func (e *Endpoint) Addr() string { return e.addr }
+
+// Begin counts an attempt sent to e (its load for the balancers).
+func (e *Endpoint) Begin() {
+	e.inflight.Add(1)
+	e.picked.Add(1)
+}
+
+// End ends an attempt Begin counted.
+func (e *Endpoint) End() { e.inflight.Add(-1) }
+
+// Picked is the number of attempts sent to e (tests and debugging).
+func (e *Endpoint) Picked() uint64 { return e.picked.Load() }
+
+// Unhealthy reports whether active health checks took e out of the pool.
+func (e *Endpoint) Unhealthy() bool { return e.unhealthy.Load() }
+
+// Ejected reports whether outlier detection ejected e (the ejection may
+// have ended; the next pick returns it to the pool).
+func (e *Endpoint) Ejected() bool { return e.ejected.Load() }
+
+func (e *Endpoint) available(now time.Time) bool {
 	if e.unhealthy.Load() {
 		return false
 	}
@@ -65,7 +91,8 @@ func (e *endpoint) available(now time.Time) bool {
 
 const ewmaDecay = 10 * time.Second // linkerd2-proxy's default
 
-func (e *endpoint) observeRTT(rtt time.Duration, now time.Time) {
+// ObserveRTT feeds the Peak-EWMA balancer an attempt's response time.
+func (e *Endpoint) ObserveRTT(rtt time.Duration, now time.Time) {
 	e.ewmaMu.Lock()
 	defer e.ewmaMu.Unlock()
 	v := float64(rtt)
@@ -78,7 +105,7 @@ func (e *endpoint) observeRTT(rtt time.Duration, now time.Time) {
 	e.ewmaStamp = now
 }
 
-func (e *endpoint) ewmaCost() float64 {
+func (e *Endpoint) ewmaCost() float64 {
 	e.ewmaMu.Lock()
 	rtt := e.ewmaNanos
 	e.ewmaMu.Unlock()
@@ -90,11 +117,11 @@ func (e *endpoint) ewmaCost() float64 {
 
 // pool is the endpoint list of a cluster or one of its subsets.
 type pool struct {
-	eps atomic.Pointer[[]*endpoint]
+	eps atomic.Pointer[[]*Endpoint]
 	rr  atomic.Uint64
 }
 
-func (p *pool) list() []*endpoint {
+func (p *pool) list() []*Endpoint {
 	if l := p.eps.Load(); l != nil {
 		return *l
 	}
@@ -105,7 +132,7 @@ func (p *pool) list() []*endpoint {
 // unhealthy endpoints unless none is left (then all are candidates — Envoy's
 // panic mode — so a fully failing cluster still gets traffic and recovers).
 // skip is avoided if possible (the previous attempt's endpoint on retry).
-func (p *pool) pick(lb string, skip *endpoint, now time.Time) *endpoint {
+func (p *pool) pick(lb string, skip *Endpoint, now time.Time) *Endpoint {
 	eps := p.list()
 	switch len(eps) {
 	case 0:
@@ -113,7 +140,7 @@ func (p *pool) pick(lb string, skip *endpoint, now time.Time) *endpoint {
 	case 1:
 		return eps[0]
 	}
-	var buf [32]*endpoint
+	var buf [32]*Endpoint
 	cand := buf[:0]
 	for _, e := range eps {
 		if e != skip && e.available(now) {
@@ -157,10 +184,13 @@ func (p *pool) pick(lb string, skip *endpoint, now time.Time) *endpoint {
 	}
 }
 
-// cluster is the runtime form of a configured cluster (or of the
-// original-destination passthrough).
-type cluster struct {
+// Cluster is the runtime form of a configured cluster (or of the
+// original-destination inbound and passthrough clusters): endpoints and
+// subsets, balancer, circuit breaker, outlier detection, health checks,
+// connection pools and TLS origination. It is safe for concurrent use.
+type Cluster struct {
 	name     string
+	origDst  bool // endpoints are requests' original destinations
 	cfg      config.Cluster
 	lb       string
 	all      pool
@@ -168,40 +198,121 @@ type cluster struct {
 	outlier  *config.OutlierDetection
 	h1, h2   *http.Transport
 	direct   *h1Transport // HTTP/1.1 fast path (small bodies, no upgrade)
-	tls      *upstreamTLS // nil: plain text
+	tls      *TLS         // nil: plain text
 	proto    string       // http1 | http2 | auto
 	active   atomic.Int64
 	pending  atomic.Int64
 	maxReq   int64
 	maxPend  int64
 	maxConns int
-	m        *clusterMetrics
+	m        *Metrics
 
 	epMu   sync.Mutex
-	byKey  map[string]*endpoint
+	byKey  map[string]*Endpoint
 	static []config.Endpoint // the static endpoints in use (config or UpdateEndpoints)
 
 	stop  context.CancelFunc // ends the cluster's background work (nil: none started)
 	clock func() time.Time   // outlier ejection time (nil: time.Now; tests move it)
 }
 
+// Name is the cluster's configured name.
+func (c *Cluster) Name() string { return c.name }
+
+// Config is the configuration c was built from; callers must not modify it.
+func (c *Cluster) Config() *config.Cluster { return &c.cfg }
+
+// Metrics are c's series (nil: none).
+func (c *Cluster) Metrics() *Metrics { return c.m }
+
+// Protocol is what c speaks to its endpoints: http1, http2 or auto (the
+// request's protocol).
+func (c *Cluster) Protocol() string { return c.proto }
+
+// TLS is c's TLS origination (nil: plain text).
+func (c *Cluster) TLS() *TLS { return c.tls }
+
+// Endpoints returns the cluster's current endpoints.
+func (c *Cluster) Endpoints() []*Endpoint { return c.all.list() }
+
+// FastPathPool describes the HTTP/1.1 fast path's connections to one
+// endpoint (tests and debugging).
+type FastPathPool struct {
+	// Idle connections, Live of them passing the check a reuse makes (the
+	// server has not closed them), and Open connections, idle or busy.
+	Idle, Live, Open int
+}
+
+// FastPathPool reports the fast path's pool of the endpoint addr; false
+// when it keeps none for addr.
+func (c *Cluster) FastPathPool(addr string) (FastPathPool, bool) {
+	t := c.direct
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	h := t.hosts[addr]
+	if h == nil {
+		return FastPathPool{}, false
+	}
+	fp := FastPathPool{Idle: len(h.idle), Open: h.conns}
+	for _, pc := range h.idle {
+		if pc.alive() {
+			fp.Live++
+		}
+	}
+	return fp, true
+}
+
+// Admit takes a slot of the circuit breaker's concurrent requests for one
+// request; false (counted as an overflow) when the limit is reached.
+func (c *Cluster) Admit() bool {
+	if n := c.active.Add(1); c.maxReq > 0 && n > c.maxReq {
+		c.active.Add(-1)
+		c.m.Overflow.WithLabelValues("requests").Inc()
+		return false
+	}
+	return true
+}
+
+// Release gives back a slot Admit took.
+func (c *Cluster) Release() { c.active.Add(-1) }
+
+// Active is the number of requests holding a circuit breaker slot.
+func (c *Cluster) Active() int64 { return c.active.Load() }
+
+// Pending is the number of requests waiting for a connection.
+func (c *Cluster) Pending() int64 { return c.pending.Load() }
+
+// LimitsPending reports whether c has a maxPendingRequests limit (an
+// attempt then needs a cancelable context for TracePending).
+func (c *Cluster) LimitsPending() bool { return c.maxPend > 0 }
+
+// Pick chooses the endpoint of one attempt of a request to the original
+// destination dst for subset ("": all endpoints), avoiding skip (the
+// previous attempt's) when it can; nil when the pool is empty. The
+// original-destination clusters return dst itself.
+func (c *Cluster) Pick(subset string, dst netip.AddrPort, skip *Endpoint) *Endpoint {
+	if c.origDst {
+		return c.origDest(dst)
+	}
+	return c.pool(subset).pick(c.lb, skip, c.now())
+}
+
 // now is the time outlier ejections are measured in.
-func (c *cluster) now() time.Time {
+func (c *Cluster) now() time.Time {
 	if c.clock != nil {
 		return c.clock()
 	}
 	return time.Now()
 }
 
-// staticEndpoints returns the static endpoints the cluster serves.
-func (c *cluster) staticEndpoints() []config.Endpoint {
+// StaticEndpoints returns the static endpoints the cluster serves.
+func (c *Cluster) StaticEndpoints() []config.Endpoint {
 	c.epMu.Lock()
 	defer c.epMu.Unlock()
 	return c.static
 }
 
-// setStatic replaces the static endpoints (validated addresses).
-func (c *cluster) setStatic(eps []config.Endpoint) {
+// SetStatic replaces the static endpoints (validated addresses).
+func (c *Cluster) SetStatic(eps []config.Endpoint) {
 	addrs := make([]netip.AddrPort, 0, len(eps))
 	labels := make(map[netip.AddrPort]map[string]string, len(eps))
 	for _, e := range eps {
@@ -209,45 +320,90 @@ func (c *cluster) setStatic(eps []config.Endpoint) {
 		addrs = append(addrs, ap)
 		labels[ap] = e.Labels
 	}
-	c.setEndpoints(addrs, labels)
+	c.SetEndpoints(addrs, labels)
 	c.epMu.Lock()
 	c.static = slices.Clone(eps)
 	c.epMu.Unlock()
 }
 
-// retire stops the background work of a cluster an Update replaced and
+// Retire stops the background work of a cluster an Update replaced and
 // closes its idle upstream connections; requests still using it finish.
-func (c *cluster) retire() {
+func (c *Cluster) Retire() {
 	if c.stop != nil {
 		c.stop()
 	}
+	c.CloseIdle()
+}
+
+// CloseIdle closes c's idle upstream connections and its HTTP/1.1 fast
+// path's pool (the engine's Close, after its servers stopped).
+func (c *Cluster) CloseIdle() {
 	c.h1.CloseIdleConnections()
 	c.h2.CloseIdleConnections()
 	c.direct.close()
 }
 
-// Errors the router reports (mapped to status codes and access-log flags).
+// Errors of an upstream attempt (the engine maps them to status codes and
+// access-log flags).
 var (
-	errOverflow      = errors.New("upstream overflow: circuit breaker open (max requests)")
-	errPendingFull   = errors.New("upstream overflow: circuit breaker open (max pending requests)")
-	errNoEndpoint    = errors.New("no healthy upstream")
-	errPerTryTimeout = errors.New("upstream per-try timeout")
-	errRouteTimeout  = errors.New("upstream request timeout")
+	// ErrOverflow: the circuit breaker's concurrent request limit.
+	ErrOverflow = errors.New("upstream overflow: circuit breaker open (max requests)")
+	// ErrPendingFull: the circuit breaker's pending request limit.
+	ErrPendingFull = errors.New("upstream overflow: circuit breaker open (max pending requests)")
+	// ErrNoEndpoint: the pool is empty.
+	ErrNoEndpoint = errors.New("no healthy upstream")
+	// ErrPerTryTimeout: an attempt's per-try timeout.
+	ErrPerTryTimeout = errors.New("upstream per-try timeout")
 )
 
-// connectError marks a failure to establish the upstream connection.
-type connectError struct{ err error }
+// ConnectError marks a failure to establish the upstream connection.
+type ConnectError struct{ Err error }
 
-func (e *connectError) Error() string { return "upstream connect failure: " + e.err.Error() }
-func (e *connectError) Unwrap() error { return e.err }
+// Error says the connection failed, and why.
+func (e *ConnectError) Error() string { return "upstream connect failure: " + e.Err.Error() }
+
+// Unwrap returns the dial or handshake error.
+func (e *ConnectError) Unwrap() error { return e.Err }
 
 // DialFunc dials an upstream. dir tells inbound (to the local app, which the
 // sidecar dials from 127.0.0.6) from outbound.
 type DialFunc func(ctx context.Context, dir l4.Direction, network, addr string) (net.Conn, error)
 
-func newCluster(cfg config.Cluster, dir l4.Direction, dial DialFunc, m *clusterMetrics, ut *upstreamTLS) *cluster {
-	c := &cluster{
+// Metrics are a cluster's series, resolved once per cluster by the engine
+// so that no request looks labels up.
+type Metrics struct {
+	Retries, RetryBudgetExhausted, Ejections, ConnectFailures, TLSFailures, HCFailures, DNSFailures, Mirrored *stats.Counter
+	// Overflow counts circuit breaker refusals by limit (requests, pending).
+	Overflow *stats.CurriedVec
+	// Endpoints is the number of endpoints the cluster knows.
+	Endpoints prometheus.Gauge
+}
+
+// Options are what a cluster needs besides its configuration.
+type Options struct {
+	// Direction of the cluster's traffic: Inbound dials the local app.
+	Direction l4.Direction
+	// Dial connects to endpoints.
+	Dial DialFunc
+	// Metrics receives the cluster's series (nil: none).
+	Metrics *Metrics
+	// TLS originates TLS to the endpoints (nil: plain text); see NewTLS.
+	TLS *TLS
+	// OriginalDst: the endpoint of a request is its original destination
+	// (the inbound and passthrough clusters); cfg has no endpoints.
+	OriginalDst bool
+	// Clock replaces time.Now for outlier ejection intervals (tests).
+	Clock func() time.Time
+}
+
+// New builds the cluster cfg describes (cfg is validated). Its background
+// work (DNS, health checks) starts with Start.
+func New(cfg config.Cluster, o Options) *Cluster {
+	m, ut := o.Metrics, o.TLS
+	c := &Cluster{
 		name:    cfg.Name,
+		origDst: o.OriginalDst,
+		clock:   o.Clock,
 		cfg:     cfg,
 		lb:      cfg.LoadBalancer,
 		outlier: cfg.Outlier,
@@ -256,7 +412,7 @@ func newCluster(cfg config.Cluster, dir l4.Direction, dial DialFunc, m *clusterM
 		maxPend: int64(cfg.Pool.MaxPendingRequests),
 		m:       m,
 		tls:     ut,
-		byKey:   map[string]*endpoint{},
+		byKey:   map[string]*Endpoint{},
 	}
 	if c.lb == "" {
 		c.lb = config.LBRoundRobin
@@ -265,12 +421,12 @@ func newCluster(cfg config.Cluster, dir l4.Direction, dial DialFunc, m *clusterM
 		c.proto = "auto"
 	}
 	c.maxConns = cfg.Pool.MaxConnections
-	c.h1, c.h2, c.direct = newTransports(cfg.Pool, dir, dial, m, cfg.Endpoints, ut)
-	c.setStatic(cfg.Endpoints)
+	c.h1, c.h2, c.direct = newTransports(cfg.Pool, o.Direction, o.Dial, m, cfg.Endpoints, ut)
+	c.SetStatic(cfg.Endpoints)
 	return c
 }
 
-func newTransports(pc config.ConnectionPool, dir l4.Direction, dial DialFunc, m *clusterMetrics, eps []config.Endpoint, ut *upstreamTLS) (h1, h2 *http.Transport, direct *h1Transport) {
+func newTransports(pc config.ConnectionPool, dir l4.Direction, dial DialFunc, m *Metrics, eps []config.Endpoint, ut *TLS) (h1, h2 *http.Transport, direct *h1Transport) {
 	idle := pc.MaxIdlePerEndpoint
 	if idle == 0 {
 		idle = 64
@@ -296,9 +452,9 @@ func newTransports(pc config.ConnectionPool, dir l4.Direction, dial DialFunc, m 
 		c, err := dial(ctx, dir, network, addr)
 		if err != nil {
 			if m != nil {
-				m.connectFailures.Inc()
+				m.ConnectFailures.Inc()
 			}
-			return nil, &connectError{err}
+			return nil, &ConnectError{Err: err}
 		}
 		return c, nil
 	}
@@ -329,22 +485,22 @@ func newTransports(pc config.ConnectionPool, dir l4.Direction, dial DialFunc, m 
 	return h1, h2, direct
 }
 
-// scheme is the URL scheme of requests to c's endpoints: https makes
+// Scheme is the URL scheme of requests to c's endpoints: https makes
 // net/http's transports dial with TLS.
-func (c *cluster) scheme() string {
+func (c *Cluster) Scheme() string {
 	if c.tls != nil {
 		return "https"
 	}
 	return "http"
 }
 
-// setEndpoints replaces the endpoint set, keeping the state of endpoints that
+// SetEndpoints replaces the endpoint set, keeping the state of endpoints that
 // stay, and recomputes the subsets.
-func (c *cluster) setEndpoints(addrs []netip.AddrPort, labels map[netip.AddrPort]map[string]string) {
+func (c *Cluster) SetEndpoints(addrs []netip.AddrPort, labels map[netip.AddrPort]map[string]string) {
 	c.epMu.Lock()
 	defer c.epMu.Unlock()
-	next := map[string]*endpoint{}
-	list := make([]*endpoint, 0, len(addrs))
+	next := map[string]*Endpoint{}
+	list := make([]*Endpoint, 0, len(addrs))
 	for _, ap := range addrs {
 		key := ap.String()
 		if next[key] != nil {
@@ -352,7 +508,7 @@ func (c *cluster) setEndpoints(addrs []netip.AddrPort, labels map[netip.AddrPort
 		}
 		e := c.byKey[key]
 		if e == nil {
-			e = &endpoint{addr: key}
+			e = &Endpoint{addr: key}
 		}
 		e.labels = labels[ap]
 		next[key] = e
@@ -367,7 +523,7 @@ func (c *cluster) setEndpoints(addrs []netip.AddrPort, labels map[netip.AddrPort
 		}
 	}
 	for _, s := range c.cfg.Subsets {
-		var sl []*endpoint
+		var sl []*Endpoint
 		for _, e := range list {
 			if selects(s.Labels, e.labels) {
 				sl = append(sl, e)
@@ -376,7 +532,7 @@ func (c *cluster) setEndpoints(addrs []netip.AddrPort, labels map[netip.AddrPort
 		c.subsets[s.Name].eps.Store(&sl)
 	}
 	if c.m != nil {
-		c.m.endpoints.Set(float64(len(list)))
+		c.m.Endpoints.Set(float64(len(list)))
 	}
 }
 
@@ -389,16 +545,19 @@ func selects(sel, labels map[string]string) bool {
 	return true
 }
 
-func (c *cluster) pool(subset string) *pool {
+func (c *Cluster) pool(subset string) *pool {
 	if subset == "" {
 		return &c.all
 	}
 	return c.subsets[subset]
 }
 
-func (c *cluster) transport(r *http.Request) http.RoundTripper {
+// Transport is the transport of an attempt of r: HTTP/2 for http2
+// clusters and (protocol auto) for HTTP/2 and gRPC requests, the HTTP/1.1
+// fast path for the small requests it serves, net/http's otherwise.
+func (c *Cluster) Transport(r *http.Request) http.RoundTripper {
 	switch {
-	case c.proto == "http2", c.proto == "auto" && (r.ProtoMajor == 2 || isGRPC(r)):
+	case c.proto == "http2", c.proto == "auto" && (r.ProtoMajor == 2 || grpcwire.IsGRPC(r)):
 		return c.h2
 	case c.direct.canServe(r):
 		return c.direct
@@ -406,36 +565,41 @@ func (c *cluster) transport(r *http.Request) http.RoundTripper {
 	return c.h1
 }
 
-// outcome of one upstream attempt, for outlier detection.
-type outcome int
+// Outcome of one upstream attempt, for outlier detection.
+type Outcome int
 
+// The outcomes.
 const (
-	outcomeOK outcome = iota
-	outcome5xx
-	outcomeGateway // 502, 503, 504
-	outcomeConnect // connect failure (also a gateway error)
-	outcomeLocal   // not the endpoint's fault (client cancel, our timeout)
+	OutcomeOK      Outcome = iota
+	Outcome5xx             // a 5xx other than 502, 503, 504
+	OutcomeGateway         // 502, 503, 504
+	OutcomeConnect         // connect failure (also a gateway error)
+	OutcomeLocal           // not the endpoint's fault (client cancel, our timeout)
 )
 
-// record feeds passive outlier detection.
-func (c *cluster) record(e *endpoint, o outcome) {
+// Measured reports whether an attempt with outcome o measured the
+// endpoint's response time (it answered, or timed out).
+func (o Outcome) Measured() bool { return o == OutcomeOK || o == Outcome5xx || o == OutcomeGateway }
+
+// Record feeds passive outlier detection.
+func (c *Cluster) Record(e *Endpoint, o Outcome) {
 	od := c.outlier
-	if od == nil || o == outcomeLocal {
+	if od == nil || o == OutcomeLocal {
 		return
 	}
 	e.outMu.Lock()
 	switch o {
-	case outcomeOK:
+	case OutcomeOK:
 		e.consec5xx, e.consecGw, e.consecConn = 0, 0, 0
 		e.outMu.Unlock()
 		return
-	case outcome5xx:
+	case Outcome5xx:
 		e.consec5xx++
 		e.consecGw = 0
-	case outcomeGateway:
+	case OutcomeGateway:
 		e.consec5xx++
 		e.consecGw++
-	case outcomeConnect:
+	case OutcomeConnect:
 		e.consec5xx++
 		e.consecGw++
 		e.consecConn++
@@ -480,12 +644,32 @@ func (c *cluster) record(e *endpoint, o outcome) {
 	e.consec5xx, e.consecGw, e.consecConn = 0, 0, 0
 	e.outMu.Unlock()
 	if c.m != nil {
-		c.m.ejections.Inc()
+		c.m.Ejections.Inc()
 	}
 }
 
+// Start begins c's background work under ctx, tracked by wg: the DNS
+// refresh of a dns cluster (r resolves) and active health checks (dial
+// connects tcp probes). The channel, nil when c has no DNS name, receives
+// the first resolution's error (nil: resolved). Retire stops it.
+func (c *Cluster) Start(ctx context.Context, wg *sync.WaitGroup, r Resolver, dial DialFunc) <-chan error {
+	if c.cfg.DNS == nil && c.cfg.HealthCheck == nil {
+		return nil
+	}
+	ctx, c.stop = context.WithCancel(ctx)
+	var ready chan error
+	if c.cfg.DNS != nil {
+		ready = make(chan error, 1)
+		wg.Go(func() { c.resolve(ctx, r, func(err error) { ready <- err }) })
+	}
+	if c.cfg.HealthCheck != nil {
+		wg.Go(func() { c.healthCheck(ctx, dial) })
+	}
+	return ready
+}
+
 // healthCheck probes every endpoint of c until ctx ends.
-func (c *cluster) healthCheck(ctx context.Context, dial DialFunc) {
+func (c *Cluster) healthCheck(ctx context.Context, dial DialFunc) {
 	hc := c.cfg.HealthCheck
 	interval := hc.Interval.D
 	if interval == 0 {
@@ -506,9 +690,9 @@ func (c *cluster) healthCheck(ctx context.Context, dial DialFunc) {
 	}
 	client := &http.Client{Transport: c.h1, Timeout: timeout,
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
-	probe := func(e *endpoint) bool {
+	probe := func(e *Endpoint) bool {
 		if hc.Type == "grpc" {
-			return grpcHealthCheck(ctx, c.h2, c.scheme()+"://"+e.addr, hc.ServiceName, timeout) == nil
+			return grpcHealthCheck(ctx, c.h2, c.Scheme()+"://"+e.addr, hc.ServiceName, timeout) == nil
 		}
 		if hc.Type == "tcp" {
 			pctx, cancel := context.WithTimeout(ctx, timeout)
@@ -520,7 +704,7 @@ func (c *cluster) healthCheck(ctx context.Context, dial DialFunc) {
 			conn.Close()
 			return true
 		}
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.scheme()+"://"+e.addr+path, nil)
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.Scheme()+"://"+e.addr+path, nil)
 		if err != nil {
 			return false
 		}
@@ -555,7 +739,7 @@ func (c *cluster) healthCheck(ctx context.Context, dial DialFunc) {
 					if !e.unhealthy.Load() && e.hcFails >= unhealthyAfter {
 						e.unhealthy.Store(true)
 						if c.m != nil {
-							c.m.hcFailures.Inc()
+							c.m.HCFailures.Inc()
 						}
 					}
 				}
@@ -578,7 +762,7 @@ type Resolver interface {
 
 // resolve refreshes a DNS cluster's endpoints until ctx ends. Lookup errors
 // keep the last good set (like Envoy's STRICT_DNS).
-func (c *cluster) resolve(ctx context.Context, r Resolver, ready func(error)) {
+func (c *Cluster) resolve(ctx context.Context, r Resolver, ready func(error)) {
 	d := c.cfg.DNS
 	refresh := d.Refresh.D
 	if refresh == 0 {
@@ -607,9 +791,9 @@ func (c *cluster) resolve(ctx context.Context, r Resolver, ready func(error)) {
 				addrs = append(addrs, ap)
 				labels[ap] = d.Labels
 			}
-			c.setEndpoints(addrs, labels)
+			c.SetEndpoints(addrs, labels)
 		} else if c.m != nil {
-			c.m.dnsFailures.Inc()
+			c.m.DNSFailures.Inc()
 		}
 		once.Do(func() {
 			if err != nil {
