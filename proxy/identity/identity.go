@@ -99,6 +99,9 @@ type Client struct {
 	conn    *grpc.ClientConn
 	api     securityv1alpha1.IstioCertificateServiceClient
 	current atomic.Pointer[tls.Certificate]
+	// anchors are the roots the current certificate was verified against,
+	// stored before current.
+	anchors atomic.Pointer[[]*x509.Certificate]
 	rand    func() float64
 
 	mu      sync.Mutex
@@ -174,8 +177,21 @@ func cmpOr(s, def string) string {
 // Close releases the connection to the CA.
 func (c *Client) Close() error { return c.conn.Close() }
 
-// roots reads the mesh's trust anchors.
+// roots reads the mesh's trust anchors as a pool.
 func (c *Client) roots() (*x509.CertPool, error) {
+	certs, err := c.rootCerts()
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	for _, r := range certs {
+		pool.AddCert(r)
+	}
+	return pool, nil
+}
+
+// rootCerts reads the mesh's trust anchors.
+func (c *Client) rootCerts() ([]*x509.Certificate, error) {
 	b, err := os.ReadFile(c.opts.RootCertFile)
 	if err != nil {
 		return nil, fmt.Errorf("reading mesh roots: %w", err)
@@ -187,11 +203,7 @@ func (c *Client) roots() (*x509.CertPool, error) {
 	if len(certs) == 0 {
 		return nil, fmt.Errorf("mesh roots %s: no certificate", c.opts.RootCertFile)
 	}
-	pool := x509.NewCertPool()
-	for _, r := range certs {
-		pool.AddCert(r)
-	}
-	return pool, nil
+	return certs, nil
 }
 
 // verifyCA checks the CA's serving certificate against the mesh roots.
@@ -220,6 +232,17 @@ func (c *Client) verifyCA(cs tls.ConnectionState) error {
 // Current returns the certificate in use (leaf first, key in memory), or
 // nil before the first one arrived.
 func (c *Client) Current() *tls.Certificate { return c.current.Load() }
+
+// Roots returns the trust anchors the current certificate was verified
+// against (read from RootCertFile when it was obtained), or nil before the
+// first one. Subscribers read it for the certificate they were given: it is
+// updated before they are called.
+func (c *Client) Roots() []*x509.Certificate {
+	if r := c.anchors.Load(); r != nil {
+		return *r
+	}
+	return nil
+}
 
 // GetCertificate is tls.Config.GetCertificate: the workload certificate for
 // inbound mTLS.
@@ -304,10 +327,11 @@ func (c *Client) Fetch(ctx context.Context) (*tls.Certificate, error) {
 	if err != nil {
 		return nil, fmt.Errorf("requesting a certificate from %s: %w", c.opts.Addr, err)
 	}
-	cert, err := c.check(resp.GetCertChain(), key)
+	cert, roots, err := c.check(resp.GetCertChain(), key)
 	if err != nil {
 		return nil, fmt.Errorf("certificate from %s: %w", c.opts.Addr, err)
 	}
+	c.anchors.Store(&roots)
 	c.store(cert)
 	c.opts.Log.Info("Workload certificate in use", "identity", cert.Leaf.URIs[0].String(), "serial", cert.Leaf.SerialNumber.Text(16),
 		"notBefore", cert.Leaf.NotBefore.UTC().Format(time.RFC3339), "notAfter", cert.Leaf.NotAfter.UTC().Format(time.RFC3339))
@@ -322,32 +346,37 @@ func trimSpace(b []byte) []byte {
 }
 
 // check verifies an issued chain: it is for our key, carries exactly one
-// URI SAN (ours, if we asked for one) and verifies against the mesh roots.
-func (c *Client) check(chainPEM []string, key crypto.Signer) (*tls.Certificate, error) {
+// URI SAN (ours, if we asked for one) and verifies against the mesh roots,
+// which it returns.
+func (c *Client) check(chainPEM []string, key crypto.Signer) (*tls.Certificate, []*x509.Certificate, error) {
 	var chain []*x509.Certificate
 	for i, p := range chainPEM {
 		cs, err := certpem.ParseCertificates([]byte(p))
 		if err != nil {
-			return nil, fmt.Errorf("cert_chain[%d]: %w", i, err)
+			return nil, nil, fmt.Errorf("cert_chain[%d]: %w", i, err)
 		}
 		chain = append(chain, cs...)
 	}
 	if len(chain) == 0 {
-		return nil, errors.New("empty cert_chain")
+		return nil, nil, errors.New("empty cert_chain")
 	}
 	leaf := chain[0]
 	if pub, ok := leaf.PublicKey.(*ecdsa.PublicKey); !ok || !pub.Equal(key.Public()) {
-		return nil, errors.New("leaf is not for the key we sent")
+		return nil, nil, errors.New("leaf is not for the key we sent")
 	}
 	if len(leaf.URIs) != 1 {
-		return nil, fmt.Errorf("leaf has %d URI SANs, want one SPIFFE ID", len(leaf.URIs))
+		return nil, nil, fmt.Errorf("leaf has %d URI SANs, want one SPIFFE ID", len(leaf.URIs))
 	}
 	if c.opts.Identity != "" && leaf.URIs[0].String() != c.opts.Identity {
-		return nil, fmt.Errorf("leaf is for %s, we asked for %s", leaf.URIs[0], c.opts.Identity)
+		return nil, nil, fmt.Errorf("leaf is for %s, we asked for %s", leaf.URIs[0], c.opts.Identity)
 	}
-	pool, err := c.roots()
+	anchors, err := c.rootCerts()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
+	}
+	pool := x509.NewCertPool()
+	for _, r := range anchors {
+		pool.AddCert(r)
 	}
 	inter := x509.NewCertPool()
 	for _, x := range chain[1:] {
@@ -355,7 +384,7 @@ func (c *Client) check(chainPEM []string, key crypto.Signer) (*tls.Certificate, 
 	}
 	if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, CurrentTime: c.opts.Clock.Now(),
 		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth}}); err != nil {
-		return nil, fmt.Errorf("leaf does not verify against %s: %w", c.opts.RootCertFile, err)
+		return nil, nil, fmt.Errorf("leaf does not verify against %s: %w", c.opts.RootCertFile, err)
 	}
 	out := &tls.Certificate{PrivateKey: key, Leaf: leaf}
 	// Present leaf and intermediates; peers have the root.
@@ -365,7 +394,7 @@ func (c *Client) check(chainPEM []string, key crypto.Signer) (*tls.Certificate, 
 		}
 		out.Certificate = append(out.Certificate, x.Raw)
 	}
-	return out, nil
+	return out, anchors, nil
 }
 
 // renewAt is when cert is renewed: at fraction of its lifetime, moved by up
