@@ -44,11 +44,13 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/go-logr/logr"
 	"golang.org/x/sys/unix"
 
 	"github.com/meshlet/meshlet/internal/filewatch"
 	"github.com/meshlet/meshlet/internal/meshports"
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/identity"
 	"github.com/meshlet/meshlet/proxy/stats"
 )
 
@@ -87,6 +89,22 @@ type Options struct {
 	Stdout, Stderr *os.File
 	// Version is reported in /server_info.
 	Version string
+	// CAAddress is the mesh CA's host:port (the discovery Service on
+	// 15012); empty: no workload identity (static and L4-only sidecars),
+	// generations start at once. Set, the agent obtains the workload
+	// certificate (package proxy/identity), starts the first generation
+	// only once it has one, and hands every renewal to every generation
+	// over its control socket.
+	CAAddress string
+	// CAServerName is the name the CA's serving certificate must carry;
+	// empty: CAAddress's host.
+	CAServerName string
+	// TokenFile is the projected service-account token (audience
+	// istio-ca); empty: identity.DefaultTokenFile.
+	TokenFile string
+	// RootCertFile holds the mesh's roots (ConfigMap istio-ca-root-cert);
+	// empty: identity.DefaultRootCertFile.
+	RootCertFile string
 	// Log receives the agent's logs; nil: discard.
 	Log *slog.Logger
 }
@@ -120,6 +138,7 @@ func (o Options) Validate() error {
 		{"outbound address", o.OutboundAddr}, {"inbound address", o.InboundAddr},
 		{"health address", o.HealthAddr}, {"prometheus address", o.PrometheusAddr},
 		{"admin address", o.AdminAddr}, {"status address", o.StatusAddr},
+		{"CA address", o.CAAddress},
 	} {
 		if a.addr == "" {
 			continue
@@ -199,6 +218,15 @@ type Agent struct {
 
 	// counters in the shared region
 	reloadOK, reloadFail, crashes, gensStarted *stats.Counter
+	identityUpdates, identitySendFailures      *stats.Counter
+
+	// idc obtains and renews the workload certificate; nil without
+	// Options.CAAddress.
+	idc *identity.Client
+	// idBundle is the current identity as sent to generations
+	// (identity.MarshalBundle); nil until the first certificate. Used by
+	// Run's goroutine only.
+	idBundle []byte
 
 	healthURL, promURL string // set in New, read-only after
 
@@ -217,8 +245,20 @@ type Info struct {
 	LastReloadError   string    `json:"lastReloadError,omitempty"`
 	LastReloadSeconds float64   `json:"lastReloadSeconds,omitempty"`
 	Restarts          uint64    `json:"restarts"`
-	UptimeSeconds     float64   `json:"uptimeSeconds"`
-	Ready             bool      `json:"ready"`
+	// Identity describes the workload certificate in use; nil when
+	// identity is off or before the first certificate.
+	Identity      *IdentityInfo `json:"identity,omitempty"`
+	UptimeSeconds float64       `json:"uptimeSeconds"`
+	Ready         bool          `json:"ready"`
+}
+
+// IdentityInfo describes the workload certificate the agent hands to its
+// generations (never the key).
+type IdentityInfo struct {
+	SPIFFE    string    `json:"spiffe"`
+	Serial    string    `json:"serial"`
+	NotBefore time.Time `json:"notBefore"`
+	NotAfter  time.Time `json:"notAfter"`
 }
 
 // GenInfo describes one live generation.
@@ -271,7 +311,20 @@ func New(o Options) (*Agent, error) {
 	a.reloadFail = a.region.Counter(`meshlet_agent_reloads_total{result="failure"}`)
 	a.crashes = a.region.Counter(`meshlet_agent_generation_crashes_total`)
 	a.gensStarted = a.region.Counter(`meshlet_agent_generations_launched_total`)
+	a.identityUpdates = a.region.Counter(`meshlet_agent_identity_updates_total`)
+	a.identitySendFailures = a.region.Counter(`meshlet_agent_identity_send_failures_total`)
 	a.info = Info{Version: o.Version, State: "STARTING", ConfigPath: o.ConfigPath}
+	if o.CAAddress != "" {
+		a.idc, err = identity.New(identity.Options{
+			Addr: o.CAAddress, ServerName: o.CAServerName, TokenFile: o.TokenFile, RootCertFile: o.RootCertFile,
+			Log: logr.FromSlogHandler(o.Log.With("component", "identity").Handler()),
+		})
+		if err != nil {
+			a.closeSocks()
+			a.status.Close()
+			return nil, err
+		}
+	}
 	return a, nil
 }
 
@@ -392,6 +445,28 @@ func (g *generation) drainHotRestart(next *generation) error {
 	return nil
 }
 
+// sendIdentity sends the identity bundle b on g's control socket as one
+// IdentityCommand message. It never blocks: a generation that does not read
+// its control socket must not stall the agent; it keeps its certificate
+// until the next one.
+func (g *generation) sendIdentity(b []byte) error {
+	msg := make([]byte, 0, len(IdentityCommand)+1+len(b))
+	msg = append(append(append(msg, IdentityCommand...), '\n'), b...)
+	defer clear(msg)
+	rc, err := g.control.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("generation %d control socket: %w", g.n, err)
+	}
+	cerr := rc.Write(func(fd uintptr) bool {
+		err = unix.Sendmsg(int(fd), msg, nil, nil, unix.MSG_DONTWAIT)
+		return true
+	})
+	if err = errors.Join(err, cerr); err != nil {
+		return fmt.Errorf("sending the workload identity to generation %d: %w", g.n, err)
+	}
+	return nil
+}
+
 // takePeer returns the hand-over peer and forgets it: exactly one caller
 // closes it.
 func (g *generation) takePeer() *os.File {
@@ -472,7 +547,11 @@ func (a *Agent) spawn(n int, cfg *config.Loaded, handover bool) (*generation, er
 		"--generation", strconv.Itoa(n),
 		"--drain-duration", a.o.DrainDuration.String(),
 	}, a.o.ProxyArgs...)
-	env := generationEnv(os.Environ(), EnvInheritedFDs+"="+strings.Join(spec, ","))
+	extra := []string{EnvInheritedFDs + "=" + strings.Join(spec, ",")}
+	if a.idc != nil {
+		extra = append(extra, EnvIdentity+"="+IdentityFromAgent)
+	}
+	env := generationEnv(os.Environ(), extra...)
 	proc, err := os.StartProcess(a.o.Executable, args, &os.ProcAttr{
 		Env:   env,
 		Files: files,
@@ -493,6 +572,14 @@ func (a *Agent) spawn(n int, cfg *config.Loaded, handover bool) (*generation, er
 	a.gensStarted.Inc()
 	g := &generation{n: n, pid: proc.Pid, proc: proc, cfg: cfg, state: "STARTING", started: time.Now(), control: ctlW, handoverPeer: peer}
 	a.log.Info("generation starting", "generation", n, "pid", g.pid, "configHash", cfg.Hash)
+	if a.idBundle != nil {
+		// First on the control socket: the generation reads it before it
+		// may report ready. A failure shows as a start that times out.
+		if err := g.sendIdentity(a.idBundle); err != nil {
+			a.identitySendFailures.Inc()
+			a.log.Error("workload identity not sent to the new generation", "generation", n, "err", err)
+		}
+	}
 	go a.awaitReady(g, rd)
 	return g, nil
 }

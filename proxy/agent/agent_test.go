@@ -43,6 +43,14 @@ func startAgent(t *testing.T, dest string, extra ...string) *proc {
 // generations.
 func startAgentExe(t *testing.T, dest, exe string, extra ...string) *proc {
 	t.Helper()
+	p := launchAgent(t, dest, exe, extra...)
+	p.waitReady(t)
+	return p
+}
+
+// launchAgent is startAgentExe without waiting for readiness.
+func launchAgent(t *testing.T, dest, exe string, extra ...string) *proc {
+	t.Helper()
 	p := &proc{out: &proctest.SyncBuf{}, exited: make(chan error, 1)}
 	p.outbound, p.inbound, p.health, p.prom, p.admin, p.st = proctest.FreePort(t), proctest.FreePort(t), proctest.FreePort(t), proctest.FreePort(t), proctest.FreePort(t), proctest.FreePort(t)
 	p.configPath = filepath.Join(t.TempDir(), "proxy.yaml")
@@ -71,7 +79,6 @@ func startAgentExe(t *testing.T, dest, exe string, extra ...string) *proc {
 			t.Logf("agent output:\n%s", p.out.String())
 		}
 	})
-	p.waitReady(t)
 	return p
 }
 

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"fmt"
 	"io"
 	"net"
@@ -44,10 +45,34 @@ const DrainShutdownCommand = "DRAIN shutdown"
 // descriptor (server.Server.HandOver).
 const DrainHotRestartCommand = "DRAIN hot-restart"
 
+// IdentityCommand is the message on the control socket that carries the
+// workload identity: the line "identity", a newline, then the bundle
+// (identity.MarshalBundle: chain, key, roots). The agent sends it to every
+// live generation on each new certificate, and to each new generation
+// right after it starts.
+const IdentityCommand = "identity"
+
+// EnvIdentity names the environment variable that tells a generation the
+// agent hands it the workload identity (value IdentityFromAgent): it
+// reports ready only once the first IdentityCommand arrived.
+const EnvIdentity = "MESHLET_IDENTITY"
+
+// IdentityFromAgent is EnvIdentity's value when the agent runs the identity
+// client.
+const IdentityFromAgent = "control"
+
+// maxCommand bounds one control message: a command line and, for
+// IdentityCommand, the bundle.
+const maxCommand = 64 << 10
+
 // Command is one message from the agent on the control socket.
 type Command struct {
-	// Line is the command text.
+	// Line is the command text (the message's first line).
 	Line string
+	// Payload is what follows the first line (the bundle of
+	// IdentityCommand); nil for the other commands. It may hold a private
+	// key: never log it.
+	Payload []byte
 	// File is the descriptor the command carries, if any; the receiver
 	// owns it.
 	File *os.File
@@ -186,14 +211,24 @@ func Commands(r *os.File) <-chan Command {
 	go func() {
 		defer close(ch)
 		defer uc.Close()
-		buf := make([]byte, 4096)
+		buf := make([]byte, maxCommand)
 		oob := make([]byte, unix.CmsgSpace(4))
 		for {
-			n, oobn, _, _, err := uc.ReadMsgUnix(buf, oob)
+			n, oobn, flags, _, err := uc.ReadMsgUnix(buf, oob)
 			if err != nil || n == 0 && oobn == 0 {
 				return
 			}
-			cmd := Command{Line: strings.TrimSpace(string(buf[:n]))}
+			line, payload, _ := bytes.Cut(buf[:n], []byte("\n"))
+			cmd := Command{Line: strings.TrimSpace(string(line))}
+			if len(payload) > 0 {
+				cmd.Payload = bytes.Clone(payload)
+			}
+			clear(buf[:n]) // no copy of a key left behind in the buffer
+			if flags&unix.MSG_TRUNC != 0 {
+				// Cut short: a payload that cannot be trusted.
+				cmd.Payload = nil
+				cmd.Line += " (truncated)"
+			}
 			if cms, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
 				for _, cm := range cms {
 					fds, err := unix.ParseUnixRights(&cm)

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net/http"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/meshlet/meshlet/internal/exepages"
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/identity"
 )
 
 type eventKind int
@@ -28,6 +30,7 @@ const (
 	evQuit
 	evShutdown
 	evForward
+	evIdentity
 )
 
 type event struct {
@@ -39,6 +42,9 @@ type event struct {
 	reason string
 	reply  chan ReloadResult
 	sig    syscall.Signal // evForward
+	// evIdentity: the new certificate and its bundle (which holds the key).
+	cert   *tls.Certificate
+	bundle []byte
 }
 
 // ReloadResult is the outcome of a reload request.
@@ -122,7 +128,13 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.watchFiles(cfg)
 	st.cfg = cfg
-	a.startGen(st, cfg)
+	if a.idc != nil {
+		stop := a.runIdentity(ctx)
+		defer stop()
+		a.log.Info("waiting for the workload certificate before starting the proxy", "ca", a.o.CAAddress)
+	} else {
+		a.startGen(st, cfg)
+	}
 
 	var shutdownDeadline <-chan time.Time
 	shutdown := func(why string) {
@@ -156,9 +168,11 @@ func (a *Agent) Run(ctx context.Context) error {
 		case evExit:
 			a.onExit(st, ev.pid, ev.status)
 		case evRestart:
-			if st.active == nil && st.starting == nil && !st.shutdown && !st.drained {
+			if st.active == nil && st.starting == nil && !st.shutdown && !st.drained && !a.awaitingIdentity() {
 				a.startGen(st, st.cfg)
 			}
+		case evIdentity:
+			a.onIdentity(st, ev.cert, ev.bundle)
 		case evDrain:
 			if st.active != nil && !st.drained {
 				st.drained = true
@@ -179,6 +193,72 @@ func (a *Agent) Run(ctx context.Context) error {
 			return nil
 		}
 		a.publish(st)
+	}
+}
+
+// errAwaitingIdentity answers a reload before the first generation, which
+// waits for the workload certificate.
+var errAwaitingIdentity = errors.New("no generation yet: waiting for the first workload certificate (the new configuration is used when it arrives)")
+
+// awaitingIdentity reports whether generations wait for the first
+// workload certificate.
+func (a *Agent) awaitingIdentity() bool { return a.idc != nil && a.idBundle == nil }
+
+// runIdentity runs the identity client until the returned stop is called,
+// posting every certificate it obtains (the first one and each renewal) to
+// Run as an evIdentity event. The client retries a CA that is down with
+// backoff; meanwhile generations keep the certificate they have.
+func (a *Agent) runIdentity(ctx context.Context) (stop func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	a.idc.Subscribe(func(cert *tls.Certificate) {
+		b, err := identity.MarshalBundle(cert, a.idc.Roots())
+		if err != nil {
+			a.log.Error("workload certificate cannot be handed to the proxy", "err", err)
+			return
+		}
+		select {
+		case a.events <- event{kind: evIdentity, cert: cert, bundle: b}:
+		case <-a.done:
+		case <-ctx.Done(): // stop waits for the client: never block it
+		}
+	})
+	go func() {
+		defer close(done)
+		_ = a.idc.Run(ctx) // returns nil when ctx ends
+	}()
+	return func() {
+		cancel()
+		<-done
+		_ = a.idc.Close()
+	}
+}
+
+// onIdentity takes a new workload certificate: every live generation gets
+// it at once (the one starting too: its first message came earlier), and
+// the first one lets the first generation start.
+func (a *Agent) onIdentity(st *runState, cert *tls.Certificate, b []byte) {
+	first := a.idBundle == nil
+	clear(a.idBundle)
+	a.idBundle = b
+	a.identityUpdates.Inc()
+	sent := 0
+	for _, g := range st.gens {
+		if err := g.sendIdentity(b); err != nil {
+			a.identitySendFailures.Inc()
+			a.log.Error("workload identity not sent; the generation keeps its certificate", "generation", g.n, "err", err)
+			continue
+		}
+		sent++
+	}
+	leaf := cert.Leaf
+	a.mu.Lock()
+	a.info.Identity = &IdentityInfo{SPIFFE: leaf.URIs[0].String(), Serial: leaf.SerialNumber.Text(16), NotBefore: leaf.NotBefore.UTC(), NotAfter: leaf.NotAfter.UTC()}
+	a.mu.Unlock()
+	a.log.Info("workload identity handed to the proxy", "identity", leaf.URIs[0].String(), "serial", leaf.SerialNumber.Text(16),
+		"notAfter", leaf.NotAfter.UTC().Format(time.RFC3339), "generations", sent)
+	if first && st.active == nil && st.starting == nil && !st.shutdown && !st.drained {
+		a.startGen(st, st.cfg)
 	}
 }
 
@@ -276,6 +356,13 @@ func (a *Agent) reload(st *runState, ev event) {
 		a.log.Error("reload rejected: invalid configuration; the current generation keeps serving", "reason", ev.reason, "err", err)
 		a.failReload(st, err)
 		reply(ev.reply, ReloadResult{Error: err.Error()})
+		return
+	}
+	if a.awaitingIdentity() {
+		// No generation yet: the first one starts with this configuration
+		// once the certificate is in.
+		st.cfg = cfg
+		reply(ev.reply, ReloadResult{Error: errAwaitingIdentity.Error()})
 		return
 	}
 	if (ev.reason == "watch" || ev.reason == "pending-watch") && st.active != nil && cfg.Hash == st.active.cfg.Hash {

@@ -26,6 +26,7 @@ import (
 	"github.com/meshlet/meshlet/internal/meshports"
 	"github.com/meshlet/meshlet/proxy/agent"
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/identity"
 	"github.com/meshlet/meshlet/proxy/l4"
 	"github.com/meshlet/meshlet/proxy/l7"
 	"github.com/meshlet/meshlet/proxy/server"
@@ -57,6 +58,13 @@ type Options struct {
 	// XDS, when its address is set, configures the L7 engine from the
 	// discovery server (package xds) on top of the configuration file.
 	XDS xds.Settings
+	// Identity receives the workload certificate and mesh roots the agent
+	// hands over (agent.IdentityCommand), which the data path serves and
+	// verifies mTLS with; nil: Run makes its own. Started by an agent that
+	// runs the identity client (agent.EnvIdentity), the generation reports
+	// ready only once the first identity arrived, and takes every renewal
+	// without a restart.
+	Identity *identity.Store
 }
 
 // NewOptions returns the defaults: generation 1, a 5s drain, the standard
@@ -148,6 +156,34 @@ func Run(ctx context.Context, o Options) error {
 	if so.Stats == nil {
 		so.Stats = stats.NewPrivate()
 	}
+	ids := o.Identity
+	if ids == nil {
+		ids = &identity.Store{}
+	}
+	idUpdates := func(result string) *stats.Counter {
+		return so.Stats.Counter(fmt.Sprintf("meshlet_proxy_identity_updates_total{result=%q}", result))
+	}
+	setIdentity := func(c agent.Command) {
+		if err := ids.SetBundle(c.Payload); err != nil {
+			idUpdates("failure").Inc()
+			log.Error("workload identity refused; keeping the one in use", "identity", ids.Identity(), "err", err)
+			return
+		}
+		idUpdates("success").Inc()
+		leaf := ids.Certificate().Leaf
+		log.Info("workload identity in use", "identity", ids.Identity(), "serial", leaf.SerialNumber.Text(16),
+			"notAfter", leaf.NotAfter.UTC().Format(time.RFC3339))
+	}
+	so.Certs = func() any { return ids.Dump(time.Now()) }
+	commands := agent.Commands(control)
+	if in != nil && os.Getenv(agent.EnvIdentity) == agent.IdentityFromAgent {
+		// The agent sends the identity right after the start; nothing
+		// else comes before this generation reports ready.
+		if err := awaitIdentity(ctx, commands, ids, setIdentity); err != nil {
+			agent.ReportFailure(ready, err)
+			return err
+		}
+	}
 	var engine *l7.Engine
 	var choose l4.Chooser
 	if cfg.L7 != nil || o.XDS.Enabled() {
@@ -186,7 +222,6 @@ func Run(ctx context.Context, o Options) error {
 	if engine != nil {
 		choose = engine.Chooser(srv.Forwarder())
 	}
-	commands := agent.Commands(control)
 	srv.Start()
 	agent.ReportReady(ready)
 	if orig, ok := os.LookupEnv(agent.EnvStartGOGC); ok {
@@ -215,6 +250,8 @@ func Run(ctx context.Context, o Options) error {
 			switch {
 			case !ok:
 				commands = nil // the agent is gone; Pdeathsig ends us
+			case c.Line == agent.IdentityCommand:
+				setIdentity(c)
 			case c.Line == agent.DrainShutdownCommand:
 				closeFile(c.File)
 				srv.Drain(server.Shutdown)
@@ -246,6 +283,28 @@ func Run(ctx context.Context, o Options) error {
 			return nil
 		}
 	}
+}
+
+// awaitIdentity reads the control socket until the first identity the
+// agent sends was put in use.
+func awaitIdentity(ctx context.Context, commands <-chan agent.Command, ids *identity.Store, set func(agent.Command)) error {
+	for ids.Certificate() == nil {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for the workload identity: %w", ctx.Err())
+		case c, ok := <-commands:
+			switch {
+			case !ok:
+				return errors.New("waiting for the workload identity: the agent closed the control socket")
+			case c.Line == agent.IdentityCommand:
+				set(c) // a refused bundle is logged; wait for the next
+			default:
+				closeFile(c.File)
+				return fmt.Errorf("control command %q before the workload identity", c.Line)
+			}
+		}
+	}
+	return nil
 }
 
 func closeFile(f *os.File) {

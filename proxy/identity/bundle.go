@@ -106,7 +106,11 @@ func UnmarshalBundle(data []byte) (*tls.Certificate, *x509.CertPool, error) {
 	for _, c := range chain[1:] {
 		inter.AddCert(c)
 	}
-	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter,
+	// The chain is checked as of the leaf's start, not now: the agent
+	// checked the times when it obtained the certificate, and an expired
+	// one (the CA down past expiry) must still reach a new generation, or
+	// a restart would leave the proxy without any.
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: leaf.NotBefore,
 		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
 		return nil, nil, fmt.Errorf("identity bundle: leaf %s does not verify against its roots: %w", leaf.URIs[0], err)
 	}

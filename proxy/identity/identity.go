@@ -406,9 +406,15 @@ func renewAt(leaf *x509.Certificate, fraction, jitter, r float64) time.Time {
 }
 
 // Retry backoff after a failed request: doubling from the first to the cap.
+// While the current certificate is valid a retry never waits more than a
+// tenth of the time it has left (at least retryMin); once it has expired,
+// never more than retryExpired, so that a CA coming back after a long outage
+// is used within seconds.
 const (
-	retryFirst = time.Second
-	retryMax   = 30 * time.Second
+	retryFirst   = time.Second
+	retryMax     = 30 * time.Second
+	retryMin     = 100 * time.Millisecond
+	retryExpired = 5 * time.Second
 )
 
 // Run obtains the first certificate (retrying with backoff until it
@@ -424,14 +430,18 @@ func (c *Client) Run(ctx context.Context) error {
 			return nil
 		case err != nil:
 			wait = backoff
-			backoff = min(2*backoff, retryMax)
 			if cur := c.current.Load(); cur != nil {
 				// Never sleep past expiry: the retry interval is capped
 				// by a tenth of the time left.
 				if left := cur.Leaf.NotAfter.Sub(c.opts.Clock.Now()); left > 0 {
-					wait = max(min(wait, left/10), 100*time.Millisecond)
+					wait = max(min(wait, left/10), retryMin)
+				} else {
+					wait = min(wait, retryExpired)
 				}
 			}
+			// The next wait doubles this one: a cap that shortened it
+			// does not count as time waited.
+			backoff = min(2*wait, retryMax)
 			c.opts.Log.Error(err, "Obtaining the workload certificate; retrying", "in", wait.String())
 		default:
 			backoff = retryFirst

@@ -409,3 +409,26 @@ func TestOptionsRefused(t *testing.T) {
 		}
 	}
 }
+
+// TestRetryCappedAfterExpiry: a CA that refuses past the certificate's
+// expiry is asked again at least every 5 s, however many attempts failed,
+// so a CA that comes back after a long outage is used within seconds.
+func TestRetryCappedAfterExpiry(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+	c := startTestCA(t, clk)
+	cl := c.client(t, clk, func(o *Options) { o.TTL = time.Hour })
+	runClient(t, cl)
+	eventually(t, "first certificate", func() bool { return cl.Current() != nil })
+	c.auth.mu.Lock()
+	c.auth.failures = 1000
+	c.auth.mu.Unlock()
+	now := cl.Current().Leaf.NotAfter.Add(time.Minute)
+	stepTo(t, clk, now)
+	eventually(t, "renewal attempt past expiry", func() bool { return c.auth.count() == 2 })
+	for i := range 8 {
+		n := c.auth.count()
+		now = now.Add(retryExpired)
+		stepTo(t, clk, now)
+		eventually(t, fmt.Sprintf("retry %d within %s", i+1, retryExpired), func() bool { return c.auth.count() > n })
+	}
+}

@@ -95,6 +95,9 @@ type Options struct {
 	// run time (the xDS client): /healthz/ready answers 503 until it is
 	// ready, /server_info and /config_dump include it.
 	Dynamic Dynamic
+	// Certs, when set, is served as JSON on the admin listener's /certs
+	// (the workload certificate, as Envoy's admin /certs shows it).
+	Certs func() any
 	// Log receives the generation's logs; nil: discard.
 	Log *slog.Logger
 }
@@ -615,6 +618,14 @@ func (s *Server) adminMux() http.Handler {
 		enc.SetIndent("", "  ")
 		_ = enc.Encode(s.Info())
 	})
+	if s.o.Certs != nil {
+		mux.HandleFunc("/certs", func(w http.ResponseWriter, _ *http.Request) {
+			w.Header().Set("Content-Type", "application/json")
+			enc := json.NewEncoder(w)
+			enc.SetIndent("", "  ")
+			_ = enc.Encode(s.o.Certs())
+		})
+	}
 	mux.HandleFunc("/ready", func(w http.ResponseWriter, _ *http.Request) {
 		if s.Draining() {
 			w.WriteHeader(http.StatusServiceUnavailable)

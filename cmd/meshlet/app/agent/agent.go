@@ -20,7 +20,12 @@ import (
 	"github.com/meshlet/meshlet/cmd/meshlet/app/version"
 	"github.com/meshlet/meshlet/internal/meshports"
 	proxyagent "github.com/meshlet/meshlet/proxy/agent"
+	"github.com/meshlet/meshlet/proxy/identity"
 )
+
+// envCAAddress is the environment variable --ca-address defaults from (the
+// injector sets it on the sidecar).
+const envCAAddress = "MESHLET_CA_ADDRESS"
 
 // flagpole holds the flags: the agent's options themselves (defaults from
 // proxyagent.NewOptions), and the flags that need converting.
@@ -41,7 +46,8 @@ func New(streams cli.Streams) *cobra.Command {
 listeners once (15001, 15006, 15021, 15090, 127.0.0.1:15000), starts
 ` + "`meshlet proxy`" + ` generations that inherit them, and serves status on 15020:
 /healthz/ready, /stats/prometheus, /server_info, POST /quitquitquit, POST /drain,
-POST /reload. /server_info and the POST endpoints answer only callers inside the
+POST /reload. With --ca-address it obtains the workload certificate first
+and hands it (and each renewal) to every generation. /server_info and the POST endpoints answer only callers inside the
 pod (loopback source); others get 403 unless --allow-remote-lifecycle (which
 opens the POST endpoints, never /server_info).
 
@@ -82,6 +88,11 @@ terminal's Ctrl-C reaches only the agent):
 	fl.BoolVar(&o.AllowRemoteLifecycle, "allow-remote-lifecycle", false, "serve POST /quitquitquit, /drain and /reload on the status listener to callers outside the pod (default: loopback sources only, others get 403)")
 	fl.StringSliceVar(&o.ProxyArgs, "proxy-arg", nil, "extra argument for every `meshlet proxy` generation (repeatable)")
 	fl.StringVar(&o.Executable, "proxy-executable", "", "binary started as `meshlet proxy` for each generation (default: this binary)")
+	fl.StringVar(&o.CAAddress, "ca-address", os.Getenv(envCAAddress),
+		"mesh CA host:port (env "+envCAAddress+", set by the injector); the proxy starts once it holds a workload certificate and every renewal reaches it without a restart; empty: no workload identity")
+	fl.StringVar(&o.CAServerName, "ca-server-name", "", "name the CA's serving certificate must carry (default: the host of --ca-address)")
+	fl.StringVar(&o.TokenFile, "ca-token-file", identity.DefaultTokenFile, "projected service-account token (audience istio-ca) sent to the CA")
+	fl.StringVar(&o.RootCertFile, "mesh-root-cert-file", identity.DefaultRootCertFile, "the mesh's root certificates (ConfigMap istio-ca-root-cert)")
 	fl.BoolVar(&f.subreaper, "subreaper", true, "become a child subreaper so orphaned processes are reaped")
 	fl.BoolVarP(&f.verbose, "verbose", "v", false, "debug logging")
 	cmd.AddCommand(newWait(streams))
