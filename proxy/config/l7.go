@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
 	"net/netip"
 	"regexp"
@@ -235,6 +236,11 @@ type Cluster struct {
 type Endpoint struct {
 	Address string            `json:"address"` // ip:port
 	Labels  map[string]string `json:"labels,omitempty"`
+	// TLSMode is the endpoint's mesh TLS mode (Istio's pod label
+	// security.istio.io/tlsMode): "istio" marks a meshed endpoint, which a
+	// cluster with automatic mutual TLS (tls.mode ISTIO_MUTUAL,
+	// autoMTLS) reaches over mutual TLS; empty or "disabled": plain text.
+	TLSMode string `json:"tlsMode,omitempty"`
 }
 
 // DNSDiscovery resolves Name to the cluster's endpoints every Refresh.
@@ -301,6 +307,31 @@ type InboundPolicy struct {
 	// original destination dst; cs is its TLS state (nil: plain text). Nil
 	// allows every connection. Inbound only, like Authorize.
 	AuthorizeConn func(src, dst netip.AddrPort, cs *tls.ConnectionState) (allowed bool, policy string) `json:"-"`
+	// MTLS is the inbound PeerAuthentication (inbound only); nil: no
+	// inbound TLS termination (bytes pass to the application as sent).
+	MTLS *InboundMTLS `json:"mtls,omitempty"`
+}
+
+// InboundMTLS is the PeerAuthentication mode of each inbound port:
+// STRICT (mutual TLS only; plain text is refused), PERMISSIVE (a TLS
+// ClientHello is answered with mutual TLS, anything else is served as
+// plain text) or DISABLE (bytes pass as sent).
+type InboundMTLS struct {
+	// Mode applies to the ports Ports does not name.
+	Mode string `json:"mode"`
+	// Ports overrides Mode per destination port (Istio's portLevelMtls).
+	Ports map[uint16]string `json:"ports,omitempty"`
+}
+
+// ModeFor returns the mode of destination port port.
+func (m *InboundMTLS) ModeFor(port uint16) string {
+	if m == nil {
+		return ""
+	}
+	if v, ok := m.Ports[port]; ok {
+		return v
+	}
+	return m.Mode
 }
 
 // AccessLog configures the JSON access log (one line per request).
@@ -514,6 +545,9 @@ func (c *L7) validate(missingClustersOK bool) error {
 		for j, ep := range cl.Endpoints {
 			if _, err := netip.ParseAddrPort(ep.Address); err != nil {
 				bad(fmt.Sprintf("%s.endpoints[%d].address", f, j), "%q is not ip:port", ep.Address)
+			}
+			if ep.TLSMode != "" && ep.TLSMode != EndpointTLSIstio && ep.TLSMode != EndpointTLSDisabled {
+				bad(fmt.Sprintf("%s.endpoints[%d].tlsMode", f, j), "%q must be istio or disabled", ep.TLSMode)
 			}
 		}
 		if d := cl.DNS; d != nil {
@@ -799,6 +833,19 @@ func (c *L7) validate(missingClustersOK bool) error {
 	if c.Passthrough.Authorize != nil || c.Passthrough.AuthorizeConn != nil {
 		bad("passthrough", "authorization applies to inbound traffic only")
 	}
+	if c.Passthrough.MTLS != nil {
+		bad("passthrough.mtls", "peer authentication applies to inbound traffic only")
+	}
+	if m := c.Inbound.MTLS; m != nil {
+		if !validPeerMode(m.Mode) {
+			bad("inbound.mtls.mode", "%q must be one of STRICT, PERMISSIVE, DISABLE", m.Mode)
+		}
+		for _, port := range slices.Sorted(maps.Keys(m.Ports)) {
+			if !validPeerMode(m.Ports[port]) {
+				bad(fmt.Sprintf("inbound.mtls.ports[%d]", port), "%q must be one of STRICT, PERMISSIVE, DISABLE", m.Ports[port])
+			}
+		}
+	}
 	for name, p := range map[string]InboundPolicy{"inbound": c.Inbound, "passthrough": c.Passthrough} {
 		dur(name+".timeout", p.Timeout)
 		dur(name+".connectionPool.idleTimeout", p.Pool.IdleTimeout)
@@ -852,3 +899,18 @@ const (
 	LBLeastRequest = "least_request"
 	LBPeakEWMA     = "peak_ewma"
 )
+
+// Endpoint TLS modes (Endpoint.TLSMode).
+const (
+	EndpointTLSIstio    = "istio"
+	EndpointTLSDisabled = "disabled"
+)
+
+// PeerAuthentication modes (InboundMTLS).
+const (
+	PeerStrict     = "STRICT"
+	PeerPermissive = "PERMISSIVE"
+	PeerDisable    = "DISABLE"
+)
+
+func validPeerMode(m string) bool { return m == PeerStrict || m == PeerPermissive || m == PeerDisable }

@@ -23,9 +23,16 @@ import (
 // watches them (Config.Files) and hot-restarts when their contents change.
 type UpstreamTLS struct {
 	// Mode is DISABLE (default: plain text), SIMPLE (TLS, the server is
-	// verified) or MUTUAL (SIMPLE plus a client certificate). ISTIO_MUTUAL
-	// is refused: meshlet has no mesh identity to present.
+	// verified), MUTUAL (SIMPLE plus a client certificate) or ISTIO_MUTUAL
+	// (mutual TLS with the workload identity, the server verified against
+	// the mesh roots and its SPIFFE ID against subjectAltNames; no files).
 	Mode string `json:"mode,omitempty"`
+	// AutoMTLS (ISTIO_MUTUAL only) limits mutual TLS to the endpoints
+	// whose tlsMode is istio and reaches the others in plain text: Istio's
+	// automatic mutual TLS (transport_socket_matches on the endpoint's
+	// tlsMode). Without it every endpoint gets mutual TLS (a
+	// DestinationRule's ISTIO_MUTUAL).
+	AutoMTLS bool `json:"autoMTLS,omitempty"`
 	// CACertificates is a PEM file of the CAs that verify the server's
 	// certificate (absolute path); empty: the system roots.
 	CACertificates string `json:"caCertificates,omitempty"`
@@ -79,11 +86,27 @@ func (cl *Cluster) LoadTLS(field string) (*ClientTLS, []error) {
 		mode = TLSDisable
 	case TLSSimple, TLSMutual:
 	case TLSIstioMutual:
-		bad("mode", "%q is not available: meshlet has no mesh identity (workload certificates) yet; use MUTUAL with clientCertificate and privateKey", t.Mode)
+		// Certificates and roots come from the workload identity (the
+		// engine's mtls settings); files would be ignored.
+		for f, set := range map[string]bool{"caCertificates": t.CACertificates != "", "clientCertificate": t.ClientCertificate != "",
+			"privateKey": t.PrivateKey != "", "insecureSkipVerify": t.InsecureSkipVerify} {
+			if set {
+				bad(f, "is set but mode is ISTIO_MUTUAL (the workload certificate and the mesh roots are used)")
+			}
+		}
+		for i, n := range t.SubjectAltNames {
+			if !strings.HasPrefix(n, "spiffe://") {
+				bad(fmt.Sprintf("subjectAltNames[%d]", i), "%q: ISTIO_MUTUAL verifies SPIFFE IDs (spiffe://...)", n)
+			}
+		}
+		slices.SortFunc(errs, func(a, b error) int { return strings.Compare(a.Error(), b.Error()) })
 		return nil, errs
 	default:
-		bad("mode", "%q must be one of DISABLE, SIMPLE, MUTUAL", t.Mode)
+		bad("mode", "%q must be one of DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL", t.Mode)
 		return nil, errs
+	}
+	if t.AutoMTLS {
+		bad("autoMTLS", "needs mode ISTIO_MUTUAL, not %s", mode)
 	}
 	if mode == TLSDisable {
 		for f, set := range map[string]bool{"caCertificates": t.CACertificates != "", "clientCertificate": t.ClientCertificate != "",

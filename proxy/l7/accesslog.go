@@ -10,6 +10,7 @@ import (
 
 	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/l4"
+	"github.com/meshlet/meshlet/proxy/mtls"
 )
 
 // accessLogger writes one JSON object per request (sampled), in the spirit
@@ -91,6 +92,11 @@ func (l *accessLogger) log(r *http.Request, st *reqState, dir l4.Direction, stat
 	if r.RemoteAddr != "" {
 		b = append(b, `,"downstream":`...)
 		b = strconv.AppendQuote(b, r.RemoteAddr)
+	}
+	if peer := mtls.PeerIdentity(r.TLS); peer != "" {
+		// Envoy's %DOWNSTREAM_PEER_URI_SAN%: the verified caller.
+		b = append(b, `,"downstream_peer_principal":`...)
+		b = strconv.AppendQuote(b, peer)
 	}
 	b = append(b, "}\n"...)
 	l.mu.Lock()

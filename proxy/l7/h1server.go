@@ -103,7 +103,7 @@ type h1ServerConn struct {
 func (p *Engine) serveH1(ctx context.Context, tc *trackedConn, d *dirServer) net.Conn {
 	ctx, cancel := context.WithCancel(context.WithValue(ctx, connKey{}, tc))
 	c := &h1ServerConn{p: p, d: d, tc: tc, ctx: ctx, cancel: cancel, hdr: make(http.Header, 16)}
-	c.tmpl = (&http.Request{}).WithContext(ctx)
+	c.tmpl = (&http.Request{TLS: tc.tls}).WithContext(ctx)
 	if ra := tc.RemoteAddr(); ra != nil {
 		c.remote = ra.String()
 	}

@@ -2,6 +2,7 @@ package l7
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -21,6 +22,7 @@ import (
 	"github.com/meshlet/meshlet/proxy/l4"
 	"github.com/meshlet/meshlet/proxy/l7/grpcwire"
 	"github.com/meshlet/meshlet/proxy/l7/upstream"
+	"github.com/meshlet/meshlet/proxy/mtls"
 	"github.com/meshlet/meshlet/proxy/sniff"
 )
 
@@ -190,6 +192,7 @@ type h2down struct {
 	dst     netip.AddrPort
 	dir     l4.Direction
 	remote  string
+	tls     *tls.ConnectionState // inbound mutual TLS (nil: plain text)
 	streams map[uint32]*h2stream
 	lastID  uint32
 	goaway  bool // final GOAWAY sent: no new streams
@@ -209,6 +212,7 @@ func (p *Engine) serveH2(ctx context.Context, nc net.Conn, dst netip.AddrPort, d
 	if a := nc.RemoteAddr(); a != nil {
 		d.remote = a.String()
 	}
+	d.tls = mtls.ConnState(nc)
 	p.h2.conns.Store(d, struct{}{})
 	defer p.h2.conns.Delete(d)
 	stopCtx := context.AfterFunc(ctx, func() { nc.Close() })
@@ -723,7 +727,7 @@ func (s *h2stream) open(f *http2.MetaHeadersFrame, fs *flushSet) {
 	}
 	s.genID = ensureRequestID(hdr)
 	u, err := url.ParseRequestURI(path)
-	r := &http.Request{Method: method, Proto: "HTTP/2.0", ProtoMajor: 2, Header: hdr, Host: authority, RemoteAddr: d.remote, RequestURI: path}
+	r := &http.Request{Method: method, Proto: "HTTP/2.0", ProtoMajor: 2, Header: hdr, Host: authority, RemoteAddr: d.remote, RequestURI: path, TLS: d.tls}
 	s.req = r
 	s.st.grpc = strings.HasPrefix(hdr.Get("Content-Type"), "application/grpc")
 	if err != nil || method == "" || method == http.MethodConnect || f.Truncated {

@@ -72,6 +72,9 @@ func (p *Engine) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	dir := l4.Outbound
 	if tc != nil {
 		dst, dir = tc.dst, tc.dir
+		if r.TLS == nil {
+			r.TLS = tc.tls
+		}
 		defer func() {
 			if tc.hijacked.Load() {
 				// An upgraded connection (WebSocket) ended with its handler.

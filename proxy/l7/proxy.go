@@ -34,6 +34,7 @@ package l7
 
 import (
 	"context"
+	"crypto/tls"
 	"io"
 	"log/slog"
 	"net"
@@ -48,8 +49,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/identity"
 	"github.com/meshlet/meshlet/proxy/l4"
 	"github.com/meshlet/meshlet/proxy/l7/upstream"
+	"github.com/meshlet/meshlet/proxy/mtls"
 	"github.com/meshlet/meshlet/proxy/sniff"
 	"github.com/meshlet/meshlet/proxy/stats"
 )
@@ -69,6 +72,12 @@ type Options struct {
 	// TCP handles connections detected as opaque TCP or on tcp ports; the
 	// proxy passes its L4 relay. Default: a plain bidirectional copy to dst.
 	TCP func(ctx context.Context, c net.Conn, dst netip.AddrPort, dir l4.Direction)
+	// Identity is the workload identity for mutual TLS: outbound to
+	// clusters of tls.mode ISTIO_MUTUAL, inbound on ports whose
+	// PeerAuthentication (config.InboundPolicy.MTLS) is STRICT or
+	// PERMISSIVE. Default: an empty identity (every mutual TLS handshake
+	// fails; PERMISSIVE ports serve plain text).
+	Identity mtls.Identity
 	// Stats holds the engine's counters; the proxy passes the region it
 	// shares with the other generations, so they never reset. Default: a
 	// private region.
@@ -110,6 +119,9 @@ type Engine struct {
 	hijacked sync.Map // *trackedConn → struct{} (upgraded connections)
 
 	h2 h2state // the HTTP/2 frame forwarder (h2proxy.go)
+
+	identity mtls.Identity
+	inbound  *mtls.Inbound // inbound mutual TLS (meshtls.go)
 }
 
 // dirServer is the HTTP server of one direction, so that a shutdown drain
@@ -156,6 +168,12 @@ func New(cfg config.L7, opts Options) (*Engine, error) {
 	}
 	p := &Engine{lim: cfg.Limits, detection: cfg.Detection, opts: opts, log: opts.Logger, m: newMetrics(opts.Stats)}
 	p.dialFromOpt = dialFromOpt
+	if opts.Identity == nil {
+		opts.Identity = &identity.Store{}
+		p.opts.Identity = opts.Identity
+	}
+	p.identity = opts.Identity
+	p.inbound = mtls.NewInbound(p.identity, cfg.Detection.Timeout.D, opts.Stats)
 	p.dial.Store(&opts.Dial)
 	p.detector = sniff.NewDetector(sniff.Options{Timeout: cfg.Detection.Timeout.D, Stats: opts.Stats})
 	p.bg, p.bgCancel = context.WithCancel(context.Background())
@@ -385,14 +403,15 @@ func (p *Engine) serveHTTP(ctx context.Context, c net.Conn, dst netip.AddrPort, 
 	}
 	d.conns.Add(1)
 	defer d.conns.Done()
+	cs := mtls.ConnState(c)
 	if !p.opts.netHTTPOnly {
 		// The codec serves the connection, or hands it over (with the bytes
 		// it read) when a request needs net/http.
-		if c = p.serveH1(ctx, &trackedConn{Conn: c, dst: dst, dir: dir}, d); c == nil {
+		if c = p.serveH1(ctx, &trackedConn{Conn: c, dst: dst, dir: dir, tls: cs}, d); c == nil {
 			return
 		}
 	}
-	tc := &trackedConn{Conn: c, dst: dst, dir: dir, done: make(chan struct{})}
+	tc := &trackedConn{Conn: c, dst: dst, dir: dir, tls: cs, done: make(chan struct{})}
 	if !d.ln.push(tc) {
 		c.Close()
 		return
@@ -441,6 +460,7 @@ type trackedConn struct {
 	net.Conn
 	dst      netip.AddrPort
 	dir      l4.Direction
+	tls      *tls.ConnectionState // inbound mutual TLS (nil: plain text)
 	done     chan struct{}
 	once     sync.Once
 	hijacked atomic.Bool

@@ -114,6 +114,9 @@ func (p *Engine) decide(rt *route, r *http.Request, grpc bool, dst netip.AddrPor
 			return dc
 		}
 	}
+	if rt.inbound {
+		p.setXFCC(r)
+	}
 	cfg := rt.cfg
 	if f := cfg.Fault; f != nil {
 		if d := f.Delay; d != nil && hit(d.Percent) {

@@ -98,6 +98,9 @@ type route struct {
 	// authorize decides each request (the inbound route's, from
 	// config.InboundPolicy.Authorize); nil allows all.
 	authorize func(*http.Request, netip.AddrPort) (bool, string)
+	// inbound: the route of inbound traffic (X-Forwarded-Client-Cert is
+	// set on its requests).
+	inbound bool
 }
 
 func (r *route) matches(req *http.Request, host string) (*matcher, bool) {

@@ -2,6 +2,7 @@ package l7
 
 import (
 	"context"
+	"crypto/tls"
 	"net"
 	"net/netip"
 	"time"
@@ -24,9 +25,16 @@ func (p *Engine) Chooser(fwd *l4.Forwarder) l4.Chooser {
 		p.dial.Store(&d)
 	}
 	h := &seamHandler{p: p, fwd: fwd}
+	mh := &meshInbound{h}
 	return func(c *l4.Conn) l4.Handler {
-		if c.Direction == l4.Inbound && !p.admitConn(c) {
-			return deniedConn{}
+		if c.Direction == l4.Inbound {
+			if m := p.tab.Load().peerAuth.ModeFor(c.OrigDst.Port()); m == config.PeerStrict || m == config.PeerPermissive {
+				// Authorized once the TLS state (or its absence) is known.
+				return mh
+			}
+			if !p.admitConn(c) {
+				return deniedConn{}
+			}
 		}
 		if p.Protocol(c.OrigDst.Port()) == config.ProtoTCP {
 			return nil
@@ -63,13 +71,17 @@ func ForwarderDial(fwd *l4.Forwarder) DialFunc {
 // admitConn decides an inbound connection by the current table's
 // connection rules (the RBAC network filters of its destination port's
 // chain) before a byte is read from it or sent to the application.
-func (p *Engine) admitConn(c *l4.Conn) bool {
+func (p *Engine) admitConn(c *l4.Conn) bool { return p.admitConnTLS(c, nil) }
+
+// admitConnTLS is admitConn for a connection whose TLS state is cs (nil:
+// plain text).
+func (p *Engine) admitConnTLS(c *l4.Conn, cs *tls.ConnectionState) bool {
 	t := p.tab.Load()
 	if t == nil || t.authorizeConn == nil {
 		return true
 	}
 	src, _ := netip.ParseAddrPort(c.Client.RemoteAddr().String())
-	ok, policy := t.authorizeConn(src, c.OrigDst, nil) // no inbound TLS yet
+	ok, policy := t.authorizeConn(src, c.OrigDst, cs)
 	if !ok {
 		p.m.rbacDenied.WithLabelValues(policy).Inc()
 		p.log.Info("inbound connection denied", "flags", "RBAC", "policy", policy, "source", src.String(), "destination", c.OrigDst.String())
@@ -90,6 +102,14 @@ type seamHandler struct {
 
 // ServeConn implements l4.Handler.
 func (h *seamHandler) ServeConn(ctx context.Context, c *l4.Conn) {
+	h.serve(ctx, c, c.Client, true)
+}
+
+// serve serves c, whose bytes are read from conn: c.Client itself or a
+// connection over it (a replay of peeked bytes, or inbound TLS). raw says
+// that conn's bytes are c.Client's, so opaque TCP can go to the L4
+// forwarder with the bytes read so far.
+func (h *seamHandler) serve(ctx context.Context, c *l4.Conn, conn net.Conn, raw bool) {
 	dir := c.Direction
 	stop := make(chan struct{})
 	defer close(stop)
@@ -100,16 +120,16 @@ func (h *seamHandler) ServeConn(ctx context.Context, c *l4.Conn) {
 		case <-stop:
 		}
 	}()
-	var conn net.Conn = c.Client
+	proto := h.p.Protocol(c.OrigDst.Port())
+	if proto == config.ProtoTCP {
+		h.tcp(ctx, c, conn, raw)
+		return
+	}
 	var det *sniff.Result
-	if h.p.Protocol(c.OrigDst.Port()) == config.ProtoAuto {
-		res, sc := h.p.detector.Detect(c.Client)
+	if proto == config.ProtoAuto {
+		res, sc := h.p.detector.Detect(conn)
 		if res.Protocol == sniff.TCP {
-			if h.fwd != nil {
-				_ = h.fwd.Forward(ctx, c, sc.Buffered())
-				return
-			}
-			h.p.serveTCP(ctx, sc, c.OrigDst, dir)
+			h.tcp(ctx, c, sc, raw)
 			return
 		}
 		conn, det = sc, &res
@@ -117,4 +137,42 @@ func (h *seamHandler) ServeConn(ctx context.Context, c *l4.Conn) {
 	if conn, done := h.p.serveMaybeH2(ctx, conn, det, c.OrigDst, dir); !done {
 		h.p.serveHTTP(ctx, conn, c.OrigDst, dir)
 	}
+}
+
+// tcp relays opaque TCP read from conn: through the L4 forwarder (with the
+// bytes conn has replayed) when conn's bytes are the socket's, else by the
+// engine's copy (inbound TLS).
+func (h *seamHandler) tcp(ctx context.Context, c *l4.Conn, conn net.Conn, raw bool) {
+	if raw && h.fwd != nil {
+		var prefix []byte
+		if sc, ok := conn.(*sniff.Conn); ok {
+			prefix = sc.Buffered()
+		}
+		_ = h.fwd.Forward(ctx, c, prefix)
+		return
+	}
+	h.p.serveTCP(ctx, conn, c.OrigDst, c.Direction)
+}
+
+// meshInbound serves inbound connections on ports whose PeerAuthentication
+// is STRICT or PERMISSIVE: mutual TLS is terminated first (STRICT refuses
+// plain text; PERMISSIVE serves it as is), then the connection is
+// authorized with its TLS state and served like any other.
+type meshInbound struct{ h *seamHandler }
+
+// ServeConn implements l4.Handler.
+func (m *meshInbound) ServeConn(ctx context.Context, c *l4.Conn) {
+	p := m.h.p
+	mode := p.tab.Load().peerAuth.ModeFor(c.OrigDst.Port())
+	conn, cs, err := p.inbound.Accept(ctx, c.Client, mode)
+	if err != nil {
+		p.log.Debug("inbound connection refused", "mode", mode, "source", c.Client.RemoteAddr().String(), "destination", c.OrigDst.String(), "err", err)
+		_ = c.Client.Close()
+		return
+	}
+	if !p.admitConnTLS(c, cs) {
+		_ = conn.Close()
+		return
+	}
+	m.h.serve(ctx, c, conn, cs == nil)
 }

@@ -31,6 +31,9 @@ type table struct {
 	// authorizeConn decides inbound connections
 	// (config.InboundPolicy.AuthorizeConn); nil allows all.
 	authorizeConn func(src, dst netip.AddrPort, cs *tls.ConnectionState) (bool, string)
+	// peerAuth is the inbound PeerAuthentication mode per port
+	// (config.InboundPolicy.MTLS); nil: no inbound TLS termination.
+	peerAuth *config.InboundMTLS
 	passRoute     *route
 	alog          *accessLogger
 	h2            h2gate
@@ -150,6 +153,7 @@ func (p *Engine) UpdateEndpoints(cluster string, endpoints []config.Endpoint) er
 		return fmt.Errorf("cluster %q: a dns cluster's endpoints come from its name (%s)", cluster, c.Config().DNS.Name)
 	}
 	c.SetEndpoints(addrs, labels)
+	c.SetTLSModes(endpoints)
 	return nil
 }
 
@@ -186,7 +190,8 @@ func (p *Engine) compile(cfg config.L7, old *table) (t *table, fresh []*upstream
 		if ut != nil && c.TLS.InsecureSkipVerify {
 			p.log.Warn("upstream TLS certificates are not verified (insecureSkipVerify)", "cluster", c.Name)
 		}
-		nc := upstream.New(c, upstream.Options{Direction: l4.Outbound, Dial: p.dialUpstream, Metrics: cm, TLS: ut, Clock: p.opts.clock})
+		mt := upstream.NewMeshTLS(&c, p.identity, p.log, cm)
+		nc := upstream.New(c, upstream.Options{Direction: l4.Outbound, Dial: p.dialUpstream, Metrics: cm, TLS: ut, Mesh: mt, Clock: p.opts.clock})
 		t.clusters[c.Name] = nc
 		fresh = append(fresh, nc)
 	}
@@ -205,8 +210,9 @@ func (p *Engine) compile(cfg config.L7, old *table) (t *table, fresh []*upstream
 	t.passthrough = orig("passthrough", cfg.Passthrough.Pool, l4.Outbound, oldPass)
 	t.inboundRoute = &route{cfg: &config.Route{Name: "inbound", Timeout: cfg.Inbound.Timeout}, key: "inbound",
 		dests: []destination{{cluster: t.inbound, name: "inbound"}}, metrics: map[*upstream.Cluster]*routeMetrics{},
-		authorize: cfg.Inbound.Authorize}
+		authorize: cfg.Inbound.Authorize, inbound: true}
 	t.authorizeConn = cfg.Inbound.AuthorizeConn
+	t.peerAuth = cfg.Inbound.MTLS
 	t.inboundRoute.metrics[t.inbound] = p.m.route("inbound", "inbound", "inbound")
 	t.passRoute = &route{cfg: &config.Route{Name: "passthrough", Timeout: cfg.Passthrough.Timeout}, key: "passthrough",
 		dests: []destination{{cluster: t.passthrough, name: "passthrough"}}, metrics: map[*upstream.Cluster]*routeMetrics{}}
@@ -312,5 +318,5 @@ func compatible(a, b *config.Cluster) bool {
 }
 
 func endpointEqual(a, b config.Endpoint) bool {
-	return a.Address == b.Address && reflect.DeepEqual(a.Labels, b.Labels)
+	return a.Address == b.Address && a.TLSMode == b.TLSMode && reflect.DeepEqual(a.Labels, b.Labels)
 }

@@ -964,8 +964,10 @@ func TestTLSConfigErrors(t *testing.T) {
 		name, yaml string
 		want       []string
 	}{
-		{"mode", cluster("{mode: simple}"), []string{"clusters[0].tls.mode", `"simple" must be one of DISABLE, SIMPLE, MUTUAL`}},
-		{"istio mutual", cluster("{mode: ISTIO_MUTUAL}"), []string{"clusters[0].tls.mode", "ISTIO_MUTUAL", "no mesh identity"}},
+		{"mode", cluster("{mode: simple}"), []string{"clusters[0].tls.mode", `"simple" must be one of DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL`}},
+		{"istio mutual with files", cluster(fmt.Sprintf("{mode: ISTIO_MUTUAL, caCertificates: %q}", ca.pem)), []string{"clusters[0].tls.caCertificates: is set but mode is ISTIO_MUTUAL"}},
+		{"istio mutual DNS SAN", cluster("{mode: ISTIO_MUTUAL, subjectAltNames: [a.example]}"), []string{"clusters[0].tls.subjectAltNames[0]", `"a.example"`, "SPIFFE"}},
+		{"autoMTLS without ISTIO_MUTUAL", cluster("{mode: SIMPLE, autoMTLS: true}"), []string{"clusters[0].tls.autoMTLS: needs mode ISTIO_MUTUAL, not SIMPLE"}},
 		{"settings without a mode", cluster(fmt.Sprintf("{caCertificates: %q, sni: a.b}", ca.pem)),
 			[]string{"clusters[0].tls.caCertificates: is set but mode is DISABLE", "clusters[0].tls.sni: is set but mode is DISABLE"}},
 		{"missing CA file", cluster(fmt.Sprintf("{mode: SIMPLE, caCertificates: %q}", missing)),

@@ -199,6 +199,7 @@ type Cluster struct {
 	h1, h2   *http.Transport
 	direct   *h1Transport // HTTP/1.1 fast path (small bodies, no upgrade)
 	tls      *TLS         // nil: plain text
+	mesh     *MeshTLS     // ISTIO_MUTUAL (nil: none)
 	proto    string       // http1 | http2 | auto
 	active   atomic.Int64
 	pending  atomic.Int64
@@ -321,6 +322,7 @@ func (c *Cluster) SetStatic(eps []config.Endpoint) {
 		labels[ap] = e.Labels
 	}
 	c.SetEndpoints(addrs, labels)
+	c.SetTLSModes(eps)
 	c.epMu.Lock()
 	c.static = slices.Clone(eps)
 	c.epMu.Unlock()
@@ -389,6 +391,9 @@ type Options struct {
 	Metrics *Metrics
 	// TLS originates TLS to the endpoints (nil: plain text); see NewTLS.
 	TLS *TLS
+	// Mesh is mutual TLS with the workload identity (tls.mode
+	// ISTIO_MUTUAL; nil: none); see NewMeshTLS.
+	Mesh *MeshTLS
 	// OriginalDst: the endpoint of a request is its original destination
 	// (the inbound and passthrough clusters); cfg has no endpoints.
 	OriginalDst bool
@@ -421,12 +426,13 @@ func New(cfg config.Cluster, o Options) *Cluster {
 		c.proto = "auto"
 	}
 	c.maxConns = cfg.Pool.MaxConnections
-	c.h1, c.h2, c.direct = newTransports(cfg.Pool, o.Direction, o.Dial, m, cfg.Endpoints, ut)
+	c.mesh = o.Mesh
+	c.h1, c.h2, c.direct = newTransports(cfg.Pool, o.Direction, o.Dial, m, cfg.Endpoints, ut, o.Mesh)
 	c.SetStatic(cfg.Endpoints)
 	return c
 }
 
-func newTransports(pc config.ConnectionPool, dir l4.Direction, dial DialFunc, m *Metrics, eps []config.Endpoint, ut *TLS) (h1, h2 *http.Transport, direct *h1Transport) {
+func newTransports(pc config.ConnectionPool, dir l4.Direction, dial DialFunc, m *Metrics, eps []config.Endpoint, ut *TLS, mt *MeshTLS) (h1, h2 *http.Transport, direct *h1Transport) {
 	idle := pc.MaxIdlePerEndpoint
 	if idle == 0 {
 		idle = 64
@@ -481,6 +487,9 @@ func newTransports(pc config.ConnectionPool, dir l4.Direction, dial DialFunc, m 
 	h1, h2 = mk(p1), mk(p2)
 	if ut != nil {
 		ut.setup(h1, h2, direct, dialFn, connectTimeout)
+	}
+	if mt != nil {
+		mt.setup(h1, h2, direct, dialFn, connectTimeout)
 	}
 	return h1, h2, direct
 }
