@@ -832,10 +832,17 @@ func (s *h2stream) upstreamHeaders(method string, regular []hpack.HeaderField) [
 			switch f.Name {
 			case "grpc-timeout":
 				continue
+			case "x-forwarded-client-cert":
+				if s.st.route.inbound {
+					continue // replaced by decide (setXFCC)
+				}
 			}
 			if !h2HopField(f.Name, f.Value) {
 				out = append(out, f)
 			}
+		}
+		if v := r.Header[mtls.XFCCHeader]; s.st.route.inbound && len(v) > 0 {
+			out = append(out, hpack.HeaderField{Name: "x-forwarded-client-cert", Value: v[0]})
 		}
 		if s.genID != "" {
 			out = append(out, hpack.HeaderField{Name: "x-request-id", Value: s.genID})

@@ -88,14 +88,17 @@ func (pl *h2pool) dial() {
 	timeout := orDur(cl.Config().Pool.ConnectTimeout.D, 10*time.Second)
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	nc, err := pl.p.dialUpstream(ctx, pl.dir, "tcp", pl.key.addr)
-	cancel()
 	var u *h2up
 	if err != nil {
 		if cl.Metrics() != nil {
 			cl.Metrics().ConnectFailures.Inc()
 		}
 		err = &upstream.ConnectError{Err: err}
-	} else {
+	} else if mt := cl.Mesh(); mt != nil && mt.Uses(pl.key.addr) {
+		nc, err = mt.HandshakeH2(ctx, nc, pl.key.addr)
+	}
+	cancel()
+	if err == nil {
 		u = newH2up(pl, nc)
 	}
 	pl.mu.Lock()
