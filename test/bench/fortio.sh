@@ -450,8 +450,15 @@ best() { # LOWER VALUES...: the best of the values that are not "—"
 srow() { # LABEL LOWER MESHLET HAPROXY NGINX
   local b
   b=$(best "$2" "$4" "$5")
-  echo "| $1 | $3 | $4 | $5 | $(better "$3" "$b" "$2") |"
+  if [ "$3" = — ]; then
+    echo "| $1 | — | $4 | $5 | - |"
+  else
+    echo "| $1 | $3 | $4 | $5 | $(better "$3" "$b" "$2") |"
+  fi
 }
+# measured NAME VALUE: VALUE, or — when NAME was not measured (ONLY) or is not a
+# peer of the row (empty NAME).
+measured() { if [ -z "$1" ] || [ "${ERR[$1]}" = - ]; then echo —; else echo "$2"; fi; }
 summary() {
   local n base m h x
   echo "| path | meshlet | haproxy | nginx | meshlet vs best peer |"
@@ -459,19 +466,31 @@ summary() {
   for row in "L4:direct:meshlet-1hop:haproxy-l4:" "HTTP/1.1 L7:h1-direct:h1-meshlet-l7-1hop:h1-haproxy:h1-nginx" \
     "gRPC L7:grpc-direct:grpc-meshlet-l7-1hop:grpc-haproxy:grpc-nginx"; do
     IFS=: read -r n base m h x <<<"$row"
-    srow "$n one hop, added p90 ms" 1 "$(added "${P90[$m]}" "${P90[$base]}")" "$(added "${P90[$h]}" "${P90[$base]}")" \
-      "$([ -n "$x" ] && added "${P90[$x]}" "${P90[$base]}" || echo —)"
-    srow "$n one hop, max qps / direct" 0 "$(ratio "${MAXQ[$m]}" "${MAXQ[$base]}")" "$(ratio "${MAXQ[$h]}" "${MAXQ[$base]}")" \
-      "$([ -n "$x" ] && ratio "${MAXQ[$x]}" "${MAXQ[$base]}" || echo —)"
-    srow "$n one hop, CPU s per 1000 req" 1 "${CPU[$m]}" "${CPU[$h]}" "$([ -n "$x" ] && echo "${CPU[$x]}" || echo —)"
+    [ "${ERR[$base]}" = - ] && base=none # no direct run: no added latency or ratio
+    local v=()
+    for p in "$m" "$h" "$x"; do
+      if [ "$base" = none ] || [ -z "$p" ]; then v+=(—); else v+=("$(measured "$p" "$(added "${P90[$p]}" "${P90[$base]}")")"); fi
+    done
+    srow "$n one hop, added p90 ms" 1 "${v[@]}"
+    v=()
+    for p in "$m" "$h" "$x"; do
+      if [ "$base" = none ] || [ -z "$p" ]; then v+=(—); else v+=("$(measured "$p" "$(ratio "${MAXQ[$p]}" "${MAXQ[$base]}")")"); fi
+    done
+    srow "$n one hop, max qps / direct" 0 "${v[@]}"
+    srow "$n one hop, CPU s per 1000 req" 1 "$(measured "$m" "${CPU[$m]}")" "$(measured "$h" "${CPU[$h]}")" "$([ -n "$x" ] && measured "$x" "${CPU[$x]}" || echo —)"
   done
-  srow "L4 sidecar PSS MiB (meshlet: generation)" 1 "$(mib "${PSS[meshlet-1hop]}")" "$(mib "${PSS[haproxy-l4]}")" —
-  srow "L7 sidecar PSS MiB (meshlet: generation)" 1 "$(mib "${PSS[h1-meshlet-l7-1hop]}")" "$(mib "${PSS[h1-haproxy]}")" "$(mib "${PSS[h1-nginx]}")"
-  echo "| meshlet agent PSS MiB (beside the generation; L4 / L7) | $(mib "${APSS[meshlet-1hop]}") / $(mib "${APSS[h1-meshlet-l7-1hop]}") | — | — | - |"
+  srow "L4 sidecar PSS MiB (meshlet: generation)" 1 "$(measured meshlet-1hop "$(mib "${PSS[meshlet-1hop]}")")" "$(measured haproxy-l4 "$(mib "${PSS[haproxy-l4]}")")" —
+  srow "L7 sidecar PSS MiB (meshlet: generation)" 1 "$(measured h1-meshlet-l7-1hop "$(mib "${PSS[h1-meshlet-l7-1hop]}")")" \
+    "$(measured h1-haproxy "$(mib "${PSS[h1-haproxy]}")")" "$(measured h1-nginx "$(mib "${PSS[h1-nginx]}")")"
+  echo "| meshlet agent PSS MiB (beside the generation; L4 / L7) | $(measured meshlet-1hop "$(mib "${APSS[meshlet-1hop]}")") / $(measured h1-meshlet-l7-1hop "$(mib "${APSS[h1-meshlet-l7-1hop]}")") | — | — | - |"
   for row in "L4:direct:meshlet-1hop:meshlet-2hop" "HTTP/1.1 L7:h1-direct:h1-meshlet-l7-1hop:h1-meshlet-l7-2hop" \
     "gRPC L7:grpc-direct:grpc-meshlet-l7-1hop:grpc-meshlet-l7-2hop"; do
     IFS=: read -r n base m x <<<"$row"
     local one two r
+    if [ "${ERR[$base]}" = - ] || [ "${ERR[$m]}" = - ] || [ "${ERR[$x]}" = - ]; then
+      echo "| $n two hops added p90 ÷ one hop's (goal ≤ 1.6) | — | — | — | - |"
+      continue
+    fi
     one=$(awk -v a="${P90[$m]}" -v b="${P90[$base]}" 'BEGIN { print a - b }')
     two=$(awk -v a="${P90[$x]}" -v b="${P90[$base]}" 'BEGIN { print a - b }')
     r=$(ratio "$two" "$one")
