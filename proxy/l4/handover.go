@@ -28,14 +28,24 @@ import (
 // to hand over (the connections then stay where they are until they end or
 // the drain deadline).
 //
+// An HTTP/1.1 connection the L7 engine serves moves the same way between
+// two requests (Session.HTTP1): one socket, the client's, and the bytes of
+// the next request read so far; the new generation's engine goes on
+// serving it. Version 2 of the greeting says the successor takes such
+// sessions; a version 1 successor takes L4 relays only.
+//
 // Ownership is never shared: the old generation closes its descriptors only
 // after sendmsg(2) has put them in the message; from then on the kernel
 // holds them for the receiving socket, and the new generation owns them once
 // it has read the message. A failed send leaves them with the old
 // generation, which resumes the copy itself.
 
-// handoverHello is the first message the receiving generation sends.
-const handoverHello = "meshlet-handover/1"
+// handoverHello is the first message the receiving generation sends;
+// handoverHelloL4 is the one of a successor that takes L4 relays only.
+const (
+	handoverHello   = "meshlet-handover/2"
+	handoverHelloL4 = "meshlet-handover/1"
+)
 
 // handoverHeader is the fixed part of a session message: version,
 // direction, flags, original destination length, accept time (Unix ns), the
@@ -49,6 +59,7 @@ const maxHandoverMessage = handoverHeader + 32 + 2*max(copyBufSize, maxSplice)
 const (
 	flagClientDone = 1 << iota
 	flagUpstreamDone
+	flagHTTP1
 )
 
 // Session is one relayed connection, stopped, with everything needed to
@@ -69,6 +80,10 @@ type Session struct {
 	// ClientDone: the client's EOF has been passed on (the upstream's write
 	// side is shut down); UpstreamDone: the same the other way.
 	ClientDone, UpstreamDone bool
+	// HTTP1 marks an HTTP/1.1 connection of the L7 engine moved between two
+	// requests: Upstream is nil, and ToUpstream holds the bytes of the next
+	// request read so far (the new generation parses them first).
+	HTTP1 bool
 }
 
 // Close closes both sockets (this process's descriptors only).
@@ -88,9 +103,14 @@ var ErrHandoverRefused = errors.New("hand-over refused")
 // Sender hands sessions to the next generation. It is safe for concurrent
 // use.
 type Sender struct {
-	c  *net.UnixConn
-	mu sync.Mutex
+	c     *net.UnixConn
+	mu    sync.Mutex
+	http1 bool // the successor takes HTTP1 sessions
 }
+
+// HTTP1 reports whether the successor takes HTTP/1.1 sessions
+// (Session.HTTP1).
+func (snd *Sender) HTTP1() bool { return snd.http1 }
 
 // NewSender reads the successor's greeting on c (waiting at most timeout)
 // and returns a Sender, or ErrHandoverRefused (wrapped) if the successor
@@ -104,17 +124,24 @@ func NewSender(c *net.UnixConn, timeout time.Duration) (*Sender, error) {
 		c.Close()
 		return nil, fmt.Errorf("%w: reading the successor's greeting: %w", ErrHandoverRefused, err)
 	}
-	if got := string(buf[:n]); got != handoverHello {
+	got := string(buf[:n])
+	if got != handoverHello && got != handoverHelloL4 {
 		c.Close()
 		return nil, fmt.Errorf("%w: successor speaks %q, want %q", ErrHandoverRefused, got, handoverHello)
 	}
-	return &Sender{c: c}, nil
+	return &Sender{c: c, http1: got == handoverHello}, nil
 }
 
 // Send moves s to the next generation. On success the two sockets are in
 // the message and this process's descriptors are closed; on error nothing
 // has moved and the caller still owns them.
 func (snd *Sender) Send(s *Session) error {
+	if s.HTTP1 && !snd.http1 {
+		return errors.New("the successor does not take HTTP/1.1 connections")
+	}
+	if s.HTTP1 != (s.Upstream == nil) {
+		return fmt.Errorf("session to %s: HTTP1 is %v with an upstream socket %v", s.OrigDst, s.HTTP1, s.Upstream != nil)
+	}
 	addr, err := s.OrigDst.MarshalBinary()
 	if err != nil {
 		return fmt.Errorf("encoding original destination %s: %w", s.OrigDst, err)
@@ -128,6 +155,9 @@ func (snd *Sender) Send(s *Session) error {
 	if s.UpstreamDone {
 		msg[2] |= flagUpstreamDone
 	}
+	if s.HTTP1 {
+		msg[2] |= flagHTTP1
+	}
 	msg[3] = byte(len(addr))
 	binary.BigEndian.PutUint64(msg[4:], uint64(s.Accepted.UnixNano()))
 	binary.BigEndian.PutUint32(msg[12:], uint32(len(s.ToUpstream)))
@@ -137,12 +167,17 @@ func (snd *Sender) Send(s *Session) error {
 		return fmt.Errorf("hand-over message of %d bytes exceeds %d", len(msg), maxHandoverMessage)
 	}
 	var serr error
+	send := func(fds ...int) {
+		snd.mu.Lock()
+		defer snd.mu.Unlock()
+		_, _, serr = snd.c.WriteMsgUnix(msg, unix.UnixRights(fds...), nil)
+	}
 	err = withFD(s.Client, func(cfd int) {
-		serr = withFD(s.Upstream, func(ufd int) {
-			snd.mu.Lock()
-			defer snd.mu.Unlock()
-			_, _, serr = snd.c.WriteMsgUnix(msg, unix.UnixRights(cfd, ufd), nil)
-		})
+		if s.HTTP1 {
+			send(cfd)
+			return
+		}
+		serr = withFD(s.Upstream, func(ufd int) { send(cfd, ufd) })
 	})
 	if err == nil {
 		err = serr
@@ -229,8 +264,13 @@ func decodeSession(msg []byte, flags int, fds []int) (*Session, error) {
 		return nil, err
 	}
 	if s.Client, err = tcpFromFD(fds[0], "client"); err != nil {
-		_ = unix.Close(fds[1])
+		for _, fd := range fds[1:] {
+			_ = unix.Close(fd)
+		}
 		return nil, err
+	}
+	if s.HTTP1 {
+		return s, nil
 	}
 	if s.Upstream, err = tcpFromFD(fds[1], "upstream"); err != nil {
 		s.Client.Close()
@@ -243,11 +283,15 @@ func parseSession(msg []byte, flags, nfds int) (*Session, error) {
 	if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 {
 		return nil, fmt.Errorf("hand-over message truncated (flags %#x)", flags)
 	}
-	if nfds != 2 {
-		return nil, fmt.Errorf("hand-over message carries %d descriptors, want 2", nfds)
-	}
 	if len(msg) < handoverHeader || msg[0] != 1 {
 		return nil, fmt.Errorf("hand-over message: bad header (%d bytes)", len(msg))
+	}
+	want := 2
+	if msg[2]&flagHTTP1 != 0 {
+		want = 1
+	}
+	if nfds != want {
+		return nil, fmt.Errorf("hand-over message carries %d descriptors, want %d", nfds, want)
 	}
 	alen := int(msg[3])
 	up, down := int(binary.BigEndian.Uint32(msg[12:])), int(binary.BigEndian.Uint32(msg[16:]))
@@ -255,7 +299,7 @@ func parseSession(msg []byte, flags, nfds int) (*Session, error) {
 		return nil, fmt.Errorf("hand-over message: %d bytes, header says %d", len(msg), handoverHeader+alen+up+down)
 	}
 	s := &Session{Direction: Direction(msg[1]), Accepted: time.Unix(0, int64(binary.BigEndian.Uint64(msg[4:]))),
-		ClientDone: msg[2]&flagClientDone != 0, UpstreamDone: msg[2]&flagUpstreamDone != 0}
+		ClientDone: msg[2]&flagClientDone != 0, UpstreamDone: msg[2]&flagUpstreamDone != 0, HTTP1: msg[2]&flagHTTP1 != 0}
 	if s.Direction != Inbound && s.Direction != Outbound {
 		return nil, fmt.Errorf("hand-over message: unknown direction %d", msg[1])
 	}

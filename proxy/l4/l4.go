@@ -15,7 +15,9 @@
 //
 // Draining: when the generation starts draining, Conn.Draining() is closed.
 // A handler stops taking new work at its next safe boundary (HTTP/1:
-// `Connection: close` on the next response; HTTP/2: GOAWAY) and returns.
+// between two requests it moves the connection to the next generation
+// (Session.HTTP1), or without one answers the next request with
+// `Connection: close`; HTTP/2: GOAWAY) and returns.
 // The L4 passthrough instead hands the established connection to the next
 // generation when there is one (Conn.HandOver; see Session), and otherwise
 // relays it until it ends. The ctx passed to ServeConn is cancelled at the
@@ -62,6 +64,14 @@ type Conn struct {
 	// connection (nil: nowhere; it stays until it ends or the drain
 	// deadline). Looked at once Draining is closed.
 	HandOver func() *Sender
+
+	// ResumedHTTP1 marks an HTTP/1.1 connection the previous generation's
+	// L7 engine handed over between two requests (Session.HTTP1); Carried
+	// holds the bytes of the next request it had read. A handler serving
+	// HTTP/1.1 goes on serving it as such (no protocol detection), Carried
+	// first; the server relays it to OrigDst when no handler takes it.
+	ResumedHTTP1 bool
+	Carried      []byte
 
 	draining <-chan struct{}
 }

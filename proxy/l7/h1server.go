@@ -20,6 +20,7 @@ import (
 
 	"golang.org/x/net/http/httpguts"
 
+	"github.com/meshlet/meshlet/proxy/l4"
 	"github.com/meshlet/meshlet/proxy/sniff"
 )
 
@@ -88,8 +89,10 @@ type h1ServerConn struct {
 	bufp *[]byte // pooled request body buffer while a request holds one
 	w    h1Writer
 
-	mu       sync.Mutex // guards state, armed, watching and read deadline changes
+	mu       sync.Mutex // guards state, woken, stay, armed, watching and read deadline changes
 	state    int
+	woken    bool      // drainWake interrupted the idle wait
+	stay     bool      // the connection cannot move to the next generation
 	rdl      time.Time // the read deadline last set
 	armed    bool      // a request is being served; the watch may start
 	watching bool
@@ -136,18 +139,30 @@ func (p *Engine) serveH1(ctx context.Context, tc *trackedConn, d *dirServer) net
 // to net/http, or done when the connection is finished.
 func (c *h1ServerConn) serveOne() (handoff net.Conn, done bool) {
 	lim := c.p.lim
-	// Idle: wait for the first byte of the next request. A draining
-	// direction does not close idle connections (see idle): their next
-	// request is answered with Connection: close.
+	// Idle: wait for the first byte of the next request. A direction that
+	// drains for a hot restart moves the connection to the next generation
+	// here, between two requests; otherwise it stays open (see idle) and its
+	// next request is answered with Connection: close.
 	c.idle(orDur(lim.IdleTimeout.D, 5*time.Minute))
 	if c.br.Buffered() == 0 {
+		if snd := c.target(); snd != nil && c.move(snd) {
+			return nil, true
+		}
 		if _, err := c.br.Peek(1); err != nil {
+			c.mu.Lock()
+			woken := c.woken
+			c.woken = false
+			c.mu.Unlock()
+			if woken && c.br.Buffered() == 0 {
+				return nil, false // the drain interrupted the wait: move
+			}
 			c.tc.Close()
 			return nil, true
 		}
 	}
 	c.mu.Lock()
 	c.state = h1Busy
+	c.woken = false // every read from here on sets its own deadline
 	c.mu.Unlock()
 	// The head: parse what arrived; read more (bounded by the header
 	// timeout) while it is incomplete.
@@ -474,6 +489,114 @@ func (c *h1ServerConn) setReadDeadline(t time.Time) {
 	_ = c.tc.SetReadDeadline(t)
 }
 
+// h1Mover moves a codec connection to the next generation between two
+// requests when its direction drains for a hot restart.
+type h1Mover struct {
+	lc *l4.Conn    // the connection as the generation server accepted it
+	m  *l4.Metrics // its direction's hand-over counters; nil without a Forwarder
+}
+
+// target returns the successor to move the connection to, or nil: the
+// direction is not draining, there is no successor (a shutdown drain, or
+// one the server counted as refused), or the connection stays (a move
+// failed or cannot be made; counted once).
+func (c *h1ServerConn) target() *l4.Sender {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.targetLocked()
+}
+
+func (c *h1ServerConn) targetLocked() *l4.Sender {
+	mv := c.tc.mv
+	if c.stay || mv == nil || mv.lc.HandOver == nil || !c.d.draining.Load() {
+		return nil
+	}
+	snd := mv.lc.HandOver()
+	if snd == nil {
+		return nil
+	}
+	why := ""
+	if !snd.HTTP1() {
+		why = "successor_l4_only"
+	} else if c.socket() == nil {
+		why = "not_movable"
+	}
+	if why != "" {
+		c.stay = true
+		c.p.m.notMoved.WithLabelValues(why).Inc()
+		return nil
+	}
+	return snd
+}
+
+// socket returns the accepted socket when it is what the codec reads (under
+// replayed detection bytes), nil otherwise (TLS: its state cannot move).
+func (c *h1ServerConn) socket() *net.TCPConn {
+	conn := c.tc.Conn
+	for {
+		sc, ok := conn.(*sniff.Conn)
+		if !ok {
+			break
+		}
+		conn = sc.Raw()
+	}
+	if tcp, ok := conn.(*net.TCPConn); ok && tcp == c.tc.mv.lc.Client {
+		return tcp
+	}
+	return nil
+}
+
+// move sends the idle connection to snd with the bytes of its next request
+// read so far; true when it moved (this generation's descriptor is then
+// closed). When the send fails nothing has moved: the connection stays,
+// and its next response carries Connection: close.
+func (c *h1ServerConn) move(snd *l4.Sender) bool {
+	mv := c.tc.mv
+	buffered, _ := c.br.Peek(c.br.Buffered())
+	carry := bytes.Clone(buffered)
+	var replay []byte
+	for conn := c.tc.Conn; ; {
+		sc, ok := conn.(*sniff.Conn)
+		if !ok {
+			break
+		}
+		replay = append(replay, sc.Buffered()...)
+		conn = sc.Raw()
+	}
+	carry = append(carry, replay...)
+	err := snd.Send(&l4.Session{Direction: mv.lc.Direction, OrigDst: mv.lc.OrigDst, Accepted: mv.lc.Accepted,
+		Client: mv.lc.Client, HTTP1: true, ToUpstream: carry})
+	if err == nil {
+		if mv.m != nil {
+			mv.m.HandedOver.Inc()
+		}
+		return true
+	}
+	if len(replay) > 0 {
+		c.tc.Conn = sniff.NewConn(mv.lc.Client, replay)
+	}
+	c.mu.Lock()
+	c.stay = true
+	c.mu.Unlock()
+	if mv.m != nil {
+		mv.m.HandoverFailures.Inc()
+	}
+	c.p.m.notMoved.WithLabelValues("send_failed").Inc()
+	c.p.log.Warn("l7: hand-over failed; the connection ends with its next response", "remote", c.remote, "err", err)
+	return false
+}
+
+// drainWake interrupts an idle connection's wait for its next request when
+// it can move to the next generation; a busy one moves after its response.
+func (c *h1ServerConn) drainWake() {
+	c.mu.Lock()
+	if c.state == h1Idle && c.targetLocked() != nil {
+		c.woken = true
+		c.setReadDeadline(aLongTimeAgo)
+	}
+	c.mu.Unlock()
+}
+
 // watchStart arms the client-gone watch for the request being served.
 func (c *h1ServerConn) watchStart() {
 	c.watchErr = nil
@@ -667,7 +790,9 @@ func (w *h1Writer) commit(final bool) {
 			}
 		}
 	}
-	if w.c.d.draining.Load() || httpguts.HeaderValuesContainsToken(h["Connection"], "close") {
+	if w.c.d.draining.Load() && w.c.target() == nil || httpguts.HeaderValuesContainsToken(h["Connection"], "close") {
+		// A connection that moves to the next generation after this
+		// response stays keep-alive.
 		w.closeAfter = true
 	}
 	delete(h, "Connection")
@@ -832,7 +957,7 @@ func httpDate() string {
 }
 
 // addH1 and removeH1 track the codec's connections of a direction, for
-// Close.
+// the drain (idle ones are woken to move) and Close.
 func (d *dirServer) addH1(c *h1ServerConn) {
 	d.h1mu.Lock()
 	if d.h1 == nil {

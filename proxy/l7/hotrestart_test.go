@@ -7,11 +7,14 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	testpb "google.golang.org/grpc/interop/grpc_testing"
@@ -21,6 +24,7 @@ import (
 	"github.com/meshlet/meshlet/proxy/l4"
 	"github.com/meshlet/meshlet/proxy/l7"
 	"github.com/meshlet/meshlet/proxy/server"
+	"github.com/meshlet/meshlet/proxy/stats"
 )
 
 type bidiEcho struct {
@@ -45,35 +49,21 @@ func (bidiEcho) FullDuplexCall(s grpc.BidiStreamingServer[testpb.StreamingOutput
 // TestHotRestartConfigChangeLosesNothing: constant HTTP/1.1 load (keep-alive
 // clients that never retry, a backend writing head and body apart) plus a
 // gRPC bidi stream open across generation switches that change the routing
-// config. No request fails, no connection ends but at a Connection: close,
-// the stream finishes on the first generation, and new requests see the
-// new config.
+// config. No request fails, the stream finishes on the first generation,
+// and new requests see the new config. With a successor on a hand-over
+// socket (as the agent runs generations) every HTTP/1.1 connection moves
+// to the next generation between two requests: no client dials again.
+// Without one, connections end only at a Connection: close: each client
+// dials once per generation.
 func TestHotRestartConfigChangeLosesNothing(t *testing.T) {
 	t.Parallel()
-	// Backends: HTTP (v1, v2) and gRPC. The HTTP backends write each
-	// response's head and body apart with a pause between, so a proxy that
-	// ends a connection between a response's writes is caught.
-	httpBackend := func(name string) string {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { ln.Close() })
-		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				go func() {
-					defer c.Close()
-					proctest.SplitHTTPAs(c.(*net.TCPConn), bufio.NewReader(c), name)
-				}()
-			}
-		}()
-		return ln.Addr().String()
-	}
-	v1, v2 := httpBackend("v1"), httpBackend("v2")
+	t.Run("hand-over", func(t *testing.T) { t.Parallel(); testHotRestart(t, true) })
+	t.Run("no successor", func(t *testing.T) { t.Parallel(); testHotRestart(t, false) })
+}
+
+func testHotRestart(t *testing.T, handOver bool) {
+	// Backends: HTTP (v1, v2) and gRPC.
+	v1, v2 := splitBackend(t, "v1"), splitBackend(t, "v2")
 	gln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -104,45 +94,11 @@ clusters:
 	}
 	shared := ln.(*net.TCPListener)
 	defer shared.Close()
-	// gen starts a generation (generation server + L7 engine) on its own
-	// descriptor of the shared listening socket, as the agent does.
-	gen := func(yaml string) *server.Server {
-		f, err := shared.File()
-		if err != nil {
-			t.Fatal(err)
-		}
-		fl, err := net.FileListener(f)
-		f.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
-		cfg, err := config.ParseL7([]byte(yaml))
-		if err != nil {
-			t.Fatal(err)
-		}
-		engine, err := l7.New(cfg, l7.Options{AccessLog: io.Discard})
-		if err != nil {
-			t.Fatal(err)
-		}
-		var choose l4.Chooser
-		srv, err := server.New(server.Options{
-			Config:    config.Default(),
-			Listeners: server.Listeners{Outbound: []*net.TCPListener{fl.(*net.TCPListener)}},
-			// Every connection's original destination is a declared HTTP port;
-			// routing is by authority (web, echo).
-			OrigDst:       func(*net.TCPConn) (netip.AddrPort, error) { return netip.MustParseAddrPort("127.0.0.1:80"), nil },
-			Chooser:       func(c *l4.Conn) l4.Handler { return choose(c) },
-			DrainDuration: 10 * time.Second,
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		choose = engine.Chooser(srv.Forwarder())
-		srv.Start()
-		t.Cleanup(func() { srv.Close(); engine.Close() })
-		return srv
+	st := stats.NewPrivate()
+	gen := func(yaml string, handover *net.UnixConn) *server.Server {
+		return startGeneration(t, shared, yaml, st, handover)
 	}
-	gen1 := gen(conf(v1))
+	gen1 := gen(conf(v1), nil)
 
 	cc, err := grpc.NewClient("passthrough:///"+shared.Addr().String(),
 		grpc.WithTransportCredentials(insecure.NewCredentials()), grpc.WithAuthority("echo"))
@@ -230,39 +186,240 @@ clusters:
 	}
 	// Hot restarts, each with a changed config: even generations route web
 	// to v2, odd ones to v1. Every restart is a chance for the drain to cut
-	// a keep-alive connection between two of its requests.
+	// a keep-alive connection between two of its requests. The gRPC stream
+	// stays on generation 1 across the first restart and ends there; as in
+	// the agent, a generation is restarted only once its predecessor is
+	// gone.
 	const restarts = 4
 	time.Sleep(200 * time.Millisecond)
 	prev := gen1
 	for r := 1; r <= restarts; r++ {
-		next := gen(conf([]string{v1, v2}[r%2]))
-		prev.Drain(server.HotRestart)
-		for i := 1; i <= 10; i++ { // the stream keeps working on generation 1
-			echo(10*r + i)
-			time.Sleep(20 * time.Millisecond)
+		yaml := conf([]string{v1, v2}[r%2])
+		var next *server.Server
+		if handOver {
+			oldEnd, newEnd := unixPair(t)
+			next = gen(yaml, newEnd)
+			prev.HandOver(oldEnd)
+		} else {
+			next = gen(yaml, nil)
+			prev.Drain(server.HotRestart)
 		}
-		if prev != gen1 {
-			waitDrained(prev, fmt.Sprint("generation ", r))
+		if r == 1 {
+			for i := 1; i <= 10; i++ { // the stream keeps working on generation 1
+				echo(i)
+				time.Sleep(20 * time.Millisecond)
+			}
+			stream.CloseSend()
+			if _, err := stream.Recv(); !errors.Is(err, io.EOF) {
+				t.Fatalf("stream end: %v", err)
+			}
+		} else {
+			time.Sleep(200 * time.Millisecond)
 		}
+		waitDrained(prev, fmt.Sprint("generation ", r))
 		prev = next
 	}
 	close(stop)
 	wg.Wait()
-	stream.CloseSend()
-	if _, err := stream.Recv(); !errors.Is(err, io.EOF) {
-		t.Fatalf("stream end: %v", err)
-	}
-	waitDrained(gen1, "generation 1")
 	_, sawV1 := seen.Load("v1")
 	_, sawV2 := seen.Load("v2")
 	t.Logf("requests ok=%d failed=%d dials=%d (v1 seen %v, v2 seen %v)", ok.Load(), failed.Load(), dials.Load(), sawV1, sawV2)
-	// Each client dials generation 1 once, and each next generation once
-	// after the previous one's Connection: close; another dial means a
-	// connection ended some other way.
-	if d, want := dials.Load(), int64(4*(restarts+1)); d != want {
+	moved := counter(st, `meshlet_proxy_handed_over_connections_total{direction="outbound"}`)
+	adopted := counter(st, `meshlet_proxy_adopted_connections_total{direction="outbound"}`)
+	accepted := counter(st, `meshlet_proxy_connections_total{direction="outbound"}`)
+	t.Logf("connections: accepted %d, moved %d, adopted %d", accepted, moved, adopted)
+	if handOver {
+		// Each client's connection moves at every restart.
+		if d := dials.Load(); d != 4 {
+			t.Errorf("%d connections for 4 clients across %d hot restarts with hand-over; want 4", d, restarts)
+		}
+		if want := uint64(4 * restarts); moved != want || adopted != want {
+			t.Errorf("moved %d, adopted %d connections; want %d each", moved, adopted, want)
+		}
+		if accepted != 5 { // the 4 clients and the gRPC connection
+			t.Errorf("%d connections accepted; want 5", accepted)
+		}
+	} else if d, want := dials.Load(), int64(4*(restarts+1)); d != want {
+		// Each client dials generation 1 once, and each next generation
+		// once after the previous one's Connection: close; another dial
+		// means a connection ended some other way.
 		t.Errorf("%d connections for 4 clients across %d hot restarts; want %d", d, restarts, want)
+	}
+	var notMoved uint64
+	st.Each(func(n string, x uint64) {
+		if strings.HasPrefix(n, "meshlet_l7_drain_not_moved_total") {
+			notMoved += x
+		}
+	})
+	if notMoved != 0 {
+		t.Errorf("meshlet_l7_drain_not_moved_total %d; want 0", notMoved)
 	}
 	if failed.Load() != 0 || ok.Load() < 20 || !sawV1 || !sawV2 {
 		t.Fatalf("ok=%d failed=%d v1=%v v2=%v; want no failures and both configs served", ok.Load(), failed.Load(), sawV1, sawV2)
+	}
+}
+
+// unixPair returns the two ends of a hand-over socket (SOCK_SEQPACKET), as
+// the agent creates between two generations.
+func unixPair(t *testing.T) (*net.UnixConn, *net.UnixConn) {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn := func(fd int) *net.UnixConn {
+		f := os.NewFile(uintptr(fd), "handover")
+		defer f.Close()
+		c, err := net.FileConn(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c.(*net.UnixConn)
+	}
+	return conn(fds[0]), conn(fds[1])
+}
+
+// splitBackend serves HTTP/1.1 on a new loopback port until the test ends,
+// answering each POST with its body and X-Backend: name, the head and the
+// body in two writes with a pause between, so a proxy that ends a
+// connection between a response's writes is caught.
+func splitBackend(t *testing.T, name string) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				proctest.SplitHTTPAs(c.(*net.TCPConn), bufio.NewReader(c), name)
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// startGeneration starts a generation (generation server + L7 engine with
+// config yaml) on its own descriptor of the shared listening socket, as the
+// agent does; handover is its end of the hand-over socket from its
+// predecessor, or nil. Every connection's original destination is the
+// declared HTTP port 80.
+func startGeneration(t *testing.T, shared *net.TCPListener, yaml string, st *stats.Region, handover *net.UnixConn) *server.Server {
+	t.Helper()
+	f, err := shared.File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	fl, err := net.FileListener(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := config.ParseL7([]byte(yaml))
+	if err != nil {
+		t.Fatal(err)
+	}
+	engine, err := l7.New(cfg, l7.Options{AccessLog: io.Discard, Stats: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var choose l4.Chooser
+	srv, err := server.New(server.Options{
+		Config:        config.Default(),
+		Listeners:     server.Listeners{Outbound: []*net.TCPListener{fl.(*net.TCPListener)}},
+		OrigDst:       func(*net.TCPConn) (netip.AddrPort, error) { return netip.MustParseAddrPort("127.0.0.1:80"), nil },
+		Chooser:       func(c *l4.Conn) l4.Handler { return choose(c) },
+		DrainDuration: 10 * time.Second,
+		Stats:         st,
+		Handover:      handover,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	choose = engine.Chooser(srv.Forwarder())
+	srv.Start()
+	t.Cleanup(func() { srv.Close(); engine.Close() })
+	return srv
+}
+
+// counter returns the value of the series name in st (0 when absent).
+func counter(st *stats.Region, name string) (v uint64) {
+	st.Each(func(n string, x uint64) {
+		if n == name {
+			v = x
+		}
+	})
+	return v
+}
+
+// TestHotRestartHandOverFallback: when an HTTP/1.1 connection cannot move to
+// the next generation — the successor takes L4 relays only, or it is gone
+// so the send fails — the connection stays, its next request is answered
+// with Connection: close, and the fallback is counted by its reason.
+func TestHotRestartHandOverFallback(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name, reason string
+		successor    func(t *testing.T, end *net.UnixConn)
+	}{
+		{"successor takes L4 only", "successor_l4_only", func(t *testing.T, end *net.UnixConn) {
+			if _, err := end.Write([]byte("meshlet-handover/1")); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"successor gone", "send_failed", func(t *testing.T, end *net.UnixConn) {
+			if _, err := l4.NewReceiver(end); err != nil {
+				t.Fatal(err)
+			}
+			end.Close() // greeted, then died
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			shared := ln.(*net.TCPListener)
+			defer shared.Close()
+			st := stats.NewPrivate()
+			g := startGeneration(t, shared, fmt.Sprintf(`
+ports: [{port: 80, name: http-web}]
+services: [{name: web, hosts: [web], routes: [{name: r, destinations: [{cluster: web}]}]}]
+clusters: [{name: web, endpoints: [{address: %q}]}]
+`, splitBackend(t, "v1")), st, nil)
+			c, err := net.Dial("tcp", shared.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			br := bufio.NewReader(c)
+			if resp, err := proctest.PostTo(c, br, "web", []byte("before"), false); err != nil || resp.Close {
+				t.Fatalf("before the restart: %v", err)
+			}
+			oldEnd, newEnd := unixPair(t)
+			tc.successor(t, newEnd)
+			g.HandOver(oldEnd)
+			time.Sleep(100 * time.Millisecond) // the drain reaches the idle connection
+			resp, err := proctest.PostTo(c, br, "web", []byte("after"), false)
+			if err != nil {
+				t.Fatalf("after the drain began: %v", err)
+			}
+			if !resp.Close {
+				t.Fatal("the response after a failed hand-over keeps the connection; want Connection: close")
+			}
+			if n := counter(st, `meshlet_l7_drain_not_moved_total{reason="`+tc.reason+`"}`); n != 1 {
+				t.Errorf("meshlet_l7_drain_not_moved_total{reason=%q} %d; want 1", tc.reason, n)
+			}
+			if n := counter(st, `meshlet_proxy_handed_over_connections_total{direction="outbound"}`); n != 0 {
+				t.Errorf("%d connections counted as handed over; want 0", n)
+			}
+		})
 	}
 }

@@ -33,6 +33,7 @@ type metrics struct {
 	noRoute     *stats.Counter
 	noCluster   *stats.Counter
 	handoffs    *stats.CounterVec
+	notMoved    *stats.CounterVec
 	rbacDenied  *stats.CounterVec
 	mu          sync.Mutex
 	clusters    map[string]*upstream.Metrics
@@ -72,6 +73,9 @@ func newMetrics(r *stats.Region) *metrics {
 	m.handoffs = cv("meshlet_l7_downstream_handoffs_total", "Downstream connections the HTTP/1.1 codec handed to "+
 		"net/http's server, by what the request needed: http2, http1.0, upgrade, expect, transfer_encoding, "+
 		"large_body, large_head, other (malformed or unusual requests, answered by net/http).", "reason")
+	m.notMoved = cv("meshlet_l7_drain_not_moved_total", "HTTP/1.1 connections a hot restart could not move to the "+
+		"next generation, which then ended with Connection: close on their next response, by why: not_movable "+
+		"(TLS or another wrapped connection), send_failed, successor_l4_only.", "reason")
 	m.rbacDenied = cv("meshlet_rbac_denied_total", "Inbound requests and connections denied by authorization, by the deciding "+
 		"policy (empty: no ALLOW policy matched).", "policy")
 	return m

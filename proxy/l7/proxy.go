@@ -327,6 +327,7 @@ func (p *Engine) StartDrain(dir l4.Direction) {
 	d := p.dirs[dir]
 	d.once.Do(func() {
 		d.draining.Store(true)
+		d.eachH1((*h1ServerConn).drainWake)
 		p.drainH2(dir)
 		go func() {
 			// Shutdown's own wait has no deadline here: connections still open
@@ -388,16 +389,20 @@ func (p *Engine) ServeConn(ctx context.Context, c net.Conn, dst netip.AddrPort, 
 		c, det = sc, &res
 	}
 	if c, done := p.serveMaybeH2(ctx, c, det, dst, dir); !done {
-		p.serveHTTP(ctx, c, dst, dir)
+		p.serveHTTP(ctx, c, dst, dir, nil)
 	}
 }
 
 // serveHTTP serves an HTTP/1.1 or HTTP/2 (prior knowledge) connection until
 // it closes or ctx ends: with the HTTP/1.1 codec while its requests are in
 // the shape the codec takes, then (or at once, for HTTP/2) with net/http.
-func (p *Engine) serveHTTP(ctx context.Context, c net.Conn, dst netip.AddrPort, dir l4.Direction) {
+// mv, when not nil, lets the codec move the connection to the next
+// generation when the direction drains.
+func (p *Engine) serveHTTP(ctx context.Context, c net.Conn, dst netip.AddrPort, dir l4.Direction, mv *h1Mover) {
 	d := p.dirs[dir]
-	if d.draining.Load() {
+	if d.draining.Load() && (mv == nil || !mv.lc.ResumedHTTP1) {
+		// A connection handed over by the previous generation is served
+		// even so (moved on, or answered with Connection: close).
 		c.Close()
 		return
 	}
@@ -407,7 +412,7 @@ func (p *Engine) serveHTTP(ctx context.Context, c net.Conn, dst netip.AddrPort, 
 	if !p.opts.netHTTPOnly {
 		// The codec serves the connection, or hands it over (with the bytes
 		// it read) when a request needs net/http.
-		if c = p.serveH1(ctx, &trackedConn{Conn: c, dst: dst, dir: dir, tls: cs}, d); c == nil {
+		if c = p.serveH1(ctx, &trackedConn{Conn: c, dst: dst, dir: dir, tls: cs, mv: mv}, d); c == nil {
 			return
 		}
 	}
@@ -461,6 +466,7 @@ type trackedConn struct {
 	dst      netip.AddrPort
 	dir      l4.Direction
 	tls      *tls.ConnectionState // inbound mutual TLS (nil: plain text)
+	mv       *h1Mover             // the codec may move the connection (nil: it may not)
 	done     chan struct{}
 	once     sync.Once
 	hijacked atomic.Bool

@@ -28,7 +28,12 @@ func (p *Engine) Chooser(fwd *l4.Forwarder) l4.Chooser {
 	mh := &meshInbound{h}
 	return func(c *l4.Conn) l4.Handler {
 		if c.Direction == l4.Inbound {
-			if m := p.tab.Load().peerAuth.ModeFor(c.OrigDst.Port()); m == config.PeerStrict || m == config.PeerPermissive {
+			m := p.tab.Load().peerAuth.ModeFor(c.OrigDst.Port())
+			switch {
+			case c.ResumedHTTP1 && m == config.PeerStrict:
+				// Plain text moved from a generation that still took it.
+				return deniedConn{}
+			case !c.ResumedHTTP1 && (m == config.PeerStrict || m == config.PeerPermissive):
 				// Authorized once the TLS state (or its absence) is known.
 				return mh
 			}
@@ -120,6 +125,18 @@ func (h *seamHandler) serve(ctx context.Context, c *l4.Conn, conn net.Conn, raw 
 		case <-stop:
 		}
 	}()
+	mv := &h1Mover{lc: c}
+	if h.fwd != nil {
+		mv.m = h.fwd.Metrics[dir]
+	}
+	if c.ResumedHTTP1 {
+		// Handed over by the previous generation between two requests.
+		if len(c.Carried) > 0 {
+			conn = sniff.NewConn(conn, c.Carried)
+		}
+		h.p.serveHTTP(ctx, conn, c.OrigDst, dir, mv)
+		return
+	}
 	proto := h.p.Protocol(c.OrigDst.Port())
 	if proto == config.ProtoTCP {
 		h.tcp(ctx, c, conn, raw)
@@ -135,7 +152,7 @@ func (h *seamHandler) serve(ctx context.Context, c *l4.Conn, conn net.Conn, raw 
 		conn, det = sc, &res
 	}
 	if conn, done := h.p.serveMaybeH2(ctx, conn, det, c.OrigDst, dir); !done {
-		h.p.serveHTTP(ctx, conn, c.OrigDst, dir)
+		h.p.serveHTTP(ctx, conn, c.OrigDst, dir, mv)
 	}
 }
 

@@ -347,6 +347,22 @@ func (s *Server) adopt(sess *l4.Session) {
 	conn := l4.NewConn(sess.Client, sess.Direction, sess.OrigDst, drain)
 	conn.Accepted = sess.Accepted
 	conn.HandOver = s.successor.Load
+	if sess.HTTP1 {
+		// An L7 connection between two requests: the handler the Chooser
+		// picks serves it on; without one it is relayed as it is.
+		defer sess.Close()
+		conn.ResumedHTTP1, conn.Carried = true, sess.ToUpstream
+		var h l4.Handler
+		if s.o.Chooser != nil {
+			h = s.o.Chooser(conn)
+		}
+		if h == nil {
+			_ = s.fwd.Forward(s.ctx, conn, sess.ToUpstream)
+			return
+		}
+		h.ServeConn(s.ctx, conn)
+		return
+	}
 	_ = s.fwd.Resume(s.ctx, conn, sess)
 }
 
