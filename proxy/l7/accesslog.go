@@ -63,11 +63,11 @@ func (l *accessLogger) log(r *http.Request, st *reqState, dir l4.Direction, stat
 	b = strconv.AppendInt(b, bytes, 10)
 	if st.route != nil {
 		b = append(b, `,"route":`...)
-		b = strconv.AppendQuote(b, st.route.key)
+		b = strconv.AppendQuote(b, st.route.Key)
 	}
 	if st.dest != nil {
 		b = append(b, `,"cluster":`...)
-		b = strconv.AppendQuote(b, st.dest.name)
+		b = strconv.AppendQuote(b, st.dest.Name)
 	}
 	if st.upstream != "" {
 		b = append(b, `,"upstream":`...)

@@ -8,6 +8,8 @@ import (
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
+
+	"github.com/meshlet/meshlet/proxy/l7/route"
 )
 
 // Flow-control and buffering bounds of the HTTP/2 frame forwarder. What a
@@ -21,7 +23,7 @@ const (
 	h2OutMax      = 16 << 20 // control frames piled up by a peer that does not read: disconnect
 	h2InitWin     = 65535    // the protocol's initial window
 	h2DefStreams  = 100      // assumed peer concurrency limit until its SETTINGS say otherwise
-	h2MaxReplay   = defaultMaxReplayBody
+	h2MaxReplay   = route.DefaultMaxReplayBody
 	h2ResetsLimit = 100 // client stream cancellations tolerated before the ratio check (CVE-2023-44487)
 )
 

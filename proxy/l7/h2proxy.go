@@ -21,6 +21,7 @@ import (
 	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/l4"
 	"github.com/meshlet/meshlet/proxy/l7/grpcwire"
+	"github.com/meshlet/meshlet/proxy/l7/route"
 	"github.com/meshlet/meshlet/proxy/l7/upstream"
 	"github.com/meshlet/meshlet/proxy/mtls"
 	"github.com/meshlet/meshlet/proxy/sniff"
@@ -80,14 +81,14 @@ func newH2Gate(t *table) h2gate {
 	h.ports = map[uint16]bool{}
 	for _, s := range t.services {
 		ok := true
-		for _, r := range s.routes {
+		for _, r := range s.Routes {
 			ok = ok && h2RouteOK(r)
 		}
-		if len(s.ports) == 0 {
+		if len(s.Ports) == 0 {
 			h.anyOK = h.anyOK && ok
 			continue
 		}
-		for port := range s.ports {
+		for port := range s.Ports {
 			if v, seen := h.ports[port]; seen {
 				h.ports[port] = v && ok
 			} else {
@@ -103,12 +104,12 @@ func newH2Gate(t *table) h2gate {
 
 // h2RouteOK: mirroring stays on the net/http path (it copies whole
 // requests). A destination without a cluster is answered locally (NC).
-func h2RouteOK(r *route) bool {
-	if r.mirror != nil {
+func h2RouteOK(r *route.Route) bool {
+	if r.Mirror != nil {
 		return false
 	}
-	for _, d := range r.dests {
-		if d.cluster != nil && !h2ClusterOK(d.cluster) {
+	for _, d := range r.Dests {
+		if d.Cluster != nil && !h2ClusterOK(d.Cluster) {
 			return false
 		}
 	}
@@ -742,7 +743,7 @@ func (s *h2stream) open(f *http2.MetaHeadersFrame, fs *flushSet) {
 	}
 	r.URL = u
 
-	host := hostOnly(authority)
+	host := route.HostOnly(authority)
 	rt := t.match(r, host, d.dir, d.dst)
 	if rt != nil && !h2RouteOK(rt) {
 		// An Update since the connection was accepted routes this request
@@ -788,7 +789,7 @@ func (s *h2stream) afterDelay(fs *flushSet) {
 		s.st.deadline = time.Now().Add(timeout)
 		s.timer = time.AfterFunc(timeout, s.onTimeout)
 	}
-	cl := s.st.dest.cluster
+	cl := s.st.dest.Cluster
 	s.cl = cl
 	if !cl.Admit() {
 		s.fail(upstream.ErrOverflow, fs)
@@ -827,13 +828,13 @@ func (s *h2stream) upstreamHeaders(method string, regular []hpack.HeaderField) [
 		hpack.HeaderField{Name: ":authority", Value: r.Host},
 		hpack.HeaderField{Name: ":path", Value: r.URL.RequestURI()},
 	)
-	if s.st.route.cfg.Headers == nil {
+	if s.st.route.Config.Headers == nil {
 		for _, f := range regular {
 			switch f.Name {
 			case "grpc-timeout":
 				continue
 			case "x-forwarded-client-cert":
-				if s.st.route.inbound {
+				if s.st.route.Inbound {
 					continue // replaced by decide (setXFCC)
 				}
 			}
@@ -841,7 +842,7 @@ func (s *h2stream) upstreamHeaders(method string, regular []hpack.HeaderField) [
 				out = append(out, f)
 			}
 		}
-		if v := r.Header[mtls.XFCCHeader]; s.st.route.inbound && len(v) > 0 {
+		if v := r.Header[mtls.XFCCHeader]; s.st.route.Inbound && len(v) > 0 {
 			out = append(out, hpack.HeaderField{Name: "x-forwarded-client-cert", Value: v[0]})
 		}
 		if s.genID != "" {
@@ -869,7 +870,7 @@ func (s *h2stream) upstreamHeaders(method string, regular []hpack.HeaderField) [
 // its connections (d.mu held).
 func (s *h2stream) dispatch(fs *flushSet) {
 	cl := s.cl
-	ep := cl.Pick(s.st.dest.subset, s.d.dst, s.last)
+	ep := cl.Pick(s.st.dest.Subset, s.d.dst, s.last)
 	if ep == nil {
 		s.fail(upstream.ErrNoEndpoint, fs)
 		return
@@ -879,8 +880,8 @@ func (s *h2stream) dispatch(fs *flushSet) {
 	s.st.attempts++
 	ep.Begin()
 	s.t0 = time.Now()
-	if rp := s.st.retry; rp != nil && rp.perTry > 0 {
-		s.perTry = time.AfterFunc(rp.perTry, s.onPerTry)
+	if rp := s.st.retry; rp != nil && rp.PerTry > 0 {
+		s.perTry = time.AfterFunc(rp.PerTry, s.onPerTry)
 	}
 	s.d.p.h2pool(cl, ep.Addr(), s.d.dir).acquire(s, fs)
 }
@@ -1083,7 +1084,7 @@ func (s *h2stream) respHeaders(fields []hpack.HeaderField, end bool, fs *flushSe
 		if gs != "" && end {
 			resp.Header.Set("Grpc-Status", gs)
 		}
-		if rp.retriable(resp, nil) && s.retry(fs) {
+		if rp.Retriable(resp, nil) && s.retry(fs) {
 			return
 		}
 	}
@@ -1104,8 +1105,8 @@ func (s *h2stream) respHeaders(fields []hpack.HeaderField, end bool, fs *flushSe
 // response header operations.
 func (s *h2stream) responseFields(in []hpack.HeaderField) []hpack.HeaderField {
 	out := h2ForwardFields(in)
-	if rt := s.st.route; rt != nil && rt.cfg.Headers != nil {
-		ops := &rt.cfg.Headers.Response
+	if rt := s.st.route; rt != nil && rt.Config.Headers != nil {
+		ops := &rt.Config.Headers.Response
 		if len(ops.Remove)+len(ops.Set)+len(ops.Add) > 0 {
 			out = h2HeaderOps(out, ops)
 		}
@@ -1290,13 +1291,13 @@ func (s *h2stream) stopPerTry() {
 // replayed, attempts and budget remain.
 func (s *h2stream) canRetry() bool {
 	rp := s.st.retry
-	return rp != nil && !s.respStarted && !s.noReplay && s.st.attempts <= rp.attempts && !s.closed
+	return rp != nil && !s.respStarted && !s.noReplay && s.st.attempts <= rp.Attempts && !s.closed
 }
 
 // retry abandons the current attempt and schedules the next one; false
 // when the retry budget refuses.
 func (s *h2stream) retry(fs *flushSet) bool {
-	if !s.st.route.budget.withdraw() {
+	if !s.st.route.Budget.Withdraw() {
 		s.cl.Metrics().RetryBudgetExhausted.Inc()
 		return false
 	}
@@ -1304,7 +1305,7 @@ func (s *h2stream) retry(fs *flushSet) bool {
 	s.endAttempt(http2.ErrCodeCancel, fs)
 	s.waiting = true
 	d := s.d
-	time.AfterFunc(s.st.retry.backoff(s.st.attempts-1), func() {
+	time.AfterFunc(s.st.retry.Backoff(s.st.attempts-1), func() {
 		fs := &flushSet{}
 		d.mu.Lock()
 		if !s.closed {
@@ -1371,7 +1372,7 @@ func (s *h2stream) attemptFailed(err error, code http2.ErrCode, fs *flushSet) {
 		s.resetBoth(code, fs)
 		return
 	}
-	if s.canRetry() && s.st.retry.retriable(nil, err) && s.retry(fs) {
+	if s.canRetry() && s.st.retry.Retriable(nil, err) && s.retry(fs) {
 		return
 	}
 	s.fail(err, fs)
@@ -1505,8 +1506,8 @@ func (s *h2stream) finish(fs *flushSet) {
 	}
 	dur := now.Sub(s.start)
 	if s.st.route != nil {
-		if rm := s.st.route.metricsFor(p.m, d.dir, s.st.metricsCluster()); rm != nil {
-			rm.observe(status, dur)
+		if rm := s.st.route.Metrics[s.st.metricsCluster()]; rm != nil {
+			rm.Observe(status, dur)
 		}
 	} else if strings.Contains(s.st.flags, "NR") {
 		p.m.noRoute.Inc()

@@ -13,18 +13,18 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/l4"
 	"github.com/meshlet/meshlet/proxy/l7/grpcwire"
+	"github.com/meshlet/meshlet/proxy/l7/route"
 	"github.com/meshlet/meshlet/proxy/l7/upstream"
 )
 
 // reqState travels with a request through ReverseProxy to the router.
 type reqState struct {
 	tab      *table // the table the request started on
-	route    *route
-	dest     *destination
-	retry    *retryPolicy
+	route    *route.Route
+	dest     *route.Destination
+	retry    *route.RetryPolicy
 	dst      netip.AddrPort
 	upstream string
 	attempts int
@@ -89,7 +89,7 @@ func (p *Engine) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	st.rw.ResponseWriter = w
 	rw := &st.rw
 
-	host := hostOnly(r.Host)
+	host := route.HostOnly(r.Host)
 	rt := t.match(r, host, dir, dst)
 	dc := p.decide(rt, r, st.grpc, dst)
 	st.route, st.dest, st.retry, st.flags = dc.route, dc.dest, dc.retry, dc.flags
@@ -113,12 +113,12 @@ func (p *Engine) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		defer cancel()
 		st.deadline = time.Now().Add(dc.timeout)
 	}
-	cfg := rt.cfg
+	cfg := rt.Config
 	if cfg.Rewrite != nil {
 		r = r.Clone(ctx)
 	}
 	dc.prepare(r, host)
-	if rt.mirror != nil && hit(orPct(cfg.Mirror.Percent)) {
+	if rt.Mirror != nil && hit(orPct(cfg.Mirror.Percent)) {
 		r = p.mirror(r, rt)
 	}
 	if r.Body != nil && r.Body != http.NoBody {
@@ -191,46 +191,12 @@ func isUpgrade(r *http.Request) bool {
 	return r.Header.Get("Upgrade") != "" && r.ProtoMajor == 1
 }
 
-func applyRewrite(r *http.Request, rt *route, rw *config.Rewrite, host string) {
-	if rw.URI != "" {
-		path := r.URL.Path
-		replaced := false
-		if m, _ := rt.matches(r, host); m != nil && m.uri != nil && m.uri.prefix != "" {
-			path = rw.URI + strings.TrimPrefix(path, m.uri.prefix)
-			if strings.HasPrefix(path, "//") {
-				path = path[1:]
-			}
-			replaced = true
-		}
-		if !replaced {
-			path = rw.URI
-		}
-		r.URL.Path = path
-		r.URL.RawPath = ""
-	}
-	if rw.Authority != "" {
-		r.Host = rw.Authority
-	}
-}
-
-func applyHeaderOps(h http.Header, ops *config.HeaderOps) {
-	for _, k := range ops.Remove {
-		h.Del(k)
-	}
-	for k, v := range ops.Set {
-		h.Set(k, v)
-	}
-	for k, v := range ops.Add {
-		h.Add(k, v)
-	}
-}
-
 // mirror sends a copy of r to the route's mirror cluster, fire and forget.
 // Bodies are mirrored only when small enough to buffer.
-func (p *Engine) mirror(r *http.Request, rt *route) *http.Request {
+func (p *Engine) mirror(r *http.Request, rt *route.Route) *http.Request {
 	var body []byte
 	if r.Body != nil && r.Body != http.NoBody {
-		if r.ContentLength < 0 || r.ContentLength > defaultMaxReplayBody {
+		if r.ContentLength < 0 || r.ContentLength > route.DefaultMaxReplayBody {
 			return r // streaming or large: not mirrored
 		}
 		b, err := io.ReadAll(io.LimitReader(r.Body, r.ContentLength))
@@ -241,9 +207,9 @@ func (p *Engine) mirror(r *http.Request, rt *route) *http.Request {
 		r = r.Clone(r.Context())
 		r.Body = io.NopCloser(bytes.NewReader(b))
 	}
-	m := rt.cfg.Mirror
+	m := rt.Config.Mirror
 	shadow := r.Clone(context.Background())
-	shadow.Host = hostOnly(r.Host) + "-shadow"
+	shadow.Host = route.HostOnly(r.Host) + "-shadow"
 	if _, port, ok := strings.Cut(r.Host, ":"); ok {
 		shadow.Host += ":" + port
 	}
@@ -255,12 +221,12 @@ func (p *Engine) mirror(r *http.Request, rt *route) *http.Request {
 		shadow.Body = http.NoBody
 	}
 	removeHopHeaders(shadow.Header)
-	cl := rt.mirror
+	cl := rt.Mirror
 	p.m.cluster(cl.Name()).Mirrored.Inc()
 	go func() { //nolint:gosec // G118: the mirrored request must not end with the original one
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		st := &reqState{dest: &destination{cluster: cl, name: cl.Name(), subset: m.Subset}}
+		st := &reqState{dest: &route.Destination{Cluster: cl, Name: cl.Name(), Subset: m.Subset}}
 		resp, err := (&router{p: p}).RoundTrip(shadow.WithContext(context.WithValue(ctx, stateKey{}, st)))
 		if err == nil {
 			_, _ = io.Copy(io.Discard, resp.Body)
@@ -352,8 +318,8 @@ func modifyResponse(resp *http.Response) error {
 	if st == nil || st.route == nil {
 		return nil
 	}
-	if h := st.route.cfg.Headers; h != nil {
-		applyHeaderOps(resp.Header, &h.Response)
+	if h := st.route.Config.Headers; h != nil {
+		route.ApplyHeaderOps(resp.Header, &h.Response)
 	}
 	return nil
 }
@@ -405,8 +371,8 @@ func (p *Engine) finish(w *responseWriter, r *http.Request, st *reqState, dir l4
 		gs = grpcwire.Status(w.Header())
 	}
 	if st.route != nil {
-		if rm := st.route.metricsFor(p.m, dir, cl); rm != nil {
-			rm.observe(status, d)
+		if rm := st.route.Metrics[cl]; rm != nil {
+			rm.Observe(status, d)
 		}
 	} else {
 		p.m.noRoute.Inc()

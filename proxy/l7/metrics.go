@@ -2,11 +2,10 @@ package l7
 
 import (
 	"sync"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/meshlet/meshlet/proxy/l4"
+	"github.com/meshlet/meshlet/proxy/l7/route"
 	"github.com/meshlet/meshlet/proxy/l7/upstream"
 	"github.com/meshlet/meshlet/proxy/stats"
 )
@@ -38,11 +37,6 @@ type metrics struct {
 	mu          sync.Mutex
 	clusters    map[string]*upstream.Metrics
 	routeFaults sync.Map // route key + kind → *stats.Counter
-}
-
-type routeMetrics struct {
-	byClass  [6]*stats.Counter // 1xx..5xx, and [0] for others (499 etc.)
-	duration prometheus.Observer
 }
 
 func newMetrics(r *stats.Region) *metrics {
@@ -116,43 +110,20 @@ func (m *metrics) dropCluster(name string) {
 	delete(m.clusters, name)
 }
 
-func (m *metrics) route(dir, route, cluster string) *routeMetrics {
-	rm := &routeMetrics{duration: m.duration.WithLabelValues(dir, route, cluster)}
-	for i, class := range []string{"other", "1xx", "2xx", "3xx", "4xx", "5xx"} {
-		rm.byClass[i] = m.requests.WithLabelValues(dir, route, cluster, class)
-	}
-	return rm
+func (m *metrics) route(dir, rt, cluster string) *route.Metrics {
+	return route.NewMetrics(func(class string) *stats.Counter { return m.requests.WithLabelValues(dir, rt, cluster, class) },
+		m.duration.WithLabelValues(dir, rt, cluster))
 }
 
-func (rm *routeMetrics) observe(status int, d time.Duration) {
-	i := status / 100
-	if i < 1 || i > 5 {
-		i = 0
-	}
-	rm.byClass[i].Inc()
-	rm.duration.Observe(d.Seconds())
-}
-
-func (r *route) metricsFor(m *metrics, dir l4.Direction, cl *upstream.Cluster) *routeMetrics {
-	if cl == nil {
-		return nil
-	}
-	return r.metrics[cl]
-}
-
-func (r *route) faultMetric(m *metrics, kind string) {
-	key := r.key + "\x00" + kind
+// fault counts an injected fault of kind (delay, abort) on the route
+// keyed routeKey.
+func (m *metrics) fault(routeKey, kind string) {
+	key := routeKey + "\x00" + kind
 	if c, ok := m.routeFaults.Load(key); ok {
 		c.(*stats.Counter).Inc()
 		return
 	}
-	c := m.faults.WithLabelValues(r.key, kind)
+	c := m.faults.WithLabelValues(routeKey, kind)
 	m.routeFaults.Store(key, c)
 	c.Inc()
-}
-
-func (r *route) budgetDeposit() {
-	if r.budget != nil {
-		r.budget.deposit()
-	}
 }

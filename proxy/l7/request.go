@@ -9,6 +9,7 @@ import (
 
 	"github.com/meshlet/meshlet/proxy/l4"
 	"github.com/meshlet/meshlet/proxy/l7/grpcwire"
+	"github.com/meshlet/meshlet/proxy/l7/route"
 	"github.com/meshlet/meshlet/proxy/l7/upstream"
 )
 
@@ -39,13 +40,13 @@ import (
 
 // decision is the outcome of decide for one request.
 type decision struct {
-	route   *route        // nil: no route matched (reply says 404 NR)
-	dest    *destination  // nil when answered locally before the router
-	retry   *retryPolicy  // nil: one try without a per-try timeout
-	timeout time.Duration // the request's deadline from when it goes upstream; 0: none
-	delay   time.Duration // injected delay before anything else; 0: none
-	reply   *localAnswer  // answer locally (after the delay) instead of forwarding
-	flags   string        // Envoy response flags so far (NR, DI, FI, NC)
+	route   *route.Route       // nil: no route matched (reply says 404 NR)
+	dest    *route.Destination // nil when answered locally before the router
+	retry   *route.RetryPolicy // nil: one try without a per-try timeout
+	timeout time.Duration      // the request's deadline from when it goes upstream; 0: none
+	delay   time.Duration      // injected delay before anything else; 0: none
+	reply   *localAnswer       // answer locally (after the delay) instead of forwarding
+	flags   string             // Envoy response flags so far (NR, DI, FI, NC)
 }
 
 // localAnswer is a reply the engine makes without an upstream: an HTTP
@@ -80,16 +81,16 @@ func ensureRequestID(h http.Header) string {
 
 // match chooses the route of a request to dst in direction dir; nil means
 // a service claimed the request but none of its routes matched.
-func (t *table) match(r *http.Request, host string, dir l4.Direction, dst netip.AddrPort) *route {
+func (t *table) match(r *http.Request, host string, dir l4.Direction, dst netip.AddrPort) *route.Route {
 	if dir == l4.Inbound {
 		return t.inboundRoute
 	}
-	svc := findService(t.services, host, dst)
+	svc := route.Find(t.services, host, dst)
 	if svc == nil {
 		return t.passRoute
 	}
-	for _, cand := range svc.routes {
-		if _, ok := cand.matches(r, host); ok {
+	for _, cand := range svc.Routes {
+		if cand.Matches(r, host) {
 			return cand
 		}
 	}
@@ -101,32 +102,32 @@ func (t *table) match(r *http.Request, host string, dir l4.Direction, dst netip.
 // router's decisions. It counts what it decides (denials, fault and
 // no-cluster metrics, the retry budget deposit); the caller waits the
 // delay, then answers reply or forwards.
-func (p *Engine) decide(rt *route, r *http.Request, grpc bool, dst netip.AddrPort) decision {
+func (p *Engine) decide(rt *route.Route, r *http.Request, grpc bool, dst netip.AddrPort) decision {
 	if rt == nil {
 		return decision{flags: "NR", reply: &localAnswer{status: http.StatusNotFound, grpcCode: 12, msg: "no route matched"}} // UNIMPLEMENTED
 	}
 	dc := decision{route: rt}
-	if rt.authorize != nil {
-		if ok, policy := rt.authorize(r, dst); !ok {
+	if rt.Authorize != nil {
+		if ok, policy := rt.Authorize(r, dst); !ok {
 			p.m.rbacDenied.WithLabelValues(policy).Inc()
 			dc.flags = "RBAC"
 			dc.reply = &localAnswer{status: http.StatusForbidden, grpcCode: 7, msg: rbacDeniedBody, exact: true} // PERMISSION_DENIED
 			return dc
 		}
 	}
-	if rt.inbound {
+	if rt.Inbound {
 		p.setXFCC(r)
 	}
-	cfg := rt.cfg
+	cfg := rt.Config
 	if f := cfg.Fault; f != nil {
 		if d := f.Delay; d != nil && hit(d.Percent) {
 			dc.flags = addFlag(dc.flags, "DI")
-			rt.faultMetric(p.m, "delay")
+			p.m.fault(rt.Key, "delay")
 			dc.delay = d.Fixed.D
 		}
 		if a := f.Abort; a != nil && hit(a.Percent) {
 			dc.flags = addFlag(dc.flags, "FI")
-			rt.faultMetric(p.m, "abort")
+			p.m.fault(rt.Key, "abort")
 			ans := &localAnswer{status: a.HTTPStatus, grpcCode: 14, msg: "fault filter abort"}
 			if a.GRPCStatus != nil {
 				ans.grpcCode = *a.GRPCStatus
@@ -144,27 +145,25 @@ func (p *Engine) decide(rt *route, r *http.Request, grpc bool, dst netip.AddrPor
 			dc.timeout = gt
 		}
 	}
-	dc.dest = rt.pickDest()
-	if dc.dest.cluster == nil {
+	dc.dest = rt.PickDest()
+	if dc.dest.Cluster == nil {
 		dc.flags = addFlag(dc.flags, "NC")
 		p.m.noCluster.Inc()
-		dc.reply = &localAnswer{status: http.StatusServiceUnavailable, grpcCode: 14, msg: "no cluster " + strconv.Quote(dc.dest.name)}
+		dc.reply = &localAnswer{status: http.StatusServiceUnavailable, grpcCode: 14, msg: "no cluster " + strconv.Quote(dc.dest.Name)}
 		return dc
 	}
-	dc.retry = rt.retry
-	rt.budgetDeposit()
+	dc.retry = rt.Retry
+	rt.Budget.Deposit()
 	return dc
 }
 
 // prepare applies the route's request rewrites and header operations to r
 // (a request that is forwarded).
 func (dc *decision) prepare(r *http.Request, host string) {
-	cfg := dc.route.cfg
-	if rw := cfg.Rewrite; rw != nil {
-		applyRewrite(r, dc.route, rw, host)
-	}
+	cfg := dc.route.Config
+	dc.route.Rewrite(r, host)
 	if h := cfg.Headers; h != nil {
-		applyHeaderOps(r.Header, &h.Request)
+		route.ApplyHeaderOps(r.Header, &h.Request)
 	}
 }
 
@@ -173,10 +172,10 @@ func (dc *decision) prepare(r *http.Request, host string) {
 // (fault abort) the route's first.
 func (st *reqState) metricsCluster() *upstream.Cluster {
 	if st.dest != nil {
-		return st.dest.cluster
+		return st.dest.Cluster
 	}
-	if st.route != nil && len(st.route.dests) > 0 {
-		return st.route.dests[0].cluster
+	if st.route != nil && len(st.route.Dests) > 0 {
+		return st.route.Dests[0].Cluster
 	}
 	return nil
 }

@@ -9,18 +9,6 @@ import (
 	"github.com/meshlet/meshlet/proxy/l4"
 )
 
-// budgetDeposits sums a route's retry-budget deposits of the last TTL.
-func budgetDeposits(rt *route) float64 {
-	b := rt.budget
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	var n float64
-	for _, bk := range b.buckets {
-		n += bk.reqs
-	}
-	return n
-}
-
 // TestRetryBudgetCountsForwardedRequestsOnly: the per-request step deposits
 // in a route's retry budget only for requests that go upstream — a fault
 // abort or a route to an undefined cluster earns no retries (as in Envoy,
@@ -67,8 +55,8 @@ clusters:
 			}
 			svcs := tp.tab.Load().services
 			for i, want := range []float64{3, 0, 0} {
-				if got := budgetDeposits(svcs[i].routes[0]); got != want {
-					t.Errorf("service %s: %v retry-budget deposits, want %v", svcs[i].cfg.Name, got, want)
+				if got := svcs[i].Routes[0].Budget.Requests(); got != want {
+					t.Errorf("service %s: %v retry-budget deposits, want %v", svcs[i].Config.Name, got, want)
 				}
 			}
 			if tc.fwd == config.H2Frames {

@@ -20,19 +20,19 @@ func (rt *router) RoundTrip(req *http.Request) (*http.Response, error) {
 	if st == nil || st.dest == nil {
 		return nil, errors.New("l7: request without routing state")
 	}
-	cl := st.dest.cluster
+	cl := st.dest.Cluster
 	if !cl.Admit() { // circuit breaker: concurrent requests
 		return nil, upstream.ErrOverflow
 	}
 
 	rp := st.retry
 	var body *replayBody
-	if rp != nil && rp.attempts > 0 && req.Body != nil && req.Body != http.NoBody {
-		body = newReplayBody(req.Body, rp.maxBody)
+	if rp != nil && rp.Attempts > 0 && req.Body != nil && req.Body != http.NoBody {
+		body = newReplayBody(req.Body, rp.MaxBody)
 	}
 	var last *upstream.Endpoint
 	for attempt := 0; ; attempt++ {
-		ep := cl.Pick(st.dest.subset, st.dst, last)
+		ep := cl.Pick(st.dest.Subset, st.dst, last)
 		if ep == nil {
 			cl.Release() // the circuit breaker slot
 			return nil, upstream.ErrNoEndpoint
@@ -45,12 +45,12 @@ func (rt *router) RoundTrip(req *http.Request) (*http.Response, error) {
 		// cancels it (per-try timeout, pending limit); otherwise the request's
 		// context serves, saving a context, a closure and its cancel per request.
 		ctx, cancel := req.Context(), noCancel
-		if (rp != nil && rp.perTry > 0) || cl.LimitsPending() {
+		if (rp != nil && rp.PerTry > 0) || cl.LimitsPending() {
 			ctx, cancel = context.WithCancelCause(req.Context())
 		}
 		var perTry *time.Timer
-		if rp != nil && rp.perTry > 0 {
-			perTry = time.AfterFunc(rp.perTry, func() { cancel(upstream.ErrPerTryTimeout) })
+		if rp != nil && rp.PerTry > 0 {
+			perTry = time.AfterFunc(rp.PerTry, func() { cancel(upstream.ErrPerTryTimeout) })
 		}
 		if cl.LimitsPending() {
 			ctx = cl.TracePending(ctx, cancel)
@@ -88,9 +88,9 @@ func (rt *router) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		cl.Record(ep, o)
 
-		if rp != nil && attempt < rp.attempts && !errors.Is(err, upstream.ErrPendingFull) && req.Context().Err() == nil &&
-			rp.retriable(resp, err) && (body == nil || body.replayable()) {
-			if st.route.budget.withdraw() {
+		if rp != nil && attempt < rp.Attempts && !errors.Is(err, upstream.ErrPendingFull) && req.Context().Err() == nil &&
+			rp.Retriable(resp, err) && (body == nil || body.replayable()) {
+			if st.route.Budget.Withdraw() {
 				ep.End()
 				if resp != nil {
 					drainAndClose(resp.Body)
@@ -98,7 +98,7 @@ func (rt *router) RoundTrip(req *http.Request) (*http.Response, error) {
 				cancel(nil)
 				cl.Metrics().Retries.Inc()
 				select {
-				case <-time.After(rp.backoff(attempt)):
+				case <-time.After(rp.Backoff(attempt)):
 					continue
 				case <-req.Context().Done():
 					cl.Release() // the circuit breaker slot

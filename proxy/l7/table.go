@@ -4,14 +4,13 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"net/http"
 	"net/netip"
 	"reflect"
 	"slices"
-	"strings"
 
 	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/l4"
+	"github.com/meshlet/meshlet/proxy/l7/route"
 	"github.com/meshlet/meshlet/proxy/l7/upstream"
 )
 
@@ -22,21 +21,21 @@ import (
 // starts, and keeps it to its end.
 type table struct {
 	cfg          config.L7
-	services     []*service
+	services     []*route.Service
 	clusters     map[string]*upstream.Cluster
 	portProto    map[uint16]string
 	inbound      *upstream.Cluster
 	passthrough  *upstream.Cluster
-	inboundRoute *route
+	inboundRoute *route.Route
 	// authorizeConn decides inbound connections
 	// (config.InboundPolicy.AuthorizeConn); nil allows all.
 	authorizeConn func(src, dst netip.AddrPort, cs *tls.ConnectionState) (bool, string)
 	// peerAuth is the inbound PeerAuthentication mode per port
 	// (config.InboundPolicy.MTLS); nil: no inbound TLS termination.
-	peerAuth *config.InboundMTLS
-	passRoute     *route
-	alog          *accessLogger
-	h2            h2gate
+	peerAuth  *config.InboundMTLS
+	passRoute *route.Route
+	alog      *accessLogger
+	h2        h2gate
 }
 
 // allClusters returns every cluster of t (inbound and passthrough first,
@@ -208,39 +207,18 @@ func (p *Engine) compile(cfg config.L7, old *table) (t *table, fresh []*upstream
 	}
 	t.inbound = orig("inbound", cfg.Inbound.Pool, l4.Inbound, oldIn)
 	t.passthrough = orig("passthrough", cfg.Passthrough.Pool, l4.Outbound, oldPass)
-	t.inboundRoute = &route{cfg: &config.Route{Name: "inbound", Timeout: cfg.Inbound.Timeout}, key: "inbound",
-		dests: []destination{{cluster: t.inbound, name: "inbound"}}, metrics: map[*upstream.Cluster]*routeMetrics{},
-		authorize: cfg.Inbound.Authorize, inbound: true}
+	t.inboundRoute = route.Local(&config.Route{Name: "inbound", Timeout: cfg.Inbound.Timeout}, t.inbound,
+		p.m.route("inbound", "inbound", "inbound"), cfg.Inbound.Authorize)
+	t.inboundRoute.Inbound = true
 	t.authorizeConn = cfg.Inbound.AuthorizeConn
 	t.peerAuth = cfg.Inbound.MTLS
-	t.inboundRoute.metrics[t.inbound] = p.m.route("inbound", "inbound", "inbound")
-	t.passRoute = &route{cfg: &config.Route{Name: "passthrough", Timeout: cfg.Passthrough.Timeout}, key: "passthrough",
-		dests: []destination{{cluster: t.passthrough, name: "passthrough"}}, metrics: map[*upstream.Cluster]*routeMetrics{}}
-	t.passRoute.metrics[t.passthrough] = p.m.route("outbound", "passthrough", "passthrough")
+	t.passRoute = route.Local(&config.Route{Name: "passthrough", Timeout: cfg.Passthrough.Timeout}, t.passthrough,
+		p.m.route("outbound", "passthrough", "passthrough"), nil)
 
+	outbound := func(key string, c *upstream.Cluster) *route.Metrics { return p.m.route("outbound", key, c.Name()) }
 	for i := range cfg.Services {
 		s := &t.cfg.Services[i]
-		cs := &service{cfg: s, exact: map[string]bool{}, ports: map[uint16]bool{}}
-		for _, h := range s.Hosts {
-			h = strings.ToLower(h)
-			switch {
-			case h == "*":
-				cs.any = true
-			case strings.HasPrefix(h, "*."):
-				cs.suffixes = append(cs.suffixes, h[1:])
-			default:
-				cs.exact[h] = true
-			}
-		}
-		for _, a := range s.Addresses {
-			if ip, err := netip.ParseAddr(a); err == nil {
-				cs.addrs = append(cs.addrs, netip.PrefixFrom(ip.Unmap(), ip.Unmap().BitLen()))
-			} else {
-				cs.addrs = append(cs.addrs, netip.MustParsePrefix(a).Masked())
-			}
-		}
 		for _, pc := range s.Ports {
-			cs.ports[pc.Port] = true
 			if _, declared := t.portProto[pc.Port]; !declared {
 				proto, _ := config.PortProtocol(pc)
 				if proto != config.ProtoAuto {
@@ -248,54 +226,14 @@ func (p *Engine) compile(cfg config.L7, old *table) (t *table, fresh []*upstream
 				}
 			}
 		}
+		routes := make([]*route.Route, len(s.Routes))
 		for j := range s.Routes {
-			cs.routes = append(cs.routes, p.compileRoute(t, s.Name, &s.Routes[j]))
+			routes[j] = route.Compile(s.Name, &s.Routes[j], t.clusters, outbound)
 		}
-		t.services = append(t.services, cs)
+		t.services = append(t.services, route.NewService(s, routes))
 	}
 	t.h2 = newH2Gate(t)
 	return t, fresh, nil
-}
-
-// compileRoute builds the runtime form of one route of service svc.
-func (p *Engine) compileRoute(t *table, svc string, r *config.Route) *route {
-	cr := &route{cfg: r, key: svc + "/" + r.Name, metrics: map[*upstream.Cluster]*routeMetrics{}}
-	for _, m := range r.Match {
-		var cm matcher
-		cm.method = m.Method
-		if m.URI != nil {
-			sm := compileStr(*m.URI)
-			cm.uri = &sm
-		}
-		if m.Authority != nil {
-			sm := compileStr(*m.Authority)
-			cm.authority = &sm
-		}
-		for name, hm := range m.Headers {
-			cm.headers = append(cm.headers, headerMatcher{name: http.CanonicalHeaderKey(name), m: compileStr(hm)})
-		}
-		cr.matchers = append(cr.matchers, cm)
-	}
-	for _, d := range r.Destinations {
-		cl := t.clusters[d.Cluster] // nil: not (yet) defined, answered 503 NC
-		w := uint64(d.Weight)
-		if len(r.Destinations) == 1 && w == 0 {
-			w = 1
-		}
-		cr.dests = append(cr.dests, destination{cluster: cl, name: d.Cluster, subset: d.Subset, weight: w})
-		cr.total += w
-		if cl != nil && cr.metrics[cl] == nil {
-			cr.metrics[cl] = p.m.route("outbound", cr.key, cl.Name())
-		}
-	}
-	if r.Retries != nil {
-		cr.retry = compileRetry(r.Retries)
-		cr.budget = newRetryBudget(r.Retries.Budget)
-	}
-	if r.Mirror != nil {
-		cr.mirror = t.clusters[r.Mirror.Cluster]
-	}
-	return cr
 }
 
 // cluster returns the cluster named name (nil t: none).
