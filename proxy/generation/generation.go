@@ -177,6 +177,7 @@ func Run(ctx context.Context, o Options) error {
 	so.Certs = func() any { return ids.Dump(time.Now()) }
 	commands := agent.Commands(control)
 	if in != nil && os.Getenv(agent.EnvIdentity) == agent.IdentityFromAgent {
+		o.XDS.Identity = ids // xDS over TLS presents it
 		// The agent sends the identity right after the start; nothing
 		// else comes before this generation reports ready.
 		if err := awaitIdentity(ctx, commands, ids, setIdentity); err != nil {

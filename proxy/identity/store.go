@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"sync/atomic"
 )
 
@@ -80,4 +81,38 @@ func (s *Store) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 // certificate for outbound mTLS, or ErrNoIdentity before Set.
 func (s *Store) GetClientCertificate(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
 	return s.GetCertificate(nil)
+}
+
+// ControlPlaneTLS returns the client TLS configuration for a mesh
+// control-plane server (the discovery server's TLS port, 15012): it presents
+// the workload certificate and accepts a server certificate for serverName
+// that verifies against the Store's roots, both read per handshake, so a
+// rotation applies to the next connection.
+func (s *Store) ControlPlaneTLS(serverName string) *tls.Config {
+	return &tls.Config{
+		MinVersion:           tls.VersionTLS12,
+		ServerName:           serverName,
+		GetClientCertificate: s.GetClientCertificate,
+		// The roots are the Store's at the handshake, not a pool fixed
+		// here: VerifyConnection checks the chain and the name instead.
+		InsecureSkipVerify: true, //nolint:gosec // verified in VerifyConnection against the Store's roots
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			roots := s.Roots()
+			if roots == nil {
+				return ErrNoIdentity
+			}
+			if len(cs.PeerCertificates) == 0 {
+				return errors.New("control plane presented no certificate")
+			}
+			inter := x509.NewCertPool()
+			for _, c := range cs.PeerCertificates[1:] {
+				inter.AddCert(c)
+			}
+			if _, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{DNSName: serverName, Roots: roots, Intermediates: inter,
+				KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}); err != nil {
+				return fmt.Errorf("control plane certificate for %s does not verify against the mesh roots: %w", serverName, err)
+			}
+			return nil
+		},
+	}
 }

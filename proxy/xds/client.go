@@ -2,6 +2,7 @@ package xds
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -17,6 +18,7 @@ import (
 	statuspb "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/anypb"
@@ -55,7 +57,11 @@ type Options struct {
 	// doubles from the initial value with full jitter (Envoy's 500ms and
 	// 30s by default).
 	BackoffInitial, BackoffMax time.Duration
-	// DialOptions are added to the gRPC dial (default: plain text).
+	// TLS, when set, secures the connection to the server (the discovery
+	// server's TLS port, 15012, with the workload certificate:
+	// identity.Store.ControlPlaneTLS); nil: plain text.
+	TLS *tls.Config
+	// DialOptions are added to the gRPC dial.
 	DialOptions []grpc.DialOption
 	// Metrics are updated if set.
 	Metrics *Metrics
@@ -194,7 +200,11 @@ func (c *Client) Run(ctx context.Context) error {
 		go func() { defer wg.Done(); c.persistLoop(ctx) }()
 	}
 	defer wg.Wait()
-	opts := append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}, c.o.DialOptions...)
+	creds := insecure.NewCredentials()
+	if c.o.TLS != nil {
+		creds = credentials.NewTLS(c.o.TLS)
+	}
+	opts := append([]grpc.DialOption{grpc.WithTransportCredentials(creds)}, c.o.DialOptions...)
 	conn, err := grpc.NewClient(c.o.Address, opts...)
 	if err != nil {
 		return fmt.Errorf("xds: discovery address %q: %w", c.o.Address, err)

@@ -2,13 +2,17 @@ package xds
 
 import (
 	"context"
+	"crypto/tls"
+	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meshlet/meshlet/proxy/config"
+	"github.com/meshlet/meshlet/proxy/identity"
 	"github.com/meshlet/meshlet/proxy/stats"
 )
 
@@ -25,6 +29,55 @@ type Settings struct {
 	// InitialWait bounds how long the generation waits for a first
 	// complete configuration before it serves (not ready) anyway.
 	InitialWait time.Duration
+	// TLS is TLSAuto (the default: TLS when Address's port is 15012,
+	// the discovery server's TLS port), TLSOn or TLSOff. Over TLS the
+	// client presents the workload certificate and verifies the server
+	// against the mesh roots for ServerName.
+	TLS TLSMode
+	// ServerName the server's certificate must carry over TLS; empty:
+	// Address's host (istiod.<ns>.svc).
+	ServerName string
+	// Identity holds the workload certificate and mesh roots used over TLS
+	// (set by the generation when the agent hands it an identity); nil:
+	// none, and TLS is refused.
+	Identity *identity.Store
+}
+
+// TLSMode says whether the xDS connection uses TLS.
+type TLSMode string
+
+// TLS modes.
+const (
+	TLSAuto TLSMode = ""
+	TLSOn   TLSMode = "on"
+	TLSOff  TLSMode = "off"
+)
+
+// DefaultTLSPort is the discovery server's TLS port (istiod's 15012), on
+// which TLSAuto turns TLS on.
+const DefaultTLSPort = "15012"
+
+// UseTLS reports whether the connection uses TLS, and the server name to
+// verify; it fails on a mode it does not know or an address that is not
+// host:port.
+func (s Settings) UseTLS() (bool, string, error) {
+	host, port, err := net.SplitHostPort(s.Address)
+	if err != nil {
+		return false, "", fmt.Errorf("xds: discovery address %q: %w", s.Address, err)
+	}
+	name := s.ServerName
+	if name == "" {
+		name = host
+	}
+	switch s.TLS {
+	case TLSAuto:
+		return port == DefaultTLSPort, name, nil
+	case TLSOn:
+		return true, name, nil
+	case TLSOff:
+		return false, name, nil
+	}
+	return false, "", fmt.Errorf("xds: TLS mode %q is not one of on, off (empty: on for port %s)", s.TLS, DefaultTLSPort)
 }
 
 // Enabled reports whether the generation uses xDS.
@@ -47,9 +100,20 @@ func StartGeneration(log *slog.Logger, s Settings, base config.L7, engine Engine
 			return nil, nil, err
 		}
 	}
+	useTLS, serverName, err := s.UseTLS()
+	if err != nil {
+		return nil, nil, err
+	}
+	var tlsCfg *tls.Config
+	if useTLS {
+		if s.Identity == nil {
+			return nil, nil, fmt.Errorf("xds: TLS to %s needs the workload identity (run the proxy under an agent with --ca-address), or --xds-tls=off", s.Address)
+		}
+		tlsCfg = s.Identity.ControlPlaneTLS(serverName)
+	}
 	log = log.With("component", "xds")
 	c, err = New(Options{Address: s.Address, Node: id.Node(), Engine: EngineApplier(engine), Base: base,
-		StateFile: s.StateFile, Protocol: s.Protocol, Metrics: m, Log: log})
+		StateFile: s.StateFile, Protocol: s.Protocol, TLS: tlsCfg, Metrics: m, Log: log})
 	if err != nil {
 		return nil, nil, err
 	}
@@ -60,7 +124,7 @@ func StartGeneration(log *slog.Logger, s Settings, base config.L7, engine Engine
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { defer close(done); _ = c.Run(ctx) }()
-	log.Info("xDS client started", "address", s.Address, "node", id.NodeID(), "stateFile", s.StateFile)
+	log.Info("xDS client started", "address", s.Address, "tls", useTLS, "serverName", serverName, "node", id.NodeID(), "stateFile", s.StateFile)
 	if s.InitialWait > 0 {
 		if err := c.WaitReady(ctx, s.InitialWait); err != nil {
 			log.Warn("serving without a complete configuration; not ready until it arrives", "err", err)

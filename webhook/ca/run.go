@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
@@ -13,7 +14,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
 	securityv1alpha1 "istio.io/api/security/v1alpha1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
@@ -163,13 +167,42 @@ func (c *CA) Register(r grpc.ServiceRegistrar) {
 }
 
 // TLSConfig is the configuration of the 15012 listener: the serving
-// certificate signed by the mesh CA, TLS 1.2 or newer, ALPN h2.
+// certificate signed by the mesh CA, TLS 1.2 or newer, ALPN h2. A client
+// certificate is asked for and, when one is given, verified against the
+// mesh's current roots (those of the authority in use at the handshake):
+// the certificate API's callers have none yet, xDS clients present their
+// workload certificate (RequireWorkloadCertificate).
 func (c *CA) TLSConfig() *tls.Config {
-	return &tls.Config{
+	base := &tls.Config{
 		MinVersion:     tls.VersionTLS12,
 		GetCertificate: c.server.ServingCertificate,
 		NextProtos:     []string{"h2"},
+		ClientAuth:     tls.VerifyClientCertIfGiven,
 	}
+	cfg := base.Clone()
+	cfg.GetConfigForClient = func(*tls.ClientHelloInfo) (*tls.Config, error) {
+		per := base.Clone()
+		per.ClientCAs = x509.NewCertPool()
+		for _, r := range c.server.Authority().Roots() {
+			per.ClientCAs.AddCert(r)
+		}
+		return per, nil
+	}
+	return cfg
+}
+
+// RequireWorkloadCertificate is a gRPC stream interceptor for the 15012
+// server: a stream (xDS) is refused with Unauthenticated unless the caller
+// presented a certificate that verified against the mesh roots (TLSConfig).
+// The certificate API is unary and stays open to callers without one.
+func RequireWorkloadCertificate(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	p, ok := peer.FromContext(ss.Context())
+	if ok {
+		if ti, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(ti.State.VerifiedChains) > 0 {
+			return handler(srv, ss)
+		}
+	}
+	return status.Errorf(codes.Unauthenticated, "%s on the TLS port needs a workload certificate issued by the mesh CA", info.FullMethod)
 }
 
 // Start runs the root publisher and the reloader until ctx ends.

@@ -50,6 +50,13 @@ type Server struct {
 // ends; node is the node id whose snapshot Set replaces.
 func StartServer(t testing.TB, addr, node string) *Server {
 	t.Helper()
+	return StartServerWith(t, addr, node)
+}
+
+// StartServerWith is StartServer with gRPC server options (TLS credentials,
+// interceptors).
+func StartServerWith(t testing.TB, addr, node string, opts ...grpc.ServerOption) *Server {
+	t.Helper()
 	if addr == "" {
 		addr = "127.0.0.1:0"
 	}
@@ -79,7 +86,7 @@ func StartServer(t testing.TB, addr, node string) *Server {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	xs := server.NewServer(ctx, c.Cache, cb)
-	c.srv = grpc.NewServer()
+	c.srv = grpc.NewServer(opts...)
 	discoveryv3.RegisterAggregatedDiscoveryServiceServer(c.srv, xs)
 	go func() { _ = c.srv.Serve(ln) }()
 	t.Cleanup(func() { c.srv.Stop(); cancel() })

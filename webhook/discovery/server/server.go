@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -26,6 +27,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
 	istioclient "istio.io/client-go/pkg/clientset/versioned"
@@ -44,8 +46,19 @@ const (
 
 // Options configure a Server. Zero values mean the defaults.
 type Options struct {
-	// XDSAddr is where ADS is served (plain-text gRPC).
+	// XDSAddr is where ADS is served in plain text (gRPC); "-" disables it
+	// (then TLSAddr is required).
 	XDSAddr string
+	// TLSAddr, when set, also serves ADS over TLS there (istiod's 15012),
+	// with TLS as the listener's configuration, on one gRPC server that
+	// carries what TLSServices registers as well (the mesh CA's
+	// certificate API) and refuses streams with TLSStreamInterceptor (a
+	// caller without a workload certificate). All three come from the CA:
+	// webhook/ca's CA.TLSConfig, CA.Register, RequireWorkloadCertificate.
+	TLSAddr              string
+	TLS                  *tls.Config
+	TLSServices          func(grpc.ServiceRegistrar)
+	TLSStreamInterceptor grpc.StreamServerInterceptor
 	// MetricsAddr serves /metrics, /healthz, /ready and /debug/syncz;
 	// "-" disables it.
 	MetricsAddr string
@@ -91,6 +104,7 @@ type Server struct {
 	ready   chan struct{}
 	pushes  atomic.Int64 // completed pushes
 	xdsAddr atomic.Value // net.Addr
+	tlsAddr atomic.Value // net.Addr
 	webAddr atomic.Value // net.Addr
 }
 
@@ -111,6 +125,12 @@ func New(opts Options) (*Server, error) {
 	}
 	if opts.Debounce < 0 || opts.DebounceMax < 0 {
 		errs = append(errs, fmt.Errorf("options: debounce %v / max %v must not be negative", opts.Debounce, opts.DebounceMax))
+	}
+	if opts.TLSAddr != "" && opts.TLS == nil {
+		errs = append(errs, fmt.Errorf("options: TLSAddr %s needs a TLS configuration", opts.TLSAddr))
+	}
+	if opts.XDSAddr == "-" && opts.TLSAddr == "" {
+		errs = append(errs, errors.New("options: plain-text xDS is disabled (XDSAddr -) and no TLSAddr is set: xDS would be served nowhere"))
 	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
@@ -157,6 +177,10 @@ func (s *Server) Ready() <-chan struct{} { return s.ready }
 // XDSAddr is the address ADS listens on (after Ready).
 func (s *Server) XDSAddr() net.Addr { a, _ := s.xdsAddr.Load().(net.Addr); return a }
 
+// TLSAddr is the address of the TLS gRPC server (after Ready; nil without
+// Options.TLSAddr).
+func (s *Server) TLSAddr() net.Addr { a, _ := s.tlsAddr.Load().(net.Addr); return a }
+
 // MetricsAddr is the address of the HTTP endpoints (after Ready).
 func (s *Server) MetricsAddr() net.Addr { a, _ := s.webAddr.Load().(net.Addr); return a }
 
@@ -175,16 +199,32 @@ func (s *Server) Run(ctx context.Context) error {
 	s.events = newEventSink(ctx, s.opts.Kube, s.log)
 	defer s.events.stop()
 
-	lis, err := net.Listen("tcp", s.opts.XDSAddr)
-	if err != nil {
-		return fmt.Errorf("listening for xDS on %s: %w", s.opts.XDSAddr, err)
+	var lis, tlsLis net.Listener
+	closeAll := func() {
+		for _, l := range []net.Listener{lis, tlsLis} {
+			if l != nil {
+				l.Close()
+			}
+		}
 	}
-	s.xdsAddr.Store(lis.Addr())
+	if s.opts.XDSAddr != "-" {
+		if lis, err = net.Listen("tcp", s.opts.XDSAddr); err != nil {
+			return fmt.Errorf("listening for xDS on %s: %w", s.opts.XDSAddr, err)
+		}
+		s.xdsAddr.Store(lis.Addr())
+	}
+	if s.opts.TLSAddr != "" {
+		if tlsLis, err = net.Listen("tcp", s.opts.TLSAddr); err != nil {
+			closeAll()
+			return fmt.Errorf("listening for xDS over TLS on %s: %w", s.opts.TLSAddr, err)
+		}
+		s.tlsAddr.Store(tlsLis.Addr())
+	}
 	var web *http.Server
 	if s.opts.MetricsAddr != "-" {
 		wl, err := net.Listen("tcp", s.opts.MetricsAddr)
 		if err != nil {
-			lis.Close()
+			closeAll()
 			return fmt.Errorf("listening for metrics on %s: %w", s.opts.MetricsAddr, err)
 		}
 		s.webAddr.Store(wl.Addr())
@@ -199,23 +239,47 @@ func (s *Server) Run(ctx context.Context) error {
 
 	s.push(ctx, "initial")
 	s.xds = serverv3.NewServer(ctx, s.mux, s.callbacks())
-	gs := grpc.NewServer(
-		grpc.MaxConcurrentStreams(1<<20),
+	serverOpts := []grpc.ServerOption{
+		grpc.MaxConcurrentStreams(1 << 20),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 15 * time.Second, PermitWithoutStream: true}),
-	)
-	discoverygrpc.RegisterAggregatedDiscoveryServiceServer(gs, s.xds)
-	serveErr := make(chan error, 1)
-	go func() { serveErr <- gs.Serve(lis) }()
+	}
+	serveErr := make(chan error, 2)
+	var servers []*grpc.Server
+	if lis != nil {
+		gs := grpc.NewServer(serverOpts...)
+		discoverygrpc.RegisterAggregatedDiscoveryServiceServer(gs, s.xds)
+		servers = append(servers, gs)
+		go func() { serveErr <- gs.Serve(lis) }()
+		s.log.Info("serving xDS", "addr", lis.Addr().String(), "replica", s.opts.Replica)
+	}
+	if tlsLis != nil {
+		opts := append(serverOpts, grpc.Creds(credentials.NewTLS(s.opts.TLS)))
+		if s.opts.TLSStreamInterceptor != nil {
+			opts = append(opts, grpc.StreamInterceptor(s.opts.TLSStreamInterceptor))
+		}
+		gs := grpc.NewServer(opts...)
+		discoverygrpc.RegisterAggregatedDiscoveryServiceServer(gs, s.xds)
+		if s.opts.TLSServices != nil {
+			s.opts.TLSServices(gs)
+		}
+		servers = append(servers, gs)
+		go func() { serveErr <- gs.Serve(tlsLis) }()
+		s.log.Info("serving xDS over TLS", "addr", tlsLis.Addr().String(), "replica", s.opts.Replica)
+	}
 	close(s.ready)
-	s.log.Info("serving xDS", "addr", lis.Addr().String(), "replica", s.opts.Replica)
 
 	go s.debounce(ctx)
 	select {
 	case <-ctx.Done():
-		gs.Stop()
+		for _, gs := range servers {
+			gs.Stop()
+		}
 		return nil
 	case err := <-serveErr:
+		for _, gs := range servers {
+			gs.Stop()
+		}
 		return fmt.Errorf("serving xDS: %w", err)
 	}
 }

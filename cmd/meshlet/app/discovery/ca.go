@@ -14,6 +14,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/meshlet/meshlet/webhook/ca"
+	"github.com/meshlet/meshlet/webhook/discovery/server"
 )
 
 // caFlags are the flags of the mesh CA and its certificate API, which run in
@@ -25,7 +26,7 @@ type caFlags struct {
 }
 
 func (c *caFlags) register(fl *pflag.FlagSet) {
-	fl.StringVar(&c.addr, "ca-addr", ca.DefaultAddr, "address of the certificate API, gRPC over TLS (istiod's 15012; - disables the CA)")
+	fl.StringVar(&c.addr, "ca-addr", ca.DefaultAddr, "address of the certificate API and of ADS over TLS, one gRPC server (istiod's 15012; - disables the CA and the TLS port)")
 	fl.StringVar(&c.namespace, "ca-namespace", "", "namespace of the CA Secrets cacerts and istio-ca-secret (default: $POD_NAMESPACE)")
 	fl.StringVar(&c.service, "ca-service", "istiod", "Service whose names (service.namespace.svc …) the certificate API's serving certificate carries")
 	fl.StringVar(&c.trustDomain, "trust-domain", ca.DefaultTrustDomain, "trust domain of the SPIFFE IDs issued")
@@ -73,13 +74,36 @@ func (c *caFlags) options(getenv func(string) string, kube kubernetes.Interface,
 }
 
 // runWithCA runs the discovery server and, when enabled, the CA beside it;
-// either failing stops both.
-func runWithCA(ctx context.Context, run func(context.Context) error, o ca.Options, enabled bool) error {
+// either failing stops both. With the CA, one gRPC server on the CA's
+// address (15012, TLS with the CA's serving certificate) carries the
+// certificate API and ADS; ADS streams there need a workload certificate.
+func runWithCA(ctx context.Context, opts server.Options, o ca.Options, enabled bool) error {
 	if !enabled {
-		return run(ctx)
+		srv, err := server.New(opts)
+		if err != nil {
+			return err
+		}
+		return srv.Run(ctx)
+	}
+	c, err := ca.New(ctx, o)
+	if err != nil {
+		return err
+	}
+	opts.TLSAddr = cmpOr(o.Addr, ca.DefaultAddr)
+	opts.TLS, opts.TLSServices, opts.TLSStreamInterceptor = c.TLSConfig(), c.Register, ca.RequireWorkloadCertificate
+	srv, err := server.New(opts)
+	if err != nil {
+		return err
 	}
 	g, ctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return run(ctx) })
-	g.Go(func() error { return ca.Run(ctx, o) })
+	g.Go(func() error { return srv.Run(ctx) })
+	g.Go(func() error { return c.Start(ctx) })
 	return g.Wait()
+}
+
+func cmpOr(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
 }

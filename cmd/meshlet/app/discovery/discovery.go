@@ -69,7 +69,9 @@ func newCommand(streams cli.Streams, e env) (*cobra.Command, *flagpole) {
 		Long: `Watch Services, EndpointSlices, Pods, Namespaces and Istio's networking.istio.io/v1
 VirtualService, DestinationRule, ServiceEntry and Sidecar, translate them into Envoy v3
 listeners, routes, clusters and endpoints per proxy (docs/xds.md), and serve them over ADS
-(state of the world and delta) to the sidecars and proxyless gRPC clients. Resources that
+(state of the world and delta) to the sidecars and proxyless gRPC clients: in plain text on
+--xds-addr (15010) and, with the mesh CA, over TLS on --ca-addr (15012) beside the
+certificate API, to callers presenting a workload certificate. Resources that
 cannot be translated get a Warning Event naming the field; the others keep being served.`,
 		Example: `  meshlet discovery --xds-addr :15010 --metrics-addr :15014`,
 		Args:    cobra.NoArgs,
@@ -86,15 +88,11 @@ cannot be translated get a Warning Event naming the field; the others keep being
 			if err != nil {
 				return err
 			}
-			srv, err := server.New(opts)
-			if err != nil {
-				return err
-			}
-			return runWithCA(cmd.Context(), srv.Run, caOpts, caOn)
+			return runWithCA(cmd.Context(), opts, caOpts, caOn)
 		},
 	}
 	fl := cmd.Flags()
-	fl.StringVar(&f.xdsAddr, "xds-addr", server.DefaultXDSAddr, "address of the plain-text ADS gRPC server (istiod's 15010)")
+	fl.StringVar(&f.xdsAddr, "xds-addr", server.DefaultXDSAddr, "address of the plain-text ADS gRPC server (istiod's 15010; - disables it, leaving ADS over TLS on --ca-addr)")
 	fl.StringVar(&f.metricsAddr, "metrics-addr", server.DefaultMetricsAddr, "address of /metrics, /healthz, /ready and /debug/syncz (- disables)")
 	fl.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig file (default: in-cluster, then $KUBECONFIG, then ~/.kube/config)")
 	fl.StringVar(&f.replica, "replica", "", "this replica's name in proxy status (default: $POD_NAME, then the host name)")
@@ -113,8 +111,10 @@ func (f *flagpole) options(e env, log logr.Logger) (server.Options, error) {
 	bad := func(flag string, value any, problem string) {
 		errs = append(errs, fmt.Errorf("--%s=%v: %s", flag, value, problem))
 	}
-	if _, _, err := net.SplitHostPort(f.xdsAddr); err != nil {
-		bad("xds-addr", f.xdsAddr, "not host:port")
+	if f.xdsAddr == "-" && f.ca.addr == "-" {
+		bad("xds-addr", f.xdsAddr, "with --ca-addr=- xDS would be served nowhere")
+	} else if _, _, err := net.SplitHostPort(f.xdsAddr); err != nil && f.xdsAddr != "-" {
+		bad("xds-addr", f.xdsAddr, "not host:port (or - to disable plain text)")
 	}
 	if f.metricsAddr != "-" {
 		if _, _, err := net.SplitHostPort(f.metricsAddr); err != nil {

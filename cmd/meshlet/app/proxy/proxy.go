@@ -88,6 +88,11 @@ func run(ctx context.Context, streams cli.Streams, f *flagpole) error {
 	default:
 		return &cli.ExitError{Code: 2, Err: fmt.Errorf("--xds-protocol: invalid value %q: must be delta or sotw (empty: delta, falling back to sotw)", f.xdsProtocol)}
 	}
+	switch o.XDS.TLS {
+	case xds.TLSAuto, xds.TLSOn, xds.TLSOff:
+	default:
+		return &cli.ExitError{Code: 2, Err: fmt.Errorf("--xds-tls: invalid value %q: must be on or off (empty: on for port %s)", o.XDS.TLS, xds.DefaultTLSPort)}
+	}
 	err := generation.Run(ctx, o)
 	if errors.Is(err, generation.ErrConfig) {
 		return &cli.ExitError{Code: 2, Err: err}

@@ -14,6 +14,7 @@ import (
 const (
 	envDiscoveryAddress = "MESHLET_DISCOVERY_ADDRESS"
 	envXDSStateFile     = "MESHLET_XDS_STATE_FILE"
+	envXDSTLS           = "MESHLET_XDS_TLS"
 )
 
 // registerXDS adds the xDS flags, defaulting from the environment.
@@ -27,6 +28,9 @@ func registerXDS(fl *pflag.FlagSet, s *xds.Settings, protocol *string) {
 	fl.StringVar(&s.StateFile, "xds-state-file", state,
 		"where the last applied xDS configuration is kept, in the pod's runtime volume (env "+envXDSStateFile+"); empty: not kept")
 	fl.StringVar(protocol, "xds-protocol", "", "xDS variant: delta or sotw; empty: delta, falling back to sotw")
+	fl.StringVar((*string)(&s.TLS), "xds-tls", os.Getenv(envXDSTLS),
+		"TLS to the discovery server with the workload certificate: on, off; empty: on when the port is "+xds.DefaultTLSPort+" (env "+envXDSTLS+")")
+	fl.StringVar(&s.ServerName, "xds-server-name", "", "name the discovery server's certificate must carry over TLS (default: the host of --discovery-address)")
 	fl.DurationVar(&s.InitialWait, "xds-initial-wait", 5*time.Second,
 		"how long a generation waits for its first complete xDS configuration before it serves (not ready) anyway")
 }
