@@ -510,7 +510,7 @@ GMP_NOTE="GOMAXPROCS=${SIDECAR_GOMAXPROCS:-} (agent and generations)"
   echo "veth; meshlet's real capture rules; \`meshlet agent\` as UID 1337. haproxy $(haproxy -v | head -1 | awk '{print $3}') (1 thread) and"
   echo "nginx $(nginx -v 2>&1 | sed 's|.*/||') (1 worker, upstream keep-alive) run in the server namespace, one hop."
   echo "One run, same machine, same moment: compare the ratios, not the absolute numbers."
-  echo "Each proxy gets one thread: haproxy nbthread 1, nginx worker_processes 1, meshlet sidecars $GMP_NOTE."
+  echo "Threads: haproxy nbthread 1, nginx worker_processes 1, meshlet sidecars $GMP_NOTE."
   echo
   echo "### Summary"
   echo
