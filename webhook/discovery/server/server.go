@@ -2,16 +2,13 @@ package server
 
 import (
 	"context"
-	"crypto/sha256"
 	"crypto/tls"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"slices"
-	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -89,14 +86,20 @@ type Server struct {
 	sidecar cachev3.SnapshotCache // ADS ordering for sidecars
 	grpc    cachev3.SnapshotCache // named LDS for proxyless gRPC
 	mux     *cachev3.MuxCache
+	shared  *sharedCache // what the xDS server watches (mux, with shared bytes)
 	xds     serverv3.Server
 	track   *tracker
 	metrics *metrics
 	inputs  func() *translate.Inputs
 	events  *eventSink
 
-	pushMu  sync.Mutex // one push (or node registration) at a time
-	mesh    atomic.Pointer[translate.Mesh]
+	pushMu sync.Mutex // one push (or node registration) at a time
+	mesh   atomic.Pointer[translate.Mesh]
+	// shapes are the snapshots of the last push by translate key, and
+	// intern its resources by content; a proxy that connects between
+	// pushes reuses them (under pushMu).
+	shapes  map[string]*built
+	intern  *internTable
 	nodesMu sync.Mutex
 	nodes   map[string]*node // by node id
 	streams map[int64]string // stream → node id
@@ -160,6 +163,7 @@ func New(opts Options) (*Server, error) {
 		ClassifyDelta: func(r *cachev3.DeltaRequest) string { return generator(r.GetNode()) },
 		Caches:        map[string]cachev3.Cache{"": s.sidecar, translate.GeneratorGRPC: s.grpc},
 	}
+	s.shared = newSharedCache(s.mux)
 	return s, nil
 }
 
@@ -238,7 +242,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 
 	s.push(ctx, "initial")
-	s.xds = serverv3.NewServer(ctx, s.mux, s.callbacks())
+	s.xds = serverv3.NewServer(ctx, s.shared, s.callbacks())
 	serverOpts := []grpc.ServerOption{
 		grpc.MaxConcurrentStreams(1 << 20),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
@@ -319,44 +323,6 @@ func (s *Server) debounce(ctx context.Context) {
 	}
 }
 
-// built is one snapshot shared by every proxy with the same translate key.
-type built struct {
-	snap    *cachev3.Snapshot
-	version string
-}
-
-var typeOrder = []string{resourcev3.ClusterType, resourcev3.EndpointType, resourcev3.ListenerType, resourcev3.RouteType}
-
-func buildSnapshot(r *translate.Resources) (*built, error) {
-	items := r.ByType()
-	snap, err := cachev3.NewSnapshot("", items)
-	if err != nil {
-		return nil, fmt.Errorf("building snapshot: %w", err)
-	}
-	// Per-resource versions (delta) are hashes of each resource; the
-	// version of a type is the hash of its names and their versions.
-	if err := snap.ConstructVersionMap(); err != nil {
-		return nil, fmt.Errorf("hashing resources: %w", err)
-	}
-	all := sha256.New()
-	for _, typ := range typeOrder {
-		vm := snap.GetVersionMap(typ)
-		names := make([]string, 0, len(vm))
-		for n := range vm {
-			names = append(names, n)
-		}
-		sort.Strings(names)
-		h := sha256.New()
-		for _, n := range names {
-			fmt.Fprintf(h, "%s=%s\n", n, vm[n])
-		}
-		v := hex.EncodeToString(h.Sum(nil))[:16]
-		snap.Resources[cachev3.GetResponseType(typ)].Version = v
-		fmt.Fprintf(all, "%s=%s\n", typ, v)
-	}
-	return &built{snap: snap, version: hex.EncodeToString(all.Sum(nil))[:16]}, nil
-}
-
 func (s *Server) cacheFor(p translate.Proxy) cachev3.SnapshotCache {
 	if p.Generator == translate.GeneratorGRPC {
 		return s.grpc
@@ -383,11 +349,11 @@ func (s *Server) push(ctx context.Context, reason string) {
 		proxies[id] = n
 	}
 	s.nodesMu.Unlock()
-	memo := map[string]*built{}
+	s.shapes, s.intern = map[string]*built{}, newInternTable(s.intern)
 	pushed := 0
 	for _, id := range ids {
 		n := proxies[id]
-		b, err := s.snapshotFor(mesh, n.proxy, memo)
+		b, err := s.snapshotFor(mesh, n.proxy)
 		if err != nil {
 			s.log.Error(err, "building resources", "node", id)
 			continue
@@ -395,7 +361,7 @@ func (s *Server) push(ctx context.Context, reason string) {
 		if b.version == n.version {
 			continue
 		}
-		if err := s.cacheFor(n.proxy).SetSnapshot(ctx, id, b.snap); err != nil {
+		if err := s.shared.SetSnapshot(ctx, s.cacheFor(n.proxy), id, b); err != nil {
 			s.log.Error(err, "setting snapshot", "node", id)
 			continue
 		}
@@ -407,20 +373,22 @@ func (s *Server) push(ctx context.Context, reason string) {
 	s.metrics.pushes.WithLabelValues(reason).Inc()
 	s.metrics.pushDuration.Observe(d.Seconds())
 	s.metrics.proxiesPushed.Add(float64(pushed))
-	s.log.V(1).Info("pushed", "reason", reason, "proxies", len(ids), "changed", pushed, "shapes", len(memo),
+	s.log.V(1).Info("pushed", "reason", reason, "proxies", len(ids), "changed", pushed, "shapes", len(s.shapes),
 		"warnings", len(mesh.Warnings()), "duration", d.String())
 }
 
-func (s *Server) snapshotFor(mesh *translate.Mesh, p translate.Proxy, memo map[string]*built) (*built, error) {
+// snapshotFor returns p's snapshot of the last push's mesh, built once per
+// translate key (pushMu held).
+func (s *Server) snapshotFor(mesh *translate.Mesh, p translate.Proxy) (*built, error) {
 	key := mesh.Key(p)
-	if b := memo[key]; b != nil {
+	if b := s.shapes[key]; b != nil {
 		return b, nil
 	}
-	b, err := buildSnapshot(mesh.ForProxy(p))
+	b, err := buildSnapshot(mesh.ForProxy(p), s.intern)
 	if err != nil {
 		return nil, err
 	}
-	memo[key] = b
+	s.shapes[key] = b
 	return b, nil
 }
 
@@ -461,14 +429,14 @@ func (s *Server) addNode(ctx context.Context, stream int64, n *corev3.Node) erro
 	nd.proxy = p
 	s.metrics.connected.Set(float64(len(s.nodes)))
 	s.nodesMu.Unlock()
-	b, err := s.snapshotFor(s.mesh.Load(), p, map[string]*built{})
+	b, err := s.snapshotFor(s.mesh.Load(), p)
 	if err != nil {
 		return status.Error(codes.Internal, err.Error())
 	}
 	if nd.version == b.version {
 		return nil
 	}
-	if err := s.cacheFor(p).SetSnapshot(ctx, p.ID, b.snap); err != nil {
+	if err := s.shared.SetSnapshot(ctx, s.cacheFor(p), p.ID, b); err != nil {
 		return status.Error(codes.Internal, err.Error())
 	}
 	nd.version = b.version
@@ -488,7 +456,7 @@ func (s *Server) removeStream(stream int64) {
 		n.streams--
 		if n.streams <= 0 {
 			delete(s.nodes, id)
-			s.cacheFor(n.proxy).ClearSnapshot(id)
+			s.shared.ClearSnapshot(s.cacheFor(n.proxy), id)
 		}
 	}
 	s.metrics.connected.Set(float64(len(s.nodes)))
