@@ -1,0 +1,246 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"testing"
+	"time"
+
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	resourcev3 "github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/server/stream/v3"
+	"github.com/go-logr/logr"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+	istiofake "istio.io/client-go/pkg/clientset/versioned/fake"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	kubefake "k8s.io/client-go/kubernetes/fake"
+
+	"github.com/meshlet/meshlet/webhook/discovery/translate"
+)
+
+func sharedTestResources(weight uint32) *translate.Resources {
+	return &translate.Resources{
+		Clusters: []*clusterv3.Cluster{{Name: "outbound|80||a.ns.svc.cluster.local", ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_EDS}}},
+		Routes: []*routev3.RouteConfiguration{{Name: "80", VirtualHosts: []*routev3.VirtualHost{{Name: "a", Domains: []string{"a"},
+			Routes: []*routev3.Route{{Match: &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
+				Action: &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_WeightedClusters{
+					WeightedClusters: &routev3.WeightedCluster{Clusters: []*routev3.WeightedCluster_ClusterWeight{
+						{Name: "outbound|80||a.ns.svc.cluster.local", Weight: wrapperspb.UInt32(weight)}}}}}}}}}}}},
+	}
+}
+
+func newSharedTestCache() (*sharedCache, cachev3.SnapshotCache) {
+	sc := cachev3.NewSnapshotCache(true, cachev3.IDHash{}, cacheLogger{logr.Discard()})
+	mux := &cachev3.MuxCache{Classify: func(*cachev3.Request) string { return "" },
+		ClassifyDelta: func(*cachev3.DeltaRequest) string { return "" }, Caches: map[string]cachev3.Cache{"": sc}}
+	return newSharedCache(mux), sc
+}
+
+func routeRequest(node, version string) *cachev3.Request {
+	return &discoverygrpc.DiscoveryRequest{Node: &corev3.Node{Id: node}, TypeUrl: resourcev3.RouteType,
+		ResourceNames: []string{"80"}, VersionInfo: version}
+}
+
+// synced is the subscription of a stream that holds version v of "80".
+func synced(v string) cachev3.Subscription {
+	sub := stream.NewSotwSubscription([]string{"80"}, false)
+	sub.SetReturnedResources(map[string]string{"80": v})
+	return sub
+}
+
+func recvNow(t *testing.T, ch chan cachev3.Response) *discoverygrpc.DiscoveryResponse {
+	t.Helper()
+	select {
+	case r := <-ch:
+		out, err := r.GetDiscoveryResponse()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return out
+	default:
+		t.Fatal("no response")
+		return nil
+	}
+}
+
+// TestSharedCacheSharesMarshaledResources: the responses of every stream
+// that is sent the same built carry that built's one marshaled copy of each
+// resource (the same *anypb.Any, not a copy marshaled per response), which
+// decodes to the resource; a response is a new message each time (the
+// server writes its nonce into it); a watch opened at the current version
+// is answered by the next SetSnapshot, with the new built's bytes; a
+// cancelled watch is not answered.
+func TestSharedCacheSharesMarshaledResources(t *testing.T) {
+	ctx := context.Background()
+	c, sc := newSharedTestCache()
+	b1, err := buildSnapshot(sharedTestResources(10), newInternTable(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc := b1.snap.GetResources(resourcev3.RouteType)["80"]
+	want := b1.anys[rc]
+	if want == nil {
+		t.Fatal("the built holds no marshaled route configuration")
+	}
+	var got []*discoverygrpc.DiscoveryResponse
+	for _, id := range []string{"a", "b"} {
+		if err := c.SetSnapshot(ctx, sc, id, b1); err != nil {
+			t.Fatal(err)
+		}
+		ch := make(chan cachev3.Response, 8)
+		if _, err := c.CreateWatch(routeRequest(id, ""), stream.NewSotwSubscription([]string{"80"}, false), ch); err != nil {
+			t.Fatal(err)
+		}
+		out := recvNow(t, ch)
+		if len(out.GetResources()) != 1 || out.GetResources()[0] != want {
+			t.Fatalf("node %s: response resources %v are not the built's marshaled copy", id, out.GetResources())
+		}
+		got = append(got, out)
+	}
+	if got[0] == got[1] {
+		t.Fatal("two streams were handed the same response message")
+	}
+	back := &routev3.RouteConfiguration{}
+	if err := got[0].GetResources()[0].UnmarshalTo(back); err != nil || !proto.Equal(back, rc) {
+		t.Fatalf("the shared bytes decode to %v (%v), want %v", back, err, rc)
+	}
+	if got[0].GetVersionInfo() != b1.snap.GetVersion(resourcev3.RouteType) || got[0].GetTypeUrl() != resourcev3.RouteType {
+		t.Fatalf("version %q type %q", got[0].GetVersionInfo(), got[0].GetTypeUrl())
+	}
+
+	// Watches at the current version wait for the next snapshot.
+	b2, err := buildSnapshot(sharedTestResources(20), newInternTable(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	v1 := b1.snap.GetVersion(resourcev3.RouteType)
+	waiting := make(chan cachev3.Response, 8)
+	if _, err := c.CreateWatch(routeRequest("a", v1), synced(v1), waiting); err != nil {
+		t.Fatal(err)
+	}
+	cancelled := make(chan cachev3.Response, 8)
+	cancel, err := c.CreateWatch(routeRequest("b", v1), synced(v1), cancelled)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(waiting)+len(cancelled) != 0 {
+		t.Fatal("a watch at the current version was answered")
+	}
+	cancel()
+	for _, id := range []string{"a", "b"} {
+		if err := c.SetSnapshot(ctx, sc, id, b2); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out := recvNow(t, waiting)
+	if out.GetResources()[0] != b2.anys[b2.snap.GetResources(resourcev3.RouteType)["80"]] || out.GetVersionInfo() == v1 {
+		t.Fatalf("the waiting watch got %v at %q, not the new built's bytes", out.GetResources(), out.GetVersionInfo())
+	}
+	if len(cancelled) != 0 {
+		t.Fatal("a cancelled watch was answered")
+	}
+	for id, n := range c.nodes {
+		if len(n.watches) != 0 {
+			t.Errorf("node %s: %d answered or cancelled watches are still held", id, len(n.watches))
+		}
+	}
+}
+
+// TestBuildSnapshotInterns: identical resources of two shapes (separate
+// objects) become one object with one marshaled copy, in this push and the
+// next; the per-resource versions are go-control-plane's own hashes (what
+// its ConstructVersionMap computes), so delta clients see no difference.
+func TestBuildSnapshotInterns(t *testing.T) {
+	t1 := newInternTable(nil)
+	a, err := buildSnapshot(sharedTestResources(10), t1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := buildSnapshot(sharedTestResources(10), t1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ra, rb := a.snap.GetResources(resourcev3.RouteType)["80"], b.snap.GetResources(resourcev3.RouteType)["80"]
+	if ra != rb || a.anys[ra] != b.anys[rb] {
+		t.Fatal("identical route configurations of two shapes are two objects")
+	}
+	next, err := buildSnapshot(sharedTestResources(10), newInternTable(t1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if next.snap.GetResources(resourcev3.RouteType)["80"] != ra {
+		t.Fatal("an unchanged route configuration is a new object in the next push")
+	}
+	if a.version != b.version {
+		t.Fatalf("versions %s and %s of identical shapes differ", a.version, b.version)
+	}
+	fresh, err := cachev3.NewSnapshot("", sharedTestResources(10).ByType())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := fresh.ConstructVersionMap(); err != nil {
+		t.Fatal(err)
+	}
+	for _, typ := range []string{resourcev3.ClusterType, resourcev3.RouteType} {
+		if got, want := a.snap.GetVersionMap(typ), fresh.GetVersionMap(typ); fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("%s versions %v, go-control-plane computes %v", typ, got, want)
+		}
+	}
+	other, err := buildSnapshot(sharedTestResources(20), t1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if other.version == a.version || other.snap.GetResources(resourcev3.RouteType)["80"] == ra {
+		t.Fatal("a different route configuration was interned as the same")
+	}
+}
+
+// TestConnectingProxiesShareShape: proxies of one shape that connect after
+// the last push get that push's snapshot (one object), not one built each.
+func TestConnectingProxiesShareShape(t *testing.T) {
+	os.Setenv("KUBE_FEATURE_WatchListClient", "false") // the fake clientsets serve no bookmarks
+	kube := kubefake.NewClientset(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shop"}},
+		&corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "reviews", Namespace: "shop"},
+			Spec: corev1.ServiceSpec{ClusterIP: "10.96.0.10", ClusterIPs: []string{"10.96.0.10"}, Ports: []corev1.ServicePort{{Name: "http", Port: 80}}}})
+	srv, err := New(Options{XDSAddr: "127.0.0.1:0", MetricsAddr: "-", Kube: kube, Istio: istiofake.NewSimpleClientset(), Log: logr.Discard()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go srv.Run(ctx)
+	<-srv.Ready()
+	// Connect between pushes: wait until the informers' first events were
+	// pushed and nothing is pending.
+	for last := int64(-1); srv.pushes.Load() != last; {
+		last = srv.pushes.Load()
+		time.Sleep(time.Second)
+	}
+	var ids []string
+	for i := range 3 {
+		n := testNode(fmt.Sprintf("10.2.0.%d", i+1), fmt.Sprintf("client-%d", i), "shop", nil)
+		c := dialADS(t, srv.XDSAddr().String(), n, nil)
+		c.waitFor(t, resourcev3.ClusterType, "the reviews cluster", func(m map[string]proto.Message) bool {
+			return m["outbound|80||reviews.shop.svc.cluster.local"] != nil
+		})
+		ids = append(ids, n.GetId())
+	}
+	var snaps []cachev3.ResourceSnapshot
+	for _, id := range ids {
+		s, err := srv.sidecar.GetSnapshot(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		snaps = append(snaps, s)
+	}
+	if snaps[0] != snaps[1] || snaps[1] != snaps[2] {
+		t.Fatal("proxies of one shape that connected between pushes hold separate snapshots")
+	}
+}
