@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"maps"
 	"sort"
 	"sync"
 
@@ -27,6 +28,18 @@ type built struct {
 	// resource (pointer identity): every stream that is sent this
 	// snapshot shares these bytes instead of marshaling its own copy.
 	anys map[types.Resource]*anypb.Any
+	// types is what a state-of-the-world response of each type carries.
+	types map[string]*typeResponse
+}
+
+// typeResponse is one type of a built as a SotW response sends it: every
+// resource of the type (an ADS response always carries all of them).
+type typeResponse struct {
+	version string
+	anys    []*anypb.Any // by name
+	// names maps each resource to the type's version (what a stream records
+	// as returned; each response gets its own copy).
+	names map[string]string
 }
 
 // interned is one distinct resource (by content) of a push: identical
@@ -81,7 +94,7 @@ var typeOrder = []string{resourcev3.ClusterType, resourcev3.EndpointType, resour
 // names and their versions, and the snapshot's version the hash of those.
 func buildSnapshot(r *translate.Resources, t *internTable) (*built, error) {
 	items := r.ByType()
-	b := &built{anys: map[types.Resource]*anypb.Any{}}
+	b := &built{anys: map[types.Resource]*anypb.Any{}, types: map[string]*typeResponse{}}
 	versions := map[string]map[string]string{}
 	for typ, rs := range items {
 		vm := make(map[string]string, len(rs))
@@ -121,33 +134,50 @@ func buildSnapshot(r *translate.Resources, t *internTable) (*built, error) {
 		v := hex.EncodeToString(h.Sum(nil))[:16]
 		snap.Resources[cachev3.GetResponseType(typ)].Version = v
 		fmt.Fprintf(all, "%s=%s\n", typ, v)
+		tr := &typeResponse{version: v, names: make(map[string]string, len(names))}
+		res := snap.GetResources(typ)
+		for _, n := range names {
+			tr.anys = append(tr.anys, b.anys[res[n]])
+			tr.names[n] = v
+		}
+		b.types[typ] = tr
 	}
 	b.version = hex.EncodeToString(all.Sum(nil))[:16]
 	return b, nil
 }
 
 // sharedCache sits between the xDS server and go-control-plane's snapshot
-// caches. Those marshal every resource again for every response; with one
-// ~1 MB RouteConfiguration per port sent to every proxy, that was most of
-// a push's CPU and garbage. sharedCache hands the server responses whose
-// resources are the built's pre-marshaled bytes, shared by every stream.
+// caches. Those build every response anew: they marshal each resource again
+// and allocate per resource and response, for every proxy; with one ~1 MB
+// RouteConfiguration per port and a thousand endpoint assignments sent to
+// every proxy, that was most of a push's CPU and garbage. sharedCache
+// answers with the built's pre-marshaled bytes, shared by every stream:
 //
-// The snapshot caches write a response only while CreateWatch or
-// SetSnapshot runs, and sharedCache makes both calls itself, so it needs no
-// goroutine: it gives each watch a private one-slot channel and, right
-// after either call, moves what arrived there to the server's channel.
-// Everything else (versions, names, ADS ordering, the watch life cycle) is
-// the snapshot cache's.
+//   - state-of-the-world ADS watches of sidecars (own reports true) it
+//     answers itself, from the built's typeResponse, by the snapshot cache's
+//     rules (a response when the version differs or a subscribed resource
+//     was never returned; in ADS, a response only when the request names
+//     every resource of the type, else the watch is dropped until the proxy
+//     asks again; responses of one SetSnapshot in type order);
+//   - other SotW watches (proxyless gRPC, not ADS-ordered) go to the
+//     snapshot cache with a private one-slot channel; the snapshot cache
+//     writes a response only while CreateWatch or SetSnapshot runs, and
+//     sharedCache makes both calls itself, so right after either it moves
+//     what arrived, with the shared bytes, to the server's channel (no
+//     goroutine);
+//   - delta watches and fetches are the snapshot cache's own.
 type sharedCache struct {
 	inner cachev3.Cache
+	own   func(*cachev3.Request) bool
 
 	mu    sync.Mutex
 	nodes map[string]*sharedNode // by node id
 }
 
 type sharedNode struct {
-	b       *built // last set
-	watches map[*sharedWatch]struct{}
+	b       *built                    // last set
+	watches map[*sharedWatch]struct{} // forwarded from the snapshot cache
+	sotw    map[*sotwWatch]struct{}   // answered here
 }
 
 type sharedWatch struct {
@@ -155,23 +185,30 @@ type sharedWatch struct {
 	outer chan cachev3.Response
 }
 
+type sotwWatch struct {
+	req   *cachev3.Request
+	sub   cachev3.Subscription
+	value chan cachev3.Response
+}
+
 var _ cachev3.Cache = (*sharedCache)(nil)
 
-func newSharedCache(inner cachev3.Cache) *sharedCache {
-	return &sharedCache{inner: inner, nodes: map[string]*sharedNode{}}
+func newSharedCache(inner cachev3.Cache, own func(*cachev3.Request) bool) *sharedCache {
+	return &sharedCache{inner: inner, own: own, nodes: map[string]*sharedNode{}}
 }
 
 func (c *sharedCache) node(id string) *sharedNode {
 	n := c.nodes[id]
 	if n == nil {
-		n = &sharedNode{watches: map[*sharedWatch]struct{}{}}
+		n = &sharedNode{watches: map[*sharedWatch]struct{}{}, sotw: map[*sotwWatch]struct{}{}}
 		c.nodes[id] = n
 	}
 	return n
 }
 
 // SetSnapshot sets b as node id's snapshot in sc (one of the caches inner
-// multiplexes) and passes on the responses that triggered.
+// multiplexes; it serves delta and the forwarded watches) and answers the
+// watches whose version changed.
 func (c *sharedCache) SetSnapshot(ctx context.Context, sc cachev3.SnapshotCache, id string, b *built) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -182,6 +219,19 @@ func (c *sharedCache) SetSnapshot(ctx context.Context, sc cachev3.SnapshotCache,
 		if c.forward(w, n.b) {
 			delete(n.watches, w)
 		}
+	}
+	ready := make([]*sotwWatch, 0, len(n.sotw))
+	for w := range n.sotw {
+		if b.typeResponse(w.req.GetTypeUrl()).version != w.req.GetVersionInfo() {
+			ready = append(ready, w)
+		}
+	}
+	sort.Slice(ready, func(i, j int) bool {
+		return cachev3.GetResponseType(ready[i].req.GetTypeUrl()) < cachev3.GetResponseType(ready[j].req.GetTypeUrl())
+	})
+	for _, w := range ready {
+		delete(n.sotw, w)
+		respond(w, b.typeResponse(w.req.GetTypeUrl()))
 	}
 	return err
 }
@@ -194,6 +244,57 @@ func (c *sharedCache) ClearSnapshot(sc cachev3.SnapshotCache, id string) {
 	sc.ClearSnapshot(id)
 }
 
+var emptyType = &typeResponse{}
+
+func (b *built) typeResponse(typeURL string) *typeResponse {
+	if tr := b.types[typeURL]; tr != nil {
+		return tr
+	}
+	return emptyType
+}
+
+// respond sends w the type's response, unless w names resources and not
+// all of the type's (ADS: the proxy asks again once it knows them).
+func respond(w *sotwWatch, tr *typeResponse) {
+	if names := w.req.GetResourceNames(); len(names) != 0 {
+		set := make(map[string]struct{}, len(names))
+		for _, n := range names {
+			set[n] = struct{}{}
+		}
+		for n := range tr.names {
+			if _, ok := set[n]; !ok {
+				return
+			}
+		}
+	}
+	// The server's channel has room for one response per type, and a stream
+	// has one watch per type: this never waits (the snapshot cache sends
+	// the same way, under its lock).
+	w.value <- &sotwResponse{req: w.req, version: tr.version, anys: tr.anys, returned: maps.Clone(tr.names)}
+}
+
+// unknownTo reports whether tr holds a resource sub wants and was never
+// sent.
+func unknownTo(tr *typeResponse, sub cachev3.Subscription) bool {
+	known := sub.ReturnedResources()
+	if sub.IsWildcard() {
+		for n := range tr.names {
+			if _, ok := known[n]; !ok {
+				return true
+			}
+		}
+		return false
+	}
+	for n := range sub.SubscribedResources() {
+		if _, ok := known[n]; !ok {
+			if _, ok := tr.names[n]; ok {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // forward moves a response of w's private channel, if there is one, to the
 // server's channel, and reports whether it did (the watch is then done).
 func (c *sharedCache) forward(w *sharedWatch, b *built) bool {
@@ -202,10 +303,7 @@ func (c *sharedCache) forward(w *sharedWatch, b *built) bool {
 		if raw, ok := r.(*cachev3.RawResponse); ok && b != nil {
 			r = &sharedResponse{RawResponse: raw, anys: b.anys}
 		}
-		// The server's channel has room for one response per type, and a
-		// stream has one watch per type: this never waits (the snapshot
-		// cache sends the same way, under its lock).
-		w.outer <- r
+		w.outer <- r // as in respond
 		return true
 	default:
 		return false
@@ -215,14 +313,32 @@ func (c *sharedCache) forward(w *sharedWatch, b *built) bool {
 // CreateWatch implements cachev3.ConfigWatcher.
 func (c *sharedCache) CreateWatch(req *cachev3.Request, sub cachev3.Subscription, value chan cachev3.Response) (func(), error) {
 	id := req.GetNode().GetId()
-	w := &sharedWatch{inner: make(chan cachev3.Response, 1), outer: value}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	n := c.node(id)
+	if c.own(req) {
+		w := &sotwWatch{req: req, sub: sub, value: value}
+		if n.b != nil {
+			tr := n.b.typeResponse(req.GetTypeUrl())
+			if req.GetVersionInfo() != tr.version || unknownTo(tr, sub) {
+				respond(w, tr)
+				return func() {}, nil
+			}
+		}
+		n.sotw[w] = struct{}{}
+		return func() {
+			c.mu.Lock()
+			defer c.mu.Unlock()
+			if n := c.nodes[id]; n != nil {
+				delete(n.sotw, w)
+			}
+		}, nil
+	}
+	w := &sharedWatch{inner: make(chan cachev3.Response, 1), outer: value}
 	cancel, err := c.inner.CreateWatch(req, sub, w.inner)
 	if err != nil {
 		return nil, err
 	}
-	n := c.node(id)
 	if c.forward(w, n.b) {
 		return cancel, nil
 	}
@@ -249,6 +365,37 @@ func (c *sharedCache) CreateDeltaWatch(req *cachev3.DeltaRequest, sub cachev3.Su
 func (c *sharedCache) Fetch(ctx context.Context, req *cachev3.Request) (cachev3.Response, error) {
 	return c.inner.Fetch(ctx, req)
 }
+
+// sotwResponse is a SotW response over a built's shared bytes.
+type sotwResponse struct {
+	req      *cachev3.Request
+	version  string
+	anys     []*anypb.Any
+	returned map[string]string
+}
+
+var _ cachev3.Response = (*sotwResponse)(nil)
+
+// GetDiscoveryResponse returns a new message each time (the server writes
+// its nonce into it) over the shared resources.
+func (r *sotwResponse) GetDiscoveryResponse() (*discoverygrpc.DiscoveryResponse, error) {
+	return &discoverygrpc.DiscoveryResponse{VersionInfo: r.version, Resources: r.anys, TypeUrl: r.req.GetTypeUrl()}, nil
+}
+
+// GetRequest implements cachev3.Response.
+func (r *sotwResponse) GetRequest() *discoverygrpc.DiscoveryRequest { return r.req }
+
+// GetVersion implements cachev3.Response.
+func (r *sotwResponse) GetVersion() (string, error) { return r.version, nil }
+
+// GetResponseVersion implements cachev3.Response.
+func (r *sotwResponse) GetResponseVersion() string { return r.version }
+
+// GetReturnedResources implements cachev3.Response.
+func (r *sotwResponse) GetReturnedResources() map[string]string { return r.returned }
+
+// GetContext implements cachev3.Response.
+func (r *sotwResponse) GetContext() context.Context { return context.Background() }
 
 // sharedResponse is the snapshot cache's response with the resources'
 // shared marshaled bytes.

@@ -3,12 +3,14 @@ package server
 import (
 	"context"
 	"fmt"
-	"os"
+	"maps"
+	"slices"
 	"testing"
 	"time"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
@@ -16,10 +18,13 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/server/stream/v3"
 	"github.com/go-logr/logr"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 	istiofake "istio.io/client-go/pkg/clientset/versioned/fake"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	clientfeatures "k8s.io/client-go/features"
+	clientfeaturestesting "k8s.io/client-go/features/testing"
 	kubefake "k8s.io/client-go/kubernetes/fake"
 
 	"github.com/meshlet/meshlet/webhook/discovery/translate"
@@ -27,7 +32,12 @@ import (
 
 func sharedTestResources(weight uint32) *translate.Resources {
 	return &translate.Resources{
-		Clusters: []*clusterv3.Cluster{{Name: "outbound|80||a.ns.svc.cluster.local", ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_EDS}}},
+		Clusters: []*clusterv3.Cluster{{Name: "outbound|80||a.ns.svc.cluster.local", ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_EDS},
+			ConnectTimeout: durationpb.New(time.Duration(weight) * time.Second)}},
+		Endpoints: []*endpointv3.ClusterLoadAssignment{{ClusterName: "outbound|80||a.ns.svc.cluster.local", Endpoints: []*endpointv3.LocalityLbEndpoints{{
+			LbEndpoints: []*endpointv3.LbEndpoint{{HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{
+				Address: &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{Address: "10.0.0.1",
+					PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: weight}}}}}}}}}}}},
 		Routes: []*routev3.RouteConfiguration{{Name: "80", VirtualHosts: []*routev3.VirtualHost{{Name: "a", Domains: []string{"a"},
 			Routes: []*routev3.Route{{Match: &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
 				Action: &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_WeightedClusters{
@@ -36,11 +46,11 @@ func sharedTestResources(weight uint32) *translate.Resources {
 	}
 }
 
-func newSharedTestCache() (*sharedCache, cachev3.SnapshotCache) {
+func newSharedTestCache(own bool) (*sharedCache, cachev3.SnapshotCache) {
 	sc := cachev3.NewSnapshotCache(true, cachev3.IDHash{}, cacheLogger{logr.Discard()})
 	mux := &cachev3.MuxCache{Classify: func(*cachev3.Request) string { return "" },
 		ClassifyDelta: func(*cachev3.DeltaRequest) string { return "" }, Caches: map[string]cachev3.Cache{"": sc}}
-	return newSharedCache(mux), sc
+	return newSharedCache(mux, func(*cachev3.Request) bool { return own }), sc
 }
 
 func routeRequest(node, version string) *cachev3.Request {
@@ -76,10 +86,17 @@ func recvNow(t *testing.T, ch chan cachev3.Response) *discoverygrpc.DiscoveryRes
 // decodes to the resource; a response is a new message each time (the
 // server writes its nonce into it); a watch opened at the current version
 // is answered by the next SetSnapshot, with the new built's bytes; a
-// cancelled watch is not answered.
+// cancelled watch is not answered. Both for the watches sharedCache answers
+// itself (sidecars) and those the snapshot cache answers (proxyless gRPC).
 func TestSharedCacheSharesMarshaledResources(t *testing.T) {
+	for _, own := range []bool{true, false} {
+		t.Run(fmt.Sprintf("own=%v", own), func(t *testing.T) { testSharedCache(t, own) })
+	}
+}
+
+func testSharedCache(t *testing.T, own bool) {
 	ctx := context.Background()
-	c, sc := newSharedTestCache()
+	c, sc := newSharedTestCache(own)
 	b1, err := buildSnapshot(sharedTestResources(10), newInternTable(nil))
 	if err != nil {
 		t.Fatal(err)
@@ -147,8 +164,8 @@ func TestSharedCacheSharesMarshaledResources(t *testing.T) {
 		t.Fatal("a cancelled watch was answered")
 	}
 	for id, n := range c.nodes {
-		if len(n.watches) != 0 {
-			t.Errorf("node %s: %d answered or cancelled watches are still held", id, len(n.watches))
+		if len(n.watches)+len(n.sotw) != 0 {
+			t.Errorf("node %s: %d answered or cancelled watches are still held", id, len(n.watches)+len(n.sotw))
 		}
 	}
 }
@@ -205,7 +222,8 @@ func TestBuildSnapshotInterns(t *testing.T) {
 // TestConnectingProxiesShareShape: proxies of one shape that connect after
 // the last push get that push's snapshot (one object), not one built each.
 func TestConnectingProxiesShareShape(t *testing.T) {
-	os.Setenv("KUBE_FEATURE_WatchListClient", "false") // the fake clientsets serve no bookmarks
+	// The fake clientsets serve no watch-list bookmarks: plain LIST + WATCH.
+	clientfeaturestesting.SetFeatureDuringTest(t, clientfeatures.WatchListClient, false)
 	kube := kubefake.NewClientset(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shop"}},
 		&corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "reviews", Namespace: "shop"},
 			Spec: corev1.ServiceSpec{ClusterIP: "10.96.0.10", ClusterIPs: []string{"10.96.0.10"}, Ports: []corev1.ServicePort{{Name: "http", Port: 80}}}})
@@ -244,3 +262,75 @@ func TestConnectingProxiesShareShape(t *testing.T) {
 		t.Fatal("proxies of one shape that connected between pushes hold separate snapshots")
 	}
 }
+
+// TestSharedCacheADSRules: the sidecar watches sharedCache answers follow
+// the snapshot cache's ADS rules: a request that does not name every
+// resource of its type is not answered (and not held: the proxy asks
+// again), one that names a resource it was never sent is answered at the
+// same version, and the responses one snapshot triggers arrive in type
+// order (CDS, EDS, LDS, RDS).
+func TestSharedCacheADSRules(t *testing.T) {
+	ctx := context.Background()
+	c, sc := newSharedTestCache(true)
+	b1, err := buildSnapshot(sharedTestResources(10), newInternTable(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetSnapshot(ctx, sc, "a", b1); err != nil {
+		t.Fatal(err)
+	}
+	ch := make(chan cachev3.Response, 8)
+	req := &discoverygrpc.DiscoveryRequest{Node: &corev3.Node{Id: "a"}, TypeUrl: resourcev3.RouteType, ResourceNames: []string{"81"}}
+	if _, err := c.CreateWatch(req, stream.NewSotwSubscription(req.ResourceNames, false), ch); err != nil {
+		t.Fatal(err)
+	}
+	if len(ch) != 0 || len(c.nodes["a"].sotw) != 0 {
+		t.Fatalf("a request naming 81 but not 80 was answered (%d) or held (%d)", len(ch), len(c.nodes["a"].sotw))
+	}
+	v1 := b1.snap.GetVersion(resourcev3.RouteType)
+	fresh := routeRequest("a", v1)
+	if _, err := c.CreateWatch(fresh, stream.NewSotwSubscription([]string{"80"}, false), ch); err != nil {
+		t.Fatal(err)
+	}
+	if out := recvNow(t, ch); out.GetVersionInfo() != v1 {
+		t.Fatalf("a newly named resource at the current version: got version %q", out.GetVersionInfo())
+	}
+
+	for round := range 5 {
+		next, err := buildSnapshot(sharedTestResources(uint32(20+round)), newInternTable(nil))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, typ := range []string{resourcev3.RouteType, resourcev3.EndpointType, resourcev3.ClusterType} {
+			names := []string(nil)
+			if typ != resourcev3.ClusterType {
+				names = slicesSorted(b1.typeResponse(typ).names)
+			}
+			req := &discoverygrpc.DiscoveryRequest{Node: &corev3.Node{Id: "a"}, TypeUrl: typ, ResourceNames: names,
+				VersionInfo: b1.typeResponse(typ).version}
+			sub := stream.NewSotwSubscription(names, false)
+			sub.SetReturnedResources(maps.Clone(b1.typeResponse(typ).names))
+			if _, err := c.CreateWatch(req, sub, ch); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if len(ch) != 0 {
+			t.Fatalf("round %d: watches at the current version were answered", round)
+		}
+		if err := c.SetSnapshot(ctx, sc, "a", next); err != nil {
+			t.Fatal(err)
+		}
+		var order []string
+		for len(ch) > 0 {
+			order = append(order, shortType(recvNow(t, ch).GetTypeUrl()))
+		}
+		if fmt.Sprint(order) != "[CDS EDS RDS]" {
+			t.Fatalf("round %d: responses in order %v", round, order)
+		}
+		if err := c.SetSnapshot(ctx, sc, "a", b1); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func slicesSorted(m map[string]string) []string { return slices.Sorted(maps.Keys(m)) }
