@@ -1,7 +1,8 @@
-// Package h1 holds what the engine's HTTP/1.1 codec shares between its
-// server side (the downstream connections it parses) and its client side
-// (upstream.Cluster's fast path): the body size it buffers, and the pool of
-// body buffers.
+// Package h1 is the engine's HTTP/1.1 codec: the request head parser of
+// its downstream connections (Parser, which takes only what it can parse
+// exactly as net/http would and names the reason for anything else), and
+// what the downstream side and upstream.Cluster's fast path share: the
+// body size the codec buffers and the pool of body buffers.
 package h1
 
 import "sync"
