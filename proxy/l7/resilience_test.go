@@ -241,8 +241,11 @@ func TestOutlierEjectionAndReturn(t *testing.T) {
 		}
 		io.WriteString(w, "recovered")
 	})
+	// The engine's clock stands still but for the test's moves, so a slow
+	// run cannot carry the 29s check past the 30s ejection.
 	var skew atomic.Int64 // how far the test moved the engine's clock
-	clock := func() time.Time { return time.Now().Add(time.Duration(skew.Load())) }
+	base := time.Now()
+	clock := func() time.Time { return base.Add(time.Duration(skew.Load())) }
 	cfg := mustLoad(t, oneClusterConfig("", "  outlierDetection: {consecutive5xx: 3, baseEjectionTime: 30s, maxEjectionPercent: 50}", good.addr, flaky.addr))
 	tp := startProxy(t, cfg, "127.0.0.1:80", l4.Outbound, func(o *Options) { o.clock = clock })
 	c := h1Client()
