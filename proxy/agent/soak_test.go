@@ -8,7 +8,9 @@ import (
 	"io"
 	"net"
 	"os"
+	"regexp"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -349,6 +351,119 @@ func TestHotRestartSoak(t *testing.T) {
 	}
 	if v := p.metric(t, `meshlet_agent_reloads_total{result="failure"}`); v < 1 {
 		t.Errorf("reload failures = %v, want ≥ 1", v)
+	}
+	if l.ok.Load() < 100 || l.events.Load() == 0 || l.queries.Load() == 0 {
+		t.Errorf("too little load went through: %d requests, %d events, %d queries", l.ok.Load(), l.events.Load(), l.queries.Load())
+	}
+}
+
+// soakL7Config sends HTTP for Host backend through the L7 engine (routed to
+// a cluster of the backend) and relays every other protocol at L4: the
+// backend's port is not declared, so each connection's protocol is
+// detected (the event stream's client sends one byte and waits: detection
+// takes it for TCP once the timeout passed). timeout only makes two configs
+// differ.
+func soakL7Config(backend string, timeout int) []byte {
+	return fmt.Appendf(nil, `apiVersion: meshlet.io/v1alpha1
+kind: ProxyConfig
+outbound:
+  connectTimeout: %ds
+l7:
+  detection: {timeout: 1s}
+  services:
+  - name: backend
+    hosts: [backend]
+    routes: [{name: r, destinations: [{cluster: backend}]}]
+  clusters:
+  - {name: backend, endpoints: [{address: %q}]}
+`, timeout, backend)
+}
+
+// metricSum is the sum of every series of family name in the agent's
+// exposition whose labels contain match (0 when there is none).
+func (p *proc) metricSum(t *testing.T, name, match string) float64 {
+	t.Helper()
+	_, body := proctest.HTTPGet("http://" + p.st + "/stats/prometheus")
+	var sum float64
+	for _, m := range regexp.MustCompile(`(?m)^`+regexp.QuoteMeta(name)+`(\{[^}]*\})? (\S+)$`).FindAllStringSubmatch(body, -1) {
+		if strings.Contains(m[1], match) {
+			v, _ := strconv.ParseFloat(m[2], 64)
+			sum += v
+		}
+	}
+	return sum
+}
+
+// TestHotRestartSoakL7 is TestHotRestartSoak with the L7 engine serving the
+// HTTP load: keep-alive and new-connection POSTs (answered in two writes)
+// go through the HTTP/1.1 codec, the echo, event and database streams are
+// detected as TCP and relayed. Every restart moves the codec's keep-alive
+// connections to the next generation between two requests and the relays
+// as they are: zero failures, no connection opened but by the clients, no
+// connection left behind or ended by a drain, and the L7 request counter
+// equals the requests answered across all generations.
+func TestHotRestartSoakL7(t *testing.T) {
+	if testing.Short() {
+		t.Skip("soak: skipped under -short")
+	}
+	backend := httpBackend(t)
+	p := startAgent(t, backend, "--drain-duration=2s")
+	writeFile(t, p.configPath, soakL7Config(backend, 10))
+	if r := p.reload(t); r.Error != "" {
+		t.Fatalf("reload to the L7 config: %s", r.Error)
+	}
+	p.waitActiveHash(t, "L7 config", configHash(t, soakL7Config(backend, 10)))
+	before := p.metric(t, `meshlet_proxy_connections_total{direction="outbound"}`)
+	l7Before := p.metricSum(t, "meshlet_l7_requests_total", `code_class="2xx"`)
+	l := startLoad(p.outbound, 4, 2, 6)
+	time.Sleep(300 * time.Millisecond)
+	n := soakRestarts(t)
+	for i := 0; i < n; i++ {
+		writeFile(t, p.configPath, soakL7Config(backend, 11+i))
+		if i%2 == 0 {
+			if r := p.reload(t); r.Error != "" {
+				t.Fatalf("reload %d: %s", i, r.Error)
+			}
+		} else if err := p.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond)
+	l.finish(t)
+	info := p.waitActiveHash(t, "the last config", configHash(t, soakL7Config(backend, 10+n)))
+	t.Logf("agent: %+v", info)
+
+	opened := l.opened.Load()
+	if d := p.metric(t, `meshlet_proxy_connections_total{direction="outbound"}`) - before; d != float64(opened) {
+		t.Errorf("the proxy accepted %v connections; clients opened %d", d, opened)
+	}
+	if d := p.metricSum(t, "meshlet_l7_requests_total", `code_class="2xx"`) - l7Before; d != float64(l.ok.Load()) {
+		_, body := proctest.HTTPGet("http://" + p.st + "/stats/prometheus")
+		t.Errorf("meshlet_l7_requests_total 2xx grew by %v; the clients got %d answers:\n%s", d, l.ok.Load(), body)
+	}
+	for name, want := range map[string]float64{
+		`meshlet_proxy_drain_closed_connections_total{direction="outbound"}`:  0,
+		`meshlet_proxy_errors_total{direction="outbound",kind="handover"}`:    0,
+		`meshlet_proxy_errors_total{direction="any",kind="handover_refused"}`: 0,
+	} {
+		if v := p.metric(t, name); v != want {
+			t.Errorf("%s = %v, want %v", name, v, want)
+		}
+	}
+	// Only the event streams wait for the detection timeout; an HTTP client
+	// taken for TCP would have been answered past the engine.
+	if v, want := p.metricSum(t, "meshlet_proxy_protocol_detection_total", `reason="timeout"`), float64(l.streamClients/3); v != want {
+		t.Errorf("detection timeouts = %v, want %v (the event streams)", v, want)
+	}
+	if v := p.metricSum(t, "meshlet_l7_drain_not_moved_total", ""); v != 0 {
+		t.Errorf("meshlet_l7_drain_not_moved_total = %v, want 0", v)
+	}
+	// Each restart under load (the first generation's config was not L7)
+	// moves at least the 4 keep-alive and 6 stream connections.
+	moved := p.metric(t, `meshlet_proxy_handed_over_connections_total{direction="outbound"}`)
+	if restarts := info.ActiveGeneration - 2; moved < float64(10*restarts) {
+		t.Errorf("handed-over connections = %v over %d restarts; want at least %d", moved, restarts, 10*restarts)
 	}
 	if l.ok.Load() < 100 || l.events.Load() == 0 || l.queries.Load() == 0 {
 		t.Errorf("too little load went through: %d requests, %d events, %d queries", l.ok.Load(), l.events.Load(), l.queries.Load())

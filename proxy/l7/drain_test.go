@@ -338,3 +338,68 @@ func (e drainEvent) String() string {
 	}
 	return fmt.Sprintf("DATA %d %q end=%v", e.stream, e.body, e.ended)
 }
+
+// TestDrainServesConnectionsAlreadyAccepted: a connection that reaches the
+// engine after its direction began draining was accepted before the
+// listener closed, and its client is sending a request: it is answered (an
+// HTTP/1.1 response with Connection: close; on HTTP/2, GOAWAY and the
+// client's first stream served), never closed unanswered.
+func TestDrainServesConnectionsAlreadyAccepted(t *testing.T) {
+	t.Parallel()
+	be := startBackend(t, "app", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok "+r.Proto) })
+	tp := startProxy(t, config.L7{}, be.addr, l4.Outbound)
+	tp.StartDrain(l4.Outbound)
+
+	c, err := net.Dial("tcp", tp.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(c, "GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("HTTP/1.1 request on a connection that arrived during the drain: %v", err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 || string(b) != "ok HTTP/1.1" || !resp.Close {
+		t.Fatalf("HTTP/1.1 during the drain: %d %q close=%v; want 200 with Connection: close", resp.StatusCode, b, resp.Close)
+	}
+
+	c2, err := net.Dial("tcp", tp.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	c2.SetDeadline(time.Now().Add(5 * time.Second))
+	fr := h2Handshake(t, c2)
+	h2Request(t, fr, 1, "/", true)
+	var goaway bool
+	var body strings.Builder
+	for done := false; !done; {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("HTTP/2 during the drain (goaway=%v, body %q): %v", goaway, body.String(), err)
+		}
+		switch f := f.(type) {
+		case *http2.GoAwayFrame:
+			goaway = true
+		case *http2.PingFrame:
+			if !f.IsAck() {
+				fr.WritePing(true, f.Data)
+			}
+		case *http2.SettingsFrame:
+			if !f.IsAck() {
+				fr.WriteSettingsAck()
+			}
+		case *http2.RSTStreamFrame:
+			t.Fatalf("HTTP/2 stream reset during the drain: %v", f.ErrCode)
+		case *http2.DataFrame:
+			body.Write(f.Data())
+			done = f.StreamEnded()
+		}
+	}
+	if !goaway || body.String() != "ok HTTP/2.0" {
+		t.Fatalf("HTTP/2 during the drain: goaway=%v body %q; want GOAWAY and the stream served", goaway, body.String())
+	}
+}

@@ -159,10 +159,12 @@ func (p *Engine) serveMaybeH2(ctx context.Context, c net.Conn, res *sniff.Result
 		c = pc
 	}
 	d := p.dirs[dir]
-	if d.draining.Load() {
+	if d.closed.Load() {
 		c.Close()
 		return nil, true
 	}
+	// Draining: served even so, starting with GOAWAY (serveH2), so streams
+	// the client sends before it reads the GOAWAY are answered.
 	d.conns.Add(1)
 	defer d.conns.Done()
 	p.serveH2(ctx, c, dst, dir)

@@ -131,6 +131,7 @@ type dirServer struct {
 	ln       *connListener
 	conns    sync.WaitGroup
 	draining atomic.Bool
+	closed   atomic.Bool // Close was called: connections are refused
 	once     sync.Once
 	drained  chan struct{} // closed when Shutdown returned
 
@@ -278,6 +279,7 @@ func (p *Engine) Close() error {
 	var err error
 	for _, d := range p.dirs {
 		d.draining.Store(true)
+		d.closed.Store(true)
 		if cerr := d.srv.Close(); err == nil {
 			err = cerr
 		}
@@ -320,8 +322,11 @@ func (p *Engine) Drain(ctx context.Context) error {
 }
 
 // StartDrain begins draining one direction (idempotent) and returns at once:
-// new connections of that direction are refused, HTTP/1 connections close
-// at their next response boundary, HTTP/2 connections get GOAWAY. The
+// HTTP/1 connections move to the next generation between two requests
+// (when the generation server has a successor) or close at their next
+// response boundary, HTTP/2 connections get GOAWAY. A connection that
+// reaches the engine afterwards (accepted before its listener closed) is
+// served the same way, never dropped unanswered. The
 // generation server's shutdown drain stops inbound first and outbound later.
 func (p *Engine) StartDrain(dir l4.Direction) {
 	d := p.dirs[dir]
@@ -400,12 +405,14 @@ func (p *Engine) ServeConn(ctx context.Context, c net.Conn, dst netip.AddrPort, 
 // generation when the direction drains.
 func (p *Engine) serveHTTP(ctx context.Context, c net.Conn, dst netip.AddrPort, dir l4.Direction, mv *h1Mover) {
 	d := p.dirs[dir]
-	if d.draining.Load() && (mv == nil || !mv.lc.ResumedHTTP1) {
-		// A connection handed over by the previous generation is served
-		// even so (moved on, or answered with Connection: close).
+	if d.closed.Load() {
 		c.Close()
 		return
 	}
+	// A draining direction still serves what reaches it: the connection was
+	// accepted (or handed over) before the drain, and its client is sending
+	// a request. Closing it would lose that request; the codec moves it to
+	// the next generation or answers it with Connection: close.
 	d.conns.Add(1)
 	defer d.conns.Done()
 	cs := mtls.ConnState(c)
