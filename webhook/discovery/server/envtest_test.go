@@ -100,6 +100,29 @@ func startCluster(t *testing.T) *testCluster {
 	return c
 }
 
+// startReplica runs another discovery replica on the same API server until
+// the test ends.
+func (c *testCluster) startReplica(t *testing.T, name string) *Server {
+	t.Helper()
+	srv, err := New(Options{XDSAddr: "127.0.0.1:0", MetricsAddr: "-", Replica: name,
+		Kube: c.kube, Istio: c.istio, Log: testr.NewWithOptions(t, testr.Options{Verbosity: 0})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	select {
+	case <-srv.Ready():
+	case err := <-done:
+		t.Fatalf("replica %s stopped before ready: %v", name, err)
+	case <-time.After(60 * time.Second):
+		t.Fatalf("replica %s not ready after 60s", name)
+	}
+	return srv
+}
+
 func mustCreate[T any](t testing.TB, create func(context.Context, T, metav1.CreateOptions) (T, error), obj T) T {
 	t.Helper()
 	out, err := create(context.Background(), obj, metav1.CreateOptions{})
@@ -303,6 +326,18 @@ func TestEnvtestADS(t *testing.T) {
 				t.Fatalf("no UnsupportedField Event naming spec.http[1].corsPolicy on VirtualService reviews-cors; events: %+v", evs.Items)
 			}
 			time.Sleep(100 * time.Millisecond)
+		}
+
+		// A second replica refuses the same VirtualService: still one Event.
+		c.startReplica(t, "discovery-1")
+		time.Sleep(3 * time.Second) // its broadcaster writes asynchronously
+		evs, err := c.kube.CoreV1().Events("shop").List(ctx, metav1.ListOptions{FieldSelector: fields.Set{
+			"involvedObject.name": "reviews-cors", "involvedObject.kind": "VirtualService"}.String()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(evs.Items) != 1 {
+			t.Fatalf("two replicas recorded %d Events for one refused VirtualService, want 1: %+v", len(evs.Items), evs.Items)
 		}
 	})
 

@@ -2,6 +2,8 @@ package server
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"sync"
 
 	"github.com/go-logr/logr"
@@ -18,7 +20,8 @@ import (
 const EventComponent = "meshlet-discovery"
 
 // eventSink records a Warning Event on every resource the translation
-// refuses, once per distinct warning while it lasts.
+// refuses, once per distinct warning while it lasts, and one Event across
+// replicas (oneEventSink).
 type eventSink struct {
 	mu          sync.Mutex
 	broadcaster record.EventBroadcaster
@@ -29,7 +32,7 @@ type eventSink struct {
 
 func newEventSink(ctx context.Context, kube kubernetes.Interface, log logr.Logger) *eventSink {
 	b := record.NewBroadcasterWithCorrelatorOptions(record.CorrelatorOptions{})
-	b.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: kube.CoreV1().Events("")})
+	b.StartRecordingToSink(oneEventSink{&typedcorev1.EventSinkImpl{Interface: kube.CoreV1().Events("")}})
 	_ = ctx
 	return &eventSink{broadcaster: b, recorder: b.NewRecorder(scheme.Scheme, corev1.EventSource{Component: EventComponent}),
 		emitted: map[string]bool{}, log: log}
@@ -65,4 +68,34 @@ func apiVersion(kind string) string {
 		return "security.istio.io/v1"
 	}
 	return "networking.istio.io/v1"
+}
+
+// oneEventSink names each new Event after what it says about which object
+// (NAME.HASH of the object's UID, kind, reason and message) instead of the
+// recorder's NAME.TIMESTAMP. Every replica refuses the same objects and
+// records the same Events; with one name, the first replica's create makes
+// the Event and the others' fail AlreadyExists, which client-go's
+// broadcaster drops without retrying. N replicas make one Event, not N.
+// A warning that goes away and comes back while its Event still exists
+// (the API server keeps Events an hour) is not recorded again.
+type oneEventSink struct{ record.EventSink }
+
+// Create implements record.EventSink.
+func (s oneEventSink) Create(e *corev1.Event) (*corev1.Event, error) {
+	e = e.DeepCopy()
+	e.Name = eventName(e)
+	return s.EventSink.Create(e)
+}
+
+func eventName(e *corev1.Event) string {
+	h := sha256.New()
+	for _, f := range []string{string(e.InvolvedObject.UID), e.InvolvedObject.Kind, e.InvolvedObject.Name, e.Type, e.Reason, e.Message} {
+		h.Write([]byte(f))
+		h.Write([]byte{0})
+	}
+	name := e.InvolvedObject.Name
+	if len(name) > 200 {
+		name = name[:200]
+	}
+	return name + "." + hex.EncodeToString(h.Sum(nil))[:16]
 }
