@@ -51,6 +51,13 @@ func startAgentExe(t *testing.T, dest, exe string, extra ...string) *proc {
 // launchAgent is startAgentExe without waiting for readiness.
 func launchAgent(t *testing.T, dest, exe string, extra ...string) *proc {
 	t.Helper()
+	return launchAgentEnv(t, dest, exe, nil, extra...)
+}
+
+// launchAgentEnv is launchAgent with env added to the agent's (and so its
+// generations') environment.
+func launchAgentEnv(t *testing.T, dest, exe string, env []string, extra ...string) *proc {
+	t.Helper()
 	p := &proc{out: &proctest.SyncBuf{}, exited: make(chan error, 1)}
 	p.outbound, p.inbound, p.health, p.prom, p.admin, p.st = proctest.FreePort(t), proctest.FreePort(t), proctest.FreePort(t), proctest.FreePort(t), proctest.FreePort(t), proctest.FreePort(t)
 	p.configPath = filepath.Join(t.TempDir(), "proxy.yaml")
@@ -63,7 +70,7 @@ func launchAgent(t *testing.T, dest, exe string, extra ...string) *proc {
 		"--proxy-arg=--static-destination=" + dest}, extra...)
 	args = append(args, "--proxy-executable", exe)
 	p.cmd = exec.Command(os.Args[0], args...)
-	p.cmd.Env = append(os.Environ(), envExec+"=1")
+	p.cmd.Env = append(append(os.Environ(), env...), envExec+"=1")
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	// Its own process group, as PID 1 of a container has: tests may signal
 	// the whole group (a terminal's Ctrl-C).

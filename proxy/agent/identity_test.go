@@ -3,10 +3,12 @@ package agent_test
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -17,10 +19,13 @@ import (
 	"github.com/go-logr/logr"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
 	securityv1alpha1 "istio.io/api/security/v1alpha1"
 
 	"github.com/meshlet/meshlet/internal/proctest"
 	"github.com/meshlet/meshlet/proxy/identity"
+	"github.com/meshlet/meshlet/proxy/xds"
+	"github.com/meshlet/meshlet/proxy/xds/xdstest"
 	"github.com/meshlet/meshlet/webhook/ca"
 )
 
@@ -304,5 +309,74 @@ func TestIdentityOff(t *testing.T) {
 	}
 	if g := p.genSerial(t); g != "" {
 		t.Errorf("generation holds certificate %s without a CA", g)
+	}
+}
+
+// TestIdentityXDSOverTLS: the generation's xDS client dials the discovery
+// server over TLS with the workload certificate the agent handed it: a real
+// go-control-plane server that demands a client certificate of the mesh CA
+// and serves only over TLS configures the proxy (ready, real HTTP routed by
+// the xDS routes), and the server saw the workload's SPIFFE ID.
+func TestIdentityXDSOverTLS(t *testing.T) {
+	t.Parallel()
+	c := startMeshCA(t, time.Hour)
+	roots := x509.NewCertPool()
+	for _, r := range c.srv.Authority().Roots() {
+		roots.AddCert(r)
+	}
+	var peersMu sync.Mutex
+	var peers []string
+	record := func(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+		if p, ok := peer.FromContext(ss.Context()); ok {
+			if ti, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(ti.State.VerifiedChains) > 0 {
+				peersMu.Lock()
+				peers = append(peers, ti.State.VerifiedChains[0][0].URIs[0].String())
+				peersMu.Unlock()
+			}
+		}
+		return h(srv, ss)
+	}
+	env := map[string]string{"POD_NAME": "reviews-0", "POD_NAMESPACE": "team-a", "INSTANCE_IP": "127.0.0.1", "SERVICE_ACCOUNT": "reviews"}
+	id, err := xds.IdentityFromEnv(func(k string) string { return env[k] }, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := xdstest.StartServerWith(t, "", id.NodeID(),
+		grpc.Creds(credentials.NewTLS(&tls.Config{GetCertificate: c.srv.ServingCertificate, MinVersion: tls.VersionTLS12,
+			ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: roots})),
+		grpc.StreamInterceptor(record))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	backend := serveBackend(t, ln)
+	m := xdstest.Mesh{Host: "ratings.team-a.svc.cluster.local", Port: 9080, VIP: "127.0.0.78",
+		Subsets: map[string][]string{"v1": {backend}}, Weights: map[string]uint32{"v1": 100}}
+	srv.Set(t, "1", m.Resources())
+
+	var envList []string
+	for k, v := range env {
+		envList = append(envList, k+"="+v)
+	}
+	args := append(c.args(), "--proxy-arg=--discovery-address="+srv.Addr, "--proxy-arg=--xds-tls=on",
+		"--proxy-arg=--xds-server-name="+caServerName, "--proxy-arg=--xds-state-file=")
+	p := launchAgentEnv(t, "127.0.0.78:9080", os.Args[0], envList, args...)
+	p.waitReady(t)
+
+	hc := &http.Client{Timeout: 3 * time.Second}
+	req, _ := http.NewRequest(http.MethodGet, "http://"+p.outbound+"/", nil)
+	req.Host = "ratings.team-a.svc.cluster.local:9080"
+	resp, err := hc.Do(req)
+	if err != nil {
+		t.Fatalf("request through the xDS route: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("request through the xDS route: %s", resp.Status)
+	}
+	peersMu.Lock()
+	defer peersMu.Unlock()
+	if len(peers) == 0 || peers[0] != wantSPIFFE {
+		t.Errorf("discovery server saw client identities %v, want %s", peers, wantSPIFFE)
 	}
 }

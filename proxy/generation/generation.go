@@ -192,7 +192,7 @@ func Run(ctx context.Context, o Options) error {
 		if cfg.L7 != nil {
 			base = *cfg.L7
 		}
-		engine, err = l7.New(base, l7.Options{Logger: log, Stats: so.Stats})
+		engine, err = l7.New(base, l7.Options{Logger: log, Stats: so.Stats, Identity: ids})
 		if err != nil {
 			err = fmt.Errorf("%w: %w", ErrConfig, err)
 			agent.ReportFailure(ready, err)
