@@ -16,6 +16,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -482,11 +483,15 @@ func (pc *h1Conn) alive() bool {
 }
 
 // peek is alive's non-blocking MSG_PEEK; only one goroutine owns pc here.
+// It calls recvfrom(2) without asking for the source address: unix.Recvfrom
+// allocates a sockaddr buffer on every call, and this runs once per request
+// on a reused connection.
 func (pc *h1Conn) peek(fd uintptr) bool {
-	n, _, rerr := unix.Recvfrom(int(fd), pc.peekB[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-	// EAGAIN: nothing to read, open. nil: EOF or unexpected bytes.
-	pc.live = rerr == unix.EAGAIN || rerr == unix.EINTR
-	pc.pending = rerr == nil && n > 0
+	n, _, errno := unix.Syscall6(unix.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&pc.peekB[0])), uintptr(len(pc.peekB)),
+		unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
+	// EAGAIN: nothing to read, open. Success: EOF or unexpected bytes.
+	pc.live = errno == unix.EAGAIN || errno == unix.EINTR
+	pc.pending = errno == 0 && n > 0
 	return true // never wait for readiness
 }
 
