@@ -82,8 +82,8 @@ type h1ServerConn struct {
 	// Reused per request (see serveOne).
 	parser h1.Parser
 	body   bodyReader
-	bufp *[]byte // pooled request body buffer while a request holds one
-	w    h1Writer
+	bufp   *[]byte // pooled request body buffer while a request holds one
+	w      h1Writer
 
 	mu       sync.Mutex // guards state, woken, stay, armed, watching and read deadline changes
 	state    int
@@ -255,10 +255,6 @@ func (c *h1ServerConn) serve(w *h1Writer, r *http.Request) (ok bool) {
 	c.p.ServeHTTP(w, r)
 	return true
 }
-
-
-
-
 
 // handoff gives the connection to net/http with the bytes read so far.
 func (c *h1ServerConn) handoff(why string) net.Conn {

@@ -286,7 +286,11 @@ func TestMTLSTCP(t *testing.T) {
 			if err != nil {
 				return
 			}
-			go func() { defer c.Close(); line, _ := bufio.NewReader(c).ReadString('\n'); io.WriteString(c, "echo "+line) }()
+			go func() {
+				defer c.Close()
+				line, _ := bufio.NewReader(c).ReadString('\n')
+				io.WriteString(c, "echo "+line)
+			}()
 		}
 	}()
 	cfg := serverConfig(config.PeerStrict)
