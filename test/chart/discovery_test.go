@@ -154,3 +154,46 @@ func TestDiscoveryLeastRBAC(t *testing.T) {
 }
 
 func itoa(n int32) string { return strconv.Itoa(int(n)) }
+
+// TestInjectedAddresses: the injection config gives the sidecars the chart's
+// discovery Service and CA by default, the values' addresses when set, and
+// none (static sidecars, no CA) when the chart runs no control plane.
+func TestInjectedAddresses(t *testing.T) {
+	for _, tc := range []struct {
+		name, discovery, ca string
+		vals                map[string]any
+	}{
+		{"default", "istiod.meshlet-system.svc:15010", "istiod.meshlet-system.svc:15012", nil},
+		{"custom discovery", "mesh-cp.meshlet-system.svc:15999", "mesh-cp.meshlet-system.svc:15012",
+			map[string]any{"inject": map[string]any{"discoveryAddress": "mesh-cp.meshlet-system.svc:15999"}}},
+		{"custom CA port", "istiod.meshlet-system.svc:15010", "istiod.meshlet-system.svc:16012",
+			map[string]any{"discovery": map[string]any{"ca": map[string]any{"port": 16012}}}},
+		{"explicit CA", "istiod.meshlet-system.svc:15010", "ca.example.svc:443",
+			map[string]any{"inject": map[string]any{"caAddress": "ca.example.svc:443"}}},
+		{"no CA", "istiod.meshlet-system.svc:15010", "",
+			map[string]any{"discovery": map[string]any{"ca": map[string]any{"enabled": false}}}},
+		{"no control plane", "", "",
+			map[string]any{"discovery": map[string]any{"enabled": false}}},
+		{"external control plane", "istiod.istio-system.svc:15010", "istiod.istio-system.svc:15012",
+			map[string]any{"discovery": map[string]any{"enabled": false},
+				"inject": map[string]any{"discoveryAddress": "istiod.istio-system.svc:15010", "caAddress": "istiod.istio-system.svc:15012"}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m, err := Render(chartDir, tc.vals)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var cm corev1.ConfigMap
+			if !find(t, objects(t, m), "ConfigMap", "meshlet-injection", &cm) {
+				t.Fatal("no injection ConfigMap")
+			}
+			cfg, err := inject.LoadConfig([]byte(cm.Data["config.yaml"]))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if cfg.DiscoveryAddress != tc.discovery || cfg.CAAddress != tc.ca {
+				t.Errorf("discoveryAddress %q caAddress %q, want %q %q", cfg.DiscoveryAddress, cfg.CAAddress, tc.discovery, tc.ca)
+			}
+		})
+	}
+}

@@ -63,8 +63,14 @@ type Config struct {
 	// CNI switches to CNI mode.
 	CNI CNI `json:"cni"`
 	// DiscoveryAddress is the discovery service's plaintext xDS address
-	// (host:port), written into the proxyless gRPC bootstrap file.
+	// (host:port): istio-proxy takes its configuration from there
+	// (MESHLET_DISCOVERY_ADDRESS), and the proxyless gRPC bootstrap file
+	// points there. Empty: istio-proxy runs its static configuration, and
+	// the grpcBootstrap templates are refused.
 	DiscoveryAddress string `json:"discoveryAddress"`
+	// CAAddress is the mesh CA's address (host:port, gRPC over TLS),
+	// given to istio-proxy as MESHLET_CA_ADDRESS; empty: none.
+	CAAddress string `json:"caAddress"`
 	// DefaultTemplates are injected into a pod without the
 	// inject.istio.io/templates annotation.
 	DefaultTemplates []string `json:"defaultTemplates"`
@@ -241,8 +247,16 @@ func (c *Config) Validate() error {
 			bad("resources.requests."+r, req.String(), "exceeds resources.limits."+r+" "+lim.String())
 		}
 	}
-	if err := checkHostPort(c.DiscoveryAddress); err != nil {
-		bad("discoveryAddress", c.DiscoveryAddress, err.Error())
+	for _, f := range []struct{ name, value string }{
+		{"discoveryAddress", c.DiscoveryAddress},
+		{"caAddress", c.CAAddress},
+	} {
+		if f.value == "" {
+			continue
+		}
+		if err := checkHostPort(f.value); err != nil {
+			bad(f.name, f.value, err.Error())
+		}
 	}
 	errs = append(errs, c.validateTemplates()...)
 	cp := c.Capture

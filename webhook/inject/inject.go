@@ -243,8 +243,12 @@ func decide(pod *corev1.Pod, ns Namespace, cfg *Config, opts Options) (Decision,
 
 // params are the resolved per-pod settings.
 type params struct {
-	image     string
-	native    bool
+	image  string
+	native bool
+	// discovery is the xDS address istio-proxy and the gRPC bootstrap
+	// use (the config's discoveryAddress or the pod's proxy.istio.io/config
+	// discoveryAddress); empty: the static configuration.
+	discovery string
 	hold      bool
 	drain     time.Duration
 	resources corev1.ResourceRequirements
@@ -258,7 +262,7 @@ type params struct {
 }
 
 // knownProxyConfig are the proxy.istio.io/config fields meshlet reads.
-var knownProxyConfig = []string{"holdApplicationUntilProxyStarts", "terminationDrainDuration"}
+var knownProxyConfig = []string{"discoveryAddress", "holdApplicationUntilProxyStarts", "terminationDrainDuration"}
 
 // resolve merges config and annotations, collecting every invalid
 // annotation.
@@ -309,6 +313,7 @@ func resolve(pod *corev1.Pod, cfg *Config, opts Options) (params, []string, erro
 	}
 
 	p.hold = cfg.HoldApplicationUntilProxyStarts
+	p.discovery = cfg.DiscoveryAddress
 	var err error
 	if p.drain, err = parseDrain(cfg.TerminationDrainDuration); err != nil {
 		cfgBad("terminationDrainDuration", cfg.TerminationDrainDuration, err)
@@ -336,6 +341,17 @@ func resolve(pod *corev1.Pod, cfg *Config, opts Options) (params, []string, erro
 						bad(AnnotationProxyConfig, fmt.Sprintf("holdApplicationUntilProxyStarts %v is not true or false", val))
 					} else {
 						p.hold = b
+					}
+				case "discoveryAddress":
+					s, ok := val.(string)
+					var err error
+					if ok {
+						err = checkHostPort(s)
+					}
+					if !ok || err != nil {
+						bad(AnnotationProxyConfig, fmt.Sprintf("discoveryAddress %v is not host:port (e.g. istiod.meshlet-system.svc:15010)", val))
+					} else {
+						p.discovery = s
 					}
 				case "terminationDrainDuration":
 					s, ok := val.(string)
@@ -454,6 +470,10 @@ func resolve(pod *corev1.Pod, cfg *Config, opts Options) (params, []string, erro
 		errs = append(errs, err)
 	}
 	_, p.templatesFromAnnotation = ann[AnnotationTemplates]
+	if p.plan.grpc && p.discovery == "" {
+		errs = append(errs, &FieldError{Field: "discoveryAddress", Value: "",
+			Problem: fmt.Sprintf("is empty, but templates %s write the proxyless gRPC bootstrap, which needs it", strings.Join(p.plan.names, ","))})
+	}
 	p.captureOn = p.plan.capture && p.capture.mode != ModeNone
 
 	if len(errs) > 0 {
@@ -540,6 +560,10 @@ func apply(pod *corev1.Pod, cfg *Config, p params) ([]string, error) {
 		volumes = append(volumes, identityVolumes()...)
 		setServiceAccount(pod, &st)
 	}
+	if pl.proxy == ProxySidecar {
+		// Before istio-proxy is built: its ISTIO_METAJSON_LABELS include it.
+		setLabel(pod, &st, LabelTLSMode, TLSModeIstio)
+	}
 	if pl.grpc {
 		volumes = append(volumes, corev1.Volume{
 			Name:         VolumeGRPC,
@@ -581,7 +605,7 @@ func apply(pod *corev1.Pod, cfg *Config, p params) ([]string, error) {
 	uid, gid := cfg.ProxyUID, cfg.ProxyGID
 	var proxy *corev1.Container
 	if pl.proxy != ProxyNone {
-		c, err := merge(proxyContainer(cfg, p, appNames), slices.Concat(pl.initContainers, pl.containers))
+		c, err := merge(proxyContainer(cfg, p, appNames, pod.Labels), slices.Concat(pl.initContainers, pl.containers))
 		if err != nil {
 			return nil, err
 		}
@@ -667,9 +691,6 @@ func apply(pod *corev1.Pod, cfg *Config, p params) ([]string, error) {
 	pod.Spec.Containers = append(pod.Spec.Containers, extra...)
 	st.Containers = append(st.Containers, names(extra)...)
 	pod.Spec.Volumes = append(pod.Spec.Volumes, volumes...)
-	if pl.proxy == ProxySidecar {
-		setLabel(pod, &st, LabelTLSMode, TLSModeIstio)
-	}
 	st.NativeSidecar = native
 	if pl.grpc {
 		addGRPCToApps(pod, appNames, &st)
@@ -772,7 +793,11 @@ func resourceEnv(name, res string) corev1.EnvVar {
 	return corev1.EnvVar{Name: name, ValueFrom: &corev1.EnvVarSource{ResourceFieldRef: &corev1.ResourceFieldSelector{ContainerName: ContainerProxy, Resource: res, Divisor: resource.MustParse("0")}}}
 }
 
-func proxyContainer(cfg *Config, p params, appNames []string) corev1.Container {
+// proxyContainer is istio-proxy. Its environment is what the agent and
+// its proxy generations read: the pod's identity from the downward API,
+// the node metadata of the xDS client (ISTIO_META_*, the pod's labels as
+// ISTIO_METAJSON_LABELS), and the control plane's addresses when set.
+func proxyContainer(cfg *Config, p params, appNames []string, labels map[string]string) corev1.Container {
 	ready := &corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{
 		Path: "/healthz/ready", Port: intstrPort(HealthPort), Scheme: corev1.URISchemeHTTP,
 	}}
@@ -794,6 +819,7 @@ func proxyContainer(cfg *Config, p params, appNames []string) corev1.Container {
 			fieldEnv("HOST_IP", "status.hostIP"),
 			{Name: "ISTIO_META_APP_CONTAINERS", Value: strings.Join(appNames, ",")},
 			{Name: "ISTIO_META_INTERCEPTION_MODE", Value: p.interceptionMode()},
+			{Name: EnvLabels, Value: labelsJSON(labels)},
 			resourceEnv("GOMEMLIMIT", "limits.memory"),
 			resourceEnv("GOMAXPROCS", "limits.cpu"),
 		},
@@ -803,6 +829,12 @@ func proxyContainer(cfg *Config, p params, appNames []string) corev1.Container {
 		// The agent drains on SIGTERM within the grace period.
 		TerminationMessagePolicy: corev1.TerminationMessageFallbackToLogsOnError,
 		SecurityContext:          sc,
+	}
+	if p.discovery != "" {
+		c.Env = append(c.Env, corev1.EnvVar{Name: EnvDiscoveryAddress, Value: p.discovery})
+	}
+	if cfg.CAAddress != "" {
+		c.Env = append(c.Env, corev1.EnvVar{Name: EnvCAAddress, Value: cfg.CAAddress})
 	}
 	if p.plan.proxy == ProxyGateway {
 		return c
@@ -816,6 +848,30 @@ func proxyContainer(cfg *Config, p params, appNames []string) corev1.Container {
 		c.Lifecycle = &corev1.Lifecycle{PostStart: &corev1.LifecycleHandler{Exec: &corev1.ExecAction{Command: []string{Binary, "agent", "wait"}}}}
 	}
 	return c
+}
+
+// The environment of istio-proxy that points it at the control plane and
+// describes the pod to it.
+const (
+	// EnvDiscoveryAddress is the xDS server (`meshlet proxy
+	// --discovery-address`); unset: the static configuration.
+	EnvDiscoveryAddress = "MESHLET_DISCOVERY_ADDRESS"
+	// EnvCAAddress is the mesh CA the agent asks for the workload
+	// certificate.
+	EnvCAAddress = "MESHLET_CA_ADDRESS"
+	// EnvLabels holds the pod's labels at admission as a JSON object
+	// (Istio's ISTIO_METAJSON_LABELS), sent to the control plane as node
+	// metadata LABELS. The control plane prefers the live Pod's labels.
+	EnvLabels = "ISTIO_METAJSON_LABELS"
+)
+
+// labelsJSON is labels as a JSON object with sorted keys ({} when none).
+func labelsJSON(labels map[string]string) string {
+	if labels == nil {
+		labels = map[string]string{}
+	}
+	b, _ := json.Marshal(labels) // a map of strings always marshals
+	return string(b)
 }
 
 // agentArgs are istio-proxy's `meshlet agent` arguments: proxyArgs, plus

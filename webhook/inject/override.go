@@ -105,7 +105,7 @@ func grpcBootstrapContainer(cfg *Config, p params, uid, gid int64) corev1.Contai
 		Image:           p.image,
 		ImagePullPolicy: cfg.ImagePullPolicy,
 		Command:         []string{Binary},
-		Args:            []string{"grpc-bootstrap", "--discovery-address=" + cfg.DiscoveryAddress, "--out=" + GRPCBootstrapFile},
+		Args:            []string{"grpc-bootstrap", "--discovery-address=" + p.discovery, "--out=" + GRPCBootstrapFile},
 		Env: []corev1.EnvVar{
 			fieldEnv("POD_NAME", "metadata.name"),
 			fieldEnv("POD_NAMESPACE", "metadata.namespace"),

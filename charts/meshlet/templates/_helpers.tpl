@@ -53,6 +53,15 @@ seccompProfile:
 {{- define "meshlet.discoveryAddress" -}}{{ .Values.inject.discoveryAddress | default (printf "istiod.%s.svc:15010" .Release.Namespace) }}{{- end -}}
 {{- define "meshlet.discoveryService" -}}{{ index (splitList "." (first (splitList ":" (include "meshlet.discoveryAddress" .)))) 0 }}{{- end -}}
 {{- define "meshlet.discoveryPort" -}}{{ last (splitList ":" (include "meshlet.discoveryAddress" .)) }}{{- end -}}
+{{/* What the injected sidecars are given: inject.discoveryAddress when set, else the chart's
+     discovery Service when the chart runs it, else nothing (static sidecars); the CA address
+     likewise (inject.caAddress, else the discovery host on discovery.ca.port when the CA runs). */}}
+{{- define "meshlet.injectDiscoveryAddress" -}}
+{{- if .Values.inject.discoveryAddress }}{{ .Values.inject.discoveryAddress }}{{ else if .Values.discovery.enabled }}{{ include "meshlet.discoveryAddress" . }}{{ end -}}
+{{- end -}}
+{{- define "meshlet.injectCAAddress" -}}
+{{- if .Values.inject.caAddress }}{{ .Values.inject.caAddress }}{{ else if and .Values.discovery.enabled .Values.discovery.ca.enabled }}{{ first (splitList ":" (include "meshlet.discoveryAddress" .)) }}:{{ .Values.discovery.ca.port }}{{ end -}}
+{{- end -}}
 
 {{- define "meshlet.discoverySelector" -}}
 app.kubernetes.io/name: meshlet

@@ -7,12 +7,13 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/meshlet/meshlet/proxy/xds"
+	"github.com/meshlet/meshlet/webhook/inject"
 )
 
-// Environment variables of the xDS flags (the injector sets them on the
-// sidecar; generations inherit the agent's environment).
+// Environment variables of the xDS flags (the injector sets the discovery
+// address on istio-proxy; generations inherit the agent's environment).
 const (
-	envDiscoveryAddress = "MESHLET_DISCOVERY_ADDRESS"
+	envDiscoveryAddress = inject.EnvDiscoveryAddress
 	envXDSStateFile     = "MESHLET_XDS_STATE_FILE"
 	envXDSTLS           = "MESHLET_XDS_TLS"
 )
