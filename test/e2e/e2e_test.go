@@ -471,12 +471,18 @@ func scrape(ctx context.Context, pod *corev1.Pod, metric string, want ...string)
 }
 
 // trafficSnapshot is what the demo client and both sidecars had counted at
-// one moment: the client's calls (from its log: one line per attempt) and the
-// sidecars' connection and error counters.
+// one moment: the client's calls (from its log: one line per attempt), the
+// sidecars' connection and error counters, and their HTTP request counters
+// (the sidecars take their configuration from the control plane, so the
+// echo Service's HTTP port goes through the L7 engine on both sides).
 type trafficSnapshot struct {
 	calls, failures int     // client: attempts made, attempts that failed
 	out, in         float64 // meshlet_proxy_connections_total: client outbound, server inbound
 	outErr, inErr   float64 // meshlet_proxy_errors_total of the client's and the server's sidecar
+	// meshlet_l7_requests_total: the client sidecar's outbound requests to
+	// the echo Service's cluster and the server sidecar's inbound requests,
+	// all and with a 2xx status.
+	outReq, outReq2xx, inReq, inReq2xx float64
 }
 
 // clientLine is one line of the demo client: "ok 200 attempt=N server=…" or
@@ -511,8 +517,26 @@ func countClientCalls(log string) (calls, failures int, err error) {
 // the counters again; it fails when the counters moved meanwhile (a call was
 // made while reading), so the log and the counters describe the same calls.
 func takeTrafficSnapshot(ctx context.Context, ns string, client, server *corev1.Pod) (trafficSnapshot, error) {
+	echoCluster := `cluster="outbound|8080||echo.` + ns + `.svc.cluster.local"`
 	counters := func() (s trafficSnapshot, err error) {
 		var body string
+		for _, c := range []struct {
+			pod  *corev1.Pod
+			into *float64
+			want []string
+		}{
+			{client, &s.outReq, []string{`direction="outbound"`, echoCluster}},
+			{client, &s.outReq2xx, []string{`direction="outbound"`, echoCluster, `code_class="2xx"`}},
+			{server, &s.inReq, []string{`direction="inbound"`}},
+			{server, &s.inReq2xx, []string{`direction="inbound"`, `code_class="2xx"`}},
+		} {
+			if *c.into, body, err = scrape(ctx, c.pod, "meshlet_l7_requests_total", c.want...); err != nil {
+				return s, fmt.Errorf("sidecar of %s: %w", c.pod.Name, err)
+			}
+			if !strings.Contains(body, "meshlet_l7_requests_total{") || c.pod == client && !strings.Contains(body, echoCluster) {
+				return s, fmt.Errorf("sidecar of %s exports no HTTP request counter %v (no xDS configuration?):\n%.2000s", c.pod.Name, c.want, body)
+			}
+		}
 		if s.out, body, err = scrape(ctx, client, "meshlet_proxy_connections_total", `direction="outbound"`); err != nil {
 			return s, fmt.Errorf("client sidecar: %w", err)
 		}
@@ -554,7 +578,11 @@ func takeTrafficSnapshot(ctx context.Context, ns string, client, server *corev1.
 
 // compareTraffic checks the window from s1 to s2: at least window calls,
 // none failed, each exactly one outbound connection of the client's sidecar
-// and one inbound connection of the server's, no error counted by either.
+// (the client opens one per call), one HTTP request the client's sidecar
+// sent to the echo Service's cluster and one the server's sidecar received,
+// all 2xx, no error counted by either. The server's sidecar sees at most one
+// inbound connection per call: the client's sidecar pools its upstream
+// connections, as Envoy does.
 func compareTraffic(s1, s2 trafficSnapshot, window int) error {
 	calls := s2.calls - s1.calls
 	if calls < window {
@@ -567,8 +595,21 @@ func compareTraffic(s1, s2 trafficSnapshot, window int) error {
 	if d := s2.out - s1.out; d != float64(calls) {
 		errs = append(errs, fmt.Errorf("client sidecar counted %v outbound connections for %d calls", d, calls))
 	}
-	if d := s2.in - s1.in; d != float64(calls) {
-		errs = append(errs, fmt.Errorf("server sidecar counted %v inbound connections for %d calls", d, calls))
+	if d := s2.in - s1.in; d < 0 || d > float64(calls) {
+		errs = append(errs, fmt.Errorf("server sidecar counted %v inbound connections for %d calls (want 0 to %d: pooled)", d, calls, calls))
+	}
+	for _, c := range []struct {
+		side, what string
+		d          float64
+	}{
+		{"client", "outbound requests to the echo cluster", s2.outReq - s1.outReq},
+		{"client", "outbound 2xx responses from the echo cluster", s2.outReq2xx - s1.outReq2xx},
+		{"server", "inbound requests", s2.inReq - s1.inReq},
+		{"server", "inbound 2xx responses", s2.inReq2xx - s1.inReq2xx},
+	} {
+		if c.d != float64(calls) {
+			errs = append(errs, fmt.Errorf("%s sidecar counted %v %s for %d calls", c.side, c.d, c.what, calls))
+		}
 	}
 	if d := s2.outErr - s1.outErr; d != 0 {
 		errs = append(errs, fmt.Errorf("client sidecar counted %v errors during %d calls", d, calls))
@@ -582,9 +623,11 @@ func compareTraffic(s1, s2 trafficSnapshot, window int) error {
 // assertTrafficThroughSidecars checks that the demo client's calls succeed
 // and are all counted by both sidecars: over a window of at least ten calls,
 // every call made is exactly one outbound connection of the client's sidecar
-// and one inbound connection of the server's (the client opens a new
-// connection per call and is the only caller), no call fails, and neither
-// sidecar counts an error.
+// (the client opens a new connection per call and is the only caller), one
+// HTTP request routed by the client's sidecar to the echo Service's cluster
+// (its xDS name, outbound|8080||echo.NS.svc.cluster.local) and one HTTP
+// request the server's sidecar received, all answered 2xx; no call fails,
+// and neither sidecar counts an error (compareTraffic).
 func assertTrafficThroughSidecars(t *testing.T, ctx context.Context, ns string) {
 	t.Helper()
 	client := runningPod(t, ctx, ns, "app=client")

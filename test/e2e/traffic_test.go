@@ -28,22 +28,36 @@ func TestCountClientCalls(t *testing.T) {
 }
 
 // TestCompareTraffic checks the comparison of a traffic window: it passes
-// only when every call is one connection on each sidecar and nothing failed.
+// only when every call is one connection on the client's sidecar, one HTTP
+// request on each sidecar, all 2xx, at most one inbound connection per call
+// on the server's sidecar, and nothing failed.
 func TestCompareTraffic(t *testing.T) {
 	t.Parallel()
-	s1 := trafficSnapshot{calls: 5, failures: 2, out: 5, in: 3, outErr: 2}
-	good := trafficSnapshot{calls: 15, failures: 2, out: 15, in: 13, outErr: 2}
+	s1 := trafficSnapshot{calls: 5, failures: 2, out: 5, in: 1, outErr: 2, outReq: 5, outReq2xx: 3, inReq: 3, inReq2xx: 3}
+	good := trafficSnapshot{calls: 15, failures: 2, out: 15, in: 2, outErr: 2, outReq: 15, outReq2xx: 13, inReq: 13, inReq2xx: 13}
 	if err := compareTraffic(s1, good, 10); err != nil {
 		t.Errorf("a healthy window: %v", err)
 	}
+	unpooled := good
+	unpooled.in = 11
+	if err := compareTraffic(s1, unpooled, 10); err != nil {
+		t.Errorf("one inbound connection per call: %v", err)
+	}
+	change := func(f func(*trafficSnapshot)) trafficSnapshot { s := good; f(&s); return s }
 	for name, bad := range map[string]trafficSnapshot{
-		"short window":          {calls: 14, failures: 2, out: 14, in: 12, outErr: 2},
-		"a failed call":         {calls: 15, failures: 3, out: 15, in: 12, outErr: 3},
-		"outbound undercounted": {calls: 15, failures: 2, out: 14, in: 13, outErr: 2},
-		"inbound undercounted":  {calls: 15, failures: 2, out: 15, in: 8, outErr: 2},
-		"inbound overcounted":   {calls: 15, failures: 2, out: 15, in: 14, outErr: 2},
-		"client sidecar error":  {calls: 15, failures: 2, out: 15, in: 13, outErr: 3},
-		"server sidecar error":  {calls: 15, failures: 2, out: 15, in: 13, outErr: 2, inErr: 1},
+		"short window": change(func(s *trafficSnapshot) {
+			s.calls, s.out, s.outReq, s.outReq2xx, s.inReq, s.inReq2xx = 14, 14, 14, 12, 12, 12
+		}),
+		"a failed call":           change(func(s *trafficSnapshot) { s.failures = 3 }),
+		"outbound undercounted":   change(func(s *trafficSnapshot) { s.out = 14 }),
+		"inbound overcounted":     change(func(s *trafficSnapshot) { s.in = 12 }),
+		"inbound went backwards":  change(func(s *trafficSnapshot) { s.in = 0 }),
+		"request not via cluster": change(func(s *trafficSnapshot) { s.outReq, s.outReq2xx = 14, 12 }),
+		"a 5xx answer":            change(func(s *trafficSnapshot) { s.outReq2xx = 12 }),
+		"inbound request missing": change(func(s *trafficSnapshot) { s.inReq, s.inReq2xx = 12, 12 }),
+		"inbound non-2xx":         change(func(s *trafficSnapshot) { s.inReq2xx = 12 }),
+		"client sidecar error":    change(func(s *trafficSnapshot) { s.outErr = 3 }),
+		"server sidecar error":    change(func(s *trafficSnapshot) { s.inErr = 1 }),
 	} {
 		if err := compareTraffic(s1, bad, 10); err == nil {
 			t.Errorf("%s: compareTraffic accepted %+v → %+v", name, s1, bad)

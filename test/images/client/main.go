@@ -1,7 +1,9 @@
 // Command client is the demo HTTP client of meshlet's quickstart and e2e
 // tests: it calls a URL every interval and prints one line per attempt
 // ("ok 200 <server hostname>" or "error ..."). With -count N it exits after N
-// successful calls (status 0), which makes it a Job's workload.
+// successful calls (status 0), which makes it a Job's workload. With -serve
+// ADDR it is instead a load driver that makes batches of calls on request
+// (see serve).
 package main
 
 import (
@@ -23,10 +25,18 @@ func main() {
 	count := flag.Int("count", 0, "exit 0 after this many successful calls (0: run forever)")
 	timeout := flag.Duration("timeout", 5*time.Second, "timeout of one call")
 	keepAlive := flag.Bool("keepalive", false, "reuse connections (default: a new TCP connection per call, so every call shows in the proxies' connection counters)")
+	serveAddr := flag.String("serve", "", "serve GET /run?url=URL&n=N[&header=NAME:VALUE] on this address (a load driver) instead of calling -url")
 	flag.Parse()
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
+	if *serveAddr != "" {
+		if err := serve(ctx, *serveAddr, *timeout); err != nil {
+			fmt.Fprintf(os.Stderr, "client: %v\n", err)
+			os.Exit(1)
+		}
+		return
+	}
 	client := &http.Client{Timeout: *timeout, Transport: &http.Transport{DisableKeepAlives: !*keepAlive}}
 	ok := 0
 	for attempt := 1; ; attempt++ {

@@ -1,6 +1,8 @@
 // Command echo is the demo HTTP server of meshlet's quickstart and e2e tests:
 // every request is answered with a JSON description of itself (who served it,
 // what arrived, from which address), so a client can see what the sidecars did.
+// With -status it answers every request with that status instead (a failing
+// backend, for retry and outlier tests).
 package main
 
 import (
@@ -27,11 +29,16 @@ type reply struct {
 
 func main() {
 	addr := flag.String("listen", ":8080", "address to serve HTTP on")
+	status := flag.Int("status", http.StatusOK, "status of every response (100-599; not 200: a failing backend)")
 	flag.Parse()
+	if *status < 100 || *status > 599 {
+		log.Fatalf("echo: -status=%d: not an HTTP status (100-599)", *status)
+	}
 	hostname, _ := os.Hostname()
 	mux := http.NewServeMux()
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(*status)
 		_ = json.NewEncoder(w).Encode(reply{
 			Hostname: hostname, Method: r.Method, Path: r.URL.Path, Host: r.Host,
 			RemoteAddr: r.RemoteAddr, Headers: r.Header,
