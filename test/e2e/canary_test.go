@@ -141,13 +141,15 @@ func restarts(ctx context.Context, ns string) (map[string]string, error) {
 // TestCanary is Istio's canary through chart-installed sidecars that take
 // their configuration from the chart's control plane: reviews v1 (one
 // healthy pod, one answering 500 to everything) and v2 behind one Service,
-// a meshed client calling reviews. The issue's VirtualService and
+// a meshed client calling reviews. Istio's VirtualService and
 // DestinationRule applied with kubectl: 1000 calls split 90/10 (± 5 points)
 // with zero errors although a v1 pod fails every request (retries hide
-// it; without the VirtualService its 500s reach the client); a header
-// match (end-user: jason) goes to v2 only; editing the VirtualService
-// moves the split to 10/90; a 50% fault abort answers 418 to half the
-// calls (± 5 points). No pod restarts or is replaced throughout.
+// it, and are counted; without the VirtualService its 500s reach the
+// client); a header match (end-user: jason) goes to v2 only; the
+// DestinationRule's outlier detection ejects the failing pod (no more
+// retries); editing the VirtualService moves the split to 10/90; a 50%
+// fault abort answers 418 to half the calls (± 5 points). No pod restarts
+// or is replaced throughout.
 func TestCanary(t *testing.T) {
 	ctx := need(t)
 	needSubcommand(t, "webhook")
@@ -209,15 +211,18 @@ func TestCanary(t *testing.T) {
 	})
 	t.Logf("VirtualService and DestinationRule applied and serving after %s", took.Round(10*time.Millisecond))
 
-	t.Run("90/10 split, retries hide the failing pod", func(t *testing.T) {
-		retries := func() float64 {
-			n, _, err := scrape(ctx, c.driver, "meshlet_l7_upstream_retries_total", `cluster="outbound|9080|v1|reviews.`+ns+`.svc.cluster.local"`)
-			if err != nil {
-				t.Fatal(err)
-			}
-			return n
+	// The client sidecar's retries of the v1 subset's cluster.
+	retries := func(t *testing.T) float64 {
+		t.Helper()
+		n, _, err := scrape(ctx, c.driver, "meshlet_l7_upstream_retries_total", `cluster="outbound|9080|v1|reviews.`+ns+`.svc.cluster.local"`)
+		if err != nil {
+			t.Fatal(err)
 		}
-		r0 := retries()
+		return n
+	}
+
+	t.Run("90/10 split, retries hide the failing pod", func(t *testing.T) {
+		r0 := retries(t)
 		b, err := c.run(ctx, 1000)
 		if err != nil {
 			t.Fatal(err)
@@ -225,13 +230,13 @@ func TestCanary(t *testing.T) {
 		if err := c.split(b, 0.10, 0.05); err != nil {
 			t.Error(err)
 		}
-		v, _ := c.byVersion(b)
-		t.Logf("1000 calls: %v by version %v, %v retries of v1", b, v, retries()-r0)
-		// Outlier detection may have ejected the failing pod by now;
-		// over the whole test its failures must have been retried.
-		if retries() == 0 {
-			t.Error("the client's sidecar never retried a v1 request: the failing pod was not hit, so the test proves nothing")
+		r := retries(t) - r0
+		// LEAST_REQUEST over the two v1 pods sends the failing one a share
+		// of v1's calls; each is retried on the healthy pod.
+		if r == 0 {
+			t.Error("the client's sidecar retried no v1 request: the failing pod was not hit, so the window proves nothing")
 		}
+		t.Logf("1000 calls: %v, %v of them retried", b, r)
 	})
 
 	t.Run("header match goes to v2 only", func(t *testing.T) {
@@ -243,6 +248,39 @@ func TestCanary(t *testing.T) {
 			t.Error(err)
 		}
 		t.Logf("end-user: jason: %v", b)
+	})
+
+	t.Run("outlier detection ejects the failing pod", func(t *testing.T) {
+		var r0 float64
+		took := c.converge(t, ctx, "test/e2e/testdata/canary/outlier.yaml", "the failing pod ejected", func(b batch) error {
+			// The batch that ejects it may still retry; the next one
+			// must not.
+			r := retries(t)
+			defer func() { r0 = r }()
+			if err := c.split(b, 0.10, 0.15); err != nil {
+				return err
+			}
+			if r != r0 {
+				return fmt.Errorf("%v retries during the probe", r-r0)
+			}
+			return nil
+		})
+		r1 := retries(t)
+		b, err := c.run(ctx, 1000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := c.split(b, 0.10, 0.05); err != nil {
+			t.Error(err)
+		}
+		if r := retries(t) - r1; r != 0 {
+			t.Errorf("%v retries of v1 with the failing pod ejected", r)
+		}
+		ej, _, err := scrape(ctx, c.driver, "meshlet_l7_outlier_ejections_total", `cluster="outbound|9080|v1|reviews.`+ns+`.svc.cluster.local"`)
+		if err != nil || ej == 0 {
+			t.Errorf("meshlet_l7_outlier_ejections_total of v1 = %v (%v), want the ejection counted", ej, err)
+		}
+		t.Logf("ejected after %s; 1000 calls: %v without a retry", took.Round(10*time.Millisecond), b)
 	})
 
 	t.Run("editing the VirtualService moves traffic", func(t *testing.T) {

@@ -663,7 +663,7 @@ func assertTrafficThroughSidecars(t *testing.T, ctx context.Context, ns string) 
 		t.Errorf("%v; last comparison: %v (window %+v → %+v)", err, mismatch, s1, s2)
 		return
 	}
-	t.Logf("%d client calls, all ok, each one outbound connection of the client sidecar and one inbound connection of the server sidecar, no sidecar errors (window %+v → %+v)",
+	t.Logf("%d client calls, all ok, each one outbound connection and one HTTP request to the echo cluster of the client sidecar and one HTTP request of the server sidecar, no sidecar errors (window %+v → %+v)",
 		s2.calls-s1.calls, s1, s2)
 }
 
