@@ -476,11 +476,13 @@ func (c *L7) Validate() error { return c.validate(false) }
 
 // ValidateDynamic is Validate for a configuration that arrives in parts at
 // run time (the engine's Update, fed by a control plane): a route or mirror
-// may name a cluster the configuration does not define yet. The engine
-// answers requests routed to it 503 with response flag NC, as Envoy does.
+// may name a cluster the configuration does not define yet, and a cluster
+// may have no endpoints (a service scaled to zero). The engine answers
+// requests routed to them 503 with response flag NC and UH respectively,
+// as Envoy does.
 func (c *L7) ValidateDynamic() error { return c.validate(true) }
 
-func (c *L7) validate(missingClustersOK bool) error {
+func (c *L7) validate(dynamic bool) error {
 	var errs []error
 	bad := func(field string, format string, a ...any) {
 		errs = append(errs, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, a...)))
@@ -539,7 +541,7 @@ func (c *L7) validate(missingClustersOK bool) error {
 		default:
 			bad(f+".loadBalancer", "%q must be one of round_robin, least_request, peak_ewma", cl.LoadBalancer)
 		}
-		if len(cl.Endpoints) == 0 && cl.DNS == nil {
+		if len(cl.Endpoints) == 0 && cl.DNS == nil && !dynamic {
 			bad(f, "cluster %q needs endpoints or dns", cl.Name)
 		}
 		for j, ep := range cl.Endpoints {
@@ -633,7 +635,7 @@ func (c *L7) validate(missingClustersOK bool) error {
 	checkDest := func(field, cluster, subset string) {
 		cl := clusters[cluster]
 		if cl == nil {
-			if !missingClustersOK {
+			if !dynamic {
 				bad(field+".cluster", "%q is not a defined cluster", cluster)
 			}
 			return

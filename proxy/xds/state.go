@@ -141,8 +141,8 @@ func (t *table) complete() bool {
 // warming: the previous table's version of it keeps serving, a new one is
 // left out (a route to it answers 503 NC) until they arrive. A route
 // configuration a listener uses that has not arrived yet is warming the
-// same way. Clusters with no endpoints are left out too: the engine needs
-// endpoints, and a route to them answers 503 either way.
+// same way. A cluster whose endpoints arrived empty (a service scaled to
+// zero) is in the table: a route to it answers 503 UH, as Envoy does.
 func assemble(base engineConfig, r resources, prev *table) *table {
 	t := &table{cfg: base, clusters: map[string]*cluster{}, routes: map[string][]service{},
 		seen: r[ClusterType].received && r[ListenerType].received, src: r}
@@ -170,9 +170,6 @@ func assemble(base engineConfig, r resources, prev *table) *table {
 				t.warmingClusters = append(t.warmingClusters, name)
 				continue
 			}
-		}
-		if len(c.Endpoints) == 0 && c.DNS == nil {
-			continue
 		}
 		t.cfg.Clusters = append(t.cfg.Clusters, c)
 	}
