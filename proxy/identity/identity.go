@@ -407,13 +407,13 @@ func renewAt(leaf *x509.Certificate, fraction, jitter, r float64) time.Time {
 
 // Retry backoff after a failed request: doubling from the first to the cap.
 // While the current certificate is valid a retry never waits more than a
-// tenth of the time it has left (at least retryMin); once it has expired,
+// tenth of the time it has left (at least retryFloor); once it has expired,
 // never more than retryExpired, so that a CA coming back after a long outage
 // is used within seconds.
 const (
 	retryFirst   = time.Second
 	retryMax     = 30 * time.Second
-	retryMin     = 100 * time.Millisecond
+	retryFloor   = 100 * time.Millisecond
 	retryExpired = 5 * time.Second
 )
 
@@ -434,7 +434,7 @@ func (c *Client) Run(ctx context.Context) error {
 				// Never sleep past expiry: the retry interval is capped
 				// by a tenth of the time left.
 				if left := cur.Leaf.NotAfter.Sub(c.opts.Clock.Now()); left > 0 {
-					wait = max(min(wait, left/10), retryMin)
+					wait = max(min(wait, left/10), retryFloor)
 				} else {
 					wait = min(wait, retryExpired)
 				}

@@ -72,7 +72,7 @@ func call(t *testing.T, addr string, cfg *tls.Config) (string, error) {
 	}
 	defer raw.Close()
 	_ = raw.SetDeadline(time.Now().Add(5 * time.Second))
-	var c net.Conn = raw
+	c := net.Conn(raw)
 	if cfg != nil {
 		tc, err := mtls.Dial(context.Background(), raw, cfg)
 		if err != nil {
