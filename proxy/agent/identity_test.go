@@ -380,3 +380,67 @@ func TestIdentityXDSOverTLS(t *testing.T) {
 		t.Errorf("discovery server saw client identities %v, want %s", peers, wantSPIFFE)
 	}
 }
+
+// genRoots is the number of mesh roots the serving generation trusts
+// (admin /certs ca_cert).
+func (p *proc) genRoots(t *testing.T) int {
+	t.Helper()
+	_, body := proctest.HTTPGet("http://" + p.admin + "/certs")
+	var certs identity.Certs
+	if err := json.Unmarshal([]byte(body), &certs); err != nil || len(certs.Certificates) == 0 {
+		t.Fatalf("admin /certs %q: %v", body, err)
+	}
+	return len(certs.Certificates[0].CACert)
+}
+
+// TestIdentityRootsChange: a root added to the mesh roots file (the first
+// step of a root rotation) reaches the serving generation at once, with the
+// same certificate and without a restart; roots that no longer cover the
+// certificate make the agent renew instead and are not handed on.
+func TestIdentityRootsChange(t *testing.T) {
+	t.Parallel()
+	c := startMeshCA(t, time.Hour)
+	p := startAgent(t, httpBackend(t), c.args()...)
+	serial := p.waitSameSerial(t, 5*time.Second)
+	if n := p.genRoots(t); n != 1 {
+		t.Fatalf("generation trusts %d roots, want the mesh root", n)
+	}
+	other, err := ca.NewSelfSigned(time.Now(), time.Hour, ca.DefaultTrustDomain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	orig, err := os.ReadFile(c.rootFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(c.rootFile, append(append([]byte{}, orig...), other["ca-cert.pem"]...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for p.genRoots(t) != 2 {
+		if time.Now().After(deadline) {
+			t.Fatal("the added root did not reach the generation")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if got := p.genSerial(t); got != serial {
+		t.Errorf("certificate changed from %s to %s for a root change", serial, got)
+	}
+	if info := p.info(t); info.ActiveGeneration != 1 || len(info.Generations) != 1 {
+		t.Errorf("a root change restarted the proxy: %+v", info)
+	}
+
+	if err := os.WriteFile(c.rootFile, other["ca-cert.pem"], 0o600); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(10 * time.Second)
+	for !strings.Contains(p.out.String(), "no longer cover the workload certificate; renewing now") {
+		if time.Now().After(deadline) {
+			t.Fatal("roots without the mesh root did not make the agent renew")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := p.genRoots(t); n != 2 {
+		t.Errorf("generation trusts %d roots after a file without its own root, want the 2 it had", n)
+	}
+}

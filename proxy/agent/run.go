@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -14,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/meshlet/meshlet/internal/exepages"
+	"github.com/meshlet/meshlet/internal/filewatch"
 	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/identity"
 )
@@ -227,7 +229,24 @@ func (a *Agent) runIdentity(ctx context.Context) (stop func()) {
 		defer close(done)
 		_ = a.idc.Run(ctx) // returns nil when ctx ends
 	}()
+	// The mesh roots change for a root rotation (the ConfigMap gets the new
+	// root beside the old): generations get them at once, not only with
+	// the next certificate.
+	rootFile := cmp.Or(a.o.RootCertFile, identity.DefaultRootCertFile)
+	w, err := filewatch.New(a.idc.RootsChanged, filewatch.Options{Logger: a.log})
+	if err == nil {
+		if err = w.SetFiles(rootFile); err != nil {
+			_ = w.Close()
+		}
+	}
+	if err != nil {
+		a.log.Warn("not watching the mesh roots; a change reaches the proxy with the next certificate", "file", rootFile, "err", err)
+		w = nil
+	}
 	return func() {
+		if w != nil {
+			_ = w.Close()
+		}
 		cancel()
 		<-done
 		_ = a.idc.Close()

@@ -61,46 +61,54 @@ func MarshalBundle(cert *tls.Certificate, roots []*x509.Certificate) ([]byte, er
 // key is the leaf's, the leaf carries a SPIFFE ID and chains to one of the
 // roots. The returned certificate has Leaf set.
 func UnmarshalBundle(data []byte) (*tls.Certificate, *x509.CertPool, error) {
+	cert, roots, _, err := unmarshalBundle(data)
+	return cert, roots, err
+}
+
+// unmarshalBundle is UnmarshalBundle that also returns the roots as a list.
+func unmarshalBundle(data []byte) (*tls.Certificate, *x509.CertPool, []*x509.Certificate, error) {
 	var b bundle
 	rest, err := asn1.Unmarshal(data, &b)
 	if err != nil {
-		return nil, nil, fmt.Errorf("identity bundle: %w", err)
+		return nil, nil, nil, fmt.Errorf("identity bundle: %w", err)
 	}
 	if len(rest) > 0 {
-		return nil, nil, fmt.Errorf("identity bundle: %d trailing bytes", len(rest))
+		return nil, nil, nil, fmt.Errorf("identity bundle: %d trailing bytes", len(rest))
 	}
 	if b.Version != bundleVersion {
-		return nil, nil, fmt.Errorf("identity bundle: version %d, want %d", b.Version, bundleVersion)
+		return nil, nil, nil, fmt.Errorf("identity bundle: version %d, want %d", b.Version, bundleVersion)
 	}
 	if len(b.Chain) == 0 || len(b.Roots) == 0 {
-		return nil, nil, fmt.Errorf("identity bundle: %d certificates and %d roots, want at least one of each", len(b.Chain), len(b.Roots))
+		return nil, nil, nil, fmt.Errorf("identity bundle: %d certificates and %d roots, want at least one of each", len(b.Chain), len(b.Roots))
 	}
 	chain := make([]*x509.Certificate, len(b.Chain))
 	for i, der := range b.Chain {
 		if chain[i], err = x509.ParseCertificate(der); err != nil {
-			return nil, nil, fmt.Errorf("identity bundle: certificate %d: %w", i, err)
+			return nil, nil, nil, fmt.Errorf("identity bundle: certificate %d: %w", i, err)
 		}
 	}
 	roots := x509.NewCertPool()
+	rootList := make([]*x509.Certificate, 0, len(b.Roots))
 	for i, der := range b.Roots {
 		r, err := x509.ParseCertificate(der)
 		if err != nil {
-			return nil, nil, fmt.Errorf("identity bundle: root %d: %w", i, err)
+			return nil, nil, nil, fmt.Errorf("identity bundle: root %d: %w", i, err)
 		}
 		roots.AddCert(r)
+		rootList = append(rootList, r)
 	}
 	key, err := x509.ParsePKCS8PrivateKey(b.Key)
 	if err != nil {
-		return nil, nil, fmt.Errorf("identity bundle: key: %w", err)
+		return nil, nil, nil, fmt.Errorf("identity bundle: key: %w", err)
 	}
 	signer, ok := key.(crypto.Signer)
 	type equaler interface{ Equal(crypto.PublicKey) bool }
 	if pub, eq := chain[0].PublicKey.(equaler); !ok || !eq || !pub.Equal(signer.Public()) {
-		return nil, nil, errors.New("identity bundle: the key is not the leaf certificate's")
+		return nil, nil, nil, errors.New("identity bundle: the key is not the leaf certificate's")
 	}
 	leaf := chain[0]
 	if len(leaf.URIs) != 1 || leaf.URIs[0].Scheme != "spiffe" {
-		return nil, nil, fmt.Errorf("identity bundle: leaf has %d URI SANs, want one SPIFFE ID", len(leaf.URIs))
+		return nil, nil, nil, fmt.Errorf("identity bundle: leaf has %d URI SANs, want one SPIFFE ID", len(leaf.URIs))
 	}
 	inter := x509.NewCertPool()
 	for _, c := range chain[1:] {
@@ -112,18 +120,18 @@ func UnmarshalBundle(data []byte) (*tls.Certificate, *x509.CertPool, error) {
 	// a restart would leave the proxy without any.
 	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: leaf.NotBefore,
 		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
-		return nil, nil, fmt.Errorf("identity bundle: leaf %s does not verify against its roots: %w", leaf.URIs[0], err)
+		return nil, nil, nil, fmt.Errorf("identity bundle: leaf %s does not verify against its roots: %w", leaf.URIs[0], err)
 	}
-	return &tls.Certificate{Certificate: b.Chain, PrivateKey: key, Leaf: leaf}, roots, nil
+	return &tls.Certificate{Certificate: b.Chain, PrivateKey: key, Leaf: leaf}, roots, rootList, nil
 }
 
 // SetBundle decodes a bundle (UnmarshalBundle) and puts it in use. A bundle
 // that does not decode or check leaves the Store as it was.
 func (s *Store) SetBundle(data []byte) error {
-	cert, roots, err := UnmarshalBundle(data)
+	cert, roots, list, err := unmarshalBundle(data)
 	if err != nil {
 		return err
 	}
-	s.Set(cert, roots)
+	s.set(cert, roots, list)
 	return nil
 }

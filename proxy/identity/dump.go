@@ -35,28 +35,31 @@ type SubjectAltName struct {
 }
 
 // Dump describes what s holds at now, as /certs shows it: one set with the
-// chain (leaf first) and the CA certificates of the chain (the roots
-// themselves are a pool, which does not list its certificates). Empty before
-// Set.
+// workload chain (leaf first, then the intermediates it presents) and, as
+// ca_cert, the trust anchors when they are known (given by SetBundle; a
+// pool does not list its certificates). Empty before Set.
 func (s *Store) Dump(now time.Time) Certs {
 	out := Certs{Certificates: []CertSet{}}
-	cert := s.Certificate()
-	if cert == nil {
+	v := s.cur.Load()
+	if v == nil || v.cert == nil {
 		return out
 	}
 	set := CertSet{CACert: []CertDetails{}, CertChain: []CertDetails{}}
-	for i, der := range cert.Certificate {
+	for i, der := range v.cert.Certificate {
 		c, err := x509.ParseCertificate(der)
 		if err != nil {
 			continue
 		}
 		d := details(c, now)
-		if i == 0 {
-			d.Path = "<inline: workload certificate>"
-			set.CertChain = append(set.CertChain, d)
-			continue
+		d.Path = "<inline: workload certificate>"
+		if i > 0 {
+			d.Path = "<inline: intermediate certificate>"
 		}
-		d.Path = "<inline: CA certificate>"
+		set.CertChain = append(set.CertChain, d)
+	}
+	for _, r := range v.rootList {
+		d := details(r, now)
+		d.Path = "<inline: mesh root>"
 		set.CACert = append(set.CACert, d)
 	}
 	out.Certificates = append(out.Certificates, set)

@@ -107,6 +107,13 @@ type Client struct {
 	mu      sync.Mutex
 	waiters []chan struct{}
 	subs    []func(*tls.Certificate)
+
+	// updMu orders the updates subscribers see (a new certificate from
+	// Fetch, new roots from RootsChanged), so none goes back in time.
+	updMu sync.Mutex
+	// renew asks Run to renew now (roots that no longer cover the
+	// certificate).
+	renew chan struct{}
 }
 
 // New checks o and prepares a Client; it does not contact the CA (Run and
@@ -148,7 +155,7 @@ func New(o Options) (*Client, error) {
 	if o.Clock == nil {
 		o.Clock = clock.RealClock{}
 	}
-	c := &Client{opts: o, rand: mathrand.Float64}
+	c := &Client{opts: o, rand: mathrand.Float64, renew: make(chan struct{}, 1)}
 	tlsCfg := &tls.Config{
 		MinVersion: tls.VersionTLS12,
 		ServerName: o.ServerName,
@@ -331,8 +338,10 @@ func (c *Client) Fetch(ctx context.Context) (*tls.Certificate, error) {
 	if err != nil {
 		return nil, fmt.Errorf("certificate from %s: %w", c.opts.Addr, err)
 	}
+	c.updMu.Lock()
 	c.anchors.Store(&roots)
 	c.store(cert)
+	c.updMu.Unlock()
 	c.opts.Log.Info("Workload certificate in use", "identity", cert.Leaf.URIs[0].String(), "serial", cert.Leaf.SerialNumber.Text(16),
 		"notBefore", cert.Leaf.NotBefore.UTC().Format(time.RFC3339), "notAfter", cert.Leaf.NotAfter.UTC().Format(time.RFC3339))
 	return cert, nil
@@ -454,6 +463,67 @@ func (c *Client) Run(ctx context.Context) error {
 			t.Stop()
 			return nil
 		case <-t.C():
+		case <-c.renew:
+			t.Stop()
+			backoff = retryFirst
 		}
 	}
+}
+
+// RootsChanged rereads RootCertFile (call it when the file changed: the
+// istio-ca-root-cert ConfigMap was updated). Roots that still cover the
+// current certificate are put in use and handed to the subscribers with it
+// at once, so that peers whose certificates come from a root added for a
+// root rotation are trusted before the next renewal. Roots that no longer
+// cover it (the mesh CA was replaced) make Run renew at once instead; until
+// then the old roots stay. Unreadable roots are logged and ignored.
+func (c *Client) RootsChanged() {
+	c.updMu.Lock()
+	defer c.updMu.Unlock()
+	cur := c.current.Load()
+	if cur == nil {
+		return // the first request reads them
+	}
+	roots, err := c.rootCerts()
+	if err != nil {
+		c.opts.Log.Error(err, "Mesh roots changed but cannot be read; keeping the ones in use")
+		return
+	}
+	if sameCerts(roots, c.Roots()) {
+		return
+	}
+	pool := x509.NewCertPool()
+	for _, r := range roots {
+		pool.AddCert(r)
+	}
+	inter := x509.NewCertPool()
+	for _, der := range cur.Certificate[1:] {
+		if x, err := x509.ParseCertificate(der); err == nil {
+			inter.AddCert(x)
+		}
+	}
+	if _, err := cur.Leaf.Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, CurrentTime: cur.Leaf.NotBefore,
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+		c.opts.Log.Info("Mesh roots changed and no longer cover the workload certificate; renewing now", "roots", len(roots))
+		select {
+		case c.renew <- struct{}{}:
+		default:
+		}
+		return
+	}
+	c.anchors.Store(&roots)
+	c.store(cur)
+	c.opts.Log.Info("Mesh roots changed; handed on with the workload certificate", "roots", len(roots))
+}
+
+func sameCerts(a, b []*x509.Certificate) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if !a[i].Equal(b[i]) {
+			return false
+		}
+	}
+	return true
 }

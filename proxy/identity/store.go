@@ -30,13 +30,18 @@ type storeValue struct {
 	cert     *tls.Certificate
 	roots    *x509.CertPool
 	identity string
+	// rootList are the roots as certificates, when known (SetBundle), for
+	// Dump: a pool does not list its certificates.
+	rootList []*x509.Certificate
 }
 
 // Set puts cert (key in memory, chain leaf first, cert.Leaf parsed) and
 // roots (the mesh's trust anchors) in use for every handshake that starts
 // from now on. Neither may be changed by the caller afterwards.
-func (s *Store) Set(cert *tls.Certificate, roots *x509.CertPool) {
-	v := &storeValue{cert: cert, roots: roots}
+func (s *Store) Set(cert *tls.Certificate, roots *x509.CertPool) { s.set(cert, roots, nil) }
+
+func (s *Store) set(cert *tls.Certificate, roots *x509.CertPool, list []*x509.Certificate) {
+	v := &storeValue{cert: cert, roots: roots, rootList: list}
 	if cert != nil && cert.Leaf != nil && len(cert.Leaf.URIs) > 0 {
 		v.identity = cert.Leaf.URIs[0].String()
 	}
