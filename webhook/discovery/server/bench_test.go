@@ -134,7 +134,9 @@ func runBenchClient(ctx context.Context, conn *grpc.ClientConn, node *corev3.Nod
 }
 
 // benchClientsEnv makes the test binary a process of simulated sidecars
-// ("ADDR N"): the control plane's memory and CPU are then its own. The
+// ("ADDR N SHAPES": N clients, their labels app=shape-K for K < SHAPES, so
+// the server builds SHAPES distinct proxy shapes): the control plane's
+// memory and CPU are then its own. The
 // process prints "R i unixnano" when client i receives a route
 // configuration and "E i unixnano n" when it receives the watched
 // cluster's endpoints (n of them).
@@ -142,8 +144,8 @@ const benchClientsEnv = "MESHLET_BENCH_CLIENTS"
 
 func runBenchClients(spec string) int {
 	var addr string
-	var n int
-	if _, err := fmt.Sscan(spec, &addr, &n); err != nil {
+	var n, shapes int
+	if _, err := fmt.Sscan(spec, &addr, &n, &shapes); err != nil {
 		fmt.Fprintln(os.Stderr, "bench clients:", err)
 		return 2
 	}
@@ -167,7 +169,11 @@ func runBenchClients(spec string) int {
 		conns = append(conns, conn)
 	}
 	for i := range n {
-		node := testNode(fmt.Sprintf("10.2.%d.%d", i/250, i%250+1), fmt.Sprintf("client-%d", i), "bench", nil)
+		var meta map[string]any
+		if shapes > 1 {
+			meta = map[string]any{"LABELS": map[string]any{"app": fmt.Sprintf("shape-%d", i%shapes)}}
+		}
+		node := testNode(fmt.Sprintf("10.2.%d.%d", i/250, i%250+1), fmt.Sprintf("client-%d", i), "bench", meta)
 		if _, err := runBenchClient(ctx, conns[i%len(conns)], node,
 			func(t time.Time) { emit("R %d %d\n", i, t.UnixNano()) },
 			func(t time.Time, eps int) { emit("E %d %d %d\n", i, t.UnixNano(), eps) }); err != nil {
@@ -232,7 +238,8 @@ func envInt(name string, def int) int {
 // (default 1000, two endpoints each, port 80) on fake clientsets and
 // MESHLET_BENCH_PROXIES simulated sidecars (default 1000, SotW ADS over
 // loopback, in a child process, so this process's memory and CPU are the
-// control plane's). Both benchmarks share it (set up once per process).
+// control plane's) in MESHLET_BENCH_SHAPES distinct label sets (default 1:
+// one build per push serves them all). Both benchmarks share it (set up once per process).
 type benchMesh struct {
 	kube  *kubefake.Clientset
 	istio *istiofake.Clientset
@@ -316,7 +323,7 @@ func newBenchMesh() (*benchMesh, error) {
 	m.rss1, m.heap1 = rssBytes(), heapBytes()
 
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%s %d", benchClientsEnv, srv.XDSAddr(), nProxy))
+	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%s %d %d", benchClientsEnv, srv.XDSAddr(), nProxy, envInt("MESHLET_BENCH_SHAPES", 1)))
 	cmd.Stderr = os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	// The child serves until its stdin closes: when this process ends.

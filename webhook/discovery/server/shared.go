@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"maps"
+	"slices"
 	"sort"
 	"sync"
 
@@ -40,6 +41,9 @@ type typeResponse struct {
 	// names maps each resource to the type's version (what a stream records
 	// as returned; each response gets its own copy).
 	names map[string]string
+	// sorted are the names in order: a request naming exactly these (the
+	// usual case, clients sort) needs no set to check it names them all.
+	sorted []string
 }
 
 // interned is one distinct resource (by content) of a push: identical
@@ -134,7 +138,7 @@ func buildSnapshot(r *translate.Resources, t *internTable) (*built, error) {
 		v := hex.EncodeToString(h.Sum(nil))[:16]
 		snap.Resources[cachev3.GetResponseType(typ)].Version = v
 		fmt.Fprintf(all, "%s=%s\n", typ, v)
-		tr := &typeResponse{version: v, names: make(map[string]string, len(names))}
+		tr := &typeResponse{version: v, names: make(map[string]string, len(names)), sorted: names}
 		res := snap.GetResources(typ)
 		for _, n := range names {
 			tr.anys = append(tr.anys, b.anys[res[n]])
@@ -256,7 +260,7 @@ func (b *built) typeResponse(typeURL string) *typeResponse {
 // respond sends w the type's response, unless w names resources and not
 // all of the type's (ADS: the proxy asks again once it knows them).
 func respond(w *sotwWatch, tr *typeResponse) {
-	if names := w.req.GetResourceNames(); len(names) != 0 {
+	if names := w.req.GetResourceNames(); len(names) != 0 && !slices.Equal(names, tr.sorted) {
 		set := make(map[string]struct{}, len(names))
 		for _, n := range names {
 			set[n] = struct{}{}
