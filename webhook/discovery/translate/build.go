@@ -177,8 +177,9 @@ func (m *Mesh) proxyLabels(p *Proxy) map[string]string {
 
 // Key returns a string that is equal for two proxies exactly when ForProxy
 // builds the same resources for them: the output depends on the proxy's
-// namespace, generator, labels and the inbound ports Services send to its
-// IP, not on its name. Callers build once per key.
+// namespace, generator, the labels some selector of the mesh reads, and
+// the inbound ports Services send to its IP, not on its name or other
+// labels (pod-template-hash, version, ...). Callers build once per key.
 func (m *Mesh) Key(p Proxy) string {
 	var sb strings.Builder
 	sb.WriteString(p.Namespace)
@@ -186,6 +187,9 @@ func (m *Mesh) Key(p Proxy) string {
 	sb.WriteString(p.Generator)
 	lbls := m.proxyLabels(&p)
 	for _, k := range slices.Sorted(maps.Keys(lbls)) {
+		if !m.labelKeys[k] {
+			continue
+		}
 		fmt.Fprintf(&sb, "\x00%s=%s", k, lbls[k])
 	}
 	sb.WriteByte(1)

@@ -34,6 +34,11 @@ type Mesh struct {
 	inbound  map[string]map[uint32]string
 	security *SecurityMesh
 	warnings []Warning
+	// labelKeys are the label keys any selector of the mesh reads (Sidecar
+	// workloadSelector, VirtualService sourceLabels, AuthorizationPolicy
+	// and PeerAuthentication selectors): a proxy's other labels do not
+	// change its resources, so Key leaves them out.
+	labelKeys map[string]bool
 }
 
 type service struct {
@@ -134,6 +139,7 @@ func Compile(in *Inputs) *Mesh {
 	sec.RootNamespace = m.root
 	m.security = CompileSecurity(&sec)
 	m.warnings = append(m.warnings, m.security.Warnings()...)
+	m.labelKeys = m.selectorKeys()
 	slices.SortFunc(m.warnings, func(a, b Warning) int { return strings.Compare(a.String(), b.String()) })
 	return m
 }
@@ -510,4 +516,33 @@ func visible(sc *networkingv1.Sidecar, s *service, ns string) bool {
 		}
 	}
 	return false
+}
+
+// selectorKeys collects labelKeys. Every selector ForProxy evaluates
+// against a proxy's labels must be listed here (TestKeyIgnoresUnselectedLabels
+// checks the golden cases' output does not change with other labels).
+func (m *Mesh) selectorKeys() map[string]bool {
+	keys := map[string]bool{}
+	add := func(sel map[string]string) {
+		for k := range sel {
+			keys[k] = true
+		}
+	}
+	for _, sc := range m.sidecars {
+		add(sc.Spec.GetWorkloadSelector().GetLabels())
+	}
+	for _, b := range m.vs {
+		for _, h := range b.vs.Spec.GetHttp() {
+			for _, mt := range h.GetMatch() {
+				add(mt.GetSourceLabels())
+			}
+		}
+	}
+	for _, ap := range m.security.policies {
+		add(ap.obj.Spec.GetSelector().GetMatchLabels())
+	}
+	for _, pa := range m.security.peers {
+		add(pa.Spec.GetSelector().GetMatchLabels())
+	}
+	return keys
 }
