@@ -80,11 +80,8 @@ type runState struct {
 	pwaiters     []chan ReloadResult // for the pending reload
 	backoff      time.Duration
 	shutdown     bool
-	// pagesReleased: the agent gave back its start-up pages (once the
-	// first generation served).
-	pagesReleased bool
-	drained       bool // /drain: do not restart
-	cfg           *config.Loaded
+	drained      bool // /drain: do not restart
+	cfg          *config.Loaded
 }
 
 // ForwardedSignals are the signals the agent passes on to every generation
@@ -432,15 +429,14 @@ func (a *Agent) onReady(st *runState, g *generation) {
 	}
 	g.state = "ACTIVE"
 	g.readyAt = time.Now()
-	if !st.pagesReleased {
-		// The agent's own start-up is over once a generation serves: unmap
-		// the code and read-only data the initialisers touched.
-		st.pagesReleased = true
-		if n, err := exepages.Release(); err != nil {
-			a.log.Warn("releasing start-up pages", "err", err)
-		} else {
-			a.log.Debug("released start-up pages", "bytes", n)
-		}
+	// Once a generation serves, unmap the code and read-only data the
+	// agent's start-up touched (the initialisers of the one binary) and,
+	// after a reload, what reading and checking the configuration touched:
+	// several MiB each time, not needed again until the next reload.
+	if n, err := exepages.Release(); err != nil {
+		a.log.Warn("releasing start-up pages", "err", err)
+	} else {
+		a.log.Debug("released start-up pages", "bytes", n)
 	}
 	old := st.active
 	st.active = g
