@@ -193,6 +193,9 @@ func assemble(base engineConfig, r resources, prev *table) *table {
 		if a := l.authz; !a.empty() {
 			t.cfg.Inbound.Authorize, t.cfg.Inbound.AuthorizeConn = a.authorize, a.authorizeConn
 		}
+		if l.mtls != nil {
+			t.cfg.Inbound.MTLS = l.mtls
+		}
 	}
 	sort.Strings(routeNames)
 	for _, rn := range slices.Compact(routeNames) {

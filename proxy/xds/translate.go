@@ -28,6 +28,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/rbac"
 )
 
@@ -141,8 +142,20 @@ var (
 	}
 	listenerSchema = func() schema {
 		paths := []string{"name", "address.socket_address.address", "address.socket_address.port_value",
-			"use_original_dst", "bind_to_port", "traffic_direction", "stat_prefix", "metadata/*"}
+			"use_original_dst", "bind_to_port", "traffic_direction", "stat_prefix", "metadata/*",
+			"listener_filters.name", "listener_filters.typed_config"}
 		for _, chain := range []string{"filter_chains", "default_filter_chain"} {
+			// Inbound mutual TLS (checked by peerOfChain).
+			paths = append(paths, chain+".filter_chain_match.transport_protocol", chain+".filter_chain_match.application_protocols",
+				chain+".transport_socket.name", chain+".transport_socket.typed_config",
+				chain+".transport_socket.typed_config.require_client_certificate",
+				chain+".transport_socket.typed_config.common_tls_context.alpn_protocols",
+				chain+".transport_socket.typed_config.common_tls_context.tls_params.tls_minimum_protocol_version",
+				chain+".transport_socket.typed_config.common_tls_context.tls_certificate_sds_secret_configs.name",
+				chain+".transport_socket.typed_config.common_tls_context.tls_certificate_sds_secret_configs.sds_config/*",
+				chain+".transport_socket.typed_config.common_tls_context.combined_validation_context.default_validation_context",
+				chain+".transport_socket.typed_config.common_tls_context.combined_validation_context.validation_context_sds_secret_config.name",
+				chain+".transport_socket.typed_config.common_tls_context.combined_validation_context.validation_context_sds_secret_config.sds_config/*")
 			paths = append(paths, chain+".name", chain+".filter_chain_match.destination_port", chain+".filters.name",
 				chain+".filters.typed_config", chain+".filters.typed_config.cluster",
 				// The RBAC filters' rules: proxy/rbac names what it cannot evaluate.
@@ -191,6 +204,14 @@ var (
 			"transport_socket.typed_config.common_tls_context.alpn_protocols",
 			"transport_socket.typed_config.common_tls_context.tls_certificates.certificate_chain.filename",
 			"transport_socket.typed_config.common_tls_context.tls_certificates.private_key.filename",
+			"transport_socket_matches.name", "transport_socket_matches.match/*",
+			"transport_socket_matches.transport_socket.name", "transport_socket_matches.transport_socket.typed_config",
+			"transport_socket_matches.transport_socket.typed_config.sni",
+			"transport_socket_matches.transport_socket.typed_config.common_tls_context.alpn_protocols",
+			"transport_socket_matches.transport_socket.typed_config.common_tls_context.tls_params.tls_minimum_protocol_version",
+		}
+		for _, f := range istioMutualFields {
+			paths = append(paths, "transport_socket."+f, "transport_socket_matches.transport_socket."+f)
 		}
 		for _, f := range claFields {
 			paths = append(paths, "load_assignment."+f)
@@ -229,6 +250,9 @@ type listenerInfo struct {
 	tcpPort uint16
 	// httpPort is set for a 0.0.0.0_PORT listener.
 	httpPort uint16
+	// mtls is the inbound listener's PeerAuthentication per port (nil: no
+	// mutual TLS chain, or not the inbound listener).
+	mtls *config.InboundMTLS
 	// authz is the inbound listener's compiled authorization (nil on
 	// other listeners).
 	authz *inboundAuthz
@@ -255,13 +279,28 @@ func decodeListener(l *listenerv3.Listener) (listenerInfo, error) {
 	if inbound {
 		info.authz = &inboundAuthz{http: map[uint32]*rbac.Engine{}, tcp: map[uint32]*rbac.Engine{}}
 	}
+	for i, lf := range l.GetListenerFilters() {
+		if lf.GetName() != listenerTLSInspector {
+			re.add("listener_filters[%d].name: %q is not supported (%s only)", i, lf.GetName(), listenerTLSInspector)
+		}
+	}
+	var peers []chainPeer
 	for i, fc := range chains {
 		field := fmt.Sprintf("filter_chains[%d]", i)
 		if fc == l.GetDefaultFilterChain() {
 			field = "default_filter_chain"
 		}
 		if inbound {
-			chainAuthz(re, info.authz, field, fc, fc == l.GetDefaultFilterChain())
+			cp := peerOfChain(re, field, fc)
+			peers = append(peers, cp)
+			// A chain refusing plain text has no rules of its own; a chain
+			// without destination_port (the mutual TLS passthrough) has the
+			// default chain's.
+			if !cp.blackhole {
+				chainAuthz(re, info.authz, field, fc, fc == l.GetDefaultFilterChain() || cp.port == 0)
+			}
+		} else if fc.GetTransportSocket() != nil || fc.GetFilterChainMatch().GetTransportProtocol() != "" {
+			re.add("%s: transport_socket and transport_protocol are only supported on the inbound listener", field)
 		}
 		for j, f := range fc.GetFilters() {
 			ff := fmt.Sprintf("%s.filters[%d]", field, j)
@@ -315,6 +354,9 @@ func decodeListener(l *listenerv3.Listener) (listenerInfo, error) {
 				}
 			}
 		}
+	}
+	if inbound {
+		info.mtls = inboundMTLS(peers, l.GetDefaultFilterChain() != nil)
 	}
 	return info, re.err()
 }
@@ -839,6 +881,13 @@ func decodeCluster(c *clusterv3.Cluster) (clusterInfo, error) {
 	if ts := c.GetTransportSocket(); ts != nil {
 		cl.TLS = decodeTLS(re, ts)
 	}
+	if ms := c.GetTransportSocketMatches(); len(ms) > 0 {
+		if cl.TLS != nil {
+			re.add("transport_socket_matches: not with transport_socket")
+		} else {
+			cl.TLS = decodeSocketMatches(re, ms)
+		}
+	}
 	return info, re.err()
 }
 
@@ -882,6 +931,9 @@ func decodeTLS(re *resourceError, ts *corev3.TransportSocket) *upstreamTLS {
 	if !ok {
 		re.add("transport_socket.typed_config: %s is not an UpstreamTlsContext", ts.GetTypedConfig().GetTypeUrl())
 		return nil
+	}
+	if isIstioMutual(u) {
+		return decodeIstioMutual(re, "transport_socket", u)
 	}
 	t := &upstreamTLS{Mode: "SIMPLE", SNI: u.GetSni()}
 	ctx := u.GetCommonTlsContext()
@@ -953,7 +1005,7 @@ func endpointsOf(re *resourceError, prefix string, cla *endpointv3.ClusterLoadAs
 				continue
 			}
 			seen[addr] = true
-			eps = append(eps, endpoint{Address: addr, Labels: lbLabels(lb)})
+			eps = append(eps, endpoint{Address: addr, Labels: lbLabels(lb), TLSMode: endpointTLSMode(lb)})
 		}
 	}
 	sort.Slice(eps, func(a, b int) bool { return eps[a].Address < eps[b].Address })

@@ -3,7 +3,6 @@ package translate
 import (
 	"cmp"
 	"fmt"
-	"maps"
 	"net/netip"
 	"regexp"
 	"slices"
@@ -649,16 +648,6 @@ func (m *SecurityMesh) compilePeer(pa *securityv1.PeerAuthentication) bool {
 	for port := range pa.Spec.PortLevelMtls {
 		if port == 0 || port > 65535 {
 			m.warn(kind, pa, ReasonInvalid, "spec.portLevelMtls[%d]: not a port number (1-65535); the entry is not applied", port)
-		}
-	}
-	// Inbound mutual TLS needs workload certificates in the proxy, which
-	// it does not have yet: a STRICT mode is not enforced and must say so.
-	if pa.Spec.GetMtls().GetMode() == security.PeerAuthentication_MutualTLS_STRICT {
-		m.warn(kind, pa, ReasonUnsupported, "spec.mtls.mode: STRICT is not enforced yet (the sidecar has no inbound mutual TLS); plain text is still accepted")
-	}
-	for _, port := range slices.Sorted(maps.Keys(pa.Spec.PortLevelMtls)) {
-		if len(pa.Spec.GetSelector().GetMatchLabels()) > 0 && pa.Spec.PortLevelMtls[port].GetMode() == security.PeerAuthentication_MutualTLS_STRICT {
-			m.warn(kind, pa, ReasonUnsupported, "spec.portLevelMtls[%d].mode: STRICT is not enforced yet (the sidecar has no inbound mutual TLS); plain text is still accepted", port)
 		}
 	}
 	return true

@@ -321,6 +321,7 @@ func (b *builder) inboundListener(svcs []*service) *listenerv3.Listener {
 		}
 		l.FilterChains = append(l.FilterChains, fc)
 	}
+	applyPeerAuthentication(l, sec)
 	return l
 }
 
@@ -766,8 +767,18 @@ func (b *builder) addCluster(s *service, sp svcPort, subset string, sel map[stri
 	} else {
 		b.cla[name] = loadAssignment(name, eps)
 	}
-	if p.tls != nil && p.tls.Mode != networking.ClientTLSSettings_DISABLE {
+	switch {
+	case p.tls != nil && p.tls.Mode == networking.ClientTLSSettings_ISTIO_MUTUAL:
+		sans := slices.Sorted(slices.Values(p.tls.SubjectAltNames))
+		if len(sans) == 0 {
+			sans = b.m.serviceSANs(s)
+		}
+		c.TransportSocket = istioMutualSocket(sans, sp.number, s.host)
+	case p.tls != nil && p.tls.Mode != networking.ClientTLSSettings_DISABLE:
 		c.TransportSocket = transportSocket(p.tls, s.host)
+	case p.tls == nil && s.kube && !b.grpc:
+		// Istio's automatic mutual TLS: meshed endpoints over ISTIO_MUTUAL.
+		c.TransportSocketMatches = autoMTLSMatches(istioMutualSocket(b.m.serviceSANs(s), sp.number, s.host))
 	}
 	b.clusters[name] = c
 }
@@ -789,6 +800,7 @@ func loadAssignment(name string, eps []endpoint) *endpointv3.ClusterLoadAssignme
 					f[k] = structpb.NewStringValue(v)
 				}
 				md.FilterMetadata["envoy.lb"] = &structpb.Struct{Fields: f}
+				endpointTLSMode(md, e)
 			}
 			if e.pod != "" {
 				md.FilterMetadata["istio"] = &structpb.Struct{Fields: map[string]*structpb.Value{"workload": structpb.NewStringValue(e.pod)}}

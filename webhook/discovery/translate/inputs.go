@@ -13,6 +13,9 @@ import (
 // DefaultDomain is the cluster's DNS domain suffix.
 const DefaultDomain = "cluster.local"
 
+// DefaultTrustDomain is the trust domain when Inputs names none (Istio's).
+const DefaultTrustDomain = "cluster.local"
+
 // GeneratorGRPC is the node metadata GENERATOR value of a proxyless grpc-go
 // client.
 const GeneratorGRPC = "grpc"
@@ -37,6 +40,10 @@ type Inputs struct {
 	// PeerAuthentications (Istio's root namespace; default
 	// DefaultRootNamespace).
 	RootNamespace string
+	// TrustDomain is the SPIFFE trust domain of workload identities (the
+	// CA's --trust-domain; default DefaultTrustDomain): the SPIFFE IDs a
+	// client sidecar expects of a service's pods.
+	TrustDomain string
 }
 
 // Proxy is the node a set of resources is built for.

@@ -22,6 +22,8 @@ import (
 type Mesh struct {
 	domain   string
 	root     string
+	// trustDomain is the SPIFFE trust domain of workload identities.
+	trustDomain string
 	services map[string]*service // by host (FQDN or ServiceEntry host)
 	ordered  []*service          // by host
 	vs       map[string]*boundVS // by host
@@ -66,6 +68,9 @@ type endpoint struct {
 	health  corev3.HealthStatus
 	labels  map[string]string
 	pod     string
+	// namespace and sa are the pod's namespace and service account (its
+	// identity); sa is empty for endpoints that are no pod.
+	namespace, sa string
 }
 
 type boundVS struct {
@@ -91,6 +96,7 @@ func (m *Mesh) refuseUnsupported(obj metav1.Object, kind string, fields []string
 // reported by Warnings; everything else is served.
 func Compile(in *Inputs) *Mesh {
 	m := &Mesh{domain: cmp.Or(in.Domain, DefaultDomain), root: cmp.Or(in.RootNamespace, DefaultRootNamespace),
+		trustDomain: cmp.Or(in.TrustDomain, DefaultTrustDomain),
 		services: map[string]*service{}, vs: map[string]*boundVS{}, dr: map[string][]*networkingv1.DestinationRule{},
 		pods: map[string]*corev1.Pod{}, podByIP: map[string]*corev1.Pod{}}
 	for _, p := range in.Pods {
@@ -284,11 +290,12 @@ func (m *Mesh) kubeEndpoints(ess []*discoveryv1.EndpointSlice, sp corev1.Service
 				health = corev3.HealthStatus_UNHEALTHY
 			}
 			var lbls map[string]string
-			pod := ""
+			pod, podNS, podSA := "", "", ""
 			if r := e.TargetRef; r != nil && r.Kind == "Pod" {
 				pod = r.Name
 				if p := m.pods[cmp.Or(r.Namespace, es.Namespace)+"/"+r.Name]; p != nil {
 					lbls = p.Labels
+					podNS, podSA = p.Namespace, cmp.Or(p.Spec.ServiceAccountName, "default")
 				}
 			}
 			for _, a := range e.Addresses {
@@ -297,10 +304,11 @@ func (m *Mesh) kubeEndpoints(ess []*discoveryv1.EndpointSlice, sp corev1.Service
 					continue
 				}
 				seen[key] = true
-				ep := endpoint{address: a, port: uint32(port), health: health, labels: lbls, pod: pod}
+				ep := endpoint{address: a, port: uint32(port), health: health, labels: lbls, pod: pod, namespace: podNS, sa: podSA}
 				if ep.labels == nil {
 					if p := m.podByIP[a]; p != nil {
 						ep.labels, ep.pod = p.Labels, p.Name
+						ep.namespace, ep.sa = p.Namespace, cmp.Or(p.Spec.ServiceAccountName, "default")
 					}
 				}
 				out = append(out, ep)

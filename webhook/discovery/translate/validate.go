@@ -272,7 +272,9 @@ func validatePolicyParts(f string, lb *networking.LoadBalancerSettings, cp *netw
 				bad(ReasonInvalid, "%s.tls: mode MUTUAL needs clientCertificate and privateKey", f)
 			}
 		case networking.ClientTLSSettings_ISTIO_MUTUAL:
-			bad(ReasonUnsupported, "%s.tls.mode: ISTIO_MUTUAL needs mesh identity, not available yet", f)
+			if tls.CaCertificates != "" || tls.ClientCertificate != "" || tls.PrivateKey != "" || tls.CredentialName != "" {
+				bad(ReasonInvalid, "%s.tls: mode ISTIO_MUTUAL uses the workload certificate; caCertificates, clientCertificate, privateKey and credentialName must not be set", f)
+			}
 		}
 		if tls.GetInsecureSkipVerify().GetValue() && (tls.CaCertificates != "" || len(tls.SubjectAltNames) > 0) {
 			bad(ReasonInvalid, "%s.tls.insecureSkipVerify: not with caCertificates or subjectAltNames", f)
