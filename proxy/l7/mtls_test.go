@@ -47,7 +47,7 @@ type sidecar struct {
 	log     *proctest.SyncBuf
 }
 
-func startSidecar(t *testing.T, cfg config.L7, id *identity.Store, app string) *sidecar {
+func startSidecar(t testing.TB, cfg config.L7, id *identity.Store, app string) *sidecar {
 	t.Helper()
 	sc := &sidecar{id: id, stats: stats.NewPrivate(), log: &proctest.SyncBuf{}}
 	cfg.AccessLog.Enabled = true
@@ -103,7 +103,7 @@ func serverConfig(mode string) config.L7 {
 }
 
 // echoApp answers with the caller's XFCC header and protocol.
-func echoApp(t *testing.T) string {
+func echoApp(t testing.TB) string {
 	t.Helper()
 	ln, _ := net.Listen("tcp", "127.0.0.1:0")
 	var protos http.Protocols
@@ -139,7 +139,7 @@ func xfccOf(by string, client *identity.Store) string {
 	return "By=" + by + ";Hash=" + hex.EncodeToString(sum[:]) + ";URI=" + client.Identity()
 }
 
-func stores(t *testing.T, ca *mtlstest.CA) (srv, cli *identity.Store) {
+func stores(t testing.TB, ca *mtlstest.CA) (srv, cli *identity.Store) {
 	srv, cli = &identity.Store{}, &identity.Store{}
 	srv.Set(ca.Issue(t, "shop", "api"), ca.Roots())
 	cli.Set(ca.Issue(t, "front", "web"), ca.Roots())

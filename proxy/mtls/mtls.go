@@ -92,19 +92,26 @@ var ErrPeerIdentity = errors.New("mtls: peer identity not allowed")
 // per roots pool, so session tickets resume across connections until the
 // roots change.
 type Server struct {
-	id     Identity
+	id Identity
+	// base is the config every connection starts from: one value, so its
+	// session ticket keys (which crypto/tls takes from it, not from the
+	// per-client config) are shared and tickets resume.
+	base   *tls.Config
 	mu     sync.Mutex
 	roots  *x509.CertPool
 	cached *tls.Config
 }
 
 // NewServer returns the inbound TLS of id.
-func NewServer(id Identity) *Server { return &Server{id: id} }
-
-// Config is the tls.Config to pass to tls.Server for one connection.
-func (s *Server) Config() *tls.Config {
-	return &tls.Config{GetConfigForClient: s.forClient, MinVersion: tls.VersionTLS12}
+func NewServer(id Identity) *Server {
+	s := &Server{id: id}
+	s.base = &tls.Config{GetConfigForClient: s.forClient, MinVersion: tls.VersionTLS12}
+	return s
 }
+
+// Config is the tls.Config to pass to tls.Server (the same for every
+// connection; do not modify it).
+func (s *Server) Config() *tls.Config { return s.base }
 
 func (s *Server) forClient(*tls.ClientHelloInfo) (*tls.Config, error) {
 	roots := s.id.Roots()

@@ -20,7 +20,7 @@ import (
 )
 
 // pair is a server and a client identity of one mesh.
-func pair(t *testing.T) (c *mtlstest.CA, server, client *identity.Store) {
+func pair(t testing.TB) (c *mtlstest.CA, server, client *identity.Store) {
 	c = mtlstest.NewCA(t)
 	server, client = &identity.Store{}, &identity.Store{}
 	server.Set(c.Issue(t, "shop", "api"), c.Roots())

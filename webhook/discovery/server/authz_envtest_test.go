@@ -73,9 +73,9 @@ func waitEvent(t *testing.T, c *testCluster, kind, ns, name string, uid types.UI
 // TestEnvtestAuthorizationPolicy: a real API server, the discovery server
 // and a raw ADS client of reviews-v1's proxy. Creating an
 // AuthorizationPolicy puts the RBAC filter before the router of the inbound
-// HTTP chain; deleting it takes it out again; a refused field and a
-// PeerAuthentication STRICT (not enforced yet) are Warning Events on the
-// policy.
+// HTTP chain; deleting it takes it out again; a refused field is a
+// Warning Event on the policy; a PeerAuthentication STRICT leaves only
+// mutual TLS chains on the inbound listener.
 func TestEnvtestAuthorizationPolicy(t *testing.T) {
 	c := startCluster(t)
 	ctx := context.Background()
@@ -104,10 +104,21 @@ func TestEnvtestAuthorizationPolicy(t *testing.T) {
 	})
 	waitEvent(t, c, "AuthorizationPolicy", "shop", ap.Name, ap.UID, "spec.rules[1].from[0].source.requestPrincipals")
 
-	pa := mustCreate(t, c.istio.SecurityV1().PeerAuthentications("shop").Create, &securityv1.PeerAuthentication{
+	mustCreate(t, c.istio.SecurityV1().PeerAuthentications("shop").Create, &securityv1.PeerAuthentication{
 		ObjectMeta: metav1.ObjectMeta{Name: "default"},
 		Spec:       security.PeerAuthentication{Mtls: &security.PeerAuthentication_MutualTLS{Mode: security.PeerAuthentication_MutualTLS_STRICT}}})
-	waitEvent(t, c, "PeerAuthentication", "shop", pa.Name, pa.UID, "spec.mtls.mode: STRICT is not enforced yet")
+	client.waitFor(t, resourcev3.ListenerType, "STRICT: mutual TLS chains only, no plain-text default chain", func(m map[string]proto.Message) bool {
+		l, _ := m[translate.VirtualInbound].(*listenerv3.Listener)
+		if l == nil || l.GetDefaultFilterChain() != nil || len(l.GetFilterChains()) == 0 {
+			return false
+		}
+		for _, fc := range l.GetFilterChains() {
+			if fc.GetFilterChainMatch().GetTransportProtocol() != "tls" {
+				return false
+			}
+		}
+		return true
+	})
 
 	if err := c.istio.SecurityV1().AuthorizationPolicies("shop").Delete(ctx, ap.Name, metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)

@@ -20,17 +20,17 @@ import (
 // Mesh is the compiled, read-only index of one Inputs. ForProxy may be
 // called on it from several goroutines.
 type Mesh struct {
-	domain   string
-	root     string
+	domain string
+	root   string
 	// trustDomain is the SPIFFE trust domain of workload identities.
 	trustDomain string
-	services map[string]*service // by host (FQDN or ServiceEntry host)
-	ordered  []*service          // by host
-	vs       map[string]*boundVS // by host
-	dr       map[string][]*networkingv1.DestinationRule
-	sidecars []*networkingv1.Sidecar
-	pods     map[string]*corev1.Pod // "ns/name"
-	podByIP  map[string]*corev1.Pod
+	services    map[string]*service // by host (FQDN or ServiceEntry host)
+	ordered     []*service          // by host
+	vs          map[string]*boundVS // by host
+	dr          map[string][]*networkingv1.DestinationRule
+	sidecars    []*networkingv1.Sidecar
+	pods        map[string]*corev1.Pod // "ns/name"
+	podByIP     map[string]*corev1.Pod
 	// inbound maps a pod IP to the target ports Services send to it, with
 	// their protocol.
 	inbound  map[string]map[uint32]string
@@ -97,7 +97,7 @@ func (m *Mesh) refuseUnsupported(obj metav1.Object, kind string, fields []string
 func Compile(in *Inputs) *Mesh {
 	m := &Mesh{domain: cmp.Or(in.Domain, DefaultDomain), root: cmp.Or(in.RootNamespace, DefaultRootNamespace),
 		trustDomain: cmp.Or(in.TrustDomain, DefaultTrustDomain),
-		services: map[string]*service{}, vs: map[string]*boundVS{}, dr: map[string][]*networkingv1.DestinationRule{},
+		services:    map[string]*service{}, vs: map[string]*boundVS{}, dr: map[string][]*networkingv1.DestinationRule{},
 		pods: map[string]*corev1.Pod{}, podByIP: map[string]*corev1.Pod{}}
 	for _, p := range in.Pods {
 		m.pods[p.Namespace+"/"+p.Name] = p
