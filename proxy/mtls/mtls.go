@@ -147,7 +147,9 @@ func (s *Server) forClient(*tls.ClientHelloInfo) (*tls.Config, error) {
 // mismatch fails the handshake with an error wrapping ErrPeerIdentity.
 // serverName is the SNI sent (Istio's outbound_.PORT_._.HOST; may be
 // empty). The config carries its own session cache, so connections to the
-// same endpoint resume.
+// same endpoint resume, until the certificate rotates: a resumed session
+// keeps the certificate it was made with, so the cache is emptied when the
+// identity's certificate changes.
 func ClientConfig(id Identity, sans []string, alpn []string, serverName string) *tls.Config {
 	sans = slices.Clone(sans)
 	return &tls.Config{
@@ -155,7 +157,7 @@ func ClientConfig(id Identity, sans []string, alpn []string, serverName string) 
 		NextProtos:           alpn,
 		ServerName:           serverName,
 		MinVersion:           tls.VersionTLS12,
-		ClientSessionCache:   tls.NewLRUClientSessionCache(0),
+		ClientSessionCache:   &sessionCache{id: id},
 		// The chain and the SPIFFE ID are verified below against the roots
 		// of the moment, not crypto/tls' host-name check.
 		InsecureSkipVerify: true, //nolint:gosec // verified in VerifyConnection
@@ -261,3 +263,28 @@ func XFCC(by string, cs *tls.ConnectionState) string {
 	b.WriteString(peer)
 	return b.String()
 }
+
+// sessionCache is a client session cache valid for one workload
+// certificate: the first Get or Put after a rotation drops every session.
+type sessionCache struct {
+	id    Identity
+	mu    sync.Mutex
+	cert  *tls.Certificate
+	inner tls.ClientSessionCache
+}
+
+func (c *sessionCache) current() tls.ClientSessionCache {
+	cert, _ := c.id.GetClientCertificate(nil)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.inner == nil || cert != c.cert {
+		c.cert, c.inner = cert, tls.NewLRUClientSessionCache(0)
+	}
+	return c.inner
+}
+
+// Get implements tls.ClientSessionCache.
+func (c *sessionCache) Get(key string) (*tls.ClientSessionState, bool) { return c.current().Get(key) }
+
+// Put implements tls.ClientSessionCache.
+func (c *sessionCache) Put(key string, cs *tls.ClientSessionState) { c.current().Put(key, cs) }
