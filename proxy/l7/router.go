@@ -55,6 +55,7 @@ func (rt *router) RoundTrip(req *http.Request) (*http.Response, error) {
 		if cl.LimitsPending() {
 			ctx = cl.TracePending(ctx, cancel)
 		}
+		ctx, ta := cl.Trace(ctx)
 		// One shallow copy of req carrying the attempt's context (and URL).
 		out := req.WithContext(ctx)
 		u := *req.URL
@@ -73,7 +74,7 @@ func (rt *router) RoundTrip(req *http.Request) (*http.Response, error) {
 
 		ep.Begin()
 		t0 := time.Now()
-		resp, err := cl.RoundTrip(out, ep)
+		resp, err := cl.RoundTrip(out, ep, ta)
 		if perTry != nil {
 			perTry.Stop()
 		}

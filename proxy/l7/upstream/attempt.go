@@ -11,19 +11,27 @@ import (
 	"sync/atomic"
 )
 
-// RoundTrip sends one attempt of req (its URL already aimed at ep) over
-// the transport c chooses for it. A failure the server's TLS caused is a
-// *ConnectError (see TLS.classify). The caller counted the attempt on ep
-// (Begin) and reports its outcome (Record, ObserveRTT).
-func (c *Cluster) RoundTrip(req *http.Request, ep *Endpoint) (*http.Response, error) {
+// Trace prepares the context of an attempt: on a TLS cluster the attempt
+// then records the connection its transport uses, so that RoundTrip can
+// tell a failure the server's TLS caused. ctx is returned as it is (and a
+// nil *TLSAttempt) on a plain-text cluster.
+func (c *Cluster) Trace(ctx context.Context) (context.Context, *TLSAttempt) {
 	if c.tls == nil {
-		return c.Transport(req).RoundTrip(req)
+		return ctx, nil
 	}
-	ta := new(tlsAttempt)
-	ctx := c.tls.traced(req.Context(), ta)
-	resp, err := c.Transport(req).RoundTrip(req.WithContext(ctx))
-	if err != nil {
-		err = c.tls.classify(ep.addr, err, ta, ctx.Err() != nil)
+	ta := new(TLSAttempt)
+	return c.tls.traced(ctx, ta), ta
+}
+
+// RoundTrip sends one attempt of req (its URL aimed at ep, its context
+// from Trace, which gave ta) over the transport c chooses for it. A failure
+// the server's TLS caused is a *ConnectError (see TLS.classify). The caller
+// counted the attempt on ep (Begin) and reports its outcome (Record,
+// ObserveRTT).
+func (c *Cluster) RoundTrip(req *http.Request, ep *Endpoint, ta *TLSAttempt) (*http.Response, error) {
+	resp, err := c.Transport(req).RoundTrip(req)
+	if err != nil && ta != nil {
+		err = c.tls.classify(ep.addr, err, ta, req.Context().Err() != nil)
 	}
 	return resp, err
 }
@@ -36,7 +44,9 @@ func (c *Cluster) TracePending(ctx context.Context, cancel context.CancelCauseFu
 		GetConn: func(string) {
 			if c.pending.Add(1) > c.maxPend {
 				c.pending.Add(-1)
-				c.m.Overflow.WithLabelValues("pending").Inc()
+				if c.m != nil {
+					c.m.Overflow.WithLabelValues("pending").Inc()
+				}
 				cancel(ErrPendingFull)
 				return
 			}

@@ -267,7 +267,9 @@ func (c *Cluster) FastPathPool(addr string) (FastPathPool, bool) {
 func (c *Cluster) Admit() bool {
 	if n := c.active.Add(1); c.maxReq > 0 && n > c.maxReq {
 		c.active.Add(-1)
-		c.m.Overflow.WithLabelValues("requests").Inc()
+		if c.m != nil {
+			c.m.Overflow.WithLabelValues("requests").Inc()
+		}
 		return false
 	}
 	return true

@@ -188,15 +188,15 @@ func (u *TLS) failed(addr string, err error) error {
 	return &ConnectError{Err: fmt.Errorf("TLS handshake with %s: %w", addr, err)}
 }
 
-// tlsAttempt is what one upstream attempt learnt of its connection (from
+// TLSAttempt is what one upstream attempt learnt of its connection (from
 // httptrace's GotConn), to classify its failure.
-type tlsAttempt struct {
+type TLSAttempt struct {
 	rc     *tlsRawConn
 	reused bool
 }
 
 // traced makes the attempt's transport report its connection into a.
-func (u *TLS) traced(ctx context.Context, a *tlsAttempt) context.Context {
+func (u *TLS) traced(ctx context.Context, a *TLSAttempt) context.Context {
 	return httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{GotConn: func(ci httptrace.GotConnInfo) {
 		if tc, ok := ci.Conn.(*tls.Conn); ok {
 			a.rc, _ = tc.NetConn().(*tlsRawConn)
@@ -216,7 +216,7 @@ func (u *TLS) traced(ctx context.Context, a *tlsAttempt) context.Context {
 // drops the cause.
 // cancelled says the attempt's context ended (timeout, pending limit,
 // client gone): then the failure is ours, not the server's refusal.
-func (u *TLS) classify(addr string, err error, a *tlsAttempt, cancelled bool) error {
+func (u *TLS) classify(addr string, err error, a *TLSAttempt, cancelled bool) error {
 	var ce *ConnectError
 	if errors.As(err, &ce) || cancelled {
 		return err
