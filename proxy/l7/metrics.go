@@ -37,6 +37,10 @@ type metrics struct {
 	mu          sync.Mutex
 	clusters    map[string]*upstream.Metrics
 	routeFaults sync.Map // route key + kind → *stats.Counter
+	// routes are the series of the routes of the table being compiled and
+	// of the current one, so an Update that recompiles every route looks no
+	// labels up for the unchanged ones; keepRoutes forgets the others.
+	routes, nextRoutes map[routeSeries]*route.Metrics
 }
 
 func newMetrics(r *stats.Region) *metrics {
@@ -110,9 +114,34 @@ func (m *metrics) dropCluster(name string) {
 	delete(m.clusters, name)
 }
 
+// routeSeries names a route's series towards one cluster.
+type routeSeries struct{ dir, route, cluster string }
+
+// route returns the series of route rt towards cluster in direction dir,
+// resolved once while the route stays in the configuration (only Update,
+// serialized, calls it).
 func (m *metrics) route(dir, rt, cluster string) *route.Metrics {
-	return route.NewMetrics(func(class string) *stats.Counter { return m.requests.WithLabelValues(dir, rt, cluster, class) },
-		m.duration.WithLabelValues(dir, rt, cluster))
+	k := routeSeries{dir, rt, cluster}
+	rm := m.routes[k]
+	if rm == nil {
+		rm = route.NewMetrics(func(class string) *stats.Counter { return m.requests.WithLabelValues(dir, rt, cluster, class) },
+			m.duration.WithLabelValues(dir, rt, cluster))
+	}
+	if m.nextRoutes == nil {
+		m.nextRoutes = map[routeSeries]*route.Metrics{}
+	}
+	m.nextRoutes[k] = rm
+	return rm
+}
+
+// beginRoutes starts the compilation of a table (a failed one may have
+// left series behind).
+func (m *metrics) beginRoutes() { m.nextRoutes = nil }
+
+// keepRoutes makes the route series the last compiled table asked for the
+// ones route finds next time.
+func (m *metrics) keepRoutes() {
+	m.routes, m.nextRoutes = m.nextRoutes, nil
 }
 
 // fault counts an injected fault of kind (delay, abort) on the route

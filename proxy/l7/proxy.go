@@ -4,9 +4,11 @@
 // requests by host, path, method and headers to weighted clusters of
 // endpoints, and applies timeouts, retries, circuit breaking, outlier
 // detection, active health checks, fault injection and mirroring. Common
-// HTTP/1.1 requests are parsed by the package's own codec (h1server.go) and
-// sent upstream by its own client (h1transport.go); everything else
-// (HTTP/2, upgrades, streamed bodies, malformed input) by net/http.
+// HTTP/1.1 requests are parsed by the engine's own codec (h1server.go, with
+// the parser of package h1) and sent upstream by its own client (package
+// upstream's fast path); everything else (HTTP/2, upgrades, streamed
+// bodies, malformed input) by net/http. Routing lives in package route,
+// clusters and everything towards the endpoints in package upstream.
 //
 // # Configuration at run time
 //
@@ -184,6 +186,7 @@ func New(cfg config.L7, opts Options) (*Engine, error) {
 		return nil, err
 	}
 	p.tab.Store(t)
+	p.m.keepRoutes()
 
 	p.initH2()
 	p.rp = &httputil.ReverseProxy{
@@ -538,19 +541,6 @@ func orDur(v, d time.Duration) time.Duration {
 		return d
 	}
 	return v
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	for i := 1; i < len(out); i++ {
-		for j := i; j > 0 && out[j] < out[j-1]; j-- {
-			out[j], out[j-1] = out[j-1], out[j]
-		}
-	}
-	return out
 }
 
 // forwardingHeaders are passed through unchanged.

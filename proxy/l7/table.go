@@ -39,11 +39,12 @@ type table struct {
 }
 
 // allClusters returns every cluster of t (inbound and passthrough first,
-// then by name).
+// the others in no particular order).
 func (t *table) allClusters() []*upstream.Cluster {
-	out := []*upstream.Cluster{t.inbound, t.passthrough}
-	for _, k := range sortedKeys(t.clusters) {
-		out = append(out, t.clusters[k])
+	out := make([]*upstream.Cluster, 0, 2+len(t.clusters))
+	out = append(out, t.inbound, t.passthrough)
+	for _, c := range t.clusters {
+		out = append(out, c)
 	}
 	return out
 }
@@ -101,20 +102,24 @@ func (p *Engine) Update(cfg config.L7) error {
 	}
 	clear(p.retired[len(live):])
 	p.retired = live
-	// Clusters of the old table that the new one does not carry over.
-	kept := map[*upstream.Cluster]bool{}
-	for _, c := range t.allClusters() {
-		kept[c] = true
-	}
-	for _, c := range old.allClusters() {
-		if !kept[c] {
-			c.Retire()
-			p.retired = append(p.retired, c)
-			if _, still := t.clusters[c.Name()]; !still {
-				p.m.dropCluster(c.Name())
-			}
+	// Clusters of the old table that the new one does not carry over (a
+	// carried-over cluster is the same value under the same name).
+	retire := func(c, now *upstream.Cluster) {
+		if c == now {
+			return
+		}
+		c.Retire()
+		p.retired = append(p.retired, c)
+		if now == nil {
+			p.m.dropCluster(c.Name())
 		}
 	}
+	retire(old.inbound, t.inbound)
+	retire(old.passthrough, t.passthrough)
+	for name, c := range old.clusters {
+		retire(c, t.clusters[name])
+	}
+	p.m.keepRoutes()
 	p.startBackground(fresh)
 	p.log.Info("l7 table updated", "services", len(t.services), "clusters", len(t.clusters), "new_clusters", len(fresh))
 	return nil
@@ -161,6 +166,7 @@ func (p *Engine) UpdateEndpoints(cluster string, endpoints []config.Endpoint) er
 // endpoints are carried over; fresh lists the clusters built anew, whose
 // background work the caller starts once the table is in use.
 func (p *Engine) compile(cfg config.L7, old *table) (t *table, fresh []*upstream.Cluster, err error) {
+	p.m.beginRoutes()
 	t = &table{cfg: cfg, clusters: map[string]*upstream.Cluster{}, portProto: map[uint16]string{}}
 	t.alog = newAccessLogger(cfg.AccessLog, p.opts.AccessLog)
 	for _, pc := range cfg.Ports {
