@@ -30,13 +30,20 @@ var steadyDeployments = [][2]string{{webhookDeployment, webhookDeployment}, {dis
 // a clean slate, and uninstalls it when the test ends.
 func installMeshlet(t *testing.T, ctx context.Context, namespaces ...string) {
 	t.Helper()
+	installMeshletWith(t, ctx, nil, namespaces...)
+}
+
+// installMeshletWith is installMeshlet with extra helm install arguments
+// (--set ...).
+func installMeshletWith(t *testing.T, ctx context.Context, args []string, namespaces ...string) {
+	t.Helper()
 	_, _ = kc.Helm(ctx, "uninstall", "meshlet", "--namespace", webhookNamespace, "--wait")
 	for _, ns := range namespaces {
 		if err := kc.DeleteNamespace(ctx, ns); err != nil {
 			t.Fatal(err)
 		}
 	}
-	helm(t, ctx, "install", "meshlet", "charts/meshlet", "--namespace", webhookNamespace, "--create-namespace", "--wait", "--timeout", "5m")
+	helm(t, ctx, append([]string{"install", "meshlet", "charts/meshlet", "--namespace", webhookNamespace, "--create-namespace", "--wait", "--timeout", "5m"}, args...)...)
 	t.Cleanup(func() {
 		if t.Failed() {
 			dumpDiagnostics(t, context.Background(), webhookNamespace)

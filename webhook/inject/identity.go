@@ -33,8 +33,10 @@ const (
 // kubelet renews it at 80%.
 const tokenExpirationSeconds = 43200
 
-// identityVolumes are the pod volumes the proxy's identity needs.
-func identityVolumes() []corev1.Volume {
+// identityVolumes are the pod volumes the proxy's identity needs. Without
+// a CA (noCA) the root ConfigMap is optional: nothing publishes it, and a
+// pod must not wait for it.
+func identityVolumes(noCA bool) []corev1.Volume {
 	exp := int64(tokenExpirationSeconds)
 	return []corev1.Volume{
 		{Name: VolumeToken, VolumeSource: corev1.VolumeSource{Projected: &corev1.ProjectedVolumeSource{
@@ -44,6 +46,7 @@ func identityVolumes() []corev1.Volume {
 		}}},
 		{Name: VolumeCARoot, VolumeSource: corev1.VolumeSource{ConfigMap: &corev1.ConfigMapVolumeSource{
 			LocalObjectReference: corev1.LocalObjectReference{Name: CARootConfigMap},
+			Optional:             optional(noCA),
 		}}},
 	}
 }
@@ -102,4 +105,13 @@ func restoreLabels(pod *corev1.Pod, st *Status) {
 	if len(pod.Labels) == 0 {
 		pod.Labels = nil
 	}
+}
+
+// optional is a ConfigMap volume's Optional: set only when true, so the
+// usual volume stays as Istio writes it.
+func optional(b bool) *bool {
+	if !b {
+		return nil
+	}
+	return &b
 }

@@ -557,7 +557,7 @@ func apply(pod *corev1.Pod, cfg *Config, p params) ([]string, error) {
 		})
 	}
 	if pl.proxy != ProxyNone {
-		volumes = append(volumes, identityVolumes()...)
+		volumes = append(volumes, identityVolumes(cfg.CAAddress == "")...)
 		setServiceAccount(pod, &st)
 	}
 	if pl.proxy == ProxySidecar {

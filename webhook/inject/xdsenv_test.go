@@ -108,6 +108,13 @@ func TestProxyEnvIsXDSIdentity(t *testing.T) {
 	if env[EnvLabels] != `{"app":"web","security.istio.io/tlsMode":"istio"}` {
 		t.Errorf("static mode: %s=%q", EnvLabels, env[EnvLabels])
 	}
+	// Nothing publishes the mesh's roots without a CA: the pod must not
+	// wait for the ConfigMap.
+	for _, v := range out.Spec.Volumes {
+		if v.Name == VolumeCARoot && (v.ConfigMap == nil || v.ConfigMap.Optional == nil || !*v.ConfigMap.Optional) {
+			t.Errorf("no CA address: volume %s is not an optional ConfigMap: %+v", v.Name, v.VolumeSource)
+		}
+	}
 }
 
 // TestProxyConfigDiscoveryAddress: proxy.istio.io/config discoveryAddress
