@@ -189,22 +189,29 @@ func serveBackend(t *testing.T, ln net.Listener) string {
 			}
 		case 'D':
 			defer c.Close()
-			for i := 0; ; i++ {
-				q, err := br.ReadString('\n')
-				if err != nil {
-					return true
-				}
-				time.Sleep(time.Duration(1+i%5) * time.Millisecond)
-				fmt.Fprintf(c, "ROWS %d\n", len(q))
-				time.Sleep(time.Duration(1+i%7) * time.Millisecond)
-				fmt.Fprintf(c, "%s", q)
-			}
+			serveDatabase(c, br)
 		default:
 			return false
 		}
 		return true
 	})
 	return ln.Addr().String()
+}
+
+// serveDatabase answers a database-like exchange: each query line gets a
+// head line and the query echoed, in two writes with pauses; between
+// queries the connection is idle and the server spoke last.
+func serveDatabase(c *net.TCPConn, br *bufio.Reader) {
+	for i := 0; ; i++ {
+		q, err := br.ReadString('\n')
+		if err != nil {
+			return
+		}
+		time.Sleep(time.Duration(1+i%5) * time.Millisecond)
+		fmt.Fprintf(c, "ROWS %d\n", len(q))
+		time.Sleep(time.Duration(1+i%7) * time.Millisecond)
+		fmt.Fprintf(c, "%s", q)
+	}
 }
 
 // waitCleanExit waits up to within for the agent to exit with status 0;

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"regexp"
 	"strconv"
@@ -467,5 +468,156 @@ func TestHotRestartSoakL7(t *testing.T) {
 	}
 	if l.ok.Load() < 100 || l.events.Load() == 0 || l.queries.Load() == 0 {
 		t.Errorf("too little load went through: %d requests, %d events, %d queries", l.ok.Load(), l.events.Load(), l.queries.Load())
+	}
+}
+
+// TestHotRestartLongLived: through the agent in its default (L4) mode, a
+// database-like connection idle 10 s between queries (the server spoke
+// last) and an HTTP server-sent-events stream open for 30 s, while the
+// proxy hot-restarts every 2.5 s: both connections survive every restart
+// (each is the only connection its client opens, and the proxy and the
+// backend see exactly those two), every event arrives once and in order,
+// and every query is answered. It runs for about 30 s, mostly idle, beside
+// the other tests.
+func TestHotRestartLongLived(t *testing.T) {
+	if testing.Short() {
+		t.Skip("long-lived connections across restarts: 30 s, skipped under -short")
+	}
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var acceptedConns atomic.Int64
+	proctest.ServeBackend(t, ln, 1, func(first []byte, c *net.TCPConn, br *bufio.Reader) bool {
+		acceptedConns.Add(1)
+		defer c.Close()
+		switch first[0] {
+		case 'D':
+			serveDatabase(c, br)
+		case 'G': // GET /events: an event every 100 ms, each its own chunk
+			if _, err := http.ReadRequest(br); err != nil {
+				return true
+			}
+			if _, err := io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"); err != nil {
+				return true
+			}
+			for i := 0; ; i++ {
+				ev := fmt.Sprintf("data: %d\n\n", i)
+				if _, err := fmt.Fprintf(c, "%x\r\n%s\r\n", len(ev), ev); err != nil {
+					return true
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+		}
+		return true
+	})
+	backend := ln.Addr().String()
+	p := startAgent(t, backend, "--drain-duration=1s")
+	before := p.metric(t, `meshlet_proxy_connections_total{direction="outbound"}`)
+	movedBefore := p.metricOr(`meshlet_proxy_handed_over_connections_total{direction="outbound"}`, 0)
+
+	const runFor = 30 * time.Second
+	end := time.Now().Add(runFor)
+	errs := make(chan error, 2)
+	var queries, events atomic.Int64
+	go func() { // database: a query now, every 10 s and at the end
+		c, err := net.Dial("tcp", p.outbound)
+		if err != nil {
+			errs <- err
+			return
+		}
+		defer c.Close()
+		br := bufio.NewReader(c)
+		for i := 0; ; i++ {
+			q := fmt.Sprintf("DB SELECT %d FROM t\n", i)
+			_ = c.SetDeadline(time.Now().Add(15 * time.Second))
+			if _, err := io.WriteString(c, q); err != nil {
+				errs <- fmt.Errorf("query %d: %w", i, err)
+				return
+			}
+			head, err := br.ReadString('\n')
+			var rows string
+			if err == nil {
+				rows, err = br.ReadString('\n')
+			}
+			if err != nil || head != fmt.Sprintf("ROWS %d\n", len(q)) || rows != q {
+				errs <- fmt.Errorf("query %d after %v idle: %q %q, %v", i, 10*time.Second, head, rows, err)
+				return
+			}
+			queries.Add(1)
+			if !time.Now().Before(end) {
+				errs <- nil
+				return
+			}
+			time.Sleep(min(10*time.Second, time.Until(end)))
+		}
+	}()
+	go func() { // server-sent events for 30 s
+		c, err := net.Dial("tcp", p.outbound)
+		if err != nil {
+			errs <- err
+			return
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(runFor + 10*time.Second))
+		if _, err := io.WriteString(c, "GET /events HTTP/1.1\r\nHost: backend\r\nAccept: text/event-stream\r\n\r\n"); err != nil {
+			errs <- err
+			return
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			errs <- fmt.Errorf("events response: %w", err)
+			return
+		}
+		body := bufio.NewReader(resp.Body)
+		for i := 0; time.Now().Before(end); i++ {
+			line, err := body.ReadString('\n')
+			if err == nil {
+				_, err = body.ReadString('\n')
+			}
+			if err != nil || line != fmt.Sprintf("data: %d\n", i) {
+				errs <- fmt.Errorf("event %d: %q, %v", i, line, err)
+				return
+			}
+			events.Add(1)
+		}
+		errs <- nil
+	}()
+
+	restarts := 0
+	for time.Now().Add(2500 * time.Millisecond).Before(end) {
+		time.Sleep(2500 * time.Millisecond)
+		if restarts%2 == 0 {
+			if r := p.reload(t); r.Error != "" {
+				t.Fatalf("reload %d: %s", restarts, r.Error)
+			}
+		} else if err := p.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+		restarts++
+	}
+	for range 2 {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+	info := p.info(t)
+	t.Logf("%d restarts requested, active generation %d; %d queries, %d events", restarts, info.ActiveGeneration, queries.Load(), events.Load())
+	if d := p.metric(t, `meshlet_proxy_connections_total{direction="outbound"}`) - before; d != 2 {
+		t.Errorf("the proxy accepted %v connections; the clients opened 2", d)
+	}
+	if n := acceptedConns.Load(); n != 2 {
+		t.Errorf("the backend accepted %d connections; want 2 (a connection was re-made behind the client)", n)
+	}
+	if q := queries.Load(); q < 4 {
+		t.Errorf("%d queries answered; want 4 (at 0, 10, 20 and 30 s)", q)
+	}
+	if e := events.Load(); e < 200 {
+		t.Errorf("%d events in %v; want about %d", e, runFor, runFor/(100*time.Millisecond))
+	}
+	moved := p.metricOr(`meshlet_proxy_handed_over_connections_total{direction="outbound"}`, 0) - movedBefore
+	if gens := info.ActiveGeneration - 1; moved < float64(2*gens) {
+		t.Errorf("%v connections moved over %d restarts; want both at every restart", moved, gens)
 	}
 }

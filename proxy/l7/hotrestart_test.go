@@ -261,7 +261,7 @@ clusters:
 
 // unixPair returns the two ends of a hand-over socket (SOCK_SEQPACKET), as
 // the agent creates between two generations.
-func unixPair(t *testing.T) (*net.UnixConn, *net.UnixConn) {
+func unixPair(t testing.TB) (*net.UnixConn, *net.UnixConn) {
 	t.Helper()
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -284,7 +284,7 @@ func unixPair(t *testing.T) (*net.UnixConn, *net.UnixConn) {
 // answering each POST with its body and X-Backend: name, the head and the
 // body in two writes with a pause between, so a proxy that ends a
 // connection between a response's writes is caught.
-func splitBackend(t *testing.T, name string) string {
+func splitBackend(t testing.TB, name string) string {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -310,7 +310,7 @@ func splitBackend(t *testing.T, name string) string {
 // agent does; handover is its end of the hand-over socket from its
 // predecessor, or nil. Every connection's original destination is the
 // declared HTTP port 80.
-func startGeneration(t *testing.T, shared *net.TCPListener, yaml string, st *stats.Region, handover *net.UnixConn) *server.Server {
+func startGeneration(t testing.TB, shared *net.TCPListener, yaml string, st *stats.Region, handover *net.UnixConn) *server.Server {
 	t.Helper()
 	f, err := shared.File()
 	if err != nil {

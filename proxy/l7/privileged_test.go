@@ -27,6 +27,9 @@ import (
 // the pod netns, so its traffic is captured) issues HTTP requests and prints
 // "status backend body" per request.
 func TestMain(m *testing.M) {
+	if spec, ok := os.LookupEnv(envHold); ok {
+		os.Exit(holdClients(spec))
+	}
 	if spec, ok := os.LookupEnv("MLL7_GET"); ok {
 		c := &http.Client{Timeout: 5 * time.Second}
 		for _, one := range strings.Split(spec, ";") {
