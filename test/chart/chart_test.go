@@ -259,6 +259,8 @@ func TestSchemaRejects(t *testing.T) {
 		{map[string]any{"inject": map[string]any{"capture": map[string]any{"excludeInboundPorts": "ssh"}}}, "excludeInboundPorts"},
 		{map[string]any{"webhook": map[string]any{"replica": 2}}, "replica"},
 		{map[string]any{"cni": map[string]any{"binDir": "relative"}}, "binDir"},
+		{map[string]any{"inject": map[string]any{"caAddress": "istiod"}}, "caAddress"},
+		{map[string]any{"inject": map[string]any{"discoveryAddress": "istiod.x.svc"}}, "discoveryAddress"},
 	} {
 		_, err := Render(chartDir, tc.vals)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
