@@ -74,7 +74,7 @@ func (s *Server) startInformers(ctx context.Context) (func() *translate.Inputs, 
 	}
 	all := labels.Everything()
 	return func() *translate.Inputs {
-		in := &translate.Inputs{Domain: s.opts.Domain, RootNamespace: s.opts.RootNamespace}
+		in := &translate.Inputs{Domain: s.opts.Domain, RootNamespace: s.opts.RootNamespace, TrustDomain: s.opts.TrustDomain}
 		in.Services, _ = svc.Lister().List(all)
 		in.EndpointSlices, _ = eps.Lister().List(all)
 		in.Pods, _ = pods.Lister().List(all)

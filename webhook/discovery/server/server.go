@@ -66,6 +66,10 @@ type Options struct {
 	// translate.DefaultRootNamespace).
 	Domain        string
 	RootNamespace string
+	// TrustDomain is the SPIFFE trust domain of workload identities (the
+	// CA's): the SPIFFE IDs clusters expect of meshed pods (default
+	// translate.DefaultTrustDomain).
+	TrustDomain string
 	// Debounce is the quiet time after a change before a push; a burst is
 	// pushed at the latest after DebounceMax.
 	Debounce, DebounceMax time.Duration

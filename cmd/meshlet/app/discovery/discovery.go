@@ -157,5 +157,5 @@ func (f *flagpole) options(e env, log logr.Logger) (server.Options, error) {
 		log = log.V(-f.verbose)
 	}
 	return server.Options{XDSAddr: f.xdsAddr, MetricsAddr: f.metricsAddr, Replica: replica, Domain: f.domain,
-		RootNamespace: f.rootNamespace, Debounce: f.debounce, DebounceMax: f.debounceMax, Kube: kube, Istio: istio, Log: log}, nil
+		RootNamespace: f.rootNamespace, TrustDomain: f.ca.trustDomain, Debounce: f.debounce, DebounceMax: f.debounceMax, Kube: kube, Istio: istio, Log: log}, nil
 }
