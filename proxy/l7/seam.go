@@ -181,6 +181,17 @@ type meshInbound struct{ h *seamHandler }
 func (m *meshInbound) ServeConn(ctx context.Context, c *l4.Conn) {
 	p := m.h.p
 	mode := p.tab.Load().peerAuth.ModeFor(c.OrigDst.Port())
+	if c.ResumedHTTP1 {
+		// Moved here by the previous generation between two requests: plain
+		// text (a TLS connection cannot move), whose next request may be in
+		// c.Carried already, so nothing is read before serving it.
+		if mode == config.PeerStrict || !p.admitConnTLS(c, nil) {
+			_ = c.Client.Close()
+			return
+		}
+		m.h.serve(ctx, c, c.Client, true)
+		return
+	}
 	conn, cs, err := p.inbound.Accept(ctx, c.Client, mode)
 	if err != nil {
 		p.log.Debug("inbound connection refused", "mode", mode, "source", c.Client.RemoteAddr().String(), "destination", c.OrigDst.String(), "err", err)
