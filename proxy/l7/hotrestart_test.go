@@ -122,68 +122,9 @@ clusters:
 	}
 	echo(0)
 
-	// Constant load: 4 keep-alive clients that never retry (net/http's
-	// client would silently send an idempotent request again on a new
-	// connection when the drain cut one): raw POSTs with a body, every
-	// attempt counted. A client dials again only after the proxy answered
-	// Connection: close (the codec's parsed response boundary); any other
-	// end of a connection is a failure.
-	stop := make(chan struct{})
-	var ok, failed, dials atomic.Int64
-	var seen sync.Map
-	var wg sync.WaitGroup
-	for w := 0; w < 4; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			var c net.Conn
-			var br *bufio.Reader
-			defer func() {
-				if c != nil {
-					c.Close()
-				}
-			}()
-			for i := 0; ; i++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				if c == nil {
-					var err error
-					if c, err = net.Dial("tcp", shared.Addr().String()); err != nil {
-						failed.Add(1)
-						t.Errorf("client %d: dial: %v", w, err)
-						return
-					}
-					dials.Add(1)
-					br = bufio.NewReader(c)
-				}
-				resp, err := proctest.PostTo(c, br, "web", []byte(fmt.Sprintf("client %d request %d", w, i)), false)
-				if err != nil {
-					failed.Add(1)
-					t.Errorf("client %d request %d: %v", w, i, err)
-					return
-				}
-				seen.Store(resp.Header.Get("X-Backend"), true)
-				ok.Add(1)
-				if resp.Close {
-					c.Close()
-					c = nil
-				}
-			}
-		}()
-	}
-	// waitDrained fails the test if g does not finish draining.
-	waitDrained := func(g *server.Server, name string) {
-		done := make(chan struct{})
-		go func() { g.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			t.Fatalf("%s did not finish draining", name)
-		}
-	}
+	// Constant load: 4 keep-alive clients that never retry.
+	load := startRawClients(t, shared.Addr().String(), 4)
+	waitDrained := func(g *server.Server, name string) { waitDrained(t, g, name) }
 	// Hot restarts, each with a changed config: even generations route web
 	// to v2, odd ones to v1. Every restart is a chance for the drain to cut
 	// a keep-alive connection between two of its requests. The gRPC stream
@@ -219,8 +160,8 @@ clusters:
 		waitDrained(prev, fmt.Sprint("generation ", r))
 		prev = next
 	}
-	close(stop)
-	wg.Wait()
+	load.finish()
+	ok, failed, dials, seen := &load.ok, &load.failed, &load.dials, &load.seen
 	_, sawV1 := seen.Load("v1")
 	_, sawV2 := seen.Load("v2")
 	t.Logf("requests ok=%d failed=%d dials=%d (v1 seen %v, v2 seen %v)", ok.Load(), failed.Load(), dials.Load(), sawV1, sawV2)
@@ -421,5 +362,164 @@ clusters: [{name: web, endpoints: [{address: %q}]}]
 				t.Errorf("%d connections counted as handed over; want 0", n)
 			}
 		})
+	}
+}
+
+// waitDrained fails the test if g does not finish draining.
+func waitDrained(t *testing.T, g *server.Server, name string) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() { g.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s did not finish draining", name)
+	}
+}
+
+// rawClients are keep-alive HTTP/1.1 clients that never retry (net/http's
+// client would silently send an idempotent request again on a new
+// connection when a drain cut one): raw POSTs with a body for Host web,
+// every attempt counted. A client dials again only after the proxy
+// answered Connection: close (the codec's parsed response boundary); any
+// other end of a connection is a failure, and ends that client.
+type rawClients struct {
+	stop              chan struct{}
+	wg                sync.WaitGroup
+	ok, failed, dials atomic.Int64
+	seen              sync.Map // X-Backend values
+}
+
+func startRawClients(t *testing.T, addr string, n int) *rawClients {
+	l := &rawClients{stop: make(chan struct{})}
+	for w := range n {
+		l.wg.Add(1)
+		go func() {
+			defer l.wg.Done()
+			var c net.Conn
+			var br *bufio.Reader
+			defer func() {
+				if c != nil {
+					c.Close()
+				}
+			}()
+			for i := 0; ; i++ {
+				select {
+				case <-l.stop:
+					return
+				default:
+				}
+				if c == nil {
+					var err error
+					if c, err = net.Dial("tcp", addr); err != nil {
+						l.failed.Add(1)
+						t.Errorf("client %d: dial: %v", w, err)
+						return
+					}
+					l.dials.Add(1)
+					br = bufio.NewReader(c)
+				}
+				resp, err := proctest.PostTo(c, br, "web", []byte(fmt.Sprintf("client %d request %d", w, i)), false)
+				if err != nil {
+					l.failed.Add(1)
+					t.Errorf("client %d request %d: %v", w, i, err)
+					return
+				}
+				l.seen.Store(resp.Header.Get("X-Backend"), true)
+				l.ok.Add(1)
+				if resp.Close {
+					c.Close()
+					c = nil
+				}
+			}
+		}()
+	}
+	return l
+}
+
+// finish stops the clients and waits for them.
+func (l *rawClients) finish() {
+	close(l.stop)
+	l.wg.Wait()
+}
+
+// TestHotRestartTwoSidecars: keep-alive clients → client-side sidecar (L7,
+// routes web to the server-side sidecar) → server-side sidecar (L7, routes
+// web to a backend writing head and body apart) → backend, while the two
+// sidecars hot-restart alternately with hand-over. The server side moves
+// the client side's pooled upstream connections like any other, the
+// client side moves the clients': zero failures, each client dials once,
+// nothing is left behind or ended by a drain on either side.
+func TestHotRestartTwoSidecars(t *testing.T) {
+	t.Parallel()
+	listen := func() *net.TCPListener {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		return ln.(*net.TCPListener)
+	}
+	conf := func(dest string) string {
+		return fmt.Sprintf(`
+ports: [{port: 80, name: http-web}]
+services: [{name: web, hosts: [web], routes: [{name: r, destinations: [{cluster: web}]}]}]
+clusters: [{name: web, endpoints: [{address: %q}]}]
+`, dest)
+	}
+	serverLn, clientLn := listen(), listen()
+	serverSt, clientSt := stats.NewPrivate(), stats.NewPrivate()
+	side := [2]struct {
+		name string
+		ln   *net.TCPListener
+		st   *stats.Region
+		conf string
+		gen  *server.Server
+	}{
+		{"client side", clientLn, clientSt, conf(serverLn.Addr().String()), nil},
+		{"server side", serverLn, serverSt, conf(splitBackend(t, "app")), nil},
+	}
+	for i := range side {
+		side[i].gen = startGeneration(t, side[i].ln, side[i].conf, side[i].st, nil)
+	}
+	load := startRawClients(t, clientLn.Addr().String(), 4)
+	const restarts = 6
+	time.Sleep(200 * time.Millisecond)
+	for r := range restarts {
+		s := &side[r%2]
+		oldEnd, newEnd := unixPair(t)
+		next := startGeneration(t, s.ln, s.conf, s.st, newEnd)
+		s.gen.HandOver(oldEnd)
+		waitDrained(t, s.gen, fmt.Sprintf("%s, restart %d", s.name, r+1))
+		s.gen = next
+		time.Sleep(150 * time.Millisecond)
+	}
+	load.finish()
+	t.Logf("requests ok=%d failed=%d dials=%d", load.ok.Load(), load.failed.Load(), load.dials.Load())
+	if d := load.dials.Load(); d != 4 {
+		t.Errorf("%d connections for 4 clients; want 4", d)
+	}
+	if load.failed.Load() != 0 || load.ok.Load() < 20 {
+		t.Errorf("ok=%d failed=%d; want no failures", load.ok.Load(), load.failed.Load())
+	}
+	for _, s := range side {
+		moved := counter(s.st, `meshlet_proxy_handed_over_connections_total{direction="outbound"}`)
+		adopted := counter(s.st, `meshlet_proxy_adopted_connections_total{direction="outbound"}`)
+		accepted := counter(s.st, `meshlet_proxy_connections_total{direction="outbound"}`)
+		closed := counter(s.st, `meshlet_proxy_drain_closed_connections_total{direction="outbound"}`)
+		var notMoved uint64
+		s.st.Each(func(n string, x uint64) {
+			if strings.HasPrefix(n, "meshlet_l7_drain_not_moved_total") {
+				notMoved += x
+			}
+		})
+		t.Logf("%s: accepted %d, moved %d, adopted %d", s.name, accepted, moved, adopted)
+		if moved != adopted || moved < 3*4 || closed != 0 || notMoved != 0 {
+			t.Errorf("%s: moved %d, adopted %d, closed by a drain %d, not moved %d; want every connection moved at each of its 3 restarts",
+				s.name, moved, adopted, closed, notMoved)
+		}
+	}
+	if a := counter(clientSt, `meshlet_proxy_connections_total{direction="outbound"}`); a != 4 {
+		t.Errorf("client side accepted %d connections; want the 4 clients'", a)
 	}
 }
