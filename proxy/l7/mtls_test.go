@@ -213,6 +213,9 @@ func TestMTLSWrongSAN(t *testing.T) {
 	if !strings.Contains(c.log.String(), `"flags":"UF"`) {
 		t.Errorf("client access log lacks UF:\n%s", c.log.String())
 	}
+	if v := c.stats.Counter(`meshlet_l7_upstream_tls_handshake_failures_total{cluster="api"}`).Value(); v == 0 {
+		t.Error("the refused peer identity is not counted as a TLS handshake failure")
+	}
 	// The same cluster with the endpoint not meshed: plain text, no XFCC.
 	cfg := clientConfig(s, clusterHTTP1, mtlstest.SPIFFE("shop", "billing"))
 	cfg.Clusters[0].Endpoints[0].TLSMode = ""
