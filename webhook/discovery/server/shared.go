@@ -169,7 +169,9 @@ func buildSnapshot(r *translate.Resources, t *internTable) (*built, error) {
 //     sharedCache makes both calls itself, so right after either it moves
 //     what arrived, with the shared bytes, to the server's channel (no
 //     goroutine);
-//   - delta watches and fetches are the snapshot cache's own.
+//   - delta watches likewise go to the snapshot cache through a private
+//     channel (it decides what changed), and the response sent carries the
+//     shared bytes; fetches are the snapshot cache's own.
 type sharedCache struct {
 	inner cachev3.Cache
 	own   func(*cachev3.Request) bool
@@ -182,6 +184,7 @@ type sharedNode struct {
 	b       *built                    // last set
 	watches map[*sharedWatch]struct{} // forwarded from the snapshot cache
 	sotw    map[*sotwWatch]struct{}   // answered here
+	deltas  map[*deltaWatch]struct{}  // forwarded from the snapshot cache
 }
 
 type sharedWatch struct {
@@ -204,7 +207,7 @@ func newSharedCache(inner cachev3.Cache, own func(*cachev3.Request) bool) *share
 func (c *sharedCache) node(id string) *sharedNode {
 	n := c.nodes[id]
 	if n == nil {
-		n = &sharedNode{watches: map[*sharedWatch]struct{}{}, sotw: map[*sotwWatch]struct{}{}}
+		n = &sharedNode{watches: map[*sharedWatch]struct{}{}, sotw: map[*sotwWatch]struct{}{}, deltas: map[*deltaWatch]struct{}{}}
 		c.nodes[id] = n
 	}
 	return n
@@ -222,6 +225,11 @@ func (c *sharedCache) SetSnapshot(ctx context.Context, sc cachev3.SnapshotCache,
 	for w := range n.watches {
 		if c.forward(w, n.b) {
 			delete(n.watches, w)
+		}
+	}
+	for w := range n.deltas {
+		if w.forward(n.b) {
+			delete(n.deltas, w)
 		}
 	}
 	ready := make([]*sotwWatch, 0, len(n.sotw))
@@ -359,10 +367,106 @@ func (c *sharedCache) CreateWatch(req *cachev3.Request, sub cachev3.Subscription
 	}, nil
 }
 
-// CreateDeltaWatch implements cachev3.ConfigWatcher (delta responses are
-// the snapshot cache's own).
+// CreateDeltaWatch implements cachev3.ConfigWatcher: the snapshot cache
+// decides what a delta response holds, through a private channel as for
+// proxyless gRPC, and the response sent carries the shared bytes.
 func (c *sharedCache) CreateDeltaWatch(req *cachev3.DeltaRequest, sub cachev3.Subscription, value chan cachev3.DeltaResponse) (func(), error) {
-	return c.inner.CreateDeltaWatch(req, sub, value)
+	id := req.GetNode().GetId()
+	w := &deltaWatch{inner: make(chan cachev3.DeltaResponse, 1), outer: value, sub: sub, typeURL: req.GetTypeUrl()}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	cancel, err := c.inner.CreateDeltaWatch(req, sub, w.inner)
+	if err != nil {
+		return nil, err
+	}
+	n := c.node(id)
+	if w.forward(n.b) {
+		return cancel, nil
+	}
+	n.deltas[w] = struct{}{}
+	return func() {
+		c.mu.Lock()
+		if n := c.nodes[id]; n != nil {
+			delete(n.deltas, w)
+		}
+		c.mu.Unlock()
+		if cancel != nil {
+			cancel()
+		}
+	}, nil
+}
+
+type deltaWatch struct {
+	inner   chan cachev3.DeltaResponse
+	outer   chan cachev3.DeltaResponse
+	sub     cachev3.Subscription // what the snapshot cache answers against
+	typeURL string
+}
+
+// forward moves a response of w's private channel, if there is one, to the
+// server's, over b's shared bytes, and reports whether it did.
+func (w *deltaWatch) forward(b *built) bool {
+	select {
+	case r := <-w.inner:
+		if raw, ok := r.(*cachev3.RawDeltaResponse); ok && b != nil {
+			if out, ok := sharedDelta(raw, w.sub, b, w.typeURL); ok {
+				r = out
+			}
+		}
+		w.outer <- r // one watch per type and stream, as for SotW
+		return true
+	default:
+		return false
+	}
+}
+
+// sharedDelta is raw (the snapshot cache's delta response for sub, from
+// b's snapshot) over b's shared bytes: the same resources, versions (hashes
+// of the same bytes) and removals (the snapshot cache's rule: a returned
+// resource the snapshot no longer has; for a named subscription, only the
+// names still subscribed).
+func sharedDelta(raw *cachev3.RawDeltaResponse, sub cachev3.Subscription, b *built, typeURL string) (*deltaResponse, bool) {
+	versions := raw.GetNextVersionMap()
+	out := &discoverygrpc.DeltaDiscoveryResponse{TypeUrl: typeURL, SystemVersionInfo: raw.SystemVersionInfo}
+	for _, res := range raw.GetRawResources() {
+		a := b.anys[res.Resource]
+		if a == nil || res.TTL != nil {
+			return nil, false
+		}
+		name := cachev3.GetResourceName(res.Resource)
+		out.Resources = append(out.Resources, &discoverygrpc.Resource{Name: name, Version: versions[name], Resource: a})
+	}
+	have := b.typeResponse(typeURL).names
+	returned := sub.ReturnedResources()
+	if sub.IsWildcard() {
+		for name := range returned {
+			if _, ok := have[name]; !ok {
+				out.RemovedResources = append(out.RemovedResources, name)
+			}
+		}
+	} else {
+		for name := range sub.SubscribedResources() {
+			if _, ok := have[name]; !ok {
+				if _, found := returned[name]; found {
+					out.RemovedResources = append(out.RemovedResources, name)
+				}
+			}
+		}
+	}
+	return &deltaResponse{RawDeltaResponse: raw, out: out}, true
+}
+
+// deltaResponse is a delta response over shared bytes.
+type deltaResponse struct {
+	*cachev3.RawDeltaResponse
+	out *discoverygrpc.DeltaDiscoveryResponse
+}
+
+// GetDeltaDiscoveryResponse implements cachev3.DeltaResponse. The server
+// writes its nonce into the message: it is this response's own (the
+// resources in it are shared).
+func (r *deltaResponse) GetDeltaDiscoveryResponse() (*discoverygrpc.DeltaDiscoveryResponse, error) {
+	return r.out, nil
 }
 
 // Fetch implements cachev3.ConfigFetcher.

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -334,3 +335,106 @@ func TestSharedCacheADSRules(t *testing.T) {
 }
 
 func slicesSorted(m map[string]string) []string { return slices.Sorted(maps.Keys(m)) }
+
+// sortedDelta orders a delta response's resources and removals by name.
+func sortedDelta(r *discoverygrpc.DeltaDiscoveryResponse) *discoverygrpc.DeltaDiscoveryResponse {
+	r = proto.Clone(r).(*discoverygrpc.DeltaDiscoveryResponse)
+	slices.SortFunc(r.Resources, func(a, b *discoverygrpc.Resource) int { return strings.Compare(a.Name, b.Name) })
+	slices.Sort(r.RemovedResources)
+	return r
+}
+
+// TestSharedCacheDelta: a delta response carries the built's marshaled
+// copy of each resource and is otherwise the snapshot cache's own (same
+// resources, versions, removals: compared with the snapshot cache's
+// marshaling of the same response), for a named and a wildcard
+// subscription, an update and a removal.
+func TestSharedCacheDelta(t *testing.T) {
+	ctx := context.Background()
+	c, sc := newSharedTestCache(true)
+	b1, err := buildSnapshot(sharedTestResources(10), newInternTable(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetSnapshot(ctx, sc, "a", b1); err != nil {
+		t.Fatal(err)
+	}
+	check := func(what string, r cachev3.DeltaResponse, b *built) *discoverygrpc.DeltaDiscoveryResponse {
+		t.Helper()
+		dr, ok := r.(*deltaResponse)
+		if !ok {
+			t.Fatalf("%s: response %T does not carry the shared bytes", what, r)
+		}
+		got, _ := dr.GetDeltaDiscoveryResponse()
+		want, err := dr.RawDeltaResponse.GetDeltaDiscoveryResponse()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !proto.Equal(sortedDelta(got), sortedDelta(want)) {
+			t.Fatalf("%s: shared response\n%v\nthe snapshot cache's\n%v", what, got, want)
+		}
+		for _, res := range got.GetResources() {
+			if !slices.Contains(b.typeResponse(got.GetTypeUrl()).anys, res.GetResource()) {
+				t.Fatalf("%s: %s is not the built's marshaled copy", what, res.GetName())
+			}
+		}
+		return got
+	}
+	// open watches typ with sub (names subscribed, returned what the proxy
+	// holds) and returns what it is answered, or nil.
+	open := func(typ string, names []string, returned map[string]string) chan cachev3.DeltaResponse {
+		ch := make(chan cachev3.DeltaResponse, 8)
+		sub := stream.NewDeltaSubscription(names, nil, returned, false)
+		req := &discoverygrpc.DeltaDiscoveryRequest{Node: &corev3.Node{Id: "a"}, TypeUrl: typ, ResourceNamesSubscribe: names}
+		if returned != nil {
+			req.ResponseNonce = "1" // an ACK (a first wildcard request is always answered)
+		}
+		if _, err := c.CreateDeltaWatch(req, sub, ch); err != nil {
+			t.Fatal(err)
+		}
+		return ch
+	}
+	recv := func(ch chan cachev3.DeltaResponse) cachev3.DeltaResponse {
+		t.Helper()
+		select {
+		case r := <-ch:
+			return r
+		default:
+			t.Fatal("no delta response")
+			return nil
+		}
+	}
+	r := recv(open(resourcev3.RouteType, []string{"80"}, nil))
+	if got := check("first RDS", r, b1); len(got.GetResources()) != 1 {
+		t.Fatalf("first RDS: %d resources", len(got.GetResources()))
+	}
+	rdsHeld := r.GetNextVersionMap()
+	r = recv(open(resourcev3.ClusterType, []string{"*"}, nil))
+	if got := check("first CDS", r, b1); len(got.GetResources()) != 1 {
+		t.Fatalf("first CDS: %d resources", len(got.GetResources()))
+	}
+	cdsHeld := r.GetNextVersionMap()
+
+	// Watches at what the proxy holds: an update of the route is sent; a
+	// snapshot without the cluster removes it.
+	rds := open(resourcev3.RouteType, []string{"80"}, rdsHeld)
+	cds := open(resourcev3.ClusterType, []string{"*"}, cdsHeld)
+	if len(rds)+len(cds) != 0 {
+		t.Fatal("watches at the held versions were answered")
+	}
+	b2res := sharedTestResources(20)
+	b2res.Clusters, b2res.Endpoints = nil, nil
+	b2, err := buildSnapshot(b2res, newInternTable(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetSnapshot(ctx, sc, "a", b2); err != nil {
+		t.Fatal(err)
+	}
+	if got := check("updated RDS", recv(rds), b2); len(got.GetResources()) != 1 {
+		t.Fatalf("updated RDS: %d resources", len(got.GetResources()))
+	}
+	if got := check("CDS without the cluster", recv(cds), b2); fmt.Sprint(got.GetRemovedResources()) != "[outbound|80||a.ns.svc.cluster.local]" {
+		t.Fatalf("CDS without the cluster removes %v", got.GetRemovedResources())
+	}
+}
