@@ -60,13 +60,27 @@ func (p *proc) agentFDs(t *testing.T, want int) int {
 // one serving generation, its listeners keep accepting (a fresh request is
 // served), and it holds exactly the descriptors it held at the start: no
 // hand-over socket leaked, none closed twice (a double close would take
-// some other descriptor with it and fail the next round).
+// some other descriptor with it and fail the next round). L4 runs the
+// default config (every connection an L4 relay); L7 the L7 config of
+// TestHotRestartSoakL7, whose HTTP connections move as HTTP/1.1 sessions.
 func TestHandOverChaos(t *testing.T) {
 	if testing.Short() {
 		t.Skip("chaos: skipped under -short")
 	}
+	t.Run("L4", func(t *testing.T) { handOverChaos(t, false) })
+	t.Run("L7", func(t *testing.T) { handOverChaos(t, true) })
+}
+
+func handOverChaos(t *testing.T, l7 bool) {
 	backend := httpBackend(t)
 	p := startAgent(t, backend, "--drain-duration=2s")
+	if l7 {
+		writeFile(t, p.configPath, soakL7Config(backend, 10))
+		if r := p.reload(t); r.Error != "" {
+			t.Fatalf("reload to the L7 config: %s", r.Error)
+		}
+		p.waitActiveHash(t, "L7 config", configHash(t, soakL7Config(backend, 10)))
+	}
 	p.settled(t, 0)
 	base := p.agentFDs(t, -1)
 	l := startLoad(p.outbound, 3, 1, 6)
