@@ -133,6 +133,81 @@ func runBenchClient(ctx context.Context, conn *grpc.ClientConn, node *corev3.Nod
 	return c, nil
 }
 
+// runBenchDeltaClient is runBenchClient over delta ADS (what the proxy's
+// own xDS client speaks by default): CDS and LDS wildcard, EDS and RDS
+// subscribed by name as they appear; every response ACKed.
+func runBenchDeltaClient(ctx context.Context, conn *grpc.ClientConn, node *corev3.Node, rds func(time.Time), eds func(time.Time, int)) error {
+	s, err := discoverygrpc.NewAggregatedDiscoveryServiceClient(conn).DeltaAggregatedResources(ctx)
+	if err != nil {
+		return err
+	}
+	for _, typ := range []string{resourcev3.ClusterType, resourcev3.ListenerType} {
+		if err := s.Send(&discoverygrpc.DeltaDiscoveryRequest{Node: node, TypeUrl: typ}); err != nil {
+			return err
+		}
+	}
+	watched := []byte(benchWatchedCLA)
+	go func() {
+		subscribed := map[string]bool{}
+		for {
+			r, err := s.Recv()
+			if err != nil {
+				return
+			}
+			now := time.Now()
+			typ := r.GetTypeUrl()
+			var more []string
+			dep := ""
+			for _, res := range r.GetResources() {
+				a := res.GetResource()
+				switch typ {
+				case resourcev3.ClusterType:
+					cl := &clusterv3.Cluster{}
+					if a.UnmarshalTo(cl) == nil && cl.GetType() == clusterv3.Cluster_EDS {
+						more, dep = append(more, cl.GetEdsClusterConfig().GetServiceName()), resourcev3.EndpointType
+					}
+				case resourcev3.ListenerType:
+					l := &listenerv3.Listener{}
+					if a.UnmarshalTo(l) == nil {
+						more, dep = append(more, rdsNames(l)...), resourcev3.RouteType
+					}
+				case resourcev3.EndpointType:
+					if !bytes.Contains(a.GetValue(), watched) {
+						continue
+					}
+					cla := &endpointv3.ClusterLoadAssignment{}
+					if a.UnmarshalTo(cla) == nil && cla.GetClusterName() == benchWatchedCLA {
+						n := 0
+						for _, le := range cla.GetEndpoints() {
+							n += len(le.GetLbEndpoints())
+						}
+						eds(now, n)
+					}
+				}
+			}
+			if err := s.Send(&discoverygrpc.DeltaDiscoveryRequest{TypeUrl: typ, ResponseNonce: r.GetNonce()}); err != nil {
+				return
+			}
+			var fresh []string
+			for _, n := range more {
+				if !subscribed[dep+n] {
+					subscribed[dep+n] = true
+					fresh = append(fresh, n)
+				}
+			}
+			if len(fresh) > 0 {
+				if err := s.Send(&discoverygrpc.DeltaDiscoveryRequest{TypeUrl: dep, ResourceNamesSubscribe: fresh}); err != nil {
+					return
+				}
+			}
+			if typ == resourcev3.RouteType {
+				rds(now)
+			}
+		}
+	}()
+	return nil
+}
+
 // benchClientsEnv makes the test binary a process of simulated sidecars
 // ("ADDR N SHAPES": N clients, their labels app=shape-K for K < SHAPES, so
 // the server builds SHAPES distinct proxy shapes): the control plane's
@@ -174,9 +249,15 @@ func runBenchClients(spec string) int {
 			meta = map[string]any{"LABELS": map[string]any{"app": fmt.Sprintf("shape-%d", i%shapes)}}
 		}
 		node := testNode(fmt.Sprintf("10.2.%d.%d", i/250, i%250+1), fmt.Sprintf("client-%d", i), "bench", meta)
-		if _, err := runBenchClient(ctx, conns[i%len(conns)], node,
-			func(t time.Time) { emit("R %d %d\n", i, t.UnixNano()) },
-			func(t time.Time, eps int) { emit("E %d %d %d\n", i, t.UnixNano(), eps) }); err != nil {
+		rds := func(t time.Time) { emit("R %d %d\n", i, t.UnixNano()) }
+		eds := func(t time.Time, eps int) { emit("E %d %d %d\n", i, t.UnixNano(), eps) }
+		var err error
+		if os.Getenv("MESHLET_BENCH_DELTA") != "" {
+			err = runBenchDeltaClient(ctx, conns[i%len(conns)], node, rds, eds)
+		} else {
+			_, err = runBenchClient(ctx, conns[i%len(conns)], node, rds, eds)
+		}
+		if err != nil {
 			fmt.Fprintln(os.Stderr, "bench clients:", err)
 			return 1
 		}
@@ -239,7 +320,8 @@ func envInt(name string, def int) int {
 // MESHLET_BENCH_PROXIES simulated sidecars (default 1000, SotW ADS over
 // loopback, in a child process, so this process's memory and CPU are the
 // control plane's) in MESHLET_BENCH_SHAPES distinct label sets (default 1:
-// one build per push serves them all). Both benchmarks share it (set up once per process).
+// one build per push serves them all); MESHLET_BENCH_DELTA=1 makes them
+// delta clients. Both benchmarks share it (set up once per process).
 type benchMesh struct {
 	kube  *kubefake.Clientset
 	istio *istiofake.Clientset
