@@ -63,13 +63,17 @@ type Config struct {
 	// CNI switches to CNI mode.
 	CNI CNI `json:"cni"`
 	// DiscoveryAddress is the discovery service's plaintext xDS address
-	// (host:port): istio-proxy takes its configuration from there
-	// (MESHLET_DISCOVERY_ADDRESS), and the proxyless gRPC bootstrap file
-	// points there. Empty: istio-proxy runs its static configuration, and
-	// the grpcBootstrap templates are refused.
+	// (host:port): the proxyless gRPC bootstrap file points there, and so
+	// does istio-proxy (MESHLET_DISCOVERY_ADDRESS) unless CAAddress is set,
+	// in which case istio-proxy takes its configuration from CAAddress (the
+	// same server over TLS, with its workload certificate). Empty:
+	// istio-proxy runs its static configuration, and the grpcBootstrap
+	// templates are refused.
 	DiscoveryAddress string `json:"discoveryAddress"`
 	// CAAddress is the mesh CA's address (host:port, gRPC over TLS),
-	// given to istio-proxy as MESHLET_CA_ADDRESS; empty: none.
+	// given to istio-proxy as MESHLET_CA_ADDRESS and, when DiscoveryAddress
+	// is set too, as its xDS address (the CA's gRPC server carries ADS over
+	// TLS); empty: none.
 	CAAddress string `json:"caAddress"`
 	// DefaultTemplates are injected into a pod without the
 	// inject.istio.io/templates annotation.

@@ -249,6 +249,9 @@ type params struct {
 	// use (the config's discoveryAddress or the pod's proxy.istio.io/config
 	// discoveryAddress); empty: the static configuration.
 	discovery string
+	// discoveryOwn: the pod named its discovery address itself
+	// (proxy.istio.io/config discoveryAddress).
+	discoveryOwn bool
 	hold      bool
 	drain     time.Duration
 	resources corev1.ResourceRequirements
@@ -351,7 +354,7 @@ func resolve(pod *corev1.Pod, cfg *Config, opts Options) (params, []string, erro
 					if !ok || err != nil {
 						bad(AnnotationProxyConfig, fmt.Sprintf("discoveryAddress %v is not host:port (e.g. istiod.meshlet-system.svc:15010)", val))
 					} else {
-						p.discovery = s
+						p.discovery, p.discoveryOwn = s, true
 					}
 				case "terminationDrainDuration":
 					s, ok := val.(string)
@@ -831,7 +834,7 @@ func proxyContainer(cfg *Config, p params, appNames []string, labels map[string]
 		SecurityContext:          sc,
 	}
 	if p.discovery != "" {
-		c.Env = append(c.Env, corev1.EnvVar{Name: EnvDiscoveryAddress, Value: p.discovery})
+		c.Env = append(c.Env, corev1.EnvVar{Name: EnvDiscoveryAddress, Value: sidecarDiscovery(&p, cfg)})
 	}
 	if cfg.CAAddress != "" {
 		c.Env = append(c.Env, corev1.EnvVar{Name: EnvCAAddress, Value: cfg.CAAddress})
@@ -898,4 +901,18 @@ func unprivileged(uid, gid int64) *corev1.SecurityContext {
 		ReadOnlyRootFilesystem:   ptr(true),
 		Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
 	}
+}
+
+// sidecarDiscovery is the xDS address istio-proxy dials. With a mesh CA
+// configured it is the CA's address: the same gRPC server serves ADS there
+// over TLS to callers presenting the workload certificate the agent obtains
+// from it (the proxy turns TLS on for port 15012). Otherwise, and when the
+// pod named its own discoveryAddress, it is discoveryAddress as given. The
+// proxyless gRPC bootstrap keeps discoveryAddress (plain text): its
+// application has no workload certificate.
+func sidecarDiscovery(p *params, cfg *Config) string {
+	if cfg.CAAddress != "" && !p.discoveryOwn {
+		return cfg.CAAddress
+	}
+	return p.discovery
 }

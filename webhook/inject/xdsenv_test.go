@@ -85,11 +85,32 @@ func TestProxyEnvIsXDSIdentity(t *testing.T) {
 	if id.Meta["INTERCEPTION_MODE"] != ModeRedirect || id.Meta["APP_CONTAINERS"] != "web" {
 		t.Errorf("metadata %v: want INTERCEPTION_MODE=%s APP_CONTAINERS=web", id.Meta, ModeRedirect)
 	}
-	if got := env[EnvDiscoveryAddress]; got != cfg.DiscoveryAddress {
-		t.Errorf("%s=%q, want %q", EnvDiscoveryAddress, got, cfg.DiscoveryAddress)
+	// With a CA the sidecar's xDS goes to the CA's gRPC server (ADS over
+	// TLS with the workload certificate).
+	if got := env[EnvDiscoveryAddress]; got != cfg.CAAddress {
+		t.Errorf("%s=%q, want the CA's %q", EnvDiscoveryAddress, got, cfg.CAAddress)
 	}
 	if got := env[EnvCAAddress]; got != cfg.CAAddress {
 		t.Errorf("%s=%q, want %q", EnvCAAddress, got, cfg.CAAddress)
+	}
+	// A pod's own discoveryAddress is used as given.
+	own := testPod()
+	own.Annotations = map[string]string{AnnotationProxyConfig: "discoveryAddress: istiod-canary.istio-system.svc:15010\n"}
+	out, _, err = Inject(own, Namespace{Name: "shop"}, &cfg, Options{AutoNativeSidecar: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := proxyEnv(t, out, "10.0.0.7")[EnvDiscoveryAddress]; got != "istiod-canary.istio-system.svc:15010" {
+		t.Errorf("pod's own discoveryAddress: %s=%q", EnvDiscoveryAddress, got)
+	}
+	// Without a CA: the plain-text discovery address.
+	cfg.CAAddress = ""
+	out, _, err = Inject(testPod(), Namespace{Name: "shop"}, &cfg, Options{AutoNativeSidecar: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := proxyEnv(t, out, "10.0.0.7")[EnvDiscoveryAddress]; got != cfg.DiscoveryAddress {
+		t.Errorf("no CA: %s=%q, want %q", EnvDiscoveryAddress, got, cfg.DiscoveryAddress)
 	}
 
 	// Static mode: no discovery address, no CA address, the identity
