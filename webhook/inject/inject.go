@@ -252,10 +252,10 @@ type params struct {
 	// discoveryOwn: the pod named its discovery address itself
 	// (proxy.istio.io/config discoveryAddress).
 	discoveryOwn bool
-	hold      bool
-	drain     time.Duration
-	resources corev1.ResourceRequirements
-	capture   captureSettings
+	hold         bool
+	drain        time.Duration
+	resources    corev1.ResourceRequirements
+	capture      captureSettings
 	// plan is what the pod's templates inject.
 	plan                    plan
 	templatesFromAnnotation bool
