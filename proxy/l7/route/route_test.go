@@ -98,8 +98,12 @@ func TestRetryPolicyAndBudget(t *testing.T) {
 	if got := b.Requests(); got != 4 {
 		t.Errorf("requests in the budget: %v, want 4", got)
 	}
-	if !b.Withdraw() || !b.Withdraw() || b.Withdraw() {
-		t.Error("ratio 0.5 of 4 requests: want 2 retries, then none")
+	var got []bool
+	for range 3 {
+		got = append(got, b.Withdraw())
+	}
+	if !got[0] || !got[1] || got[2] {
+		t.Errorf("ratio 0.5 of 4 requests: withdrawals %v, want 2 retries, then none", got)
 	}
 	var none *Budget
 	none.Deposit()
