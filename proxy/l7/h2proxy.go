@@ -745,6 +745,13 @@ func (s *h2stream) open(f *http2.MetaHeadersFrame, fs *flushSet) {
 	}
 	r.URL = u
 
+	if p.refusePlaintext(t, d.dir, d.tls, d.dst) {
+		// The connection predates STRICT on its port: refused unprocessed
+		// and the connection ended; the client's retry on a new one is
+		// refused at accept.
+		s.refuse(fs)
+		return
+	}
 	host := route.HostOnly(authority)
 	rt := t.match(r, host, d.dir, d.dst)
 	if rt != nil && !h2RouteOK(rt) {

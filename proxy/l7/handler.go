@@ -83,8 +83,13 @@ func (p *Engine) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			}
 		}()
 	}
-	ensureRequestID(r.Header)
 	t := p.tab.Load()
+	if tc != nil && p.refusePlaintext(t, dir, r.TLS, dst) {
+		// No answer: the connection closes (net/http, and the HTTP/1.1
+		// codec's serve, treat ErrAbortHandler so).
+		panic(http.ErrAbortHandler)
+	}
+	ensureRequestID(r.Header)
 	st := &reqState{tab: t, dst: dst, grpc: grpcwire.IsGRPC(r)}
 	st.rw.ResponseWriter = w
 	rw := &st.rw

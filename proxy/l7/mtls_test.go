@@ -5,11 +5,13 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -195,6 +197,97 @@ func TestMTLSPermissive(t *testing.T) {
 	}
 	if code, body, err := get(t, s.in, map[string]string{"X-Forwarded-Client-Cert": "By=forged"}); err != nil || code != 200 || body != "HTTP/1.1 xfcc=" {
 		t.Fatalf("plain text on PERMISSIVE: %d %q %v", code, body, err)
+	}
+}
+
+// TestMTLSStrictAppliesToOpenConnections: plain-text keep-alive
+// connections opened while a port was PERMISSIVE are refused at their next
+// request once the port is STRICT — HTTP/1.1 (the connection closed
+// without an answer, counted as refused_plaintext) and HTTP/2 (no answer
+// on the old connection, and a new one is refused at accept) — while
+// mutual TLS through the client's sidecar keeps being served.
+func TestMTLSStrictAppliesToOpenConnections(t *testing.T) {
+	ca := mtlstest.NewCA(t)
+	srvID, cliID := stores(t, ca)
+	s := startSidecar(t, serverConfig(config.PeerPermissive), srvID, echoApp(t))
+	c := startSidecar(t, clientConfig(s, clusterHTTP1, apiID), cliID, "")
+	refused := func() uint64 {
+		return s.stats.Counter(`meshlet_mtls_inbound_connections_total{mode="STRICT",result="refused_plaintext"}`).Value()
+	}
+
+	// HTTP/1.1 on one raw connection, so nothing retries behind the test.
+	h1, err := net.Dial("tcp", s.in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h1.Close()
+	br := bufio.NewReader(h1)
+	h1Get := func() (*http.Response, string, error) {
+		_ = h1.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.WriteString(h1, "GET /x HTTP/1.1\r\nHost: api.shop\r\n\r\n"); err != nil {
+			return nil, "", err
+		}
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			return nil, "", err
+		}
+		b, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return resp, string(b), err
+	}
+	if resp, body, err := h1Get(); err != nil || resp.StatusCode != 200 || body != "HTTP/1.1 xfcc=" {
+		t.Fatalf("HTTP/1.1 plain text on PERMISSIVE: %v %q %v", resp, body, err)
+	}
+
+	// HTTP/2 with prior knowledge, kept alive; the dials are counted.
+	var protos http.Protocols
+	protos.SetUnencryptedHTTP2(true)
+	var dials atomic.Int32
+	h2c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{Protocols: &protos,
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			dials.Add(1)
+			return (&net.Dialer{}).DialContext(ctx, network, addr)
+		}}}
+	defer h2c.CloseIdleConnections()
+	h2Get := func() (int, string, error) {
+		resp, err := h2c.Get("http://" + s.in + "/x")
+		if err != nil {
+			return 0, "", err
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b), err
+	}
+	for i := 0; i < 2; i++ {
+		if code, body, err := h2Get(); err != nil || code != 200 || body != "HTTP/2.0 xfcc=" {
+			t.Fatalf("HTTP/2 plain text on PERMISSIVE: %d %q %v", code, body, err)
+		}
+	}
+	if n := dials.Load(); n != 1 {
+		t.Fatalf("HTTP/2 client dialled %d times for two calls, want one kept-alive connection", n)
+	}
+
+	if err := s.engine.Update(serverConfig(config.PeerStrict)); err != nil {
+		t.Fatal(err)
+	}
+	before := refused()
+	if resp, body, err := h1Get(); err == nil {
+		t.Errorf("HTTP/1.1 request on a plain-text connection opened before STRICT: %s %q, want the connection closed unanswered", resp.Status, body)
+	} else if errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("HTTP/1.1 request on the old connection: %v, want it closed", err)
+	}
+	if d := refused() - before; d != 1 {
+		t.Errorf("refused_plaintext grew by %d for the old HTTP/1.1 connection, want 1", d)
+	}
+	if code, body, err := h2Get(); err == nil {
+		t.Errorf("HTTP/2 request on a plain-text connection opened before STRICT: %d %q, want refused", code, body)
+	}
+	if d := refused() - before; d < 2 || d > 3 {
+		t.Errorf("refused_plaintext grew by %d after the HTTP/2 request too, want 2 or 3 (the old connection's stream, and the client's retry of a refused stream on a new connection)", d)
+	}
+	// Mutual TLS is served as before.
+	if code, body, err := get(t, c.out, nil); err != nil || code != 200 || body != "HTTP/1.1 xfcc="+xfccOf(apiID, cliID) {
+		t.Fatalf("mutual TLS after STRICT: %d %q %v", code, body, err)
 	}
 }
 

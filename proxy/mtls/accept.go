@@ -95,6 +95,13 @@ func (in *Inbound) Accept(ctx context.Context, c net.Conn, mode string) (net.Con
 	return tc, &cs, nil
 }
 
+// CountRefusedPlaintext counts a plain-text connection refused after it
+// was accepted: its port became STRICT while it was open, and its next
+// request was refused (mode STRICT, result refused_plaintext).
+func (in *Inbound) CountRefusedPlaintext() {
+	in.outcomes.WithLabelValues(Strict, "refused_plaintext").Inc()
+}
+
 // Dial completes an outbound mutual TLS handshake on raw with cfg (from
 // ClientConfig) within ctx; on failure raw is closed.
 func Dial(ctx context.Context, raw net.Conn, cfg *tls.Config) (*tls.Conn, error) {
