@@ -85,8 +85,9 @@ func (p *Engine) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	t := p.tab.Load()
 	if tc != nil && p.refusePlaintext(t, dir, r.TLS, dst) {
-		// No answer: the connection closes (net/http, and the HTTP/1.1
-		// codec's serve, treat ErrAbortHandler so).
+		// No answer: an HTTP/1.1 connection closes (net/http and the
+		// codec's serve treat ErrAbortHandler so); HTTP/2 that net/http
+		// serves has the stream reset.
 		panic(http.ErrAbortHandler)
 	}
 	ensureRequestID(r.Header)

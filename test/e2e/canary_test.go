@@ -27,10 +27,48 @@ type batch struct {
 	Statuses    map[string]int `json:"statuses"`
 	Errors      int            `json:"errors"`
 	FirstErrors []string       `json:"firstErrors"`
+	// Echoed counts the 2xx answers by the value of the request header the
+	// echo server received under the name given as echoHeader.
+	Echoed map[string]int `json:"echoed"`
+	// Bodies counts the answers that are not 2xx by their (trimmed) body.
+	Bodies map[string]int `json:"bodies"`
 }
 
 func (b batch) String() string {
-	return fmt.Sprintf("%d calls: servers %v statuses %v errors %d %v", b.Calls, b.Servers, b.Statuses, b.Errors, b.FirstErrors)
+	s := fmt.Sprintf("%d calls: servers %v statuses %v errors %d %v", b.Calls, b.Servers, b.Statuses, b.Errors, b.FirstErrors)
+	if len(b.Echoed) > 0 {
+		s += fmt.Sprintf(" echoed %v", b.Echoed)
+	}
+	if len(b.Bodies) > 0 {
+		s += fmt.Sprintf(" bodies %v", b.Bodies)
+	}
+	return s
+}
+
+// driverRun asks the load driver in pod (test/images/client -serve) for
+// one batch of calls: q holds url and n, and optionally method, header
+// (NAME:VALUE, repeated) and echoHeader.
+func driverRun(ctx context.Context, driver *corev1.Pod, q url.Values) (batch, error) {
+	ctx, cancel := context.WithTimeout(ctx, 90*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+driver.Status.PodIP+":8081/run?"+q.Encode(), nil)
+	if err != nil {
+		return batch{}, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return batch{}, fmt.Errorf("load driver %s/%s: %w", driver.Namespace, driver.Name, err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		return batch{}, fmt.Errorf("load driver %s/%s: %s: %s", driver.Namespace, driver.Name, resp.Status, body)
+	}
+	var b batch
+	if err := json.Unmarshal(body, &b); err != nil {
+		return batch{}, fmt.Errorf("load driver answer %q: %w", body, err)
+	}
+	return b, nil
 }
 
 // canary is the test's view of the canary namespace: the load driver pod
@@ -44,27 +82,7 @@ type canary struct {
 // run asks the driver for n calls of http://reviews:9080/ with the given
 // headers (NAME:VALUE).
 func (c *canary) run(ctx context.Context, n int, headers ...string) (batch, error) {
-	q := url.Values{"url": {"http://reviews:9080/"}, "n": {fmt.Sprint(n)}, "header": headers}
-	ctx, cancel := context.WithTimeout(ctx, 90*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+c.driver.Status.PodIP+":8081/run?"+q.Encode(), nil)
-	if err != nil {
-		return batch{}, err
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return batch{}, fmt.Errorf("load driver: %w", err)
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK {
-		return batch{}, fmt.Errorf("load driver: %s: %s", resp.Status, body)
-	}
-	var b batch
-	if err := json.Unmarshal(body, &b); err != nil {
-		return batch{}, fmt.Errorf("load driver answer %q: %w", body, err)
-	}
-	return b, nil
+	return driverRun(ctx, c.driver, url.Values{"url": {"http://reviews:9080/"}, "n": {fmt.Sprint(n)}, "header": headers})
 }
 
 // byVersion counts a batch's 2xx answers by the version of the pod that
