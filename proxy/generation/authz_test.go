@@ -105,7 +105,7 @@ func startAuthzGeneration(t *testing.T, app, yaml string) (generation.Options, *
 	srv.Set(t, "1", translated(t, yaml))
 	runGeneration(t, o)
 	deadline := time.Now().Add(10 * time.Second)
-	for code, body := get("http://" + o.HealthAddr + "/healthz/ready"); code != http.StatusOK; code, body = get("http://" + o.HealthAddr + "/healthz/ready") {
+	for code, body := proctest.HTTPGet("http://" + o.HealthAddr + "/healthz/ready"); code != http.StatusOK; code, body = proctest.HTTPGet("http://" + o.HealthAddr + "/healthz/ready") {
 		if time.Now().After(deadline) {
 			t.Fatalf("not ready: %d %q", code, body)
 		}
@@ -179,7 +179,7 @@ func TestGenerationXDSAuthorization(t *testing.T) {
 	}
 
 	expect("namespace rule, plain-text peer", map[string]int{"GET /public": 403, "GET /private": 403, "POST /public": 403})
-	_, prom := get("http://" + o.PrometheusAddr + "/stats/prometheus")
+	_, prom := proctest.HTTPGet("http://" + o.PrometheusAddr + "/stats/prometheus")
 	if !strings.Contains(prom, `meshlet_rbac_denied_total{policy=""} 3`) {
 		t.Errorf("metrics have no meshlet_rbac_denied_total{policy=\"\"} 3:\n%s", grepLines(prom, "rbac"))
 	}
@@ -296,7 +296,7 @@ spec:
 	}
 	srv.Set(t, "4", translated(t, meshYAMLPort(appPort, "tcp-db", "")))
 	waitEcho("no policy")
-	_, prom := get("http://" + o.PrometheusAddr + "/stats/prometheus")
+	_, prom := proctest.HTTPGet("http://" + o.PrometheusAddr + "/stats/prometheus")
 	if !strings.Contains(prom, `meshlet_rbac_denied_total{policy=""}`) {
 		t.Errorf("no meshlet_rbac_denied_total for the closed connections:\n%s", grepLines(prom, "rbac"))
 	}

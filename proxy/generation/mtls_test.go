@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshlet/meshlet/internal/proctest"
 	"github.com/meshlet/meshlet/proxy/generation"
 	"github.com/meshlet/meshlet/proxy/identity"
 	"github.com/meshlet/meshlet/proxy/mtls/mtlstest"
@@ -55,7 +56,7 @@ func startMTLSGeneration(t *testing.T, o generation.Options, nodeID string, id *
 	srv.Set(t, "1", translated(t, yaml))
 	runGeneration(t, o)
 	deadline := time.Now().Add(10 * time.Second)
-	for code, body := get("http://" + o.HealthAddr + "/healthz/ready"); code != http.StatusOK; code, body = get("http://" + o.HealthAddr + "/healthz/ready") {
+	for code, body := proctest.HTTPGet("http://" + o.HealthAddr + "/healthz/ready"); code != http.StatusOK; code, body = proctest.HTTPGet("http://" + o.HealthAddr + "/healthz/ready") {
 		if time.Now().After(deadline) {
 			t.Fatalf("not ready: %d %q", code, body)
 		}
@@ -109,7 +110,7 @@ func TestGenerationXDSMTLS(t *testing.T) {
 		t.Fatalf("client → server generation: %d %q", resp.StatusCode, b)
 	}
 	// Plain text straight to the STRICT server: closed unanswered.
-	if code, body := get("http://" + srvOpts.InboundAddr + "/"); code != 0 {
+	if code, body := proctest.HTTPGet("http://" + srvOpts.InboundAddr + "/"); code != 0 {
 		t.Fatalf("plain text on STRICT: %d %q", code, body)
 	}
 }

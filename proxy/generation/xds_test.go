@@ -33,17 +33,6 @@ func backend(t *testing.T, name string) string {
 	return ln.Addr().String()
 }
 
-func get(url string) (int, string) {
-	c := &http.Client{Timeout: 3 * time.Second}
-	resp, err := c.Get(url)
-	if err != nil {
-		return 0, err.Error()
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b)
-}
-
 // TestGenerationXDS runs a proxy generation in xDS mode whose discovery
 // server is not up yet: it serves, answers /healthz/ready 503 saying why;
 // once the server comes up with a 90/10 canary it becomes ready, routes
@@ -58,7 +47,7 @@ func TestGenerationXDS(t *testing.T) {
 	var code int
 	var body string
 	deadline := time.Now().Add(10 * time.Second)
-	for code, body = get("http://" + o.HealthAddr + "/healthz/ready"); code != http.StatusServiceUnavailable; code, body = get("http://" + o.HealthAddr + "/healthz/ready") {
+	for code, body = proctest.HTTPGet("http://" + o.HealthAddr + "/healthz/ready"); code != http.StatusServiceUnavailable; code, body = proctest.HTTPGet("http://" + o.HealthAddr + "/healthz/ready") {
 		if time.Now().After(deadline) {
 			t.Fatalf("health before the control plane: %d %q", code, body)
 		}
@@ -73,7 +62,7 @@ func TestGenerationXDS(t *testing.T) {
 		Subsets: map[string][]string{"v1": {backend(t, "v1")}, "v2": {backend(t, "v2")}},
 		Weights: map[string]uint32{"v1": 90, "v2": 10}}
 	srv.Set(t, "1", m.Resources())
-	for code, body = get("http://" + o.HealthAddr + "/healthz/ready"); code != http.StatusOK; code, body = get("http://" + o.HealthAddr + "/healthz/ready") {
+	for code, body = proctest.HTTPGet("http://" + o.HealthAddr + "/healthz/ready"); code != http.StatusOK; code, body = proctest.HTTPGet("http://" + o.HealthAddr + "/healthz/ready") {
 		if time.Now().After(deadline) {
 			t.Fatalf("not ready after the control plane came up: %d %q", code, body)
 		}
@@ -97,7 +86,7 @@ func TestGenerationXDS(t *testing.T) {
 		t.Errorf("split %v; want v2 ≈ 50 of 500", got)
 	}
 
-	_, dump := get("http://" + o.AdminAddr + "/config_dump?include_eds")
+	_, dump := proctest.HTTPGet("http://" + o.AdminAddr + "/config_dump?include_eds")
 	var cd struct {
 		Configs []map[string]any `json:"configs"`
 	}
@@ -114,7 +103,7 @@ func TestGenerationXDS(t *testing.T) {
 	if !strings.Contains(dump, `"name":"outbound|9080|v2|reviews.shop.svc.cluster.local"`) && !strings.Contains(dump, `"name": "outbound|9080|v2|reviews.shop.svc.cluster.local"`) {
 		t.Errorf("config_dump lacks the v2 cluster")
 	}
-	_, info := get("http://" + o.AdminAddr + "/server_info")
+	_, info := proctest.HTTPGet("http://" + o.AdminAddr + "/server_info")
 	var si struct {
 		Dynamic xds.Status `json:"dynamic"`
 	}
@@ -124,7 +113,7 @@ func TestGenerationXDS(t *testing.T) {
 	if s := si.Dynamic; !s.Connected || s.Source != xds.SourceControlPlane || !s.Ready || s.Versions["rds"] != "1" {
 		t.Errorf("server_info dynamic %+v", s)
 	}
-	_, prom := get("http://" + o.PrometheusAddr + "/stats/prometheus")
+	_, prom := proctest.HTTPGet("http://" + o.PrometheusAddr + "/stats/prometheus")
 	for _, want := range []string{"meshlet_xds_connected 1", `meshlet_xds_updates_total{result="applied",type="cds"}`, "meshlet_xds_push_to_applied_seconds_count"} {
 		if !strings.Contains(prom, want) {
 			t.Errorf("metrics lack %q", want)

@@ -5,32 +5,13 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"os"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
-)
 
-// handoverPair returns the two ends of a SOCK_SEQPACKET pair.
-func handoverPair(t *testing.T) (*net.UnixConn, *net.UnixConn) {
-	t.Helper()
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	conn := func(fd int) *net.UnixConn {
-		f := os.NewFile(uintptr(fd), "handover")
-		defer f.Close()
-		c, err := net.FileConn(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		return c.(*net.UnixConn)
-	}
-	return conn(fds[0]), conn(fds[1])
-}
+	"github.com/meshlet/meshlet/internal/proctest"
+)
 
 // TestHandOverSessions: an L4 session (two sockets) and an HTTP/1.1 session
 // (the client socket only, with the bytes of its next request) arrive
@@ -38,7 +19,7 @@ func handoverPair(t *testing.T) (*net.UnixConn, *net.UnixConn) {
 // closed once sent.
 func TestHandOverSessions(t *testing.T) {
 	t.Parallel()
-	sendEnd, recvEnd := handoverPair(t)
+	sendEnd, recvEnd := proctest.HandoverPair(t)
 	rcv, err := NewReceiver(recvEnd)
 	if err != nil {
 		t.Fatal(err)
@@ -112,7 +93,7 @@ func checkCarries(t *testing.T, peer, moved *net.TCPConn) {
 // caller keeps the socket). Another greeting is a refusal.
 func TestHandOverL4OnlySuccessor(t *testing.T) {
 	t.Parallel()
-	sendEnd, recvEnd := handoverPair(t)
+	sendEnd, recvEnd := proctest.HandoverPair(t)
 	if _, err := recvEnd.Write([]byte("meshlet-handover/1")); err != nil {
 		t.Fatal(err)
 	}
@@ -129,7 +110,7 @@ func TestHandOverL4OnlySuccessor(t *testing.T) {
 	}
 	checkCarries(t, peer, client) // still ours
 
-	sendEnd, recvEnd = handoverPair(t)
+	sendEnd, recvEnd = proctest.HandoverPair(t)
 	if _, err := recvEnd.Write([]byte("meshlet-handover/9")); err != nil {
 		t.Fatal(err)
 	}
@@ -143,7 +124,7 @@ func TestHandOverL4OnlySuccessor(t *testing.T) {
 // message is fine.
 func TestHandOverMalformedDescriptors(t *testing.T) {
 	t.Parallel()
-	sendEnd, recvEnd := handoverPair(t)
+	sendEnd, recvEnd := proctest.HandoverPair(t)
 	rcv, err := NewReceiver(recvEnd)
 	if err != nil {
 		t.Fatal(err)

@@ -165,7 +165,7 @@ clusters: [{name: web, endpoints: [{address: %q}]}]
 				if line, err := out.ReadString('\n'); err != nil || line != "ready\n" {
 					b.Fatalf("clients: %q %v", line, err)
 				}
-				oldEnd, newEnd := unixPair(b)
+				oldEnd, newEnd := proctest.HandoverPair(b)
 				g2 := startGeneration(b, shared, conf, st, newEnd)
 				if err := os.WriteFile("/proc/self/clear_refs", []byte("5"), 0); err != nil {
 					b.Fatalf("resetting the peak RSS: %v", err)

@@ -7,14 +7,12 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	testpb "google.golang.org/grpc/interop/grpc_testing"
@@ -138,7 +136,7 @@ clusters:
 		yaml := conf([]string{v1, v2}[r%2])
 		var next *server.Server
 		if handOver {
-			oldEnd, newEnd := unixPair(t)
+			oldEnd, newEnd := proctest.HandoverPair(t)
 			next = gen(yaml, newEnd)
 			prev.HandOver(oldEnd)
 		} else {
@@ -198,27 +196,6 @@ clusters:
 	if failed.Load() != 0 || ok.Load() < 20 || !sawV1 || !sawV2 {
 		t.Fatalf("ok=%d failed=%d v1=%v v2=%v; want no failures and both configs served", ok.Load(), failed.Load(), sawV1, sawV2)
 	}
-}
-
-// unixPair returns the two ends of a hand-over socket (SOCK_SEQPACKET), as
-// the agent creates between two generations.
-func unixPair(t testing.TB) (*net.UnixConn, *net.UnixConn) {
-	t.Helper()
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	conn := func(fd int) *net.UnixConn {
-		f := os.NewFile(uintptr(fd), "handover")
-		defer f.Close()
-		c, err := net.FileConn(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		return c.(*net.UnixConn)
-	}
-	return conn(fds[0]), conn(fds[1])
 }
 
 // splitBackend serves HTTP/1.1 on a new loopback port until the test ends,
@@ -344,7 +321,7 @@ clusters: [{name: web, endpoints: [{address: %q}]}]
 			if resp, err := proctest.PostTo(c, br, "web", []byte("before"), false); err != nil || resp.Close {
 				t.Fatalf("before the restart: %v", err)
 			}
-			oldEnd, newEnd := unixPair(t)
+			oldEnd, newEnd := proctest.HandoverPair(t)
 			tc.successor(t, newEnd)
 			g.HandOver(oldEnd)
 			time.Sleep(100 * time.Millisecond) // the drain reaches the idle connection
@@ -487,7 +464,7 @@ clusters: [{name: web, endpoints: [{address: %q}]}]
 	time.Sleep(200 * time.Millisecond)
 	for r := range restarts {
 		s := &side[r%2]
-		oldEnd, newEnd := unixPair(t)
+		oldEnd, newEnd := proctest.HandoverPair(t)
 		next := startGeneration(t, s.ln, s.conf, s.st, newEnd)
 		s.gen.HandOver(oldEnd)
 		waitDrained(t, s.gen, fmt.Sprintf("%s, restart %d", s.name, r+1))

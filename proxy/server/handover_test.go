@@ -9,7 +9,6 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -17,8 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
+	"github.com/meshlet/meshlet/internal/proctest"
 	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/server"
 	"github.com/meshlet/meshlet/proxy/stats"
@@ -115,24 +113,6 @@ func dupListener(t testing.TB, ln *net.TCPListener) *net.TCPListener {
 	return l.(*net.TCPListener)
 }
 
-func unixPair(t testing.TB) (*net.UnixConn, *net.UnixConn) {
-	t.Helper()
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	conn := func(fd int) *net.UnixConn {
-		f := os.NewFile(uintptr(fd), "handover")
-		defer f.Close()
-		c, err := net.FileConn(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c.(*net.UnixConn)
-	}
-	return conn(fds[0]), conn(fds[1])
-}
-
 func startGenerations(t testing.TB, drain time.Duration) *generations {
 	t.Helper()
 	cfg, err := config.Parse([]byte("apiVersion: meshlet.io/v1alpha1\nkind: ProxyConfig\n"))
@@ -151,7 +131,7 @@ func startGenerations(t testing.TB, drain time.Duration) *generations {
 	}
 	g.old.Start()
 	t.Cleanup(g.old.Close)
-	oldEnd, newEnd := unixPair(t)
+	oldEnd, newEnd := proctest.HandoverPair(t)
 	g.oldEnd = oldEnd
 	g.next, err = server.New(server.Options{Config: cfg, Listeners: server.Listeners{Outbound: []*net.TCPListener{dupListener(t, out)}},
 		Stats: g.stats, Generation: 2, DrainDuration: drain, OrigDst: origDst, Handover: newEnd})
