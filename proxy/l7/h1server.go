@@ -5,21 +5,15 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"fmt"
-	"github.com/meshlet/meshlet/proxy/l7/h1"
 	"io"
 	"net"
 	"net/http"
 	"runtime"
-	"strconv"
-	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
-	"golang.org/x/net/http/httpguts"
-
 	"github.com/meshlet/meshlet/proxy/l4"
+	"github.com/meshlet/meshlet/proxy/l7/h1"
 	"github.com/meshlet/meshlet/proxy/sniff"
 )
 
@@ -28,7 +22,7 @@ import (
 // Every downstream HTTP connection starts here. Requests in the common
 // shape — HTTP/1.1, origin-form target, Host present, no body or a body of
 // known length up to h1.MaxBody, no Upgrade, no Expect, no
-// Transfer-Encoding, the whole header within h1ReadBufSize — are parsed in
+// Transfer-Encoding, the whole header within h1.ReadBufSize — are parsed in
 // place and answered by a response writer that frames the response itself.
 // The first request of any other shape (and the HTTP/2 preface) hands the
 // connection, with every byte read so far, to net/http's server, which
@@ -46,18 +40,9 @@ import (
 // client going away is noticed by a read started only when a request has
 // waited longer than h1WatchAfter.
 
-// h1ReadBufSize bounds the request head the codec parses itself; larger
-// heads go to net/http, which enforces limits.maxHeaderBytes.
-const h1ReadBufSize = 8 << 10
-
 // h1WatchAfter is how long a request may wait for its response before the
 // connection is watched for the client closing it.
 const h1WatchAfter = 100 * time.Millisecond
-
-var (
-	h1Readers = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, h1ReadBufSize) }}
-	h1Writers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 4<<10) }}
-)
 
 // h1Conn states: idle connections wait for the first byte of a request,
 // busy ones are reading or answering one.
@@ -72,7 +57,6 @@ type h1ServerConn struct {
 	d   *dirServer
 	tc  *trackedConn
 	br  *bufio.Reader
-	bw  *bufio.Writer
 	ctx context.Context // the connection's context (carries connKey)
 
 	cancel context.CancelFunc
@@ -81,9 +65,9 @@ type h1ServerConn struct {
 
 	// Reused per request (see serveOne).
 	parser h1.Parser
-	body   bodyReader
+	body   h1.Body
 	bufp   *[]byte // pooled request body buffer while a request holds one
-	w      h1Writer
+	w      h1.ResponseWriter
 
 	mu       sync.Mutex // guards state, woken, stay, armed, watching and read deadline changes
 	state    int
@@ -106,12 +90,10 @@ func (p *Engine) serveH1(ctx context.Context, tc *trackedConn, d *dirServer) net
 	if ra := tc.RemoteAddr(); ra != nil {
 		c.remote = ra.String()
 	}
-	c.br = h1Readers.Get().(*bufio.Reader)
-	c.br.Reset(tc)
+	c.br = h1.GetReader(tc)
 	c.timer = time.AfterFunc(time.Hour, c.watch)
 	c.timer.Stop()
-	c.w.c = c
-	c.w.hdr = make(http.Header, 16)
+	c.w.MustClose = c.mustClose
 
 	d.addH1(c)
 	stopCtx := context.AfterFunc(ctx, func() { _ = tc.Conn.Close() })
@@ -121,8 +103,7 @@ func (p *Engine) serveH1(ctx context.Context, tc *trackedConn, d *dirServer) net
 		d.removeH1(c)
 		c.timer.Stop()
 		c.releaseBody()
-		c.br.Reset(nil)
-		h1Readers.Put(c.br)
+		h1.PutReader(c.br)
 	}()
 	for {
 		if handoff, done := c.serveOne(); handoff != nil || done {
@@ -162,7 +143,7 @@ func (c *h1ServerConn) serveOne() (handoff net.Conn, done bool) {
 	c.mu.Unlock()
 	// The head: parse what arrived; read more (bounded by the header
 	// timeout) while it is incomplete.
-	maxHead := min(orInt(lim.MaxHeaderBytes, 64<<10), h1ReadBufSize)
+	maxHead := min(orInt(lim.MaxHeaderBytes, 64<<10), h1.ReadBufSize)
 	var head []byte
 	deadlineSet := false
 	for {
@@ -224,15 +205,15 @@ func (c *h1ServerConn) serveOne() (handoff net.Conn, done bool) {
 	// it is served: only the watch reads, and it sets its own.
 
 	w := &c.w
-	w.reset(r)
+	w.Reset(r, c.tc)
 	c.watchStart()
 	ok := c.serve(w, r)
 	c.watchStop()
 	c.releaseBody()
 	if ok {
-		ok = w.finish() == nil
+		ok = w.Finish() == nil
 	}
-	if !ok || w.closeAfter || c.watchErr != nil {
+	if !ok || w.CloseAfter() || c.watchErr != nil {
 		c.tc.Close()
 		return nil, true
 	}
@@ -241,7 +222,7 @@ func (c *h1ServerConn) serveOne() (handoff net.Conn, done bool) {
 
 // serve runs the handler; false means the response was aborted and the
 // connection must be closed (as net/http does for http.ErrAbortHandler).
-func (c *h1ServerConn) serve(w *h1Writer, r *http.Request) (ok bool) {
+func (c *h1ServerConn) serve(w *h1.ResponseWriter, r *http.Request) (ok bool) {
 	defer func() {
 		if v := recover(); v != nil {
 			ok = false
@@ -301,6 +282,11 @@ func (c *h1ServerConn) setReadDeadline(t time.Time) {
 	c.rdl = t
 	_ = c.tc.SetReadDeadline(t)
 }
+
+// mustClose is the response writer's MustClose: a draining direction
+// closes the connection after its response unless the connection moves to
+// the next generation (it then stays keep-alive).
+func (c *h1ServerConn) mustClose() bool { return c.d.draining.Load() && c.target() == nil }
 
 // h1Mover moves a codec connection to the next generation between two
 // requests when its direction drains for a hot restart.
@@ -460,313 +446,6 @@ func (c *h1ServerConn) watchStop() {
 	if watching {
 		c.watchWG.Wait()
 	}
-}
-
-// bodyReader is a request body held in memory.
-type bodyReader struct{ bytes.Reader }
-
-func (*bodyReader) Close() error { return nil }
-
-// h1Writer is the codec's http.ResponseWriter. The head is written when the
-// body outgrows the pending buffer, on Flush, or when the handler returns;
-// a response whose length is unknown by then is sent chunked.
-type h1Writer struct {
-	c           *h1ServerConn
-	hdr         http.Header
-	req         *http.Request
-	status      int
-	wroteHeader bool
-	committed   bool
-	chunked     bool
-	noBody      bool
-	closeAfter  bool
-	clen        int64 // declared Content-Length, -1 when unknown
-	written     int64
-	pending     []byte
-	trailers    []string // declared trailer names
-	err         error
-}
-
-var errH1ContentLength = errors.New("l7: response body longer than its Content-Length")
-
-func (w *h1Writer) reset(r *http.Request) {
-	clear(w.hdr)
-	*w = h1Writer{c: w.c, hdr: w.hdr, req: r, clen: -1, pending: w.pending[:0], trailers: w.trailers[:0], closeAfter: r.Close}
-	if w.c.bw == nil {
-		w.c.bw = h1Writers.Get().(*bufio.Writer)
-		w.c.bw.Reset(w.c.tc)
-	}
-}
-
-func (w *h1Writer) Header() http.Header { return w.hdr }
-
-func (w *h1Writer) WriteHeader(code int) {
-	if w.wroteHeader || w.err != nil {
-		return
-	}
-	if code < 100 || code > 999 {
-		panic(fmt.Sprintf("invalid WriteHeader code %v", code))
-	}
-	if code < 200 && code != http.StatusSwitchingProtocols {
-		// Informational (103 Early Hints): the head now, with the headers
-		// set so far.
-		w.writeHead(code, false)
-		w.err = w.c.bw.Flush()
-		return
-	}
-	w.status, w.wroteHeader = code, true
-	if w.req.Method == http.MethodHead || code == http.StatusNoContent || code == http.StatusNotModified {
-		w.noBody = true
-	}
-}
-
-func (w *h1Writer) Write(b []byte) (int, error) {
-	if !w.wroteHeader {
-		w.WriteHeader(http.StatusOK)
-	}
-	if w.err != nil {
-		return 0, w.err
-	}
-	if w.noBody {
-		if w.req.Method == http.MethodHead {
-			return len(b), nil
-		}
-		return 0, http.ErrBodyNotAllowed
-	}
-	if !w.committed {
-		if len(w.pending)+len(b) <= cap(w.pending) || cap(w.pending) == 0 && len(b) <= 2<<10 {
-			if cap(w.pending) == 0 {
-				w.pending = make([]byte, 0, 2<<10)
-			}
-			w.pending = append(w.pending, b...)
-			return len(b), nil
-		}
-		w.commit(false)
-		if w.err != nil {
-			return 0, w.err
-		}
-	}
-	return w.writeBody(b)
-}
-
-func (w *h1Writer) writeBody(b []byte) (int, error) {
-	if len(b) == 0 {
-		return 0, nil
-	}
-	if w.clen >= 0 && w.written+int64(len(b)) > w.clen {
-		w.err = errH1ContentLength
-		return 0, w.err
-	}
-	bw := w.c.bw
-	if w.chunked {
-		_, _ = bw.WriteString(strconv.FormatInt(int64(len(b)), 16))
-		_, _ = bw.WriteString("\r\n")
-	}
-	n, err := bw.Write(b)
-	if w.chunked && err == nil {
-		_, err = bw.WriteString("\r\n")
-	}
-	w.written += int64(n)
-	if err != nil {
-		w.err = err
-	}
-	return n, err
-}
-
-// Flush sends the head and what the body has so far.
-func (w *h1Writer) Flush() { _ = w.FlushError() }
-
-// FlushError is Flush reporting the write error (http.ResponseController).
-func (w *h1Writer) FlushError() error {
-	if !w.wroteHeader {
-		w.WriteHeader(http.StatusOK)
-	}
-	if !w.committed {
-		w.commit(false)
-	}
-	if w.err != nil {
-		return w.err
-	}
-	w.err = w.c.bw.Flush()
-	return w.err
-}
-
-// commit writes the head. final says the handler has returned, so a body
-// still pending has a known length.
-func (w *h1Writer) commit(final bool) {
-	w.committed = true
-	h := w.hdr
-	for _, v := range h["Trailer"] {
-		for _, name := range strings.Split(v, ",") {
-			if name = strings.TrimSpace(name); name != "" {
-				w.trailers = append(w.trailers, http.CanonicalHeaderKey(name))
-			}
-		}
-	}
-	if w.c.d.draining.Load() && w.c.target() == nil || httpguts.HeaderValuesContainsToken(h["Connection"], "close") {
-		// A connection that moves to the next generation after this
-		// response stays keep-alive.
-		w.closeAfter = true
-	}
-	delete(h, "Connection")
-	switch {
-	case w.noBody:
-		if w.status == http.StatusNoContent {
-			delete(h, "Content-Length")
-		}
-		delete(h, "Transfer-Encoding")
-	case len(w.trailers) > 0 || hasTrailerPrefix(h):
-		w.chunked = true
-		delete(h, "Content-Length")
-	case h.Get("Content-Length") != "":
-		v, err := strconv.ParseInt(h.Get("Content-Length"), 10, 64)
-		if err != nil || v < 0 {
-			delete(h, "Content-Length")
-			if final {
-				h["Content-Length"] = []string{strconv.Itoa(len(w.pending))}
-				w.clen = int64(len(w.pending))
-			} else {
-				w.chunked = true
-			}
-		} else {
-			w.clen = v
-		}
-	case final:
-		w.clen = int64(len(w.pending))
-		h["Content-Length"] = []string{strconv.Itoa(len(w.pending))}
-	default:
-		w.chunked = true
-	}
-	if w.chunked {
-		h["Transfer-Encoding"] = chunkedValue
-	} else {
-		delete(h, "Transfer-Encoding")
-	}
-	if _, ok := h["Date"]; !ok {
-		h["Date"] = []string{httpDate()}
-	}
-	w.writeHead(w.status, w.closeAfter)
-	if len(w.pending) > 0 {
-		p := w.pending
-		w.pending = w.pending[:0]
-		_, _ = w.writeBody(p)
-	}
-}
-
-var chunkedValue = []string{"chunked"}
-
-func (w *h1Writer) writeHead(code int, closeConn bool) {
-	bw := w.c.bw
-	_, _ = bw.WriteString(statusLine(code))
-	for k, vs := range w.hdr {
-		if strings.HasPrefix(k, http.TrailerPrefix) || !httpguts.ValidHeaderFieldName(k) {
-			continue
-		}
-		for _, v := range vs {
-			writeField(bw, k, v)
-		}
-	}
-	if closeConn {
-		_, _ = bw.WriteString("Connection: close\r\n")
-	}
-	_, err := bw.WriteString("\r\n")
-	if err != nil {
-		w.err = err
-	}
-}
-
-func writeField(bw *bufio.Writer, k, v string) {
-	_, _ = bw.WriteString(k)
-	_, _ = bw.WriteString(": ")
-	if strings.ContainsAny(v, "\r\n") {
-		v = strings.NewReplacer("\r", " ", "\n", " ").Replace(v)
-	}
-	_, _ = bw.WriteString(v)
-	_, _ = bw.WriteString("\r\n")
-}
-
-// finish completes the response after the handler returned and flushes it.
-// An error means the connection cannot carry another request.
-func (w *h1Writer) finish() error {
-	if !w.wroteHeader {
-		w.WriteHeader(http.StatusOK)
-	}
-	if !w.committed {
-		w.commit(true)
-	}
-	bw := w.c.bw
-	if w.err == nil && w.chunked {
-		_, _ = bw.WriteString("0\r\n")
-		for _, k := range w.trailers {
-			for _, v := range w.hdr[k] {
-				writeField(bw, k, v)
-			}
-		}
-		for k, vs := range w.hdr {
-			if name, ok := strings.CutPrefix(k, http.TrailerPrefix); ok {
-				for _, v := range vs {
-					writeField(bw, http.CanonicalHeaderKey(name), v)
-				}
-			}
-		}
-		_, w.err = bw.WriteString("\r\n")
-	}
-	if w.err == nil && !w.noBody && w.clen >= 0 && w.written != w.clen {
-		w.err = fmt.Errorf("l7: response body %d bytes, Content-Length %d", w.written, w.clen)
-	}
-	if err := bw.Flush(); w.err == nil {
-		w.err = err
-	}
-	// Idle connections hold no write buffer.
-	bw.Reset(nil)
-	h1Writers.Put(bw)
-	w.c.bw = nil
-	return w.err
-}
-
-func hasTrailerPrefix(h http.Header) bool {
-	for k := range h {
-		if strings.HasPrefix(k, http.TrailerPrefix) {
-			return true
-		}
-	}
-	return false
-}
-
-// statusLines holds "HTTP/1.1 200 OK\r\n" for every code net/http names.
-var statusLines = func() (t [600]string) {
-	for code := 100; code < len(t); code++ {
-		if text := http.StatusText(code); text != "" {
-			t[code] = "HTTP/1.1 " + strconv.Itoa(code) + " " + text + "\r\n"
-		}
-	}
-	return t
-}()
-
-func statusLine(code int) string {
-	if code < len(statusLines) && statusLines[code] != "" {
-		return statusLines[code]
-	}
-	return "HTTP/1.1 " + strconv.Itoa(code) + " status code " + strconv.Itoa(code) + "\r\n"
-}
-
-// httpDate is the Date header value, formatted once per second.
-var dateCache atomic.Pointer[struct {
-	sec int64
-	s   string
-}]
-
-func httpDate() string {
-	now := time.Now()
-	if d := dateCache.Load(); d != nil && d.sec == now.Unix() {
-		return d.s
-	}
-	d := &struct {
-		sec int64
-		s   string
-	}{now.Unix(), now.UTC().Format(http.TimeFormat)}
-	dateCache.Store(d)
-	return d.s
 }
 
 // addH1 and removeH1 track the codec's connections of a direction, for

@@ -1,8 +1,15 @@
 // Package h1 is the engine's HTTP/1.1 codec: the request head parser of
 // its downstream connections (Parser, which takes only what it can parse
-// exactly as net/http would and names the reason for anything else), and
-// what the downstream side and upstream.Cluster's fast path share: the
-// body size the codec buffers and the pool of body buffers.
+// exactly as net/http would and names the reason for anything else), the
+// response writer that frames what the handler writes (ResponseWriter:
+// Content-Length or chunked, trailers, informational heads, Connection:
+// close), and the buffers both directions share: the connection read
+// buffer, the body size the codec buffers and the pool of body buffers
+// (upstream.Cluster's fast path uses the latter two). The connection loop
+// that drives them — idle and header timeouts, the client-gone watch, the
+// handoff to net/http and the move to the next generation — is the
+// engine's (proxy/l7/h1server.go): it needs the engine's drain, metrics
+// and hand-over.
 package h1
 
 import "sync"
