@@ -31,14 +31,16 @@ package registration
 import (
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/meshlet/meshlet/webhook/inject"
 )
 
 // Labels and webhook names of the configuration.
 const (
 	// NamespaceLabel enables injection for a namespace (value "enabled").
-	NamespaceLabel = "istio-injection"
+	NamespaceLabel = inject.LabelNamespaceInjection
 	// PodLabel opts a pod in ("true") or out ("false").
-	PodLabel = "sidecar.istio.io/inject"
+	PodLabel = inject.LabelInject
 	// MetadataNameLabel is set by the API server on every namespace to its name.
 	MetadataNameLabel = "kubernetes.io/metadata.name"
 
