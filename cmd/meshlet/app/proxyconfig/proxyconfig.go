@@ -41,10 +41,11 @@ import (
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 
 	"github.com/meshlet/meshlet/cmd/meshlet/app/cli"
+	"github.com/meshlet/meshlet/internal/meshports"
 )
 
 // AdminPort is the sidecar's admin port (bound to the pod's loopback).
-const AdminPort = 15000
+const AdminPort = meshports.Admin
 
 type flagpole struct {
 	namespace  string
