@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	goruntime "runtime"
+	"runtime/pprof"
 	"slices"
 	"sort"
 	"strconv"
@@ -496,6 +497,31 @@ func await[T any](b *testing.B, chans []chan T, t0 time.Time, at func(T) time.Ti
 	return lat
 }
 
+// benchProfile starts a CPU profile of the benchmark after the shared
+// setup (-cpuprofile also holds the thousand proxies connecting) when
+// MESHLET_BENCH_CPUPROFILE names a file prefix: PREFIX.NAME.pprof, the
+// last run of the benchmark. The returned function stops it.
+func benchProfile(b *testing.B) func() {
+	prefix := os.Getenv("MESHLET_BENCH_CPUPROFILE")
+	if prefix == "" {
+		return func() {}
+	}
+	f, err := os.Create(prefix + "." + strings.TrimPrefix(b.Name(), "Benchmark") + ".pprof")
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		b.Fatal(err)
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		if err := f.Close(); err != nil {
+			b.Error(err)
+		}
+	}
+}
+
 func (m *benchMesh) report(b *testing.B, all []time.Duration, cpu time.Duration, pushSum0 float64, pushN0 uint64) {
 	sort.Slice(all, func(i, j int) bool { return all[i] < all[j] })
 	pushSum, pushN := histogramSum(m.reg, "meshlet_discovery_push_duration_seconds")
@@ -526,6 +552,7 @@ func BenchmarkConvergence(b *testing.B) {
 	var all []time.Duration
 	var cpu time.Duration
 	pushSum0, pushN0 := histogramSum(m.reg, "meshlet_discovery_push_duration_seconds")
+	defer benchProfile(b)()
 	b.ResetTimer()
 	for i := range b.N {
 		cur, err := m.istio.NetworkingV1().VirtualServices("bench").Get(ctx, m.vs.Name, metav1.GetOptions{})
@@ -568,6 +595,7 @@ func BenchmarkEndpointChurn(b *testing.B) {
 	var cpu time.Duration
 	var pushSum0 float64
 	var pushN0 uint64
+	defer benchProfile(b)()
 	b.ResetTimer()
 	for i := range b.N {
 		b.StopTimer()

@@ -37,12 +37,22 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 	return m
 }
 
-// cacheLogger adapts logr to go-control-plane's logger.
+// cacheLogger adapts logr to go-control-plane's logger. A message is
+// formatted only when its level is enabled: the snapshot cache logs every
+// delta watch it opens with the subscribed names (a thousand EDS names per
+// ACK at a thousand Services), and formatting those for a discarded
+// message was most of a delta EDS push's CPU.
 type cacheLogger struct{ l logr.Logger }
 
-func (c cacheLogger) Debugf(format string, args ...any) { c.l.V(1).Info(fmt.Sprintf(format, args...)) }
-func (c cacheLogger) Infof(format string, args ...any)  { c.l.Info(fmt.Sprintf(format, args...)) }
-func (c cacheLogger) Warnf(format string, args ...any)  { c.l.Info(fmt.Sprintf(format, args...)) }
+func (c cacheLogger) Debugf(format string, args ...any) { c.logf(c.l.V(1), format, args) }
+func (c cacheLogger) Infof(format string, args ...any)  { c.logf(c.l, format, args) }
+func (c cacheLogger) Warnf(format string, args ...any)  { c.logf(c.l, format, args) }
 func (c cacheLogger) Errorf(format string, args ...any) {
 	c.l.Error(fmt.Errorf(format, args...), "xds cache")
+}
+
+func (c cacheLogger) logf(l logr.Logger, format string, args []any) {
+	if l.Enabled() {
+		l.Info(fmt.Sprintf(format, args...))
+	}
 }

@@ -249,6 +249,8 @@ func (s *Server) Run(ctx context.Context) error {
 	s.xds = serverv3.NewServer(ctx, s.shared, s.callbacks())
 	serverOpts := []grpc.ServerOption{
 		grpc.MaxConcurrentStreams(1 << 20),
+		// SotW responses are encoded once per shape (wire.go).
+		grpc.ForceServerCodecV2(newWireCodec()),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 15 * time.Second, PermitWithoutStream: true}),
 	}

@@ -36,6 +36,7 @@ type built struct {
 // typeResponse is one type of a built as a SotW response sends it: every
 // resource of the type (an ADS response always carries all of them).
 type typeResponse struct {
+	typeURL string
 	version string
 	anys    []*anypb.Any // by name
 	// names maps each resource to the type's version (what a stream records
@@ -44,6 +45,9 @@ type typeResponse struct {
 	// sorted are the names in order: a request naming exactly these (the
 	// usual case, clients sort) needs no set to check it names them all.
 	sorted []string
+	// encoded is the response's message encoded once, without a nonce,
+	// for every stream (wire.go).
+	encoded typeWire
 }
 
 // interned is one distinct resource (by content) of a push: identical
@@ -138,12 +142,13 @@ func buildSnapshot(r *translate.Resources, t *internTable) (*built, error) {
 		v := hex.EncodeToString(h.Sum(nil))[:16]
 		snap.Resources[cachev3.GetResponseType(typ)].Version = v
 		fmt.Fprintf(all, "%s=%s\n", typ, v)
-		tr := &typeResponse{version: v, names: make(map[string]string, len(names)), sorted: names}
+		tr := &typeResponse{typeURL: typ, version: v, names: make(map[string]string, len(names)), sorted: names}
 		res := snap.GetResources(typ)
 		for _, n := range names {
 			tr.anys = append(tr.anys, b.anys[res[n]])
 			tr.names[n] = v
 		}
+		tr.register()
 		b.types[typ] = tr
 	}
 	b.version = hex.EncodeToString(all.Sum(nil))[:16]

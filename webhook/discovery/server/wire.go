@@ -1,0 +1,120 @@
+package server
+
+import (
+	"fmt"
+	"runtime"
+	"sync"
+	"unsafe"
+	"weak"
+
+	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"google.golang.org/grpc/encoding"
+	grpcproto "google.golang.org/grpc/encoding/proto"
+	"google.golang.org/grpc/mem"
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
+)
+
+// A state-of-the-world response of one type is the same message for every
+// proxy of a shape but for its nonce: the version, the type and every
+// resource (a thousand endpoint assignments, or a ~1 MB route
+// configuration). gRPC's codec encoded it again for each stream: at 1000
+// proxies an endpoint push was 1000 encodings of 1000 assignments.
+// wireCodec, the xDS gRPC servers' codec, sends a typeResponse's message
+// encoded once (fields 1, 2 and 4) followed by the stream's own nonce
+// (field 5, the last field a response carries: the bytes are what the
+// standard encoding of the whole message gives).
+//
+// The codec recognises such a message by its Resources slice, which is the
+// typeResponse's own (shared, never written after the build):
+// sharedWire maps the slice's address to the typeResponse weakly, and the
+// entry goes when the typeResponse is collected. A message whose other
+// fields differ from what the encoding holds (a callback changed it, a
+// canary, control-plane or resource-error field is set), or whose typeResponse is gone, is
+// encoded by the proto codec as before.
+
+// sharedWire maps the address of a typeResponse's anys to the typeResponse.
+var sharedWire sync.Map // uintptr → weak.Pointer[typeResponse]
+
+// typeWire is the encoded form of a typeResponse's message, made on first
+// use.
+type typeWire struct {
+	once sync.Once
+	body []byte
+	err  error
+}
+
+// register makes tr's message known to wireCodec. While tr lives, its anys
+// do, so no other slice has the address; an entry whose typeResponse was
+// collected is skipped and removed (a newer entry at the same address, once
+// the old slice was collected as well, is not).
+func (tr *typeResponse) register() {
+	if len(tr.anys) == 0 {
+		return
+	}
+	key := uintptr(unsafe.Pointer(unsafe.SliceData(tr.anys)))
+	wp := weak.Make(tr)
+	sharedWire.Store(key, wp)
+	runtime.AddCleanup(tr, func(key uintptr) { sharedWire.CompareAndDelete(key, wp) }, key)
+}
+
+// wire returns tr's message encoded without a nonce.
+func (tr *typeResponse) wire() ([]byte, error) {
+	tr.encoded.once.Do(func() {
+		tr.encoded.body, tr.encoded.err = proto.MarshalOptions{Deterministic: true}.Marshal(
+			&discoverygrpc.DiscoveryResponse{VersionInfo: tr.version, Resources: tr.anys, TypeUrl: tr.typeURL})
+		if tr.encoded.err != nil {
+			tr.encoded.err = fmt.Errorf("encoding the %s response version %s: %w", tr.typeURL, tr.version, tr.encoded.err)
+		}
+	})
+	return tr.encoded.body, tr.encoded.err
+}
+
+// sharedTypeResponse returns the typeResponse whose encoding is r without
+// its nonce, or nil.
+func sharedTypeResponse(r *discoverygrpc.DiscoveryResponse) *typeResponse {
+	if len(r.Resources) == 0 {
+		return nil
+	}
+	v, ok := sharedWire.Load(uintptr(unsafe.Pointer(unsafe.SliceData(r.Resources))))
+	if !ok {
+		return nil
+	}
+	tr := v.(weak.Pointer[typeResponse]).Value()
+	if tr == nil || len(tr.anys) != len(r.Resources) || tr.version != r.VersionInfo || tr.typeURL != r.TypeUrl ||
+		r.Canary || r.ControlPlane != nil || len(r.ResourceErrors) != 0 || len(r.ProtoReflect().GetUnknown()) != 0 {
+		return nil
+	}
+	return tr
+}
+
+// wireCodec is gRPC's proto codec but for shared SotW responses.
+type wireCodec struct{ proto encoding.CodecV2 }
+
+func newWireCodec() wireCodec { return wireCodec{proto: encoding.GetCodecV2(grpcproto.Name)} }
+
+// Marshal implements encoding.CodecV2.
+func (c wireCodec) Marshal(v any) (mem.BufferSlice, error) {
+	if r, ok := v.(*discoverygrpc.DiscoveryResponse); ok {
+		if tr := sharedTypeResponse(r); tr != nil {
+			body, err := tr.wire()
+			if err != nil {
+				return nil, err
+			}
+			var nonce []byte
+			if r.Nonce != "" {
+				nonce = protowire.AppendString(protowire.AppendTag(make([]byte, 0, len(r.Nonce)+2), 5, protowire.BytesType), r.Nonce)
+			}
+			// SliceBuffers are not pooled: gRPC's Free of them is a no-op
+			// and it only reads them.
+			return mem.BufferSlice{mem.SliceBuffer(body), mem.SliceBuffer(nonce)}, nil
+		}
+	}
+	return c.proto.Marshal(v)
+}
+
+// Unmarshal implements encoding.CodecV2.
+func (c wireCodec) Unmarshal(data mem.BufferSlice, v any) error { return c.proto.Unmarshal(data, v) }
+
+// Name implements encoding.CodecV2: the content subtype stays proto.
+func (c wireCodec) Name() string { return grpcproto.Name }

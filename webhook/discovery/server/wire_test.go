@@ -1,0 +1,107 @@
+package server
+
+import (
+	"bytes"
+	"context"
+	"testing"
+
+	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	resourcev3 "github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/server/stream/v3"
+	"google.golang.org/grpc/mem"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+)
+
+// TestWireCodecSharesEncoding: the codec's encoding of a shared SotW
+// response is byte for byte the proto encoding of the whole message with
+// the stream's nonce; two streams' responses share one encoded body (the
+// same backing array) and differ only in the nonce; a response whose
+// fields no longer match the shared encoding (another version, an extra
+// resource, a canary flag) and any other message are encoded by the proto
+// codec, and each decodes to what was sent.
+func TestWireCodecSharesEncoding(t *testing.T) {
+	ctx := context.Background()
+	c, sc := newSharedTestCache(true)
+	b, err := buildSnapshot(sharedTestResources(10), newInternTable(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	codec := newWireCodec()
+	encode := func(r *discoverygrpc.DiscoveryResponse) mem.BufferSlice {
+		t.Helper()
+		out, err := codec.Marshal(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, err := proto.MarshalOptions{Deterministic: true}.Marshal(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := out.Materialize(); !bytes.Equal(got, want) {
+			t.Fatalf("codec encoding of %s (nonce %q) differs from the proto encoding:\n got %x\nwant %x", r.GetTypeUrl(), r.GetNonce(), got, want)
+		}
+		back := &discoverygrpc.DiscoveryResponse{}
+		if err := codec.Unmarshal(out, back); err != nil {
+			t.Fatal(err)
+		}
+		if !proto.Equal(back, r) {
+			t.Fatalf("decoded %v, sent %v", back, r)
+		}
+		return out
+	}
+	var bodies [][]byte
+	for i, id := range []string{"a", "b"} {
+		if err := c.SetSnapshot(ctx, sc, id, b); err != nil {
+			t.Fatal(err)
+		}
+		for _, typ := range []string{resourcev3.ClusterType, resourcev3.EndpointType, resourcev3.RouteType} {
+			ch := make(chan cachev3.Response, 1)
+			req := &discoverygrpc.DiscoveryRequest{Node: routeRequest(id, "").Node, TypeUrl: typ}
+			if _, err := c.CreateWatch(req, stream.NewSotwSubscription(nil, true), ch); err != nil {
+				t.Fatal(err)
+			}
+			r := recvNow(t, ch)
+			r.Nonce = string(rune('1' + i))
+			out := encode(r)
+			if len(out) != 2 {
+				t.Fatalf("%s: the codec did not use the shared encoding (%d buffers)", typ, len(out))
+			}
+			if typ == resourcev3.RouteType {
+				bodies = append(bodies, out[0].ReadOnlyData())
+			}
+		}
+	}
+	if len(bodies) != 2 || &bodies[0][0] != &bodies[1][0] {
+		t.Fatal("two streams' route responses do not share one encoded body")
+	}
+
+	ch := make(chan cachev3.Response, 1)
+	if _, err := c.CreateWatch(routeRequest("a", ""), synced(""), ch); err != nil {
+		t.Fatal(err)
+	}
+	base := recvNow(t, ch)
+	base.Nonce = "7"
+	for name, change := range map[string]func(r *discoverygrpc.DiscoveryResponse){
+		"version": func(r *discoverygrpc.DiscoveryResponse) { r.VersionInfo = "other" },
+		"canary":  func(r *discoverygrpc.DiscoveryResponse) { r.Canary = true },
+		"resources": func(r *discoverygrpc.DiscoveryResponse) {
+			r.Resources = append(r.Resources[:len(r.Resources):len(r.Resources)], &anypb.Any{TypeUrl: resourcev3.RouteType})
+		},
+		"copied resources": func(r *discoverygrpc.DiscoveryResponse) { r.Resources = append([]*anypb.Any(nil), r.Resources...) },
+	} {
+		r := proto.Clone(base).(*discoverygrpc.DiscoveryResponse)
+		r.Resources = base.Resources // Clone copies the slice
+		change(r)
+		if out := encode(r); len(out) != 1 {
+			t.Errorf("%s changed: the codec still used the shared encoding", name)
+		}
+	}
+	if out := encode(&discoverygrpc.DiscoveryResponse{VersionInfo: "1", TypeUrl: resourcev3.RouteType, Nonce: "3"}); len(out) != 1 {
+		t.Error("an empty response used a shared encoding")
+	}
+	if _, err := codec.Marshal(&discoverygrpc.DeltaDiscoveryResponse{Nonce: "1"}); err != nil {
+		t.Fatal(err)
+	}
+}
