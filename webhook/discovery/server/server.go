@@ -167,7 +167,7 @@ func New(opts Options) (*Server, error) {
 		ClassifyDelta: func(r *cachev3.DeltaRequest) string { return generator(r.GetNode()) },
 		Caches:        map[string]cachev3.Cache{"": s.sidecar, translate.GeneratorGRPC: s.grpc},
 	}
-	s.shared = newSharedCache(s.mux, func(r *cachev3.Request) bool { return generator(r.GetNode()) == "" })
+	s.shared = newSharedCache(s.mux, func(n *corev3.Node) bool { return generator(n) == "" })
 	return s, nil
 }
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -51,7 +52,7 @@ func newSharedTestCache(own bool) (*sharedCache, cachev3.SnapshotCache) {
 	sc := cachev3.NewSnapshotCache(true, cachev3.IDHash{}, cacheLogger{logr.Discard()})
 	mux := &cachev3.MuxCache{Classify: func(*cachev3.Request) string { return "" },
 		ClassifyDelta: func(*cachev3.DeltaRequest) string { return "" }, Caches: map[string]cachev3.Cache{"": sc}}
-	return newSharedCache(mux, func(*cachev3.Request) bool { return own }), sc
+	return newSharedCache(mux, func(*corev3.Node) bool { return own }), sc
 }
 
 func routeRequest(node, version string) *cachev3.Request {
@@ -348,10 +349,12 @@ func sortedDelta(r *discoverygrpc.DeltaDiscoveryResponse) *discoverygrpc.DeltaDi
 // copy of each resource and is otherwise the snapshot cache's own (same
 // resources, versions, removals: compared with the snapshot cache's
 // marshaling of the same response), for a named and a wildcard
-// subscription, an update and a removal.
+// subscription, an update and a removal. These are the watches the
+// snapshot cache answers (proxyless gRPC); sidecars' are
+// TestSharedCacheOwnDeltaMatchesSnapshotCache's.
 func TestSharedCacheDelta(t *testing.T) {
 	ctx := context.Background()
-	c, sc := newSharedTestCache(true)
+	c, sc := newSharedTestCache(false)
 	b1, err := buildSnapshot(sharedTestResources(10), newInternTable(nil))
 	if err != nil {
 		t.Fatal(err)
@@ -436,5 +439,198 @@ func TestSharedCacheDelta(t *testing.T) {
 	}
 	if got := check("CDS without the cluster", recv(cds), b2); fmt.Sprint(got.GetRemovedResources()) != "[outbound|80||a.ns.svc.cluster.local]" {
 		t.Fatalf("CDS without the cluster removes %v", got.GetRemovedResources())
+	}
+}
+
+// deltaSim plays the delta server's part for one stream over a cache
+// (processDelta: a request cancels the type's watch, updates its
+// subscription and opens a new one; a response sets the subscription's
+// returned resources to its version map).
+type deltaSim struct {
+	t      *testing.T
+	node   string
+	watch  func(*cachev3.DeltaRequest, cachev3.Subscription, chan cachev3.DeltaResponse) (func(), error)
+	ch     chan cachev3.DeltaResponse
+	subs   map[string]*stream.Subscription
+	cancel map[string]func()
+	nonces map[string]string
+	n      int
+}
+
+func newDeltaSim(t *testing.T, node string, watch func(*cachev3.DeltaRequest, cachev3.Subscription, chan cachev3.DeltaResponse) (func(), error)) *deltaSim {
+	return &deltaSim{t: t, node: node, watch: watch, ch: make(chan cachev3.DeltaResponse, 8),
+		subs: map[string]*stream.Subscription{}, cancel: map[string]func(){}, nonces: map[string]string{}}
+}
+
+// request sends a request of typ (ack: with the last nonce of the type).
+func (d *deltaSim) request(typ string, subscribe, unsubscribe []string, ack bool) {
+	d.t.Helper()
+	req := &discoverygrpc.DeltaDiscoveryRequest{Node: &corev3.Node{Id: d.node}, TypeUrl: typ,
+		ResourceNamesSubscribe: subscribe, ResourceNamesUnsubscribe: unsubscribe}
+	if ack {
+		req.ResponseNonce = d.nonces[typ]
+	}
+	sub := d.subs[typ]
+	if sub == nil {
+		s := stream.NewDeltaSubscription(subscribe, unsubscribe, nil, true)
+		sub = &s
+		d.subs[typ] = sub
+	} else {
+		if c := d.cancel[typ]; c != nil {
+			c()
+		}
+		sub.UpdateResourceSubscriptions(subscribe, unsubscribe)
+	}
+	cancel, err := d.watch(req, *sub, d.ch)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	d.cancel[typ] = cancel
+}
+
+// drain processes the responses sent and returns them (resources and
+// removals in name order, by type) with the versions each leaves.
+func (d *deltaSim) drain() []string {
+	d.t.Helper()
+	var out []string
+	for {
+		select {
+		case r := <-d.ch:
+			m, err := r.GetDeltaDiscoveryResponse()
+			if err != nil {
+				d.t.Fatal(err)
+			}
+			typ := r.GetDeltaRequest().GetTypeUrl()
+			d.n++
+			d.nonces[typ] = fmt.Sprint(d.n)
+			d.subs[typ].SetReturnedResources(r.GetNextVersionMap())
+			m = sortedDelta(m)
+			var res []string
+			for _, x := range m.GetResources() {
+				var b []byte
+				if x.GetResource() != nil {
+					b = x.GetResource().GetValue()
+				}
+				res = append(res, fmt.Sprintf("%s@%s=%x", x.GetName(), x.GetVersion(), b))
+			}
+			out = append(out, fmt.Sprintf("%s v%s %v removed %v holds %v", shortType(typ), m.GetSystemVersionInfo(),
+				res, m.GetRemovedResources(), r.GetNextVersionMap()))
+		default:
+			sort.Strings(out)
+			return out
+		}
+	}
+}
+
+// TestSharedCacheOwnDeltaMatchesSnapshotCache: the delta watches
+// sharedCache answers itself (sidecars) send what go-control-plane's
+// snapshot cache sends for the same requests and snapshots — the same
+// resources and bytes, versions, removals and version maps — through a
+// sequence of wildcard and named subscriptions, ACKs, updates of one type
+// and of all, a snapshot without clusters and endpoints and back, an
+// unsubscription and a new subscription; and the responses carry the
+// built's marshaled copies.
+func TestSharedCacheOwnDeltaMatchesSnapshotCache(t *testing.T) {
+	ctx := context.Background()
+	own, ownSC := newSharedTestCache(true)
+	ref := cachev3.NewSnapshotCache(true, cachev3.IDHash{}, cacheLogger{logr.Discard()})
+	build := func(weight uint32, endpointPort uint32, drop bool) *built {
+		r := sharedTestResources(weight)
+		r.Endpoints[0].Endpoints[0].LbEndpoints[0].GetEndpoint().GetAddress().GetSocketAddress().PortSpecifier =
+			&corev3.SocketAddress_PortValue{PortValue: endpointPort}
+		if drop {
+			r.Clusters, r.Endpoints = nil, nil
+		}
+		b, err := buildSnapshot(r, newInternTable(nil))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	var cur *built
+	set := func(b *built) {
+		t.Helper()
+		cur = b
+		if err := own.SetSnapshot(ctx, ownSC, "a", b); err != nil {
+			t.Fatal(err)
+		}
+		if err := ref.SetSnapshot(ctx, "a", b.snap); err != nil {
+			t.Fatal(err)
+		}
+	}
+	set(build(10, 1, false))
+	sims := []*deltaSim{newDeltaSim(t, "a", own.CreateDeltaWatch), newDeltaSim(t, "a", ref.CreateDeltaWatch)}
+	const cla = "outbound|80||a.ns.svc.cluster.local"
+	step := func(what string, f func(d *deltaSim)) {
+		t.Helper()
+		for _, d := range sims {
+			f(d)
+		}
+		got, want := sims[0].drain(), sims[1].drain()
+		if !slices.Equal(got, want) {
+			t.Fatalf("%s: sharedCache sent\n%s\nthe snapshot cache\n%s", what, strings.Join(got, "\n"), strings.Join(want, "\n"))
+		}
+		t.Logf("%s: %d responses", what, len(got))
+	}
+	ack := func(types ...string) func(*deltaSim) {
+		return func(d *deltaSim) {
+			for _, typ := range types {
+				d.request(typ, nil, nil, true)
+			}
+		}
+	}
+	all := []string{resourcev3.ClusterType, resourcev3.EndpointType, resourcev3.ListenerType, resourcev3.RouteType}
+	step("wildcard CDS and LDS", func(d *deltaSim) {
+		d.request(resourcev3.ClusterType, nil, nil, false)
+		d.request(resourcev3.ListenerType, nil, nil, false)
+	})
+	step("named EDS and RDS", func(d *deltaSim) {
+		d.request(resourcev3.EndpointType, []string{cla, "absent"}, nil, false)
+		d.request(resourcev3.RouteType, []string{"80"}, nil, false)
+	})
+	step("ACKs", ack(all...))
+	step("endpoints change", func(*deltaSim) {})
+	set(build(10, 2, false))
+	step("endpoints changed", func(*deltaSim) {})
+	step("ACKs", ack(all...))
+	set(build(20, 2, false))
+	step("clusters and routes changed", func(*deltaSim) {})
+	step("ACKs", ack(all...))
+	set(build(20, 2, true))
+	step("clusters and endpoints gone", func(*deltaSim) {})
+	step("ACKs", ack(all...))
+	set(build(20, 3, false))
+	step("back", func(*deltaSim) {})
+	step("ACKs", ack(all...))
+	step("EDS unsubscribed", func(d *deltaSim) { d.request(resourcev3.EndpointType, nil, []string{cla}, true) })
+	set(build(20, 4, false))
+	step("endpoints changed while unsubscribed", func(*deltaSim) {})
+	step("EDS subscribed again", func(d *deltaSim) { d.request(resourcev3.EndpointType, []string{cla}, nil, true) })
+	step("ACKs", ack(all...))
+	step("CDS wildcard unsubscribed, cluster named", func(d *deltaSim) {
+		d.request(resourcev3.ClusterType, []string{cla}, []string{"*"}, true)
+	})
+	set(build(30, 4, false))
+	step("cluster changed", func(*deltaSim) {})
+	if sims[0].n < 10 {
+		t.Fatalf("only %d responses in the sequence", sims[0].n)
+	}
+	// The shared path's responses carry the built's copies.
+	sims[0].request(resourcev3.RouteType, nil, []string{"80"}, true)
+	sims[0].drain()
+	ch := make(chan cachev3.DeltaResponse, 1)
+	sub := stream.NewDeltaSubscription([]string{"80"}, nil, nil, false)
+	if _, err := own.CreateDeltaWatch(&discoverygrpc.DeltaDiscoveryRequest{Node: &corev3.Node{Id: "a"}, TypeUrl: resourcev3.RouteType,
+		ResourceNamesSubscribe: []string{"80"}}, sub, ch); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case r := <-ch:
+		m, _ := r.GetDeltaDiscoveryResponse()
+		if len(m.GetResources()) != 1 || m.GetResources()[0].GetResource() != cur.typeResponse(resourcev3.RouteType).anys[0] {
+			t.Fatalf("the route configuration sent is not the built's marshaled copy: %v", m)
+		}
+	default:
+		t.Fatal("no response to a new subscription")
 	}
 }
