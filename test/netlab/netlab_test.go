@@ -73,16 +73,24 @@ func TestPrivilegedVethTrafficAndProcesses(t *testing.T) {
 	}
 }
 
+// hostNetns is the network namespace the process started in, read while
+// package variables are initialised: on the main goroutine, locked to the
+// main thread, before any test ran. (Reading /proc/self/ns/net later names
+// the main thread's namespace, and the main thread runs goroutines too: if
+// it were one a lab namespace leaked into, every thread would be compared
+// with the leaked namespace.)
+var hostNetns, hostNetnsErr = os.Readlink("/proc/thread-self/ns/net")
+
 // checkHostNamespace asserts, from many goroutines each locked to an OS
-// thread, that the thread is in the process's (host) network namespace and
-// that neither those address prefixes nor those links exist there; then
-// that `ip -o addr` run from this process agrees.
+// thread, that the thread is in the network namespace the process started
+// in (the host's) and that neither those address prefixes nor those links
+// exist there; then that `ip -o addr` run from this process agrees.
 func checkHostNamespace(t *testing.T, prefixes, links []string) {
 	t.Helper()
-	host, err := os.Readlink("/proc/self/ns/net")
-	if err != nil {
-		t.Fatal(err)
+	if hostNetnsErr != nil {
+		t.Fatal(hostNetnsErr)
 	}
+	host := hostNetns
 	var (
 		wg   sync.WaitGroup
 		mu   sync.Mutex
