@@ -76,6 +76,7 @@ type h1Conn struct {
 	// exchange's scratch, reused per request on this connection (only the
 	// goroutine holding pc uses them, and they are cleared after the write).
 	out   http.Request
+	keys  []string // writeRequest's sorted header names
 	bodyR bytes.Reader
 	body  io.ReadCloser // io.NopCloser(&bodyR): an in-memory body to Request.write
 }
@@ -162,23 +163,42 @@ func (t *h1Transport) exchange(ctx context.Context, pc *h1Conn, req *http.Reques
 		t.closed1(pc)
 		return nil, e, s
 	}
-	out := &pc.out
-	*out = *req
-	if body != nil {
-		if pc.body == nil {
-			pc.body = io.NopCloser(&pc.bodyR)
+	if (trace == nil || trace.WroteHeaderField == nil && trace.WroteHeaders == nil && trace.WroteRequest == nil) &&
+		writeRequest(pc.bw, req, body, &pc.keys) {
+		clear(pc.keys) // keep no reference to the request
+	} else {
+		out := &pc.out
+		*out = *req
+		if body != nil {
+			if pc.body == nil {
+				pc.body = io.NopCloser(&pc.bodyR)
+			}
+			pc.bodyR.Reset(body)
+			out.Body = pc.body
 		}
-		pc.bodyR.Reset(body)
-		out.Body = pc.body
-	}
-	err = out.Write(pc.bw)
-	*out = http.Request{} // keep no reference to the request
-	pc.bodyR.Reset(nil)
-	if err != nil {
-		return fail(err, pc.reused)
+		err = out.Write(pc.bw)
+		*out = http.Request{} // keep no reference to the request
+		pc.bodyR.Reset(nil)
+		if err != nil {
+			return fail(err, pc.reused)
+		}
 	}
 	if err := pc.bw.Flush(); err != nil {
 		return fail(err, pc.reused)
+	}
+	// The common response head is parsed here; anything else (and every
+	// 1xx) by net/http, from the same unread bytes.
+	head, ok, err := responseHead(pc.br)
+	if err != nil {
+		s := pc.reused && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) && idempotent(req)
+		return fail(err, s)
+	}
+	if ok {
+		if resp, clen := parseResponse(head, req); resp != nil {
+			_, _ = pc.br.Discard(len(head))
+			resp.Body = &h1Body{pc: pc, t: t, stop: stop, keep: !req.Close, left: clen, fast: true}
+			return resp, nil, false
+		}
 	}
 	for {
 		resp, err = http.ReadResponse(pc.br, req)
@@ -215,7 +235,9 @@ func idempotent(r *http.Request) bool {
 // h1Body returns its connection to the pool at EOF, or closes it when the
 // body is closed early.
 type h1Body struct {
-	rc   io.ReadCloser
+	rc   io.ReadCloser // net/http's body; nil on the fast path
+	fast bool          // the body is the next left bytes of pc.br
+	left int64
 	pc   *h1Conn
 	t    *h1Transport
 	stop func() bool
@@ -231,7 +253,13 @@ func (b *h1Body) Read(p []byte) (int, error) {
 		}
 		return 0, b.err
 	}
-	n, err := b.rc.Read(p)
+	var n int
+	var err error
+	if b.fast {
+		n, err = b.readFast(p)
+	} else {
+		n, err = b.rc.Read(p)
+	}
 	if err != nil {
 		b.err = err
 		b.release(err == io.EOF)
@@ -239,9 +267,33 @@ func (b *h1Body) Read(p []byte) (int, error) {
 	return n, err
 }
 
+// readFast reads the rest of a Content-Length body as net/http's body does:
+// io.EOF with the last bytes, io.ErrUnexpectedEOF when the upstream closes
+// early.
+func (b *h1Body) readFast(p []byte) (int, error) {
+	if b.left == 0 {
+		return 0, io.EOF
+	}
+	if int64(len(p)) > b.left {
+		p = p[:b.left]
+	}
+	n, err := b.pc.br.Read(p)
+	b.left -= int64(n)
+	switch {
+	case b.left == 0:
+		err = io.EOF
+	case err == io.EOF:
+		err = io.ErrUnexpectedEOF
+	}
+	return n, err
+}
+
 func (b *h1Body) Close() error {
 	if !b.done {
 		b.release(false) // closes the connection first, so Close does not drain
+	}
+	if b.rc == nil {
+		return nil
 	}
 	return b.rc.Close()
 }
