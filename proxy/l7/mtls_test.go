@@ -51,8 +51,14 @@ type sidecar struct {
 
 func startSidecar(t testing.TB, cfg config.L7, id *identity.Store, app string) *sidecar {
 	t.Helper()
-	sc := &sidecar{id: id, stats: stats.NewPrivate(), log: &proctest.SyncBuf{}}
 	cfg.AccessLog.Enabled = true
+	return startSidecarLog(t, cfg, id, app)
+}
+
+// startSidecarLog is startSidecar with the access log as cfg has it.
+func startSidecarLog(t testing.TB, cfg config.L7, id *identity.Store, app string) *sidecar {
+	t.Helper()
+	sc := &sidecar{id: id, stats: stats.NewPrivate(), log: &proctest.SyncBuf{}}
 	p, err := l7.New(cfg, l7.Options{AccessLog: sc.log, Identity: id, Stats: sc.stats})
 	if err != nil {
 		t.Fatal(err)
