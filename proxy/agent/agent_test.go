@@ -128,11 +128,21 @@ func (p *proc) info(t *testing.T) agent.Info {
 func (p *proc) metric(t *testing.T, name string) float64 {
 	t.Helper()
 	_, body := proctest.HTTPGet("http://" + p.st + "/stats/prometheus")
+	return metricIn(t, body, name)
+}
+
+// metricIn is the value of the series name (with its labels) in a
+// Prometheus exposition; the test fails when it is absent or not a number.
+func metricIn(t *testing.T, body, name string) float64 {
+	t.Helper()
 	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` (\S+)$`).FindStringSubmatch(body)
 	if m == nil {
 		t.Fatalf("metric %s not found in:\n%s", name, body)
 	}
-	v, _ := strconv.ParseFloat(m[1], 64)
+	v, err := strconv.ParseFloat(m[1], 64)
+	if err != nil {
+		t.Fatalf("metric %s: %v", name, err)
+	}
 	return v
 }
 
