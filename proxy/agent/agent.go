@@ -6,7 +6,9 @@
 //
 //   - hot restart (config file change, SIGHUP, POST /reload): generation N+1
 //     starts on the same descriptors, loads and validates its config and
-//     reports ready over a pipe; only then is N told to drain (SIGTERM). The
+//     reports ready over a pipe; only then is N told to drain, with a
+//     command on its control socket that carries N+1's hand-over socket: N
+//     moves its established connections to N+1 over it. The
 //     watch covers the files the config references too (rotated TLS
 //     certificates), and restarts only when the config hash — document and
 //     referenced files — has changed. At most two generations are alive;
