@@ -50,6 +50,9 @@ type typeResponse struct {
 	sorted []string
 	// resources are the resources by name with their delta versions.
 	resources map[string]deltaResource
+	// diffs are the diffs to this version from earlier ones, by their
+	// version (under sharedCache.mu).
+	diffs map[string]*typeDiff
 	// encoded is the response's message encoded once, without a nonce,
 	// for every stream (wire.go).
 	encoded typeWire
@@ -599,14 +602,49 @@ type deltaKey struct {
 
 // deltaSeen is what the last comparison of a stream's type found: its
 // returned-resources map (the subscription's, by identity) held
-// everything it subscribes to at the type's version. While the request
-// changes no subscription and the map is the same, a type at that version
-// has nothing to send. (The delta server replaces the map with each
-// response's and changes it in place only on an unsubscription, which the
-// request carries.)
+// everything it subscribes to at tr's version. While the request changes
+// no subscription and the map is the same, a type at that version has
+// nothing to send, and at another version only what changed since tr (a
+// diff made once per pair of versions, not per stream) — when the map
+// holds exactly tr's versions of the subscribed names (exact: the map is
+// one this cache made, or a comparison proved it). The delta server
+// replaces the map with each response's and changes it in place only on
+// an unsubscription, which the request carries.
 type deltaSeen struct {
 	returned map[string]string
-	version  string
+	tr       *typeResponse
+	exact    bool
+}
+
+// typeDiff is what changed from one version of a type to another: the
+// resources new or changed, and those gone.
+type typeDiff struct{ changed, removed []string }
+
+// diffFrom returns the diff from prev to tr, made once per prev version
+// (under sharedCache.mu).
+func (tr *typeResponse) diffFrom(prev *typeResponse) *typeDiff {
+	if d := tr.diffs[prev.version]; d != nil {
+		return d
+	}
+	d := &typeDiff{}
+	for _, name := range tr.sorted {
+		if p, ok := prev.resources[name]; !ok || p.version != tr.resources[name].version {
+			d.changed = append(d.changed, name)
+		}
+	}
+	for _, name := range prev.sorted {
+		if _, ok := tr.resources[name]; !ok {
+			d.removed = append(d.removed, name)
+		}
+	}
+	if tr == emptyType { // shared by every cache: not memoized
+		return d
+	}
+	if tr.diffs == nil {
+		tr.diffs = map[string]*typeDiff{}
+	}
+	tr.diffs[prev.version] = d
+	return d
 }
 
 func sameMap(a, b map[string]string) bool {
@@ -641,12 +679,24 @@ func (n *sharedNode) respondDelta(w *ownDeltaWatch, b *built) bool {
 	first := w.sub.IsWildcard() && w.req.GetResponseNonce() == ""
 	changes := len(w.req.GetResourceNamesSubscribe()) != 0 || len(w.req.GetResourceNamesUnsubscribe()) != 0 ||
 		len(w.req.GetInitialResourceVersions()) != 0
-	if seen, ok := n.seen[key]; ok && !first && !changes && seen.version == tr.version && sameMap(seen.returned, returned) {
-		return false
+	var out *discoverygrpc.DeltaDiscoveryResponse
+	var next map[string]string
+	exact := false
+	if seen, ok := n.seen[key]; ok && !first && !changes && sameMap(seen.returned, returned) {
+		switch {
+		case seen.tr.version == tr.version:
+			return false
+		case seen.exact:
+			out, next = deltaSince(tr.diffFrom(seen.tr), tr, w.sub)
+			exact = true
+		default:
+			out, next, exact = deltaDiff(tr, w.sub)
+		}
+	} else {
+		out, next, exact = deltaDiff(tr, w.sub)
 	}
-	out, next := deltaDiff(tr, w.sub)
 	if out == nil && !first {
-		n.seen[key] = deltaSeen{returned: returned, version: tr.version}
+		n.seen[key] = deltaSeen{returned: returned, tr: tr, exact: exact}
 		return false
 	}
 	if out == nil {
@@ -656,18 +706,64 @@ func (n *sharedNode) respondDelta(w *ownDeltaWatch, b *built) bool {
 		next = maps.Clone(returned)
 	}
 	out.TypeUrl, out.SystemVersionInfo = typ, tr.version
-	n.seen[key] = deltaSeen{returned: next, version: tr.version}
+	n.seen[key] = deltaSeen{returned: next, tr: tr, exact: true}
 	// One watch per type and stream, and the server's channel has room
 	// for two responses per type: this never waits.
 	w.value <- &ownDeltaResponse{req: w.req, out: out, next: next}
 	return true
 }
 
+// deltaSince is deltaDiff for a subscription whose returned versions are
+// exactly those of the version d starts from: only d's resources are
+// looked at, and the versions it then holds are the returned ones with
+// d applied.
+func deltaSince(d *typeDiff, tr *typeResponse, sub cachev3.Subscription) (*discoverygrpc.DeltaDiscoveryResponse, map[string]string) {
+	returned := sub.ReturnedResources()
+	wildcard, subscribed := sub.IsWildcard(), sub.SubscribedResources()
+	wants := func(name string) bool {
+		if wildcard {
+			return true
+		}
+		_, ok := subscribed[name]
+		return ok
+	}
+	var out *discoverygrpc.DeltaDiscoveryResponse
+	for _, name := range d.changed {
+		if wants(name) {
+			if out == nil {
+				out = &discoverygrpc.DeltaDiscoveryResponse{}
+			}
+			r := tr.resources[name]
+			out.Resources = append(out.Resources, &discoverygrpc.Resource{Name: name, Version: r.version, Resource: r.any})
+		}
+	}
+	for _, name := range d.removed {
+		if _, held := returned[name]; held && wants(name) {
+			if out == nil {
+				out = &discoverygrpc.DeltaDiscoveryResponse{}
+			}
+			out.RemovedResources = append(out.RemovedResources, name)
+		}
+	}
+	if out == nil {
+		return nil, nil
+	}
+	next := maps.Clone(returned)
+	for _, r := range out.Resources {
+		next[r.Name] = r.Version
+	}
+	for _, name := range out.RemovedResources {
+		delete(next, name)
+	}
+	return out, next
+}
+
 // deltaDiff compares sub with tr as the snapshot cache's
 // createDeltaResponse does and returns the response's resources and
 // removals and the versions the stream then holds, or nil, nil when
-// nothing changed.
-func deltaDiff(tr *typeResponse, sub cachev3.Subscription) (*discoverygrpc.DeltaDiscoveryResponse, map[string]string) {
+// nothing changed, and whether the returned versions are then exactly
+// tr's of the subscribed names (always so after a response).
+func deltaDiff(tr *typeResponse, sub cachev3.Subscription) (*discoverygrpc.DeltaDiscoveryResponse, map[string]string, bool) {
 	returned := sub.ReturnedResources()
 	var out *discoverygrpc.DeltaDiscoveryResponse
 	add := func(name string, r deltaResource) {
@@ -695,28 +791,32 @@ func deltaDiff(tr *typeResponse, sub cachev3.Subscription) (*discoverygrpc.Delta
 			}
 		}
 		if out == nil {
-			return nil, nil
+			return nil, nil, true // returned is tr's, name for name
 		}
 		next := make(map[string]string, len(tr.resources))
 		for name, r := range tr.resources {
 			next[name] = r.version
 		}
 		sort.Strings(out.RemovedResources)
-		return out, next
+		return out, next, true
 	}
 	subscribed := sub.SubscribedResources()
+	held := 0
 	for name := range subscribed {
 		prev, found := returned[name]
 		if r, ok := tr.resources[name]; ok {
 			if prev != r.version {
 				add(name, r)
+			} else {
+				held++
 			}
 		} else if found {
 			remove(name)
 		}
 	}
 	if out == nil {
-		return nil, nil
+		// Exact unless returned also holds names no longer subscribed.
+		return nil, nil, held == len(returned)
 	}
 	next := make(map[string]string, len(subscribed))
 	for name := range subscribed {
@@ -726,7 +826,7 @@ func deltaDiff(tr *typeResponse, sub cachev3.Subscription) (*discoverygrpc.Delta
 	}
 	slices.SortFunc(out.Resources, func(a, b *discoverygrpc.Resource) int { return strings.Compare(a.Name, b.Name) })
 	sort.Strings(out.RemovedResources)
-	return out, next
+	return out, next, true
 }
 
 // ownDeltaResponse is a delta response of a sidecar's watch.
