@@ -472,7 +472,7 @@ func (c *L7) Files() []string {
 
 // Validate checks everything and returns all problems, each naming the field
 // and value.
-func (c *L7) Validate() error { return c.validate(false) }
+func (c *L7) Validate() error { return c.validate(false, nil) }
 
 // ValidateDynamic is Validate for a configuration that arrives in parts at
 // run time (the engine's Update, fed by a control plane): a route or mirror
@@ -480,9 +480,17 @@ func (c *L7) Validate() error { return c.validate(false) }
 // may have no endpoints (a service scaled to zero). The engine answers
 // requests routed to them 503 with response flag NC and UH respectively,
 // as Envoy does.
-func (c *L7) ValidateDynamic() error { return c.validate(true) }
+func (c *L7) ValidateDynamic() error { return c.validate(true, nil) }
 
-func (c *L7) validate(dynamic bool) error {
+// ValidateDynamicSince is ValidateDynamic for a configuration that
+// follows prev, a configuration that passed it: a cluster that is the same
+// as prev's of its name (SameCluster), and a service that is the same as
+// prev's whose routes name only such clusters (or clusters neither
+// defines), are not checked again — an update that changes one of 1,000
+// services checks one. The result is ValidateDynamic's.
+func (c *L7) ValidateDynamicSince(prev *L7) error { return c.validate(true, prev) }
+
+func (c *L7) validate(dynamic bool, prev *L7) error {
 	var errs []error
 	bad := func(field string, format string, a ...any) {
 		errs = append(errs, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, a...)))
@@ -521,16 +529,33 @@ func (c *L7) validate(dynamic bool) error {
 		bad("detection.timeout", "%q must be within 1ms..1m (omit it for the default 5s)", t.raw)
 	}
 
-	clusters := map[string]*Cluster{}
+	var prevClusters map[string]*Cluster
+	var prevServices map[string]*Service
+	if prev != nil {
+		prevClusters = make(map[string]*Cluster, len(prev.Clusters))
+		for i := range prev.Clusters {
+			prevClusters[prev.Clusters[i].Name] = &prev.Clusters[i]
+		}
+		prevServices = make(map[string]*Service, len(prev.Services))
+		for i := range prev.Services {
+			prevServices[prev.Services[i].Name] = &prev.Services[i]
+		}
+	}
+	clusters := make(map[string]*Cluster, len(c.Clusters))
+	unchanged := map[string]bool{} // clusters the same as prev's
 	for i := range c.Clusters {
 		cl := &c.Clusters[i]
-		f := fmt.Sprintf("clusters[%d]", i)
 		if cl.Name == "" {
-			bad(f+".name", "must not be empty")
+			bad(fmt.Sprintf("clusters[%d].name", i), "must not be empty")
 		} else if clusters[cl.Name] != nil {
-			bad(f+".name", "%q defined twice", cl.Name)
+			bad(fmt.Sprintf("clusters[%d].name", i), "%q defined twice", cl.Name)
 		}
 		clusters[cl.Name] = cl
+		if p := prevClusters[cl.Name]; p != nil && SameCluster(p, cl) {
+			unchanged[cl.Name] = true
+			continue
+		}
+		f := fmt.Sprintf("clusters[%d]", i)
 		switch cl.Protocol {
 		case "", "auto", "http1", "http2":
 		default:
@@ -674,13 +699,34 @@ func (c *L7) validate(dynamic bool) error {
 			bad(field, "set exactly one of exact, prefix, regex%s", map[bool]string{true: ", present"}[header])
 		}
 	}
-	svcNames := map[string]bool{}
-	for i, s := range c.Services {
-		f := fmt.Sprintf("services[%d]", i)
+	// sameRefs: every cluster the routes of s name is unchanged, or
+	// defined by neither configuration.
+	sameRefs := func(s *Service) bool {
+		ok := func(name string) bool { return unchanged[name] || clusters[name] == nil && prevClusters[name] == nil }
+		for j := range s.Routes {
+			r := &s.Routes[j]
+			for _, d := range r.Destinations {
+				if !ok(d.Cluster) {
+					return false
+				}
+			}
+			if r.Mirror != nil && !ok(r.Mirror.Cluster) {
+				return false
+			}
+		}
+		return true
+	}
+	svcNames := make(map[string]bool, len(c.Services))
+	for i := range c.Services {
+		s := &c.Services[i]
 		if s.Name == "" || svcNames[s.Name] {
-			bad(f+".name", "%q must be non-empty and unique", s.Name)
+			bad(fmt.Sprintf("services[%d].name", i), "%q must be non-empty and unique", s.Name)
 		}
 		svcNames[s.Name] = true
+		if p := prevServices[s.Name]; p != nil && SameService(p, s) && sameRefs(s) {
+			continue
+		}
+		f := fmt.Sprintf("services[%d]", i)
 		if len(s.Hosts) == 0 && len(s.Addresses) == 0 {
 			bad(f+".hosts", "a service needs hosts or addresses")
 		}

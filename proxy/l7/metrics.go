@@ -134,6 +134,17 @@ func (m *metrics) route(dir, rt, cluster string) *route.Metrics {
 	return rm
 }
 
+// keepRoute keeps the series of r, a compiled route the table being
+// compiled takes over unchanged.
+func (m *metrics) keepRoute(r *route.Route) {
+	if m.nextRoutes == nil {
+		m.nextRoutes = map[routeSeries]*route.Metrics{}
+	}
+	for c, rm := range r.Metrics {
+		m.nextRoutes[routeSeries{"outbound", r.Key, c.Name()}] = rm
+	}
+}
+
 // beginRoutes starts the compilation of a table (a failed one may have
 // left series behind).
 func (m *metrics) beginRoutes() { m.nextRoutes = nil }

@@ -14,10 +14,11 @@
 //
 // New compiles a config.L7 (package proxy/config holds the schema and its
 // validation) into an immutable table of services, routes, clusters and
-// endpoints. The engine holds the table behind an atomic pointer, and two
+// endpoints. The engine holds the table behind an atomic pointer, and three
 // methods replace it while traffic flows, without a hot restart:
 //
 //	func (e *Engine) Update(cfg config.L7) error
+//	func (e *Engine) UpdateShared(cfg config.L7) error
 //	func (e *Engine) UpdateEndpoints(cluster string, endpoints []config.Endpoint) error
 //
 // Update validates the whole configuration (config.L7.ValidateDynamic),
@@ -29,8 +30,11 @@
 // balancer, outlier-detection and health state. A route may name a cluster
 // the configuration does not define (a control plane may send routes before
 // clusters): such requests are answered 503 with response flag NC.
-// UpdateEndpoints replaces one cluster's endpoints only (the cheap path for
-// endpoint churn). Limits and detection configure the downstream servers
+// UpdateShared is Update for a caller that never edits a configuration it
+// handed over (the xDS client): what is the same memory as in the running
+// configuration is neither validated nor compiled again. UpdateEndpoints
+// replaces one cluster's endpoints only (the cheap path for endpoint
+// churn). Limits and detection configure the downstream servers
 // and change only with a new proxy generation.
 package l7
 
@@ -180,7 +184,7 @@ func New(cfg config.L7, opts Options) (*Engine, error) {
 	p.dial.Store(&opts.Dial)
 	p.detector = sniff.NewDetector(sniff.Options{Timeout: cfg.Detection.Timeout.D, Stats: opts.Stats})
 	p.bg, p.bgCancel = context.WithCancel(context.Background())
-	t, fresh, err := p.compile(cfg, nil)
+	t, fresh, err := p.compile(cfg, nil, false)
 	if err != nil {
 		p.bgCancel()
 		return nil, err

@@ -36,6 +36,13 @@ type table struct {
 	passRoute *route.Route
 	alog      *accessLogger
 	h2        h2gate
+	// cfgClusters and byName index cfg's clusters and the compiled
+	// services by name, so that the next compile finds what it may keep.
+	cfgClusters map[string]*config.Cluster
+	byName      map[string]*route.Service
+	// shared: cfg came through UpdateShared (its caller does not modify
+	// it), so the next UpdateShared may compare with it by identity.
+	shared bool
 }
 
 // allClusters returns every cluster of t (inbound and passthrough first,
@@ -69,8 +76,30 @@ func (t *table) allClusters() []*upstream.Cluster {
 //     change without a new proxy generation: a change is an error.
 //
 // Update is safe to call concurrently with traffic and with itself.
-func (p *Engine) Update(cfg config.L7) error {
-	if err := cfg.ValidateDynamic(); err != nil {
+func (p *Engine) Update(cfg config.L7) error { return p.update(cfg, false) }
+
+// UpdateShared is Update for a caller that never modifies a configuration
+// once it handed it over, and builds each next one sharing what did not
+// change (the xDS client: a resource whose bytes did not change keeps its
+// translation). A cluster or service of cfg that is the same memory as in
+// the running configuration (config.SameCluster, config.SameService) is
+// neither validated nor compiled again: the cluster is carried over, the
+// service keeps its compiled routes with their retry budgets and series.
+// An update that changes one of 1,000 services does the work of one. The
+// result is Update's; a caller that edits a configuration it passed must
+// use Update.
+func (p *Engine) UpdateShared(cfg config.L7) error { return p.update(cfg, true) }
+
+func (p *Engine) update(cfg config.L7, shared bool) error {
+	var err error
+	if cur := p.tab.Load(); shared && cur.shared {
+		// What is the same as in the running configuration was validated
+		// with it.
+		err = cfg.ValidateDynamicSince(&cur.cfg)
+	} else {
+		err = cfg.ValidateDynamic()
+	}
+	if err != nil {
 		return err
 	}
 	var errs []error
@@ -86,7 +115,7 @@ func (p *Engine) Update(cfg config.L7) error {
 	p.updMu.Lock()
 	defer p.updMu.Unlock()
 	old := p.tab.Load()
-	t, fresh, err := p.compile(cfg, old)
+	t, fresh, err := p.compile(cfg, old, shared)
 	if err != nil {
 		return err
 	}
@@ -164,28 +193,41 @@ func (p *Engine) UpdateEndpoints(cluster string, endpoints []config.Endpoint) er
 // compile builds a table from a validated cfg. Clusters of old (nil for the
 // first table) whose settings are unchanged apart from their static
 // endpoints are carried over; fresh lists the clusters built anew, whose
-// background work the caller starts once the table is in use.
-func (p *Engine) compile(cfg config.L7, old *table) (t *table, fresh []*upstream.Cluster, err error) {
+// background work the caller starts once the table is in use. When old and
+// cfg are both shared (UpdateShared), what is the same as in old
+// (config.SameCluster, config.SameService) is not compiled again: such a cluster is carried over without comparing anything, and
+// such a service whose routes' clusters are the ones of old keeps its
+// compiled routes (matchers, retry budgets, series).
+func (p *Engine) compile(cfg config.L7, old *table, shared bool) (t *table, fresh []*upstream.Cluster, err error) {
 	p.m.beginRoutes()
-	t = &table{cfg: cfg, clusters: map[string]*upstream.Cluster{}, portProto: map[uint16]string{}}
+	same := shared && old != nil && old.shared // the shortcuts below hold
+	t = &table{cfg: cfg, shared: shared, clusters: make(map[string]*upstream.Cluster, len(cfg.Clusters)), portProto: map[uint16]string{},
+		cfgClusters: make(map[string]*config.Cluster, len(cfg.Clusters)), byName: make(map[string]*route.Service, len(cfg.Services))}
 	t.alog = newAccessLogger(cfg.AccessLog, p.opts.AccessLog)
 	for _, pc := range cfg.Ports {
 		proto, _ := config.PortProtocol(pc)
 		t.portProto[pc.Port] = proto
 	}
 	for i := range cfg.Clusters {
-		c := cfg.Clusters[i]
-		if prev := old.cluster(c.Name); prev != nil && compatible(prev.Config(), &c) {
-			if c.DNS == nil && !slices.EqualFunc(prev.StaticEndpoints(), c.Endpoints, endpointEqual) {
-				prev.SetStatic(c.Endpoints)
+		c := &t.cfg.Clusters[i]
+		t.cfgClusters[c.Name] = c
+		if prev := old.cluster(c.Name); prev != nil {
+			if oc := old.cfgClusters[c.Name]; same && oc != nil && config.SameCluster(oc, c) {
+				t.clusters[c.Name] = prev // what it serves is what old's configuration named
+				continue
 			}
-			t.clusters[c.Name] = prev
-			continue
+			if compatible(prev.Config(), c) {
+				if c.DNS == nil && !slices.EqualFunc(prev.StaticEndpoints(), c.Endpoints, endpointEqual) {
+					prev.SetStatic(c.Endpoints)
+				}
+				t.clusters[c.Name] = prev
+				continue
+			}
 		}
 		// Validate read the TLS files; read again here, a file that changed
 		// in between is still an error naming the field.
 		cm := p.m.cluster(c.Name)
-		ut, errs := upstream.NewTLS(&c, fmt.Sprintf("clusters[%d].tls", i), p.log, cm)
+		ut, errs := upstream.NewTLS(c, fmt.Sprintf("clusters[%d].tls", i), p.log, cm)
 		if len(errs) > 0 {
 			for _, f := range fresh {
 				f.Retire()
@@ -195,8 +237,8 @@ func (p *Engine) compile(cfg config.L7, old *table) (t *table, fresh []*upstream
 		if ut != nil && c.TLS.InsecureSkipVerify {
 			p.log.Warn("upstream TLS certificates are not verified (insecureSkipVerify)", "cluster", c.Name)
 		}
-		mt := upstream.NewMeshTLS(&c, p.identity, p.log, cm)
-		nc := upstream.New(c, upstream.Options{Direction: l4.Outbound, Dial: p.dialUpstream, Metrics: cm, TLS: ut, Mesh: mt, Clock: p.opts.clock})
+		mt := upstream.NewMeshTLS(c, p.identity, p.log, cm)
+		nc := upstream.New(*c, upstream.Options{Direction: l4.Outbound, Dial: p.dialUpstream, Metrics: cm, TLS: ut, Mesh: mt, Clock: p.opts.clock})
 		t.clusters[c.Name] = nc
 		fresh = append(fresh, nc)
 	}
@@ -222,6 +264,7 @@ func (p *Engine) compile(cfg config.L7, old *table) (t *table, fresh []*upstream
 		p.m.route("outbound", "passthrough", "passthrough"), nil)
 
 	outbound := func(key string, c *upstream.Cluster) *route.Metrics { return p.m.route("outbound", key, c.Name()) }
+	t.services = make([]*route.Service, 0, len(cfg.Services))
 	for i := range cfg.Services {
 		s := &t.cfg.Services[i]
 		for _, pc := range s.Ports {
@@ -232,14 +275,53 @@ func (p *Engine) compile(cfg config.L7, old *table) (t *table, fresh []*upstream
 				}
 			}
 		}
-		routes := make([]*route.Route, len(s.Routes))
-		for j := range s.Routes {
-			routes[j] = route.Compile(s.Name, &s.Routes[j], t.clusters, outbound)
+		if cs := old.service(s.Name); same && cs != nil && config.SameService(cs.Config, s) && sameClusters(cs, t) {
+			for _, r := range cs.Routes {
+				p.m.keepRoute(r)
+			}
+			t.services = append(t.services, cs)
+			t.byName[s.Name] = cs
+			continue
 		}
-		t.services = append(t.services, route.NewService(s, routes))
+		// The compiled service keeps its own copy of s, not a pointer into
+		// cfg's list (a later table may keep the service and drop the list).
+		own := new(config.Service)
+		*own = *s
+		routes := make([]*route.Route, len(own.Routes))
+		for j := range own.Routes {
+			routes[j] = route.Compile(own.Name, &own.Routes[j], t.clusters, outbound)
+		}
+		cs := route.NewService(own, routes)
+		t.services = append(t.services, cs)
+		t.byName[s.Name] = cs
 	}
 	t.h2 = newH2Gate(t)
 	return t, fresh, nil
+}
+
+// service returns the compiled service named name (nil t: none).
+func (t *table) service(name string) *route.Service {
+	if t == nil {
+		return nil
+	}
+	return t.byName[name]
+}
+
+// sameClusters reports whether every cluster the routes of cs (a compiled
+// service of an earlier table) send or mirror to is the one t has under
+// that name (or t has none, as when cs was compiled).
+func sameClusters(cs *route.Service, t *table) bool {
+	for _, r := range cs.Routes {
+		for _, d := range r.Dests {
+			if t.clusters[d.Name] != d.Cluster {
+				return false
+			}
+		}
+		if m := r.Config.Mirror; m != nil && t.clusters[m.Cluster] != r.Mirror {
+			return false
+		}
+	}
+	return true
 }
 
 // cluster returns the cluster named name (nil t: none).

@@ -349,3 +349,97 @@ func TestUpdateMovesFramesConnectionOff(t *testing.T) {
 		t.Errorf("the new connection went to the frame forwarder (%d more)", n-served)
 	}
 }
+
+// TestUpdateShared: UpdateShared keeps what is the same memory as in the
+// running configuration — a service keeps its compiled routes (and their
+// retry budget), a cluster its state — recompiles a service whose routes
+// changed or whose cluster changed, and still refuses a configuration that
+// is invalid only through the changed part (an unchanged route naming a
+// subset the changed cluster no longer has), keeping the running table.
+func TestUpdateShared(t *testing.T) {
+	t.Parallel()
+	a := startBackend(t, "a", nil)
+	b := startBackend(t, "b", nil)
+	cfg := mustLoad(t, fmt.Sprintf(`
+services:
+- {name: one, hosts: [one], routes: [{name: r, retries: {attempts: 1, budget: {ratio: 0.5}}, destinations: [{cluster: a}]}]}
+- {name: two, hosts: [two], routes: [{name: r, destinations: [{cluster: a}]}]}
+- {name: three, hosts: [three], routes: [{name: r, destinations: [{cluster: b, subset: v1}]}]}
+clusters:
+- {name: a, endpoints: [{address: %q}]}
+- {name: b, endpoints: [{address: %q, labels: {version: v1}}], subsets: [{name: v1, labels: {version: v1}}]}
+`, a.addr, b.addr))
+	tp := startProxy(t, cfg, "127.0.0.1:80", l4.Outbound)
+	if err := tp.UpdateShared(cfg); err != nil { // the first table was New's: compiled again
+		t.Fatal(err)
+	}
+	c, _ := countingClient(false)
+	if code, h, _ := get(t, c, tp.addr, "one", "/"); code != 200 || h.Get("X-Backend") != "a" {
+		t.Fatalf("one: %d from %q", code, h.Get("X-Backend"))
+	}
+	t0 := tp.tab.Load()
+	if got := t0.services[0].Routes[0].Budget.Requests(); got != 1 {
+		t.Fatalf("retry budget deposits %v, want 1", got)
+	}
+
+	// Service two moves to cluster b: a new service list and route list for
+	// it, everything else shared.
+	next := cfg
+	next.Services = append([]config.Service(nil), cfg.Services...)
+	next.Services[1].Routes = []config.Route{{Name: "r", Destinations: []config.Destination{{Cluster: "b"}}}}
+	if err := tp.UpdateShared(next); err != nil {
+		t.Fatal(err)
+	}
+	t1 := tp.tab.Load()
+	for i, kept := range []bool{true, false, true} {
+		if got := t1.services[i] == t0.services[i]; got != kept {
+			t.Errorf("service %s: compiled service kept %v, want %v", next.Services[i].Name, got, kept)
+		}
+	}
+	if t1.clusters["a"] != t0.clusters["a"] || t1.clusters["b"] != t0.clusters["b"] {
+		t.Error("an unchanged cluster was rebuilt")
+	}
+	if got := t1.services[0].Routes[0].Budget.Requests(); got != 1 {
+		t.Errorf("the kept route's retry budget has %v deposits, want 1", got)
+	}
+	if code, h, _ := get(t, c, tp.addr, "two", "/"); code != 200 || h.Get("X-Backend") != "b" {
+		t.Fatalf("two after the update: %d from %q, want 200 from b", code, h.Get("X-Backend"))
+	}
+
+	// Cluster b loses subset v1: service three is unchanged, but its route
+	// now names a subset that does not exist.
+	bad := next
+	bad.Clusters = append([]config.Cluster(nil), next.Clusters...)
+	bad.Clusters[1].Subsets = nil
+	err := tp.UpdateShared(bad)
+	if err == nil || !strings.Contains(err.Error(), `services[2].routes[0].destinations[0].subset: "v1" is not a subset of cluster "b"`) {
+		t.Fatalf("UpdateShared with a dangling subset: %v", err)
+	}
+	if tp.tab.Load() != t1 {
+		t.Fatal("a refused update replaced the table")
+	}
+
+	// A new cluster b with other settings: the services routing to it are
+	// compiled again against it, the others kept.
+	lr := next
+	lr.Clusters = append([]config.Cluster(nil), next.Clusters...)
+	lr.Clusters[1].LoadBalancer = config.LBLeastRequest
+	if err := tp.UpdateShared(lr); err != nil {
+		t.Fatal(err)
+	}
+	t2 := tp.tab.Load()
+	if t2.clusters["b"] == t1.clusters["b"] || t2.clusters["a"] != t1.clusters["a"] {
+		t.Fatal("cluster b was not rebuilt, or a was")
+	}
+	for i, kept := range []bool{true, false, false} {
+		if got := t2.services[i] == t1.services[i]; got != kept {
+			t.Errorf("after cluster b changed: service %s kept %v, want %v", lr.Services[i].Name, got, kept)
+		}
+	}
+	if d := t2.services[2].Routes[0].Dests[0]; d.Cluster != t2.clusters["b"] {
+		t.Error("service three still sends to the retired cluster b")
+	}
+	if code, h, _ := get(t, c, tp.addr, "three", "/"); code != 200 || h.Get("X-Backend") != "b" {
+		t.Fatalf("three: %d from %q", code, h.Get("X-Backend"))
+	}
+}

@@ -2,6 +2,7 @@ package xds
 
 import (
 	"bufio"
+	"bytes"
 	"fmt"
 	"io"
 	"log/slog"
@@ -66,7 +67,7 @@ func sotwResponse(t string, version string, list []types.Resource) *response {
 	return r
 }
 
-func benchClient(b *testing.B, n int) (*Client, map[resource.Type][]types.Resource, *l7.Engine) {
+func benchClient(b testing.TB, n int) (*Client, map[resource.Type][]types.Resource, *l7.Engine) {
 	eng, err := l7.New(config.L7{}, l7.Options{AccessLog: io.Discard, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		b.Fatal(err)
@@ -88,12 +89,30 @@ func benchClient(b *testing.B, n int) (*Client, map[resource.Type][]types.Resour
 	return c, rs, eng
 }
 
+// anyOf marshals m.
+func anyOf(b *testing.B, m proto.Message) *anypb.Any {
+	a, err := anypb.New(m)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return a
+}
+
+// received is a as the client receives it: its own copy of the bytes (gRPC
+// decodes every response into new buffers).
+func received(a *anypb.Any) *anypb.Any {
+	return &anypb.Any{TypeUrl: a.TypeUrl, Value: bytes.Clone(a.Value)}
+}
+
 // BenchmarkUpdate measures the time from an xDS response to the new
 // table serving (decode, contract check, translation, assembly, engine
 // compile and swap) and its allocations, for meshes of 10, 1,000 and
-// 10,000 services (a cluster with two endpoints each):
-//   - rds: the route configuration of every service changes a weight
-//     (one RouteConfiguration with n virtual hosts, as SotW sends it);
+// 10,000 services (a cluster with two endpoints each). The resources are
+// marshaled before the timer starts; each update gets its own copy of
+// their bytes, as from the wire:
+//   - rds: the route configuration of every service, where one weight
+//     changes (one RouteConfiguration with n virtual hosts, as SotW sends
+//     it; delta sends the same one resource);
 //   - eds: one cluster's endpoints change (delta: one resource; the
 //     engine's endpoint path);
 //   - cds: every cluster is re-sent (SotW) with one changed.
@@ -101,14 +120,18 @@ func BenchmarkUpdate(b *testing.B) {
 	for _, n := range []int{10, 1000, 10000} {
 		b.Run(fmt.Sprintf("rds/services=%d", n), func(b *testing.B) {
 			c, rs, _ := benchClient(b, n)
-			rc := rs[resource.RouteType][0].(*routev3.RouteConfiguration)
+			var alt [2]*anypb.Any
+			for k := range alt {
+				rc := proto.Clone(rs[resource.RouteType][0].(proto.Message)).(*routev3.RouteConfiguration)
+				rc.VirtualHosts[0].Routes[0].GetRoute().GetWeightedClusters().Clusters[0].Weight = wrapperspb.UInt32(uint32(101 - k))
+				alt[k] = anyOf(b, rc)
+			}
 			b.ReportAllocs()
 			b.ResetTimer()
 			for i := range b.N {
-				rc = proto.Clone(rc).(*routev3.RouteConfiguration)
-				wc := rc.VirtualHosts[0].Routes[0].GetRoute().GetWeightedClusters().Clusters[0]
-				wc.Weight = wrapperspb.UInt32(uint32(100 + i%2))
-				if err := c.handle(sotwResponse(RouteType, strconv.Itoa(i+1), []types.Resource{rc}), nopSender{}, nil); err != nil {
+				v := strconv.Itoa(i + 1)
+				r := &response{typeURL: RouteType, version: v, nonce: v, full: true, resources: []namedResource{{version: v, raw: received(alt[i%2])}}}
+				if err := c.handle(r, nopSender{}, nil); err != nil {
 					b.Fatal(err)
 				}
 			}
@@ -120,16 +143,11 @@ func BenchmarkUpdate(b *testing.B) {
 		b.Run(fmt.Sprintf("eds/services=%d", n), func(b *testing.B) {
 			c, rs, _ := benchClient(b, n)
 			cla0 := rs[resource.EndpointType][0].(*endpointv3.ClusterLoadAssignment)
-			alt := xdstest.CLA(cla0.ClusterName, "127.2.0.1:8080", "127.2.0.2:8080", "127.2.0.3:8080")
+			alt := [2]*anypb.Any{anyOf(b, xdstest.CLA(cla0.ClusterName, "127.2.0.1:8080", "127.2.0.2:8080", "127.2.0.3:8080")), anyOf(b, cla0)}
 			b.ReportAllocs()
 			b.ResetTimer()
 			for i := range b.N {
-				m := cla0
-				if i%2 == 0 {
-					m = alt
-				}
-				a, _ := anypb.New(m)
-				r := &response{typeURL: EndpointType, nonce: "n", resources: []namedResource{{name: m.ClusterName, version: strconv.Itoa(i), raw: a}}}
+				r := &response{typeURL: EndpointType, nonce: "n", resources: []namedResource{{name: cla0.ClusterName, version: strconv.Itoa(i), raw: received(alt[i%2])}}}
 				if err := c.handle(r, nopSender{}, nil); err != nil {
 					b.Fatal(err)
 				}
@@ -141,16 +159,25 @@ func BenchmarkUpdate(b *testing.B) {
 		})
 		b.Run(fmt.Sprintf("cds/services=%d", n), func(b *testing.B) {
 			c, rs, _ := benchClient(b, n)
-			list := rs[resource.ClusterType]
+			list := make([]*anypb.Any, len(rs[resource.ClusterType]))
+			for k, m := range rs[resource.ClusterType] {
+				list[k] = anyOf(b, m.(proto.Message))
+			}
+			cl := proto.Clone(rs[resource.ClusterType][0].(proto.Message)).(*clusterv3.Cluster)
+			cl.LbPolicy = clusterv3.Cluster_LEAST_REQUEST
+			alt := [2]*anypb.Any{anyOf(b, cl), list[0]}
 			b.ReportAllocs()
 			b.ResetTimer()
 			for i := range b.N {
-				cl := proto.Clone(list[0].(proto.Message)).(*clusterv3.Cluster)
-				if i%2 == 0 {
-					cl.LbPolicy = clusterv3.Cluster_LEAST_REQUEST
+				v := strconv.Itoa(i + 1)
+				r := &response{typeURL: ClusterType, version: v, nonce: v, full: true, resources: make([]namedResource, len(list))}
+				for k, a := range list {
+					if k == 0 {
+						a = alt[i%2]
+					}
+					r.resources[k] = namedResource{version: v, raw: received(a)}
 				}
-				next := append([]types.Resource{cl}, list[1:]...)
-				if err := c.handle(sotwResponse(ClusterType, strconv.Itoa(i+1), next), nopSender{}, nil); err != nil {
+				if err := c.handle(r, nopSender{}, nil); err != nil {
 					b.Fatal(err)
 				}
 			}

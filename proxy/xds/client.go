@@ -368,7 +368,13 @@ func (c *Client) handle(r *response, snd sender, subs map[string][]string) error
 	var errs, got []string
 	rejected := map[string]*anypb.Any{}
 	for _, x := range r.resources {
-		e, err := decode(r.typeURL, x.raw, x.version, r.received)
+		old := cur.held(r.typeURL, x)
+		if e := reuse(old, x); e != nil {
+			next.entries[e.name] = e
+			got = append(got, e.name)
+			continue
+		}
+		e, err := decode(r.typeURL, x.raw, x.version, r.received, old)
 		if err != nil {
 			errs = append(errs, err.Error())
 			name := x.name

@@ -11,19 +11,24 @@ import (
 
 // Engine is the L7 engine's run-time update API (package l7's Engine).
 type Engine interface {
-	// Update validates, compiles and swaps in a whole configuration.
-	Update(cfg config.L7) error
+	// UpdateShared validates, compiles and swaps in a whole
+	// configuration, which the client never modifies afterwards (what is
+	// the same memory as in the running one is not validated or compiled
+	// again).
+	UpdateShared(cfg config.L7) error
 	// UpdateEndpoints replaces one cluster's endpoints (EDS churn).
 	UpdateEndpoints(cluster string, endpoints []config.Endpoint) error
 }
 
 // EngineApplier applies configurations to e: a change of endpoints only
-// goes through UpdateEndpoints, anything else through Update.
+// goes through UpdateEndpoints, anything else through UpdateShared (the
+// client builds every configuration anew, sharing the translation of the
+// resources that did not change, and never edits one it handed over).
 func EngineApplier(e Engine) Applier { return engineApplier{e} }
 
 type engineApplier struct{ e Engine }
 
-func (a engineApplier) Apply(cfg config.L7) error { return a.e.Update(cfg) }
+func (a engineApplier) Apply(cfg config.L7) error { return a.e.UpdateShared(cfg) }
 
 func (a engineApplier) ApplyEndpoints(cluster string, eps []config.Endpoint) error {
 	return a.e.UpdateEndpoints(cluster, eps)

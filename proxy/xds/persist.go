@@ -141,7 +141,7 @@ func readState(path string) (resources, time.Time, error) {
 		}
 		ts.version, ts.received = m.GetSystemVersionInfo(), true
 		for _, x := range m.GetResources() {
-			e, err := decode(m.GetTypeUrl(), x.GetResource(), x.GetVersion(), saved)
+			e, err := decode(m.GetTypeUrl(), x.GetResource(), x.GetVersion(), saved, nil)
 			if err != nil {
 				return bad("%v", err)
 			}

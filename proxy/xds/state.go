@@ -1,6 +1,7 @@
 package xds
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"maps"
@@ -24,6 +25,7 @@ type entry struct {
 
 	listener  listenerInfo
 	services  []service
+	vhosts    []vhost // a RouteConfiguration's, for the next version's decode
 	cluster   clusterInfo
 	endpoints []endpoint
 }
@@ -62,16 +64,31 @@ func (r resources) with(t string, ts *typeState) resources {
 }
 
 // decode unpacks and translates one resource of type t; the error is in
-// the contract's NACK format.
-func decode(t string, a *anypb.Any, version string, now time.Time) (*entry, error) {
+// the contract's NACK format. prev is the accepted resource of the same
+// name (nil: none): what did not change since is not decoded again (see
+// reuse and decodeRouteConfig).
+func decode(t string, a *anypb.Any, version string, now time.Time, prev *entry) (*entry, error) {
 	if a.GetTypeUrl() != t {
 		return nil, fmt.Errorf("%s: a resource of type %s in a %s response", shortType(t), a.GetTypeUrl(), shortType(t))
+	}
+	e := &entry{version: version, raw: a, updated: now}
+	if t == RouteType {
+		var pv []vhost
+		if prev != nil {
+			pv = prev.vhosts
+		}
+		if name, svcs, vhs, err, ok := decodeRouteConfig(a.GetValue(), pv); ok {
+			e.name, e.services, e.vhosts = name, svcs, vhs
+			if err == nil && e.name == "" {
+				err = fmt.Errorf("%s: a resource without a name", shortType(t))
+			}
+			return e, err
+		}
 	}
 	m, err := a.UnmarshalNew()
 	if err != nil {
 		return nil, fmt.Errorf("%s: cannot decode: %w", shortType(t), err)
 	}
-	e := &entry{version: version, raw: a, updated: now}
 	switch r := m.(type) {
 	case *listenerv3.Listener:
 		e.name = r.GetName()
@@ -92,6 +109,37 @@ func decode(t string, a *anypb.Any, version string, now time.Time) (*entry, erro
 		err = fmt.Errorf("%s: a resource without a name", shortType(t))
 	}
 	return e, err
+}
+
+// held returns the accepted resource that x (a resource of type t in a
+// response) replaces: the one of its name (delta names it; a SotW
+// resource's name is read from its bytes). nil: none, or the bytes cannot
+// be read.
+func (ts *typeState) held(t string, x namedResource) *entry {
+	if len(ts.entries) == 0 || x.raw.GetTypeUrl() != t {
+		return nil
+	}
+	if x.name != "" {
+		return ts.entries[x.name]
+	}
+	n, ok := wireName(x.raw.GetValue())
+	if !ok {
+		return nil
+	}
+	return ts.entries[string(n)]
+}
+
+// reuse returns old for x when x is old's bytes again (an unchanged
+// resource in a SotW response, or one a delta server sends again): its
+// check and translation stand, with x's version; its last update time
+// stays (the resource did not change). nil: x must be decoded.
+func reuse(old *entry, x namedResource) *entry {
+	if old == nil || !bytes.Equal(old.raw.GetValue(), x.raw.GetValue()) || x.name != "" && x.name != old.name {
+		return nil
+	}
+	e := *old
+	e.version = x.version
+	return &e
 }
 
 // subscriptions are the names to request of the by-name types: the route

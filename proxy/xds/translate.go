@@ -1,6 +1,7 @@
 package xds
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -395,68 +396,149 @@ func decodeRoutes(rc *routev3.RouteConfiguration) ([]service, error) {
 	for _, p := range routeConfigSchema.check(rc) {
 		re.add("%s", p)
 	}
-	var ports []portConfig
-	name := rc.GetName()
+	ports := routePorts(rc.GetName())
+	var out []service
+	for i, vh := range rc.GetVirtualHosts() {
+		if svc, ok := decodeVirtualHost(re, i, vh, rc.GetName(), ports); ok {
+			out = append(out, svc)
+		}
+	}
+	return out, re.err()
+}
+
+// vhost is one virtual host of an accepted RouteConfiguration: its
+// encoding (a part of the resource's) and its translation, so that the
+// next version of the configuration decodes only the virtual hosts that
+// changed.
+type vhost struct {
+	name string
+	raw  []byte
+	svc  service
+	ok   bool // it is a service (not left out as passthrough only)
+}
+
+// vhostSchema is the schema of routeConfigSchema's virtual hosts.
+var vhostSchema = routeConfigSchema.children["virtual_hosts"]
+
+// decodeRouteConfig is decodeRoutes for an encoded RouteConfiguration,
+// one virtual host at a time: a virtual host whose name and bytes are
+// those of one in prev (the virtual hosts of the configuration's accepted
+// version) keeps its translation without being decoded or checked again;
+// the others are, as decodeRoutes does, with the same messages. ok is
+// false when the bytes cannot be split (the caller decodes them whole,
+// which names the error).
+func decodeRouteConfig(b []byte, prev []vhost) (name string, svcs []service, vhs []vhost, err error, ok bool) {
+	rest, parts, ok := splitField(b, 2) // virtual_hosts
+	if !ok {
+		return "", nil, nil, nil, false
+	}
+	rc := &routev3.RouteConfiguration{}
+	if proto.Unmarshal(rest, rc) != nil {
+		return "", nil, nil, nil, false
+	}
+	var old map[string]*vhost
+	if len(prev) > 0 {
+		old = make(map[string]*vhost, len(prev))
+		for i := range prev {
+			old[prev[i].name] = &prev[i]
+		}
+	}
+	var problems []string
+	routeConfigSchema.walk(rc.ProtoReflect(), nil, &problems)
+	vhs = make([]vhost, len(parts))
+	decoded := make([]*routev3.VirtualHost, len(parts))
+	for i, p := range parts {
+		n, _ := wireName(p)
+		if o := old[string(n)]; o != nil && bytes.Equal(o.raw, p) {
+			vhs[i] = *o
+			vhs[i].raw = p
+			continue
+		}
+		vh := &routev3.VirtualHost{}
+		if proto.Unmarshal(p, vh) != nil {
+			return "", nil, nil, nil, false
+		}
+		vhostSchema.walk(vh.ProtoReflect(), &pathElem{name: "virtual_hosts", index: i}, &problems)
+		decoded[i] = vh
+		vhs[i] = vhost{name: vh.GetName(), raw: p}
+	}
+	sort.Strings(problems)
+	re := &resourceError{typeURL: RouteType, name: rc.GetName(), problems: problems}
+	ports := routePorts(rc.GetName())
+	for i, vh := range decoded {
+		if vh != nil {
+			vhs[i].svc, vhs[i].ok = decodeVirtualHost(re, i, vh, rc.GetName(), ports)
+		}
+		if vhs[i].ok {
+			svcs = append(svcs, vhs[i].svc)
+		}
+	}
+	return rc.GetName(), svcs, vhs, re.err(), true
+}
+
+// routePorts is the port a route configuration is named by ("9080", or
+// "host:9080" for proxyless names); none: every port.
+func routePorts(name string) []portConfig {
 	if i := strings.LastIndexByte(name, ':'); i >= 0 {
 		name = name[i+1:]
 	}
 	if p, err := strconv.ParseUint(name, 10, 16); err == nil && p > 0 {
-		ports = []portConfig{{Port: uint16(p)}}
+		return []portConfig{{Port: uint16(p)}}
 	}
-	var out []service
-	for i, vh := range rc.GetVirtualHosts() {
-		vf := fmt.Sprintf("virtual_hosts[%d]", i)
-		svc := service{Name: rc.GetName() + "/" + vh.GetName(), Ports: ports}
-		seenHost, seenAddr := map[string]bool{}, map[string]bool{}
-		for j, d := range vh.GetDomains() {
-			host := d
-			if h, _, ok := strings.Cut(d, "]:"); ok && strings.HasPrefix(d, "[") {
-				host = strings.TrimPrefix(h, "[")
-			} else if k := strings.LastIndexByte(d, ':'); k >= 0 && strings.Count(d, ":") == 1 {
-				host = d[:k]
-			}
-			if ip, err := netip.ParseAddr(strings.Trim(host, "[]")); err == nil {
-				if !seenAddr[ip.String()] {
-					seenAddr[ip.String()] = true
-					svc.Addresses = append(svc.Addresses, ip.String())
-				}
-				continue
-			}
-			host = strings.ToLower(host)
-			if host == "" || strings.Contains(host[min(1, len(host)):], "*") {
-				re.add("%s.domains[%d]: %q: only a leading \"*.\" wildcard (or \"*\") is supported", vf, j, d)
-				continue
-			}
-			if !seenHost[host] {
-				seenHost[host] = true
-				svc.Hosts = append(svc.Hosts, host)
-			}
+	return nil
+}
+
+// decodeVirtualHost translates virtual host i of the route configuration
+// rcName into a service on ports; ok is false when it is left out (no
+// routes, or passthrough only).
+func decodeVirtualHost(re *resourceError, i int, vh *routev3.VirtualHost, rcName string, ports []portConfig) (service, bool) {
+	vf := fmt.Sprintf("virtual_hosts[%d]", i)
+	svc := service{Name: rcName + "/" + vh.GetName(), Ports: ports}
+	seenHost, seenAddr := map[string]bool{}, map[string]bool{}
+	for j, d := range vh.GetDomains() {
+		host := d
+		if h, _, ok := strings.Cut(d, "]:"); ok && strings.HasPrefix(d, "[") {
+			host = strings.TrimPrefix(h, "[")
+		} else if k := strings.LastIndexByte(d, ':'); k >= 0 && strings.Count(d, ":") == 1 {
+			host = d[:k]
 		}
-		passthrough := 0
-		for j, r := range vh.GetRoutes() {
-			rf := fmt.Sprintf("%s.routes[%d]", vf, j)
-			if a := r.GetRoute(); a != nil && a.GetCluster() == passthroughCluster {
-				passthrough++
-				continue
+		if ip, err := netip.ParseAddr(strings.Trim(host, "[]")); err == nil {
+			if !seenAddr[ip.String()] {
+				seenAddr[ip.String()] = true
+				svc.Addresses = append(svc.Addresses, ip.String())
 			}
-			if dr := r.GetDirectResponse(); dr != nil {
-				re.add("%s.direct_response: status %d is not supported yet", rf, dr.GetStatus())
-				continue
-			}
-			rt, ok := decodeRoute(re, rf, r, j)
-			if ok {
-				svc.Routes = append(svc.Routes, rt)
-			}
-		}
-		if passthrough > 0 && len(svc.Routes) > 0 {
-			re.add("%s: routes to %s mixed with other routes are not supported", vf, passthroughCluster)
-		}
-		if len(svc.Routes) == 0 {
 			continue
 		}
-		out = append(out, svc)
+		host = strings.ToLower(host)
+		if host == "" || strings.Contains(host[min(1, len(host)):], "*") {
+			re.add("%s.domains[%d]: %q: only a leading \"*.\" wildcard (or \"*\") is supported", vf, j, d)
+			continue
+		}
+		if !seenHost[host] {
+			seenHost[host] = true
+			svc.Hosts = append(svc.Hosts, host)
+		}
 	}
-	return out, re.err()
+	passthrough := 0
+	for j, r := range vh.GetRoutes() {
+		rf := fmt.Sprintf("%s.routes[%d]", vf, j)
+		if a := r.GetRoute(); a != nil && a.GetCluster() == passthroughCluster {
+			passthrough++
+			continue
+		}
+		if dr := r.GetDirectResponse(); dr != nil {
+			re.add("%s.direct_response: status %d is not supported yet", rf, dr.GetStatus())
+			continue
+		}
+		rt, ok := decodeRoute(re, rf, r, j)
+		if ok {
+			svc.Routes = append(svc.Routes, rt)
+		}
+	}
+	if passthrough > 0 && len(svc.Routes) > 0 {
+		re.add("%s: routes to %s mixed with other routes are not supported", vf, passthroughCluster)
+	}
+	return svc, len(svc.Routes) > 0
 }
 
 func decodeRoute(re *resourceError, rf string, r *routev3.Route, idx int) (route, bool) {

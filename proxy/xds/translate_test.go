@@ -30,7 +30,7 @@ func TestTranslationIsValidEngineConfig(t *testing.T) {
 	for typ, list := range reviews.Resources() {
 		for _, m := range list {
 			a, _ := anypb.New(m)
-			e, err := decode(typ, a, "1", time.Now())
+			e, err := decode(typ, a, "1", time.Now(), nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -123,7 +123,7 @@ func TestNACKMessages(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			_, err = decode(tc.typ, a, "1", time.Now())
+			_, err = decode(tc.typ, a, "1", time.Now(), nil)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("error %v\nwant it to contain %q", err, tc.want)
 			}
