@@ -32,6 +32,11 @@ import (
 // fields differ from what the encoding holds (a callback changed it, a
 // canary, control-plane or resource-error field is set), or whose typeResponse is gone, is
 // encoded by the proto codec as before.
+//
+// A delta response differs per stream (its resources are what changed for
+// that stream), but its large resources are the built's shared marshaled
+// bytes: deltaWire writes the message around them and sends them as they
+// are instead of copying each into a pooled buffer per stream.
 
 // sharedWire maps the address of a typeResponse's anys to the typeResponse.
 var sharedWire sync.Map // uintptr → weak.Pointer[typeResponse]
@@ -110,7 +115,98 @@ func (c wireCodec) Marshal(v any) (mem.BufferSlice, error) {
 			return mem.BufferSlice{mem.SliceBuffer(body), mem.SliceBuffer(nonce)}, nil
 		}
 	}
+	if r, ok := v.(*discoverygrpc.DeltaDiscoveryResponse); ok {
+		if out, ok := deltaWire(r); ok {
+			return out, nil
+		}
+	}
 	return c.proto.Marshal(v)
+}
+
+// sharedValueMin is the size from which deltaWire sends a resource's
+// marshaled bytes as they are instead of copying them.
+const sharedValueMin = 4 << 10
+
+// deltaWire encodes a delta response with every large resource's bytes
+// referenced, not copied: a delta response carries the built's shared
+// marshaled resources (a ~1 MB route configuration for every proxy on a
+// route change), which the proto codec copied into a pooled buffer per
+// stream. The bytes are the proto encoding's (fields in number order).
+// It declines (false) a response with fields it does not write.
+func deltaWire(r *discoverygrpc.DeltaDiscoveryResponse) (mem.BufferSlice, bool) {
+	if r.ControlPlane != nil || len(r.RemovedResourceNames) != 0 || len(r.ResourceErrors) != 0 || len(r.ProtoReflect().GetUnknown()) != 0 {
+		return nil, false
+	}
+	large := false
+	for _, res := range r.Resources {
+		if res == nil || res.ResourceName != nil || len(res.Aliases) != 0 || res.Ttl != nil || res.CacheControl != nil ||
+			res.Metadata != nil || len(res.ProtoReflect().GetUnknown()) != 0 ||
+			(res.Resource != nil && len(res.Resource.ProtoReflect().GetUnknown()) != 0) {
+			return nil, false
+		}
+		if len(res.Resource.GetValue()) >= sharedValueMin {
+			large = true
+		}
+	}
+	if !large {
+		return nil, false // the proto codec's one buffer is as good
+	}
+	var out mem.BufferSlice
+	var buf []byte
+	str := func(num protowire.Number, v string) {
+		if v != "" {
+			buf = protowire.AppendString(protowire.AppendTag(buf, num, protowire.BytesType), v)
+		}
+	}
+	str(1, r.SystemVersionInfo)
+	for _, res := range r.Resources {
+		a := res.Resource
+		anyLen := 0
+		if a != nil {
+			if a.TypeUrl != "" {
+				anyLen += protowire.SizeTag(1) + protowire.SizeBytes(len(a.TypeUrl))
+			}
+			if len(a.Value) != 0 {
+				anyLen += protowire.SizeTag(2) + protowire.SizeBytes(len(a.Value))
+			}
+		}
+		resLen := 0
+		if res.Version != "" {
+			resLen += protowire.SizeTag(1) + protowire.SizeBytes(len(res.Version))
+		}
+		if a != nil {
+			resLen += protowire.SizeTag(2) + protowire.SizeBytes(anyLen)
+		}
+		if res.Name != "" {
+			resLen += protowire.SizeTag(3) + protowire.SizeBytes(len(res.Name))
+		}
+		buf = protowire.AppendVarint(protowire.AppendTag(buf, 2, protowire.BytesType), uint64(resLen))
+		str(1, res.Version)
+		if a != nil {
+			buf = protowire.AppendVarint(protowire.AppendTag(buf, 2, protowire.BytesType), uint64(anyLen))
+			str(1, a.TypeUrl)
+			if len(a.Value) != 0 {
+				buf = protowire.AppendVarint(protowire.AppendTag(buf, 2, protowire.BytesType), uint64(len(a.Value)))
+				if len(a.Value) >= sharedValueMin {
+					// gRPC only reads it (a SliceBuffer's Free is a no-op).
+					out = append(out, mem.SliceBuffer(buf), mem.SliceBuffer(a.Value))
+					buf = nil
+				} else {
+					buf = append(buf, a.Value...)
+				}
+			}
+		}
+		str(3, res.Name)
+	}
+	str(4, r.TypeUrl)
+	str(5, r.Nonce)
+	for _, name := range r.RemovedResources {
+		buf = protowire.AppendString(protowire.AppendTag(buf, 6, protowire.BytesType), name)
+	}
+	if len(buf) != 0 {
+		out = append(out, mem.SliceBuffer(buf))
+	}
+	return out, true
 }
 
 // Unmarshal implements encoding.CodecV2.

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"testing"
+	"time"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	resourcev3 "github.com/envoyproxy/go-control-plane/pkg/resource/v3"
@@ -12,6 +14,7 @@ import (
 	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/durationpb"
 )
 
 // TestWireCodecSharesEncoding: the codec's encoding of a shared SotW
@@ -104,4 +107,74 @@ func TestWireCodecSharesEncoding(t *testing.T) {
 	if _, err := codec.Marshal(&discoverygrpc.DeltaDiscoveryResponse{Nonce: "1"}); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestWireCodecDelta: a delta response with a large resource is encoded
+// with that resource's marshaled bytes referenced, not copied, and the
+// encoding is byte for byte the proto encoding (with small resources, an
+// empty and a missing Any, removals and the nonce); a response with a
+// field the codec does not write (a TTL, a control plane) or without a
+// large resource is the proto codec's, and every one decodes to what was
+// sent.
+func TestWireCodecDelta(t *testing.T) {
+	codec := newWireCodec()
+	big := &anypb.Any{TypeUrl: resourcev3.RouteType, Value: bytes.Repeat([]byte{0x0a, 0x01, 'x'}, sharedValueMin)}
+	small := &anypb.Any{TypeUrl: resourcev3.EndpointType, Value: []byte{0x0a, 0x01, 'a'}}
+	msg := func() *discoverygrpc.DeltaDiscoveryResponse {
+		return &discoverygrpc.DeltaDiscoveryResponse{SystemVersionInfo: "v1", TypeUrl: resourcev3.RouteType, Nonce: "12",
+			Resources: []*discoverygrpc.Resource{
+				{Name: "80", Version: "h1", Resource: big},
+				{Name: "small", Version: "h2", Resource: small},
+				{Name: "empty", Resource: &anypb.Any{}},
+				{Name: "none", Version: "h3"},
+				{Name: "8080", Version: "h4", Resource: big},
+			},
+			RemovedResources: []string{"gone", ""}}
+	}
+	check := func(what string, r *discoverygrpc.DeltaDiscoveryResponse, shared bool) {
+		t.Helper()
+		out, err := codec.Marshal(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, err := proto.MarshalOptions{Deterministic: true}.Marshal(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := out.Materialize(); !bytes.Equal(got, want) {
+			t.Fatalf("%s: codec encoding differs from the proto encoding:\n got %x\nwant %x", what, got, want)
+		}
+		referenced := 0
+		for _, b := range out {
+			if d := b.ReadOnlyData(); len(d) != 0 && &d[0] == &big.Value[0] {
+				referenced++
+			}
+		}
+		if shared && referenced != 2 {
+			t.Fatalf("%s: the large resource's bytes were referenced %d times, want 2 (once per resource)", what, referenced)
+		}
+		if !shared && referenced != 0 {
+			t.Fatalf("%s: the proto codec's encoding was expected, the large bytes were referenced", what)
+		}
+		back := &discoverygrpc.DeltaDiscoveryResponse{}
+		if err := codec.Unmarshal(out, back); err != nil {
+			t.Fatal(err)
+		}
+		if !proto.Equal(back, r) {
+			t.Fatalf("%s: decoded %v, sent %v", what, back, r)
+		}
+	}
+	check("shared", msg(), true)
+	r := msg()
+	r.Nonce, r.SystemVersionInfo, r.RemovedResources = "", "", nil
+	check("no nonce, version or removals", r, true)
+	r = msg()
+	r.Resources[1].Ttl = durationpb.New(time.Second)
+	check("with a TTL", r, false)
+	r = msg()
+	r.ControlPlane = &corev3.ControlPlane{Identifier: "x"}
+	check("with a control plane", r, false)
+	r = msg()
+	r.Resources = r.Resources[1:4]
+	check("small resources only", r, false)
 }
