@@ -77,6 +77,7 @@ type h1Conn struct {
 	// goroutine holding pc uses them, and they are cleared after the write).
 	out   http.Request
 	keys  []string // writeRequest's sorted header names
+	abort func()   // sets a past deadline: the request's context ended
 	bodyR bytes.Reader
 	body  io.ReadCloser // io.NopCloser(&bodyR): an in-memory body to Request.write
 }
@@ -156,7 +157,10 @@ func (t *h1Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 // closed; stale says the error means the pooled connection was dead before
 // the upstream saw the request.
 func (t *h1Transport) exchange(ctx context.Context, pc *h1Conn, req *http.Request, body []byte, trace *httptrace.ClientTrace) (resp *http.Response, err error, stale bool) { //nolint:revive // stale qualifies err, so it follows it
-	stop := context.AfterFunc(ctx, func() { _ = pc.SetDeadline(aLongTimeAgo) })
+	if pc.abort == nil {
+		pc.abort = func() { _ = pc.SetDeadline(aLongTimeAgo) } // one closure per connection, not per request
+	}
+	stop := context.AfterFunc(ctx, pc.abort)
 	fail := func(e error, s bool) (*http.Response, error, bool) {
 		stop()
 		pc.Close()

@@ -84,8 +84,7 @@ func writeRequest(bw *bufio.Writer, req *http.Request, body []byte, keys *[]stri
 	switch n := len(body); {
 	case n > 0:
 		_, _ = bw.WriteString("Content-Length: ")
-		var num [20]byte
-		_, _ = bw.Write(strconv.AppendInt(num[:0], int64(n), 10))
+		_, _ = bw.Write(strconv.AppendInt(bw.AvailableBuffer(), int64(n), 10)) // no allocation
 		_, _ = bw.WriteString("\r\n")
 	case method == http.MethodPost || method == http.MethodPut || method == http.MethodPatch:
 		// net/http sends a zero length for these ("many servers expect one").
