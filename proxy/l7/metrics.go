@@ -89,15 +89,17 @@ func (m *metrics) cluster(name string) *upstream.Metrics {
 	if c := m.clusters[name]; c != nil {
 		return c
 	}
+	// The counters are claimed in the stats region when first counted
+	// (most clusters of a large mesh never retry, eject or fail).
 	c := &upstream.Metrics{
-		Retries:              m.retries.WithLabelValues(name),
-		RetryBudgetExhausted: m.budgetOut.WithLabelValues(name),
-		Ejections:            m.ejections.WithLabelValues(name),
-		ConnectFailures:      m.connFail.WithLabelValues(name),
-		TLSFailures:          m.tlsFail.WithLabelValues(name),
-		HCFailures:           m.hcFail.WithLabelValues(name),
-		DNSFailures:          m.dnsFail.WithLabelValues(name),
-		Mirrored:             m.mirrored.WithLabelValues(name),
+		Retries:              m.retries.Lazy(name),
+		RetryBudgetExhausted: m.budgetOut.Lazy(name),
+		Ejections:            m.ejections.Lazy(name),
+		ConnectFailures:      m.connFail.Lazy(name),
+		TLSFailures:          m.tlsFail.Lazy(name),
+		HCFailures:           m.hcFail.Lazy(name),
+		DNSFailures:          m.dnsFail.Lazy(name),
+		Mirrored:             m.mirrored.Lazy(name),
 		Overflow:             m.overflow.Curry(name),
 		Endpoints:            m.endpoints.WithLabelValues(name),
 	}
@@ -125,7 +127,7 @@ func (m *metrics) route(dir, rt, cluster string) *route.Metrics {
 	rm := m.routes[k]
 	if rm == nil {
 		rm = route.NewMetrics(func(class string) *stats.Counter { return m.requests.WithLabelValues(dir, rt, cluster, class) },
-			m.duration.WithLabelValues(dir, rt, cluster))
+			func() prometheus.Observer { return m.duration.WithLabelValues(dir, rt, cluster) })
 	}
 	if m.nextRoutes == nil {
 		m.nextRoutes = map[routeSeries]*route.Metrics{}

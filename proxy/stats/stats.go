@@ -64,21 +64,47 @@ type Region struct {
 	mu  sync.Mutex
 	// cache maps names to counters already looked up by this process.
 	cache map[string]*Counter
+	// index maps the names in the first scanned slots (all in use) to
+	// their offsets.
+	index   map[string]int
+	scanned int
 	// help maps family names to the HELP text this process registered.
 	help map[string]string
 }
 
 // Counter is a monotonically increasing value in a Region.
-type Counter struct{ v *uint64 }
+type Counter struct {
+	v atomic.Pointer[uint64]
+	// vec and values name the series of a lazy counter (CounterVec.Lazy),
+	// claimed at its first use.
+	vec    *CounterVec
+	values []string
+}
+
+func newCounter(v *uint64) *Counter {
+	c := &Counter{}
+	c.v.Store(v)
+	return c
+}
+
+// value is the counter's word in the region, claimed now if c is lazy.
+func (c *Counter) value() *uint64 {
+	if v := c.v.Load(); v != nil {
+		return v
+	}
+	v := c.vec.WithLabelValues(c.values...).value()
+	c.v.Store(v)
+	return v
+}
 
 // Add adds n.
-func (c *Counter) Add(n uint64) { atomic.AddUint64(c.v, n) }
+func (c *Counter) Add(n uint64) { atomic.AddUint64(c.value(), n) }
 
 // Inc adds one.
-func (c *Counter) Inc() { atomic.AddUint64(c.v, 1) }
+func (c *Counter) Inc() { atomic.AddUint64(c.value(), 1) }
 
 // Value returns the current value.
-func (c *Counter) Value() uint64 { return atomic.LoadUint64(c.v) }
+func (c *Counter) Value() uint64 { return atomic.LoadUint64(c.value()) }
 
 // Create makes a new region backed by a memfd, returning the region and the
 // file to pass to child processes.
@@ -107,7 +133,7 @@ func Open(f *os.File) (*Region, error) {
 	if err != nil {
 		return nil, fmt.Errorf("mapping stats region: %w", err)
 	}
-	r := &Region{mem: mem, cache: map[string]*Counter{}, help: map[string]string{}}
+	r := &Region{mem: mem, cache: map[string]*Counter{}, help: map[string]string{}, index: map[string]int{}}
 	if m := atomic.LoadUint64(r.u64(offMagic)); m != 0 && m != magic {
 		_ = unix.Munmap(mem)
 		return nil, errors.New("stats region: bad magic")
@@ -122,7 +148,7 @@ func NewPrivate() *Region {
 	if err != nil {
 		panic(fmt.Sprintf("mmap anonymous stats region: %v", err))
 	}
-	r := &Region{mem: mem, cache: map[string]*Counter{}, help: map[string]string{}}
+	r := &Region{mem: mem, cache: map[string]*Counter{}, help: map[string]string{}, index: map[string]int{}}
 	atomic.StoreUint64(r.u64(offMagic), magic)
 	return r
 }
@@ -167,32 +193,41 @@ func (r *Region) Counter(name string) *Counter {
 func (r *Region) find(name string) *Counter {
 	if len(name) > nameMax {
 		atomic.AddUint64(r.u64(offDropped), 1)
-		return &Counter{v: new(uint64)}
+		return newCounter(new(uint64))
 	}
-	for i := 0; i < Slots; i++ {
-		off := r.slot(i)
+	if off, ok := r.index[name]; ok {
+		return newCounter(r.u64(off + 8))
+	}
+	// Slots are claimed in order and never freed, so the ones in use are a
+	// prefix of the region: the part this process has read is indexed, the
+	// scan goes on from its end (other generations may have claimed more).
+	for r.scanned < Slots {
+		off := r.slot(r.scanned)
 		state := r.u64(off)
-		for {
-			s := atomic.LoadUint64(state)
-			if s == slotReady {
-				if r.name(off) == name {
-					return &Counter{v: r.u64(off + 8)}
-				}
-				break
+		switch atomic.LoadUint64(state) {
+		case slotReady:
+			n := r.name(off)
+			if _, dup := r.index[n]; !dup { // the first slot of a name counts
+				r.index[n] = off
 			}
-			if s == slotClaiming {
-				runtime.Gosched()
-				continue
+			r.scanned++
+			if n == name {
+				return newCounter(r.u64(off + 8))
 			}
+		case slotClaiming:
+			runtime.Gosched()
+		default:
 			if atomic.CompareAndSwapUint64(state, slotFree, slotClaiming) {
 				copy(r.mem[off+16:off+slotSize], name)
 				atomic.StoreUint64(state, slotReady)
-				return &Counter{v: r.u64(off + 8)}
+				r.index[name] = off
+				r.scanned++
+				return newCounter(r.u64(off + 8))
 			}
 		}
 	}
 	atomic.AddUint64(r.u64(offDropped), 1)
-	return &Counter{v: new(uint64)}
+	return newCounter(new(uint64))
 }
 
 // Dropped returns how many series found no slot (see Counter).

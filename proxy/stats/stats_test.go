@@ -141,3 +141,43 @@ func TestCounterTooLongIsCounted(t *testing.T) {
 	}
 	r.Each(func(name string, _ uint64) { t.Errorf("unexpected series %q", name) })
 }
+
+// TestLazySeries: a lazy series takes no slot and is not exported until it
+// is first counted; then it is the same series as WithLabelValues's, in
+// every mapping, whichever claimed slots in between.
+func TestLazySeries(t *testing.T) {
+	a, f, err := Create()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	b, err := Open(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	va := a.CounterVec("lazy_total", "help", "cluster")
+	vb := b.CounterVec("lazy_total", "help", "cluster")
+	lazy := va.Lazy("x")
+	names := func(r *Region) (out []string) {
+		r.Each(func(name string, _ uint64) { out = append(out, name) })
+		return out
+	}
+	if got := names(b); len(got) != 0 {
+		t.Fatalf("before first use the region holds %q", got)
+	}
+	// b claims two other series after a's index ended, then a counts.
+	vb.WithLabelValues("y").Inc()
+	a.Counter("other_total").Inc()
+	vb.WithLabelValues("z").Inc()
+	lazy.Add(2)
+	vb.WithLabelValues("x").Inc()
+	if got := va.WithLabelValues("x").Value(); got != 3 {
+		t.Fatalf(`lazy_total{cluster="x"} = %d in a, want 3`, got)
+	}
+	if got, want := names(b), []string{`lazy_total{cluster="x"}`, `lazy_total{cluster="y"}`, `lazy_total{cluster="z"}`, "other_total"}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("series %q, want %q", got, want)
+	}
+	if got := va.WithLabelValues("y").Value(); got != 1 {
+		t.Fatalf(`a reads lazy_total{cluster="y"} = %d, want 1 (b's)`, got)
+	}
+}

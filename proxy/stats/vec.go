@@ -52,6 +52,19 @@ func (v *CounterVec) WithLabelValues(values ...string) *Counter {
 	return c
 }
 
+// Lazy is WithLabelValues for a series that may never be used (one per
+// configured cluster or route, most of which see no traffic): the series
+// is claimed in the region, and appears in the exposition, at the
+// counter's first Add, Inc or Value. A family of a series per cluster of a
+// 1,000-service mesh then costs region slots and memory only for the
+// series in use.
+func (v *CounterVec) Lazy(values ...string) *Counter {
+	if len(values) != len(v.labels) {
+		panic(fmt.Sprintf("stats: %s has %d labels %v, got %d values %q", v.name, len(v.labels), v.labels, len(values), values))
+	}
+	return &Counter{vec: v, values: values}
+}
+
 // Curry returns the family with the first label values fixed; the result's
 // WithLabelValues takes the remaining values.
 func (v *CounterVec) Curry(values ...string) *CurriedVec {
