@@ -58,6 +58,13 @@ func launchAgent(t *testing.T, dest, exe string, extra ...string) *proc {
 // generations') environment.
 func launchAgentEnv(t *testing.T, dest, exe string, env []string, extra ...string) *proc {
 	t.Helper()
+	return launchAgentBin(t, os.Args[0], dest, exe, env, extra...)
+}
+
+// launchAgentBin is launchAgentEnv with the agent's own binary: this test
+// binary (os.Args[0], which acts as meshlet) or a real meshlet build.
+func launchAgentBin(t testing.TB, agentExe, dest, exe string, env []string, extra ...string) *proc {
+	t.Helper()
 	p := &proc{out: &proctest.SyncBuf{}, exited: make(chan error, 1)}
 	p.outbound, p.inbound, p.health, p.prom, p.admin, p.st = proctest.FreePort(t), proctest.FreePort(t), proctest.FreePort(t), proctest.FreePort(t), proctest.FreePort(t), proctest.FreePort(t)
 	p.configPath = filepath.Join(t.TempDir(), "proxy.yaml")
@@ -69,7 +76,7 @@ func launchAgentEnv(t *testing.T, dest, exe string, env []string, extra ...strin
 		"--prometheus-addr", p.prom, "--admin-addr", p.admin, "--status-addr", p.st,
 		"--proxy-arg=--static-destination=" + dest}, extra...)
 	args = append(args, "--proxy-executable", exe)
-	p.cmd = exec.Command(os.Args[0], args...)
+	p.cmd = exec.Command(agentExe, args...)
 	p.cmd.Env = append(append(os.Environ(), env...), envExec+"=1")
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	// Its own process group, as PID 1 of a container has: tests may signal
@@ -89,7 +96,7 @@ func launchAgentEnv(t *testing.T, dest, exe string, env []string, extra ...strin
 	return p
 }
 
-func (p *proc) waitReady(t *testing.T) {
+func (p *proc) waitReady(t testing.TB) {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for time.Now().Before(deadline) {
@@ -101,7 +108,7 @@ func (p *proc) waitReady(t *testing.T) {
 	t.Fatalf("agent not ready; output:\n%s", p.out.String())
 }
 
-func (p *proc) reload(t *testing.T) agent.ReloadResult {
+func (p *proc) reload(t testing.TB) agent.ReloadResult {
 	t.Helper()
 	resp, err := http.Post("http://"+p.st+"/reload", "", nil)
 	if err != nil {
@@ -115,7 +122,7 @@ func (p *proc) reload(t *testing.T) agent.ReloadResult {
 	return r
 }
 
-func (p *proc) info(t *testing.T) agent.Info {
+func (p *proc) info(t testing.TB) agent.Info {
 	t.Helper()
 	_, body := proctest.HTTPGet("http://" + p.st + "/server_info")
 	var i agent.Info
@@ -125,7 +132,7 @@ func (p *proc) info(t *testing.T) agent.Info {
 	return i
 }
 
-func (p *proc) metric(t *testing.T, name string) float64 {
+func (p *proc) metric(t testing.TB, name string) float64 {
 	t.Helper()
 	_, body := proctest.HTTPGet("http://" + p.st + "/stats/prometheus")
 	return metricIn(t, body, name)
@@ -133,7 +140,7 @@ func (p *proc) metric(t *testing.T, name string) float64 {
 
 // metricIn is the value of the series name (with its labels) in a
 // Prometheus exposition; the test fails when it is absent or not a number.
-func metricIn(t *testing.T, body, name string) float64 {
+func metricIn(t testing.TB, body, name string) float64 {
 	t.Helper()
 	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` (\S+)$`).FindStringSubmatch(body)
 	if m == nil {
@@ -148,7 +155,7 @@ func metricIn(t *testing.T, body, name string) float64 {
 
 // httpBackend serves, on one loopback port (the static destination),
 // HTTP/1.1 (1 KiB responses) and raw TCP echo streams, which start with 'S'.
-func httpBackend(t *testing.T) string {
+func httpBackend(t testing.TB) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -175,7 +182,7 @@ func acceptedBy(addr string) int64 {
 // 10ms, 'D' a database-like exchange (query, answer in two writes, idle
 // until the next query: the server speaks last). Every accepted connection
 // is counted (acceptedBy).
-func serveBackend(t *testing.T, ln net.Listener) string {
+func serveBackend(t testing.TB, ln net.Listener) string {
 	t.Helper()
 	n := &atomic.Int64{}
 	accepted.Store(ln.Addr().String(), n)

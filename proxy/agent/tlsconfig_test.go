@@ -78,7 +78,7 @@ func newKeyPair(t *testing.T) (caPEM, certPEM, keyPEM []byte) {
 	return caPEM, certPEM, keyPEM
 }
 
-func writeFile(t *testing.T, path string, b []byte) {
+func writeFile(t testing.TB, path string, b []byte) {
 	t.Helper()
 	if err := os.WriteFile(path, b, 0o644); err != nil {
 		t.Fatal(err)
@@ -99,7 +99,7 @@ l7:
 
 // configHash is the hash the agent computes for doc with the referenced
 // files as they are now.
-func configHash(t *testing.T, doc []byte) string {
+func configHash(t testing.TB, doc []byte) string {
 	t.Helper()
 	l, err := config.Parse(doc)
 	if err != nil {
@@ -109,7 +109,7 @@ func configHash(t *testing.T, doc []byte) string {
 }
 
 // waitInfo polls the agent's /server_info until ok holds, for up to 20s.
-func (p *proc) waitInfo(t *testing.T, what string, ok func(agent.Info) bool) agent.Info {
+func (p *proc) waitInfo(t testing.TB, what string, ok func(agent.Info) bool) agent.Info {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for {
@@ -126,7 +126,7 @@ func (p *proc) waitInfo(t *testing.T, what string, ok func(agent.Info) bool) age
 
 // waitActiveHash waits until a generation running hash is active and the
 // one it replaced has gone, and checks the proxy reports the same hash.
-func (p *proc) waitActiveHash(t *testing.T, what, hash string) agent.Info {
+func (p *proc) waitActiveHash(t testing.TB, what, hash string) agent.Info {
 	t.Helper()
 	i := p.waitInfo(t, what, func(i agent.Info) bool {
 		return i.ConfigHash == hash && len(i.Generations) == 1 && i.Generations[0].State == "ACTIVE"
