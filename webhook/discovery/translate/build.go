@@ -35,6 +35,8 @@ import (
 	networking "istio.io/api/networking/v1alpha3"
 	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
 	"k8s.io/apimachinery/pkg/labels"
+
+	"github.com/meshlet/meshlet/internal/meshports"
 )
 
 // Resources are the Envoy resources of one proxy, each list sorted by name.
@@ -71,8 +73,8 @@ const (
 	InboundPassthroughCluster = "InboundPassthroughCluster"
 	VirtualOutbound           = "virtualOutbound"
 	VirtualInbound            = "virtualInbound"
-	OutboundPort              = 15001
-	InboundPort               = 15006
+	OutboundPort              = meshports.Outbound
+	InboundPort               = meshports.Inbound
 
 	filterHCM      = "envoy.filters.network.http_connection_manager"
 	filterTCPProxy = "envoy.filters.network.tcp_proxy"

@@ -13,15 +13,18 @@ import (
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"google.golang.org/protobuf/types/known/structpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/meshlet/meshlet/webhook/inject"
 )
 
 // Istio's mutual TLS wire names (docs/xds.md, "Automatic mutual TLS" and
 // "Peer authentication on the inbound listener").
 const (
-	// LabelTLSMode is the pod label the injector sets on meshed pods.
-	LabelTLSMode = "security.istio.io/tlsMode"
+	// LabelTLSMode is the pod label the injector sets on meshed pods
+	// (defined once, by the injector that writes it).
+	LabelTLSMode = inject.LabelTLSMode
 	// TLSModeIstio is its value on a meshed pod.
-	TLSModeIstio = "istio"
+	TLSModeIstio = inject.TLSModeIstio
 	// TransportSocketMatchKey is the endpoint metadata filter that carries
 	// an endpoint's tlsMode, matched by a cluster's transport_socket_matches.
 	TransportSocketMatchKey = "envoy.transport_socket_match"
