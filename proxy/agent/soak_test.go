@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"math"
@@ -239,6 +240,47 @@ func (l *load) finish(t testing.TB) {
 	}
 }
 
+// concurrentReloads asks for three hot restarts at once under the load:
+// the first starts a generation, the ones that arrive while two
+// generations live (or one starts) wait and coalesce into one more, so
+// they end two or three generations later (never more than two live at
+// once: the soak's watcher checks it), and every request is answered.
+func (p *proc) concurrentReloads(t *testing.T) {
+	t.Helper()
+	gen := p.info(t).ActiveGeneration
+	res := make([]agent.ReloadResult, 3)
+	var wg sync.WaitGroup
+	for k := range res {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			resp, err := http.Post("http://"+p.st+"/reload", "", nil)
+			if err != nil {
+				res[k].Error = err.Error()
+				return
+			}
+			defer resp.Body.Close()
+			if err := json.NewDecoder(resp.Body).Decode(&res[k]); err != nil {
+				res[k].Error = err.Error()
+			}
+		}()
+	}
+	wg.Wait()
+	top := 0
+	for _, r := range res {
+		if r.Error != "" {
+			t.Errorf("concurrent reload: %s", r.Error)
+		}
+		top = max(top, r.Generation)
+	}
+	if top < gen+2 || top > gen+3 {
+		t.Errorf("three concurrent reloads from generation %d answered %+v: want them coalesced into two or three restarts", gen, res)
+	}
+	p.waitInfo(t, "the coalesced restarts complete", func(i agent.Info) bool {
+		return i.ActiveGeneration == top && len(i.Generations) == 1
+	})
+}
+
 // restartTimes collects, by the way each hot restart was asked for, how
 // long it took as the agent's /server_info shows it: from the request until
 // a newer generation is active (it reported ready: it accepts on the shared
@@ -372,6 +414,9 @@ func TestHotRestartSoak(t *testing.T) {
 			}
 		}
 		rt.observe(t, p, how, gen, t0, 300*time.Millisecond)
+		if i == 6 {
+			p.concurrentReloads(t)
+		}
 		if i == 4 {
 			// A bad config mid-soak: rejected, the generation keeps serving.
 			if err := os.WriteFile(p.configPath, []byte("apiVersion: meshlet.io/v1alpha1\nkind: ProxyConfig\ninbound:\n  maxConnections: -1\n"), 0o644); err != nil {
