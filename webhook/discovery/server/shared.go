@@ -53,6 +53,10 @@ type typeResponse struct {
 	// diffs are the diffs to this version from earlier ones, by their
 	// version (under sharedCache.mu).
 	diffs map[string]*typeDiff
+	// all is every resource as a delta response lists it, in name order,
+	// and allEncoded their encoding (wire.go); made on first use.
+	all        []*discoverygrpc.Resource
+	allEncoded typeWire
 	// encoded is the response's message encoded once, without a nonce,
 	// for every stream (wire.go).
 	encoded typeWire
@@ -704,6 +708,12 @@ func (n *sharedNode) respondDelta(w *ownDeltaWatch, b *built) bool {
 	}
 	if next == nil {
 		next = maps.Clone(returned)
+	}
+	if len(out.Resources) == len(tr.sorted) && len(tr.sorted) != 0 {
+		// Every resource of the type (a first response): the shared list,
+		// which wireCodec sends encoded once (the same set: out holds
+		// distinct resources of tr at tr's versions).
+		out.Resources = tr.allDelta()
 	}
 	out.TypeUrl, out.SystemVersionInfo = typ, tr.version
 	n.seen[key] = deltaSeen{returned: next, tr: tr, exact: true}

@@ -123,6 +123,65 @@ func (c wireCodec) Marshal(v any) (mem.BufferSlice, error) {
 	return c.proto.Marshal(v)
 }
 
+// sharedDeltaWire maps the address of a typeResponse's all (every
+// resource of the type as a delta response lists them) to the
+// typeResponse, as sharedWire does for SotW.
+var sharedDeltaWire sync.Map // uintptr → weak.Pointer[typeResponse]
+
+// allDelta returns every resource of tr as a delta response lists them,
+// the same slice each time, known to wireCodec (under sharedCache.mu).
+func (tr *typeResponse) allDelta() []*discoverygrpc.Resource {
+	if tr.all != nil || len(tr.sorted) == 0 {
+		return tr.all
+	}
+	all := make([]*discoverygrpc.Resource, len(tr.sorted))
+	for i, name := range tr.sorted {
+		r := tr.resources[name]
+		all[i] = &discoverygrpc.Resource{Name: name, Version: r.version, Resource: r.any}
+	}
+	tr.all = all
+	key := uintptr(unsafe.Pointer(unsafe.SliceData(all)))
+	wp := weak.Make(tr)
+	sharedDeltaWire.Store(key, wp)
+	runtime.AddCleanup(tr, func(key uintptr) { sharedDeltaWire.CompareAndDelete(key, wp) }, key)
+	return all
+}
+
+// allWire returns the encoding of tr's all as field 2 of a delta
+// response.
+func (tr *typeResponse) allWire() ([]byte, error) {
+	tr.allEncoded.once.Do(func() {
+		var b []byte
+		for _, res := range tr.all {
+			m, err := proto.MarshalOptions{Deterministic: true}.Marshal(res)
+			if err != nil {
+				tr.allEncoded.err = fmt.Errorf("encoding the %s delta resource %q: %w", tr.typeURL, res.Name, err)
+				return
+			}
+			b = protowire.AppendBytes(protowire.AppendTag(b, 2, protowire.BytesType), m)
+		}
+		tr.allEncoded.body = b
+	})
+	return tr.allEncoded.body, tr.allEncoded.err
+}
+
+// sharedDeltaAll returns the typeResponse whose all r's resources are,
+// or nil.
+func sharedDeltaAll(r *discoverygrpc.DeltaDiscoveryResponse) *typeResponse {
+	if len(r.Resources) == 0 {
+		return nil
+	}
+	v, ok := sharedDeltaWire.Load(uintptr(unsafe.Pointer(unsafe.SliceData(r.Resources))))
+	if !ok {
+		return nil
+	}
+	tr := v.(weak.Pointer[typeResponse]).Value()
+	if tr == nil || len(tr.all) != len(r.Resources) {
+		return nil
+	}
+	return tr
+}
+
 // sharedValueMin is the size from which deltaWire sends a resource's
 // marshaled bytes as they are instead of copying them.
 const sharedValueMin = 4 << 10
@@ -137,6 +196,29 @@ func deltaWire(r *discoverygrpc.DeltaDiscoveryResponse) (mem.BufferSlice, bool) 
 	if r.ControlPlane != nil || len(r.RemovedResourceNames) != 0 || len(r.ResourceErrors) != 0 || len(r.ProtoReflect().GetUnknown()) != 0 {
 		return nil, false
 	}
+	var out mem.BufferSlice
+	var buf []byte
+	str := func(num protowire.Number, v string) {
+		if v != "" {
+			buf = protowire.AppendString(protowire.AppendTag(buf, num, protowire.BytesType), v)
+		}
+	}
+	if tr := sharedDeltaAll(r); tr != nil {
+		// Every resource of the type, encoded once for every stream.
+		body, err := tr.allWire()
+		if err != nil {
+			return nil, false
+		}
+		str(1, r.SystemVersionInfo)
+		out = append(out, mem.SliceBuffer(buf), mem.SliceBuffer(body))
+		buf = nil
+		str(4, r.TypeUrl)
+		str(5, r.Nonce)
+		for _, name := range r.RemovedResources {
+			buf = protowire.AppendString(protowire.AppendTag(buf, 6, protowire.BytesType), name)
+		}
+		return append(out, mem.SliceBuffer(buf)), true
+	}
 	large := false
 	for _, res := range r.Resources {
 		if res == nil || res.ResourceName != nil || len(res.Aliases) != 0 || res.Ttl != nil || res.CacheControl != nil ||
@@ -150,13 +232,6 @@ func deltaWire(r *discoverygrpc.DeltaDiscoveryResponse) (mem.BufferSlice, bool) 
 	}
 	if !large {
 		return nil, false // the proto codec's one buffer is as good
-	}
-	var out mem.BufferSlice
-	var buf []byte
-	str := func(num protowire.Number, v string) {
-		if v != "" {
-			buf = protowire.AppendString(protowire.AppendTag(buf, num, protowire.BytesType), v)
-		}
 	}
 	str(1, r.SystemVersionInfo)
 	for _, res := range r.Resources {

@@ -3,9 +3,11 @@ package server
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
@@ -177,4 +179,64 @@ func TestWireCodecDelta(t *testing.T) {
 	r = msg()
 	r.Resources = r.Resources[1:4]
 	check("small resources only", r, false)
+}
+
+// TestWireCodecDeltaAll: a first delta response holding every resource of
+// its type (a proxy's initial clusters) lists the built's one shared list,
+// which the codec sends encoded once for every stream: byte for byte the
+// proto encoding, the same bytes for two streams, only the nonce apart.
+func TestWireCodecDeltaAll(t *testing.T) {
+	ctx := context.Background()
+	c, sc := newSharedTestCache(true)
+	res := sharedTestResources(10)
+	res.Clusters = append(res.Clusters, proto.Clone(res.Clusters[0]).(*clusterv3.Cluster))
+	res.Clusters[1].Name = "outbound|81||a.ns.svc.cluster.local"
+	b, err := buildSnapshot(res, newInternTable(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	codec := newWireCodec()
+	var shared [][]byte
+	for i, id := range []string{"a", "b"} {
+		if err := c.SetSnapshot(ctx, sc, id, b); err != nil {
+			t.Fatal(err)
+		}
+		ch := make(chan cachev3.DeltaResponse, 1)
+		sub := stream.NewDeltaSubscription(nil, nil, nil, true)
+		if _, err := c.CreateDeltaWatch(&discoverygrpc.DeltaDiscoveryRequest{Node: &corev3.Node{Id: id}, TypeUrl: resourcev3.ClusterType}, sub, ch); err != nil {
+			t.Fatal(err)
+		}
+		var r cachev3.DeltaResponse
+		select {
+		case r = <-ch:
+		default:
+			t.Fatal("no response to a first wildcard request")
+		}
+		m, err := r.GetDeltaDiscoveryResponse()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(m.GetResources()) != 2 {
+			t.Fatalf("first CDS response has %d clusters, want 2", len(m.GetResources()))
+		}
+		m.Nonce = fmt.Sprint(i + 1)
+		out, err := codec.Marshal(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := out.Materialize(); !bytes.Equal(got, want) {
+			t.Fatalf("codec encoding differs from the proto encoding:\n got %x\nwant %x", got, want)
+		}
+		if len(out) != 3 {
+			t.Fatalf("the codec did not use the shared encoding (%d buffers)", len(out))
+		}
+		shared = append(shared, out[1].ReadOnlyData())
+	}
+	if &shared[0][0] != &shared[1][0] {
+		t.Fatal("two streams' first CDS responses do not share one encoding")
+	}
 }
