@@ -257,6 +257,11 @@ func (c *sharedCache) SetSnapshot(ctx context.Context, sc cachev3.SnapshotCache,
 			delete(n.deltas, w)
 		}
 	}
+	for key, seen := range n.seen {
+		if seen.cancelled {
+			delete(n.seen, key)
+		}
+	}
 	owned := make([]*ownDeltaWatch, 0, len(n.own))
 	for w := range n.own {
 		owned = append(owned, w)
@@ -615,9 +620,10 @@ type deltaKey struct {
 // replaces the map with each response's and changes it in place only on
 // an unsubscription, which the request carries.
 type deltaSeen struct {
-	returned map[string]string
-	tr       *typeResponse
-	exact    bool
+	returned  map[string]string
+	tr        *typeResponse
+	exact     bool
+	cancelled bool // the stream's last watch of the type was cancelled
 }
 
 // typeDiff is what changed from one version of a type to another: the
@@ -660,17 +666,33 @@ func (c *sharedCache) createOwnDeltaWatch(id string, req *cachev3.DeltaRequest, 
 	defer c.mu.Unlock()
 	n := c.node(id)
 	w := &ownDeltaWatch{req: req, sub: sub, value: value}
-	if n.b != nil && n.respondDelta(w, n.b) {
-		return func() {}
+	key := deltaKey{value, req.GetTypeUrl()}
+	if seen, ok := n.seen[key]; ok {
+		seen.cancelled = false
+		n.seen[key] = seen
 	}
-	n.own[w] = struct{}{}
-	return func() {
+	// The delta server cancels a stream's watch of a type before it opens
+	// the next (a request) and when the stream ends; a record still
+	// cancelled at a SetSnapshot is dropped (a stream gone, or one between
+	// the two calls: its next watch is then compared in full).
+	cancel := func() {
 		c.mu.Lock()
 		defer c.mu.Unlock()
-		if n := c.nodes[id]; n != nil {
-			delete(n.own, w)
+		n := c.nodes[id]
+		if n == nil {
+			return
+		}
+		delete(n.own, w)
+		if seen, ok := n.seen[key]; ok {
+			seen.cancelled = true
+			n.seen[key] = seen
 		}
 	}
+	if n.b != nil && n.respondDelta(w, n.b) {
+		return cancel
+	}
+	n.own[w] = struct{}{}
+	return cancel
 }
 
 // respondDelta sends w what b changes for it, if anything, and reports

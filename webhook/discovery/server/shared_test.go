@@ -615,6 +615,30 @@ func TestSharedCacheOwnDeltaMatchesSnapshotCache(t *testing.T) {
 	if sims[0].n < 10 {
 		t.Fatalf("only %d responses in the sequence", sims[0].n)
 	}
+	// A stream that ends leaves nothing behind after the next snapshot
+	// (its records were kept through every ACK above: the sequence would
+	// have compared in full otherwise, which the mutation of the skip is
+	// caught by); a live stream's records stay.
+	live := newDeltaSim(t, "a", own.CreateDeltaWatch)
+	live.request(resourcev3.ClusterType, nil, nil, false)
+	live.drain()
+	live.request(resourcev3.ClusterType, nil, nil, true)
+	for _, c := range sims[0].cancel {
+		c()
+	}
+	set(build(30, 5, false))
+	own.mu.Lock()
+	var left []string
+	for key := range own.nodes["a"].seen {
+		if key.value != live.ch {
+			left = append(left, shortType(key.typeURL))
+		}
+	}
+	kept := len(own.nodes["a"].seen) - len(left)
+	own.mu.Unlock()
+	if len(left) != 0 || kept != 1 {
+		t.Fatalf("after the stream ended: records of %v left, %d of the live stream kept (want none, 1)", left, kept)
+	}
 	// The shared path's responses carry the built's copies.
 	sims[0].request(resourcev3.RouteType, nil, []string{"80"}, true)
 	sims[0].drain()
