@@ -342,9 +342,11 @@ func (c *Client) stream(ctx context.Context, ads discoveryv3.AggregatedDiscovery
 		if err := c.handle(r, snd, subs); err != nil {
 			return err
 		}
-		c.mu.Lock()
-		subs = c.res.subscriptions()
-		c.mu.Unlock()
+		if namesSubscriptions(r.typeURL) {
+			c.mu.Lock()
+			subs = c.res.subscriptions()
+			c.mu.Unlock()
+		}
 	}
 }
 
@@ -443,6 +445,9 @@ func (c *Client) handle(r *response, snd sender, subs map[string][]string) error
 	if err := snd.reply(r, r.version, ""); err != nil {
 		return err
 	}
+	if !namesSubscriptions(r.typeURL) {
+		return nil // the subscriptions did not change
+	}
 	c.mu.Lock()
 	now := c.res.subscriptions()
 	c.mu.Unlock()
@@ -455,6 +460,11 @@ func (c *Client) handle(r *response, snd sender, subs map[string][]string) error
 	}
 	return nil
 }
+
+// namesSubscriptions reports whether resources of type t name what the
+// client subscribes to by name (listeners their route configurations,
+// clusters their EDS names; see resources.subscriptions).
+func namesSubscriptions(t string) bool { return t == ClusterType || t == ListenerType }
 
 // versions returns the held resources' versions of type t (delta's
 // initial_resource_versions).
