@@ -177,3 +177,66 @@ func TestDirectH1BadUpstream(t *testing.T) {
 		t.Fatalf("direct pool after failures: %d idle, %d open; want the endpoint's empty pool dropped", fp.Idle, fp.Open)
 	}
 }
+
+// A pooled connection the upstream closes just as the next request goes out
+// (its idle timeout fired as the bytes arrived, and nothing came back) looks
+// alive to the liveness peek; an idempotent request on it is sent again on a
+// new connection, as net/http's Transport does, instead of failing with 502.
+// A POST is not sent twice: it fails.
+func TestDirectH1StaleConnectionRaceResent(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	var conns, drops atomic.Int64
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns.Add(1)
+			go func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				for i := 0; ; i++ {
+					req, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					_, _ = io.Copy(io.Discard, req.Body)
+					if req.URL.Path == "/drop" && i > 0 {
+						drops.Add(1)
+						return // on a reused connection: closed unanswered
+					}
+					fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+				}
+			}()
+		}
+	}()
+	tp := startProxy(t, mustLoad(t, oneClusterConfig("", "", ln.Addr().String())), "127.0.0.1:80", l4.Outbound)
+	c := h1Client()
+	for _, path := range []string{"/", "/drop", "/"} {
+		if code, _, body := get(t, c, tp.addr, "s", path); code != 200 || body != "ok" {
+			t.Fatalf("GET %s: %d %q, want 200 \"ok\"", path, code, body)
+		}
+	}
+	if n, d := conns.Load(), drops.Load(); n != 2 || d != 1 {
+		t.Fatalf("upstream connections %d, requests closed unanswered %d; want 2 and 1 (GET /drop resent on a new connection)", n, d)
+	}
+	req, err := http.NewRequest(http.MethodPost, "http://"+tp.addr+"/drop", strings.NewReader("once"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Host = "s"
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadGateway || drops.Load() != 2 {
+		t.Fatalf("POST /drop on a reused connection: %d, upstream saw it %d times; want 502 and once", resp.StatusCode, drops.Load()-1)
+	}
+}

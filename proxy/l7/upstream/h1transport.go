@@ -194,7 +194,12 @@ func (t *h1Transport) exchange(ctx context.Context, pc *h1Conn, req *http.Reques
 	// 1xx) by net/http, from the same unread bytes.
 	head, ok, err := responseHead(pc.br)
 	if err != nil {
-		s := pc.reused && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) && idempotent(req)
+		// responseHead fails only when not one byte came back (it reports
+		// that end of stream as io.ErrUnexpectedEOF, as net/http does): on
+		// a reused connection the upstream closed it as we sent, and an
+		// idempotent request is safe to send again (net/http's Transport
+		// does the same).
+		s := pc.reused && (errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)) && idempotent(req)
 		return fail(err, s)
 	}
 	if ok {
