@@ -48,12 +48,22 @@ func applyTable(a Applier, prev, tbl *table) error {
 	if !ok || prev == nil || !sameShape(prev, tbl) {
 		return a.Apply(tbl.cfg)
 	}
+	var done []string
 	for name, c := range tbl.clusters {
 		if old := prev.clusters[name]; !slices.EqualFunc(old.Endpoints, c.Endpoints, endpointEqual) {
 			if err := ea.ApplyEndpoints(name, c.Endpoints); err != nil {
-				// The table may now be half updated: apply it as a whole.
-				return a.Apply(tbl.cfg)
+				// The table is now half updated: apply it as a whole, and
+				// when that fails too put back what the running
+				// configuration had, so a refused update changes nothing.
+				werr := a.Apply(tbl.cfg)
+				if werr != nil {
+					for _, n := range done {
+						_ = ea.ApplyEndpoints(n, prev.clusters[n].Endpoints)
+					}
+				}
+				return werr
 			}
+			done = append(done, name)
 		}
 	}
 	return nil

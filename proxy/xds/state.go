@@ -115,18 +115,18 @@ func decode(t string, a *anypb.Any, version string, now time.Time, prev *entry) 
 // response) replaces: the one of its name (delta names it; a SotW
 // resource's name is read from its bytes). nil: none, or the bytes cannot
 // be read.
-func (ts *typeState) held(t string, x namedResource) *entry {
-	if len(ts.entries) == 0 || x.raw.GetTypeUrl() != t {
+func (t *typeState) held(typeURL string, x namedResource) *entry {
+	if len(t.entries) == 0 || x.raw.GetTypeUrl() != typeURL {
 		return nil
 	}
 	if x.name != "" {
-		return ts.entries[x.name]
+		return t.entries[x.name]
 	}
 	n, ok := wireName(x.raw.GetValue())
 	if !ok {
 		return nil
 	}
-	return ts.entries[string(n)]
+	return t.entries[string(n)]
 }
 
 // reuse returns old for x when x is old's bytes again (an unchanged

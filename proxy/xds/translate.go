@@ -29,6 +29,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/meshlet/meshlet/internal/meshports"
 	"github.com/meshlet/meshlet/proxy/config"
 	"github.com/meshlet/meshlet/proxy/rbac"
 )
@@ -335,7 +336,7 @@ func decodeListener(l *listenerv3.Listener) (listenerInfo, error) {
 				default:
 					re.add("%s.typed_config: the HTTP connection manager needs rds or route_config", ff)
 				}
-				if !inbound && port != 0 && port != 15001 {
+				if !inbound && port != 0 && port != meshports.Outbound {
 					info.httpPort = port
 				}
 			case *tcpv3.TcpProxy:
@@ -427,7 +428,7 @@ var vhostSchema = routeConfigSchema.children["virtual_hosts"]
 // the others are, as decodeRoutes does, with the same messages. ok is
 // false when the bytes cannot be split (the caller decodes them whole,
 // which names the error).
-func decodeRouteConfig(b []byte, prev []vhost) (name string, svcs []service, vhs []vhost, err error, ok bool) {
+func decodeRouteConfig(b []byte, prev []vhost) (name string, svcs []service, vhs []vhost, err error, ok bool) { //nolint:revive // ok qualifies err (whether the bytes could be split), so it follows it
 	rest, parts, ok := splitField(b, 2) // virtual_hosts
 	if !ok {
 		return "", nil, nil, nil, false

@@ -271,7 +271,7 @@ func (b *h1Body) Read(p []byte) (int, error) {
 	}
 	if err != nil {
 		b.err = err
-		b.release(err == io.EOF)
+		b.release(errors.Is(err, io.EOF))
 	}
 	return n, err
 }

@@ -3,6 +3,7 @@ package upstream
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -172,7 +173,7 @@ func checkResponse(t *testing.T, raw string, req *http.Request, take bool) {
 	for {
 		n, err := b.readFast(buf)
 		gotBody = append(gotBody, buf[:n]...)
-		if err == io.EOF {
+		if errors.Is(err, io.EOF) {
 			break
 		}
 		if err != nil {
