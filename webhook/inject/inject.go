@@ -563,8 +563,11 @@ func apply(pod *corev1.Pod, cfg *Config, p params) ([]string, error) {
 		volumes = append(volumes, identityVolumes(cfg.CAAddress == "")...)
 		setServiceAccount(pod, &st)
 	}
-	if pl.proxy == ProxySidecar {
+	if pl.proxy == ProxySidecar && cfg.CAAddress != "" {
 		// Before istio-proxy is built: its ISTIO_METAJSON_LABELS include it.
+		// Only a sidecar that gets a workload certificate (a CA address is
+		// configured) accepts mutual TLS: without one, clients' automatic
+		// mutual TLS must reach the pod in plain text.
 		setLabel(pod, &st, LabelTLSMode, TLSModeIstio)
 	}
 	if pl.grpc {

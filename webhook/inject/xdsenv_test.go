@@ -126,8 +126,14 @@ func TestProxyEnvIsXDSIdentity(t *testing.T) {
 			t.Errorf("static mode: %s=%q is set", k, v)
 		}
 	}
-	if env[EnvLabels] != `{"app":"web","security.istio.io/tlsMode":"istio"}` {
-		t.Errorf("static mode: %s=%q", EnvLabels, env[EnvLabels])
+	// Without a CA the sidecar has no workload certificate: the pod is not
+	// labelled as accepting mutual TLS, so clients' automatic mutual TLS
+	// reaches it in plain text.
+	if env[EnvLabels] != `{"app":"web"}` {
+		t.Errorf("static mode: %s=%q, want the pod's own labels only (no %s without a CA)", EnvLabels, env[EnvLabels], LabelTLSMode)
+	}
+	if v, ok := out.Labels[LabelTLSMode]; ok {
+		t.Errorf("no CA address: the pod is labelled %s=%s; its sidecar has no certificate to accept mutual TLS with", LabelTLSMode, v)
 	}
 	// Nothing publishes the mesh's roots without a CA: the pod must not
 	// wait for the ConfigMap.
