@@ -458,6 +458,10 @@ func (a *Agent) onReady(st *runState, g *generation) {
 	a.info.LastReloadSeconds = took.Seconds()
 	a.mu.Unlock()
 	a.log.Info("generation ready", "generation", g.n, "pid", g.pid, "startup", took, "previous", genNum(old))
+	// /server_info shows the new generation before a reload is answered: a
+	// caller that reads it after POST /reload returned must not see the old
+	// one (the loop publishes only after this event).
+	a.publish(st)
 	for _, w := range st.waiters {
 		reply(w, ReloadResult{Generation: g.n})
 	}
