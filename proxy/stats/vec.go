@@ -38,9 +38,7 @@ func (r *Region) NewCounter(name, help string) *Counter {
 // order of the family's label names. A wrong number of values is a
 // programming error and panics, as client_golang's does.
 func (v *CounterVec) WithLabelValues(values ...string) *Counter {
-	if len(values) != len(v.labels) {
-		panic(fmt.Sprintf("stats: %s has %d labels %v, got %d values %q", v.name, len(v.labels), v.labels, len(values), values))
-	}
+	v.checkValues(values)
 	key := strings.Join(values, "\x00")
 	v.mu.Lock()
 	defer v.mu.Unlock()
@@ -59,10 +57,15 @@ func (v *CounterVec) WithLabelValues(values ...string) *Counter {
 // 1,000-service mesh then costs region slots and memory only for the
 // series in use.
 func (v *CounterVec) Lazy(values ...string) *Counter {
+	v.checkValues(values)
+	return &Counter{vec: v, values: values}
+}
+
+// checkValues panics unless values has one value per label of the family.
+func (v *CounterVec) checkValues(values []string) {
 	if len(values) != len(v.labels) {
 		panic(fmt.Sprintf("stats: %s has %d labels %v, got %d values %q", v.name, len(v.labels), v.labels, len(values), values))
 	}
-	return &Counter{vec: v, values: values}
 }
 
 // Curry returns the family with the first label values fixed; the result's
