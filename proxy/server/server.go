@@ -287,14 +287,20 @@ func (s *Server) handle(c *net.TCPConn, dir l4.Direction) {
 	}
 	conn := l4.NewConn(c, dir, dst, drain)
 	conn.HandOver = s.successor.Load
-	var h l4.Handler
-	if s.o.Chooser != nil {
-		h = s.o.Chooser(conn)
-	}
+	h := s.choose(conn)
 	if h == nil {
 		h = s.fwd
 	}
 	h.ServeConn(s.ctx, conn)
+}
+
+// choose returns the handler Options.Chooser picks for conn; nil: none
+// (no Chooser, or it leaves conn to L4).
+func (s *Server) choose(conn *l4.Conn) l4.Handler {
+	if s.o.Chooser == nil {
+		return nil
+	}
+	return s.o.Chooser(conn)
 }
 
 // receive greets the predecessor on c and serves every connection it hands
@@ -352,10 +358,7 @@ func (s *Server) adopt(sess *l4.Session) {
 		// picks serves it on; without one it is relayed as it is.
 		defer sess.Close()
 		conn.ResumedHTTP1, conn.Carried = true, sess.ToUpstream
-		var h l4.Handler
-		if s.o.Chooser != nil {
-			h = s.o.Chooser(conn)
-		}
+		h := s.choose(conn)
 		if h == nil {
 			_ = s.fwd.Forward(s.ctx, conn, sess.ToUpstream)
 			return
